@@ -1,0 +1,718 @@
+//! The one place that talks to lapin. A [`Broker`] is a connection that heals itself: when
+//! the broker goes away it reconnects with a capped backoff, declares the topology again and
+//! restores every consumer, while the rest of the code keeps reading its [`Consumer`]s and
+//! calling [`Broker::publish`] as if nothing happened.
+//!
+//! Publishing with [`Broker::publish`] is confirmed and mandatory: it returns only once the
+//! broker has taken responsibility for the message, and fails if no queue would receive it.
+//! [`Broker::notify`] is the cheap, unconfirmed kind, for events and heartbeats.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::Names;
+use crate::backoff::Backoff;
+
+/// What went wrong talking to the broker, by what the caller should do next.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No connection (yet): try again later; the broker heals itself.
+    #[error("not connected to RabbitMQ at {0}")]
+    NotConnected(String),
+    /// No queue is bound for this exchange and routing key: a configuration problem.
+    #[error("no queue receives messages sent to exchange {exchange:?} with routing key {key:?}")]
+    Unroutable { exchange: String, key: String },
+    /// The broker refused to take the message (for example, a full queue).
+    #[error("RabbitMQ refused the message sent to exchange {exchange:?}")]
+    Nacked { exchange: String },
+    /// Someone else holds an exclusive consumer on this queue.
+    #[error("queue {queue:?} is already consumed exclusively by another connection")]
+    Locked { queue: String },
+    #[error("RabbitMQ error: {0}")]
+    Protocol(String),
+}
+
+impl From<lapin::Error> for BrokerError {
+    fn from(e: lapin::Error) -> Self {
+        BrokerError::Protocol(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeType {
+    Direct,
+    Fanout,
+    Topic,
+}
+
+/// Exchanges, queues and bindings a part needs. Declared on every (re)connect; declaring is
+/// idempotent as long as the arguments agree.
+#[derive(Debug, Clone, Default)]
+pub struct Topology {
+    exchanges: Vec<(String, ExchangeType)>,
+    queues: Vec<QueueSpec>,
+    bindings: Vec<(String, String, String)>,
+}
+
+/// One queue to declare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub name: String,
+    /// Survives a broker restart (with persistent messages).
+    pub durable: bool,
+    /// Private to this connection and deleted with it.
+    pub exclusive: bool,
+    pub dead_letter_exchange: Option<String>,
+    pub max_priority: Option<u8>,
+    /// Keeps only the newest N messages (older ones are dropped).
+    pub max_length: Option<u32>,
+}
+
+impl QueueSpec {
+    pub fn durable(name: String) -> Self {
+        Self { name, durable: true, exclusive: false, dead_letter_exchange: None, max_priority: None, max_length: None }
+    }
+    pub fn private(name: String) -> Self {
+        Self { name, durable: false, exclusive: true, dead_letter_exchange: None, max_priority: None, max_length: None }
+    }
+}
+
+impl Topology {
+    /// What every part shares: the jobs, dead-letter, results, heartbeats and events
+    /// exchanges and queues, and the RPC queue.
+    pub fn core(names: &Names) -> Self {
+        let mut t = Topology::default();
+        t.exchange(&names.jobs_exchange(), ExchangeType::Direct)
+            .exchange(&names.dead(), ExchangeType::Fanout)
+            .exchange(&names.heartbeats(), ExchangeType::Fanout)
+            .exchange(&names.events(), ExchangeType::Topic)
+            .queue(QueueSpec::durable(names.dead()))
+            .bind(&names.dead(), &names.dead(), "")
+            .queue(QueueSpec::durable(names.results()))
+            .queue(QueueSpec::durable(names.rpc()));
+        t
+    }
+
+    /// Adds the durable queue of one named jobs queue, bound to the jobs exchange, with
+    /// dead-lettering and priorities.
+    pub fn jobs_queue(&mut self, names: &Names, queue: &str) -> &mut Self {
+        let name = names.jobs_queue(queue);
+        let spec = QueueSpec {
+            dead_letter_exchange: Some(names.dead()),
+            max_priority: Some(crate::wire::MAX_PRIORITY),
+            ..QueueSpec::durable(name.clone())
+        };
+        self.queue(spec).bind(&name, &names.jobs_exchange(), queue)
+    }
+
+    pub fn exchange(&mut self, name: &str, kind: ExchangeType) -> &mut Self {
+        if !self.exchanges.iter().any(|(n, _)| n == name) {
+            self.exchanges.push((name.to_owned(), kind));
+        }
+        self
+    }
+
+    pub fn queue(&mut self, spec: QueueSpec) -> &mut Self {
+        if !self.queues.iter().any(|q| q.name == spec.name) {
+            self.queues.push(spec);
+        }
+        self
+    }
+
+    pub fn bind(&mut self, queue: &str, exchange: &str, key: &str) -> &mut Self {
+        let b = (queue.to_owned(), exchange.to_owned(), key.to_owned());
+        if !self.bindings.contains(&b) {
+            self.bindings.push(b);
+        }
+        self
+    }
+
+    fn merge(&mut self, other: &Topology) {
+        for (n, k) in &other.exchanges {
+            self.exchange(n, *k);
+        }
+        for q in &other.queues {
+            self.queue(q.clone());
+        }
+        for (q, e, k) in &other.bindings {
+            self.bind(q, e, k);
+        }
+    }
+
+    async fn declare(&self, ch: &lapin::Channel) -> Result<(), lapin::Error> {
+        for (name, kind) in &self.exchanges {
+            let kind = match kind {
+                ExchangeType::Direct => ExchangeKind::Direct,
+                ExchangeType::Fanout => ExchangeKind::Fanout,
+                ExchangeType::Topic => ExchangeKind::Topic,
+            };
+            let opts = ExchangeDeclareOptions { durable: true, ..Default::default() };
+            ch.exchange_declare(name.as_str().into(), kind, opts, FieldTable::default()).await?;
+        }
+        for q in &self.queues {
+            let mut args = FieldTable::default();
+            if let Some(dlx) = &q.dead_letter_exchange {
+                args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
+            }
+            if let Some(p) = q.max_priority {
+                args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(p));
+            }
+            if let Some(n) = q.max_length {
+                args.insert("x-max-length".into(), AMQPValue::LongUInt(n));
+            }
+            let opts = QueueDeclareOptions {
+                durable: q.durable,
+                exclusive: q.exclusive,
+                auto_delete: q.exclusive,
+                ..Default::default()
+            };
+            ch.queue_declare(q.name.as_str().into(), opts, args).await?;
+        }
+        for (queue, exchange, key) in &self.bindings {
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// AMQP properties Rota sets on the messages it publishes.
+#[derive(Debug, Clone, Default)]
+pub struct Props {
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub priority: Option<u8>,
+    /// String headers, e.g. `x-rota-reason`.
+    pub headers: Vec<(String, String)>,
+    /// Not written to disk by the broker (events, heartbeats, replies).
+    pub transient: bool,
+    /// Dropped by the broker if not consumed within this time (RPC requests).
+    pub expiration_ms: Option<u64>,
+}
+
+impl Props {
+    fn to_amqp(&self) -> BasicProperties {
+        let mut p = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(if self.transient { 1 } else { 2 });
+        if let Some(v) = &self.message_id {
+            p = p.with_message_id(v.as_str().into());
+        }
+        if let Some(v) = &self.correlation_id {
+            p = p.with_correlation_id(v.as_str().into());
+        }
+        if let Some(v) = &self.reply_to {
+            p = p.with_reply_to(v.as_str().into());
+        }
+        if let Some(v) = self.priority {
+            p = p.with_priority(v);
+        }
+        if let Some(v) = self.expiration_ms {
+            p = p.with_expiration(v.to_string().into());
+        }
+        if !self.headers.is_empty() {
+            let mut t = FieldTable::default();
+            for (k, v) in &self.headers {
+                t.insert(k.as_str().into(), AMQPValue::LongString(v.as_str().into()));
+            }
+            p = p.with_headers(t);
+        }
+        p
+    }
+}
+
+/// One message received by a [`Consumer`]. Ack it once it is safe to forget; if it is never
+/// acked, RabbitMQ delivers it again after this connection ends.
+#[derive(Debug)]
+pub struct Delivery {
+    pub body: Vec<u8>,
+    pub redelivered: bool,
+    pub exchange: String,
+    pub routing_key: String,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub priority: Option<u8>,
+    /// The headers whose values are strings.
+    pub headers: BTreeMap<String, String>,
+    acker: lapin::Acker,
+}
+
+impl Delivery {
+    fn from_lapin(d: lapin::message::Delivery) -> Self {
+        let p = &d.properties;
+        let mut headers = BTreeMap::new();
+        if let Some(table) = p.headers() {
+            for (k, v) in table {
+                let text = match v {
+                    AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    AMQPValue::ShortString(s) => s.as_str().to_owned(),
+                    _ => continue,
+                };
+                headers.insert(k.as_str().to_owned(), text);
+            }
+        }
+        Self {
+            redelivered: d.redelivered,
+            exchange: d.exchange.as_str().to_owned(),
+            routing_key: d.routing_key.as_str().to_owned(),
+            message_id: p.message_id().as_ref().map(|s| s.as_str().to_owned()),
+            correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
+            reply_to: p.reply_to().as_ref().map(|s| s.as_str().to_owned()),
+            priority: *p.priority(),
+            headers,
+            body: d.data,
+            acker: d.acker,
+        }
+    }
+
+    /// Tells the broker the message is handled. False if the channel it came on is gone (the
+    /// broker will deliver it again).
+    pub async fn ack(&self) -> bool {
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "ack failed; the message will be delivered again");
+                false
+            }
+        }
+    }
+
+    /// Hands the message back to its queue, to be delivered again.
+    pub async fn requeue(&self) -> bool {
+        let opts = BasicNackOptions { requeue: true, multiple: false };
+        self.acker.nack(opts).await.is_ok()
+    }
+}
+
+/// What to consume, restored after every reconnect.
+#[derive(Debug, Clone)]
+pub struct ConsumeSpec {
+    /// Queues consumed together; `prefetch` is shared among them.
+    pub queues: Vec<String>,
+    /// Shown in the RabbitMQ UI as the consumer tag (suffixed with the queue name).
+    pub tag: String,
+    /// How many unacked deliveries this consumer may hold at once.
+    pub prefetch: u16,
+    /// Refuse to share the queue with any other consumer.
+    pub exclusive: bool,
+}
+
+struct Subscription {
+    spec: ConsumeSpec,
+    tx: mpsc::Sender<Delivery>,
+    /// Set by [`Consumer::stop`]: do not restore, and an ending stream is not a failure.
+    stopped: AtomicBool,
+    channel: Mutex<Option<lapin::Channel>>,
+}
+
+/// Deliveries of one [`ConsumeSpec`], across reconnects.
+pub struct Consumer {
+    rx: mpsc::Receiver<Delivery>,
+    sub: Arc<Subscription>,
+}
+
+impl Consumer {
+    /// The next delivery; None once the consumer is stopped and drained, or the broker closed.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    /// Asks the broker to send no more; deliveries already received can still be acked. The
+    /// ones still buffered here are returned by [`Consumer::drain`].
+    pub async fn stop(&self) {
+        self.sub.stopped.store(true, Ordering::SeqCst);
+        let ch = self.sub.channel.lock().map(|c| c.clone()).unwrap_or_default();
+        if let Some(ch) = ch {
+            for q in &self.sub.spec.queues {
+                let tag = consumer_tag(&self.sub.spec.tag, q);
+                let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            }
+        }
+    }
+
+    /// What arrived but was not taken yet (call after [`Consumer::stop`]).
+    pub fn drain(&mut self) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        while let Ok(d) = self.rx.try_recv() {
+            out.push(d);
+        }
+        out
+    }
+}
+
+fn consumer_tag(tag: &str, queue: &str) -> String {
+    format!("{tag}@{queue}")
+}
+
+/// Everything one connection attempt built.
+struct Live {
+    conn: Connection,
+    confirm: lapin::Channel,
+    plain: lapin::Channel,
+    /// Cancelled when the connection fails; the supervisor then reconnects.
+    lost: CancellationToken,
+}
+
+struct Inner {
+    url: String,
+    display_url: String,
+    name: String,
+    topology: Mutex<Topology>,
+    live: watch::Sender<Option<Arc<Live>>>,
+    subs: Mutex<Vec<Arc<Subscription>>>,
+    closing: CancellationToken,
+    reconnects: AtomicU64,
+    /// How long a confirmed publish waits for a connection before giving up.
+    publish_wait: Duration,
+}
+
+/// A self-healing connection to RabbitMQ. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("url", &self.inner.display_url).field("name", &self.inner.name).finish()
+    }
+}
+
+/// How [`Broker::connect`] treats a broker that does not answer at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Startup {
+    /// Keep trying with backoff (daemons: the broker may start after them).
+    Retry,
+    /// Fail at once with a clear error (command-line tools).
+    FailFast,
+}
+
+impl Broker {
+    /// Connects (see [`Startup`]), declares `topology`, and keeps the connection alive until
+    /// [`Broker::close`]. `name` shows in the RabbitMQ UI's connections list.
+    pub async fn connect(url: &str, name: &str, topology: Topology, startup: Startup) -> Result<Broker, BrokerError> {
+        let (live, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            url: with_heartbeat(url),
+            display_url: redact(url),
+            name: name.to_owned(),
+            topology: Mutex::new(topology),
+            live,
+            subs: Mutex::new(Vec::new()),
+            closing: CancellationToken::new(),
+            reconnects: AtomicU64::new(0),
+            publish_wait: Duration::from_secs(30),
+        });
+        let broker = Broker { inner };
+        let mut backoff = Backoff::for_connections();
+        loop {
+            match broker.open().await {
+                Ok(live) => {
+                    broker.inner.live.send_replace(Some(live));
+                    break;
+                }
+                Err(e) if startup == Startup::FailFast => {
+                    return Err(BrokerError::Protocol(format!(
+                        "cannot reach RabbitMQ at {}: {e}. Is it running? `deploy/setup.sh` starts one \
+                         on this host; ROTA_AMQP_URL (or --amqp-url) points elsewhere",
+                        broker.inner.display_url
+                    )));
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(url = %broker.inner.display_url, error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "cannot reach RabbitMQ; retrying (start it, or check --amqp-url)");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        tokio::spawn(broker.clone().supervise());
+        Ok(broker)
+    }
+
+    /// The URL without its password, for messages.
+    pub fn display_url(&self) -> &str {
+        &self.inner.display_url
+    }
+
+    /// How many times the connection was lost and made again.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.inner.live.borrow().is_some()
+    }
+
+    /// Resolves after the next successful reconnect (for resending what may have been lost).
+    pub fn reconnected(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.inner.live.subscribe();
+        let start = self.reconnects();
+        let inner = self.inner.clone();
+        async move {
+            let _ = rx.wait_for(|l| l.is_some() && inner.reconnects.load(Ordering::Relaxed) > start).await;
+        }
+    }
+
+    /// Declares more topology now, and again after every reconnect.
+    pub async fn declare(&self, extra: Topology) -> Result<(), BrokerError> {
+        if let Ok(mut t) = self.inner.topology.lock() {
+            t.merge(&extra);
+        }
+        let live = self.wait_live().await?;
+        extra.declare(&live.plain).await.map_err(|e| {
+            live.lost.cancel();
+            e.into()
+        })
+    }
+
+    /// Deletes a queue (tests and tools clean up with it).
+    pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        let live = self.wait_live().await?;
+        live.plain.queue_delete(name.into(), QueueDeleteOptions::default()).await?;
+        Ok(())
+    }
+
+    /// Starts consuming; restored after every reconnect until [`Consumer::stop`]. Fails with
+    /// [`BrokerError::Locked`] if `exclusive` and another connection holds the queue.
+    pub async fn consume(&self, spec: ConsumeSpec) -> Result<Consumer, BrokerError> {
+        let capacity = usize::from(spec.prefetch.max(1)) * spec.queues.len().max(1);
+        let (tx, rx) = mpsc::channel(capacity);
+        let sub = Arc::new(Subscription { spec, tx, stopped: AtomicBool::new(false), channel: Mutex::new(None) });
+        let live = self.wait_live().await?;
+        start_consumer(&live, &sub).await?;
+        if let Ok(mut subs) = self.inner.subs.lock() {
+            subs.push(sub.clone());
+        }
+        Ok(Consumer { rx, sub })
+    }
+
+    /// Publishes a persistent, mandatory message and waits for the broker's confirm.
+    pub async fn publish(&self, exchange: &str, key: &str, body: &[u8], props: &Props) -> Result<(), BrokerError> {
+        let live = self.wait_live().await?;
+        let opts = BasicPublishOptions { mandatory: true, immediate: false };
+        let confirm = live
+            .confirm
+            .basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp())
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable { exchange: exchange.into(), key: key.into() }),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked { exchange: exchange.into() }),
+            Confirmation::NotRequested => Err(BrokerError::Protocol("publisher confirms are off".into())),
+        }
+    }
+
+    /// Publishes without waiting for a confirm, and drops the message when not connected:
+    /// for events, heartbeats and replies, which are notifications, not records.
+    pub async fn notify(&self, exchange: &str, key: &str, body: &[u8], props: &Props) {
+        let live = self.inner.live.borrow().clone();
+        let Some(live) = live else { return };
+        let opts = BasicPublishOptions::default();
+        if let Err(e) = live.plain.basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp()).await {
+            tracing::debug!(exchange, key, error = %e, "notification not sent");
+        }
+    }
+
+    /// Closes the connection: consumers end, unacked deliveries return to their queues.
+    pub async fn close(&self) {
+        self.inner.closing.cancel();
+        let live = self.inner.live.send_replace(None);
+        if let Some(live) = live {
+            let _ = live.conn.close(200, "bye".into()).await;
+        }
+    }
+
+    async fn wait_live(&self) -> Result<Arc<Live>, BrokerError> {
+        let mut rx = self.inner.live.subscribe();
+        let wait = rx.wait_for(|l| l.is_some());
+        let not_connected = || BrokerError::NotConnected(self.inner.display_url.clone());
+        tokio::select! {
+            r = tokio::time::timeout(self.inner.publish_wait, wait) => {
+                match r {
+                    Ok(Ok(live)) => live.clone().ok_or_else(not_connected),
+                    _ => Err(not_connected()),
+                }
+            }
+            _ = self.inner.closing.cancelled() => Err(not_connected()),
+        }
+    }
+
+    /// One connection attempt: connect, declare, open channels, restore consumers.
+    async fn open(&self) -> Result<Arc<Live>, BrokerError> {
+        let props = ConnectionProperties::default().with_connection_name(self.inner.name.as_str().into());
+        let conn = tokio::time::timeout(Duration::from_secs(15), Connection::connect(&self.inner.url, props))
+            .await
+            .map_err(|_| BrokerError::Protocol("connection attempt timed out after 15 s".into()))??;
+        let lost = CancellationToken::new();
+        let mut events = conn.events_listener();
+        let on_loss = lost.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if let lapin::Event::Error(e) = event {
+                    tracing::warn!(error = %e, "connection to RabbitMQ lost");
+                    on_loss.cancel();
+                    break;
+                }
+            }
+            on_loss.cancel();
+        });
+        let plain = conn.create_channel().await?;
+        let topology = self.inner.topology.lock().map(|t| t.clone()).unwrap_or_default();
+        topology.declare(&plain).await?;
+        let confirm = conn.create_channel().await?;
+        confirm.confirm_select(ConfirmSelectOptions::default()).await?;
+        let live = Arc::new(Live { conn, confirm, plain, lost });
+        let subs: Vec<Arc<Subscription>> = self.inner.subs.lock().map(|s| s.clone()).unwrap_or_default();
+        for sub in subs.iter().filter(|s| !s.stopped.load(Ordering::SeqCst) && !s.tx.is_closed()) {
+            if let Err(e) = start_consumer(&live, sub).await {
+                let _ = live.conn.close(200, "retrying".into()).await;
+                return Err(e);
+            }
+        }
+        Ok(live)
+    }
+
+    /// Watches the live connection and makes a new one when it fails, until closed.
+    async fn supervise(self) {
+        let mut backoff = Backoff::for_connections();
+        loop {
+            let live = self.inner.live.borrow().clone();
+            let Some(live) = live else { return };
+            tokio::select! {
+                _ = live.lost.cancelled() => {}
+                _ = self.inner.closing.cancelled() => return,
+            }
+            self.inner.live.send_replace(None);
+            let _ = live.conn.close(200, "reconnecting".into()).await;
+            loop {
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.inner.closing.cancelled() => return,
+                }
+                match self.open().await {
+                    Ok(live) => {
+                        self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(url = %self.inner.display_url, attempts = backoff.attempts(), "reconnected to RabbitMQ");
+                        backoff.reset();
+                        if self.inner.closing.is_cancelled() {
+                            let _ = live.conn.close(200, "bye".into()).await;
+                            return;
+                        }
+                        self.inner.live.send_replace(Some(live));
+                        break;
+                    }
+                    Err(e) => tracing::warn!(url = %self.inner.display_url, error = %e, attempt = backoff.attempts(),
+                        "reconnect to RabbitMQ failed; retrying"),
+                }
+            }
+        }
+    }
+}
+
+/// Opens a channel for `sub` on `live` and pumps its deliveries into the subscription.
+async fn start_consumer(live: &Arc<Live>, sub: &Arc<Subscription>) -> Result<(), BrokerError> {
+    let ch = live.conn.create_channel().await?;
+    // global = true: RabbitMQ then shares the prefetch among all consumers of the channel.
+    ch.basic_qos(sub.spec.prefetch, BasicQosOptions { global: true }).await?;
+    for queue in &sub.spec.queues {
+        let opts = BasicConsumeOptions { exclusive: sub.spec.exclusive, ..Default::default() };
+        let tag = consumer_tag(&sub.spec.tag, queue);
+        let consumer = ch
+            .basic_consume(queue.as_str().into(), tag.as_str().into(), opts, FieldTable::default())
+            .await
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("ACCESS_REFUSED") || text.contains("RESOURCE_LOCKED") || text.contains("exclusive") {
+                    BrokerError::Locked { queue: queue.clone() }
+                } else {
+                    BrokerError::Protocol(text)
+                }
+            })?;
+        let sub = sub.clone();
+        let lost = live.lost.clone();
+        tokio::spawn(async move {
+            let mut consumer = consumer;
+            while let Some(item) = consumer.next().await {
+                match item {
+                    Ok(d) => {
+                        if sub.tx.send(Delivery::from_lapin(d)).await.is_err() {
+                            return; // the owner is gone; the channel closes with the connection
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "consumer stream failed");
+                        break;
+                    }
+                }
+            }
+            if !sub.stopped.load(Ordering::SeqCst) {
+                // A consumer ended that nobody stopped: the channel or connection died.
+                lost.cancel();
+            }
+        });
+    }
+    if let Ok(mut slot) = sub.channel.lock() {
+        *slot = Some(ch);
+    }
+    Ok(())
+}
+
+/// Adds `heartbeat=10` to the URL unless it names one: the broker then notices a dead peer
+/// within about 20 s, and so does the client.
+fn with_heartbeat(url: &str) -> String {
+    if url.contains("heartbeat=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&heartbeat=10")
+    } else {
+        format!("{url}?heartbeat=10")
+    }
+}
+
+/// The URL with its password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((creds, host)) = rest.split_once('@') else { return url.to_owned() };
+    match creds.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_get_a_heartbeat_and_hide_their_password() {
+        assert_eq!(with_heartbeat("amqp://h/%2f"), "amqp://h/%2f?heartbeat=10");
+        assert_eq!(with_heartbeat("amqp://h/%2f?x=1"), "amqp://h/%2f?x=1&heartbeat=10");
+        assert_eq!(with_heartbeat("amqp://h/?heartbeat=3"), "amqp://h/?heartbeat=3");
+        assert_eq!(redact("amqp://guest:secret@h:5672/%2f"), "amqp://guest:***@h:5672/%2f");
+        assert_eq!(redact("amqp://h:5672/%2f"), "amqp://h:5672/%2f");
+    }
+}

@@ -1,0 +1,176 @@
+//! Configuration: every setting is a flag, an environment variable (`ROTA_…`) and a key of an
+//! optional TOML file (`--config FILE` or `ROTA_CONFIG`), in that order of precedence.
+//!
+//! The file's keys are the long flag names (`pool-max-size = 4`, `pool_max_size` works too;
+//! lists for repeatable flags: `queue = ["default", "reports"]`). Keys that no flag of the
+//! command knows are an error, so a typo does not pass silently.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser};
+
+use crate::Names;
+use crate::telemetry::LogFormat;
+
+/// Where the broker is and which namespace to use: shared by every binary.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL. Add `?heartbeat=N` to change the 10 s heartbeat.
+    #[arg(long, env = "ROTA_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", global = true)]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name, so deployments can share a broker.
+    #[arg(long, env = "ROTA_NAMESPACE", default_value = "rota", global = true)]
+    pub namespace: String,
+
+    /// Log lines as text or JSON (filter with RUST_LOG, e.g. RUST_LOG=rota=debug).
+    #[arg(long, env = "ROTA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+impl BrokerArgs {
+    pub fn names(&self) -> anyhow::Result<Names> {
+        Names::new(&self.namespace).map_err(anyhow::Error::msg)
+    }
+}
+
+/// Parses the command line of `T`, using the TOML file named by `--config` or `ROTA_CONFIG`
+/// (if any) for settings given neither as flags nor in the environment.
+pub fn parse<T: Parser>() -> anyhow::Result<T> {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    parse_from(args)
+}
+
+/// [`parse`] with explicit arguments (the first is the program name).
+pub fn parse_from<T: Parser>(args: Vec<OsString>) -> anyhow::Result<T> {
+    let mut command = T::command();
+    if let Some(path) = config_path(&args) {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("{} is not valid TOML", path.display()))?;
+        command = apply_defaults(command, &table)
+            .with_context(|| format!("in the config file {}", path.display()))?;
+    }
+    let matches = command.try_get_matches_from(args).unwrap_or_else(|e| e.exit());
+    Ok(T::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
+}
+
+fn config_path(args: &[OsString]) -> Option<PathBuf> {
+    let mut iter = args.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        let arg = arg.to_string_lossy();
+        if arg == "--config" {
+            return iter.next().map(PathBuf::from);
+        }
+        if let Some(v) = arg.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    std::env::var_os("ROTA_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// Sets the file's values as the defaults of the matching flags, in the command and in every
+/// subcommand; a key that matches no flag anywhere is refused.
+fn apply_defaults(command: clap::Command, table: &toml::Table) -> anyhow::Result<clap::Command> {
+    let mut unknown: Vec<String> = Vec::new();
+    let mut command = command;
+    for (key, value) in table {
+        let long = key.replace('_', "-");
+        let values = toml_values(key, value)?;
+        let (next, found) = set_default(command, &long, &values);
+        command = next;
+        if !found {
+            unknown.push(key.clone());
+        }
+    }
+    if !unknown.is_empty() {
+        bail!("unknown settings {unknown:?}: each key must be the long name of a flag (see --help)");
+    }
+    Ok(command)
+}
+
+fn set_default(mut command: clap::Command, long: &str, values: &[String]) -> (clap::Command, bool) {
+    let mut found = false;
+    let ids: Vec<String> = command
+        .get_arguments()
+        .filter(|a| a.get_long() == Some(long))
+        .map(|a| a.get_id().to_string())
+        .collect();
+    for id in ids {
+        found = true;
+        let values = values.to_vec();
+        command = command.mut_arg(id, move |a| a.default_values(values));
+    }
+    let subs: Vec<String> = command.get_subcommands().map(|s| s.get_name().to_owned()).collect();
+    for sub in subs {
+        let mut sub_found = false;
+        command = command.mut_subcommand(sub, |s| {
+            let (s, f) = set_default(s, long, values);
+            sub_found = f;
+            s
+        });
+        found |= sub_found;
+    }
+    (command, found)
+}
+
+fn toml_values(key: &str, value: &toml::Value) -> anyhow::Result<Vec<String>> {
+    Ok(match value {
+        toml::Value::String(s) => vec![s.clone()],
+        toml::Value::Integer(i) => vec![i.to_string()],
+        toml::Value::Float(f) => vec![f.to_string()],
+        toml::Value::Boolean(b) => vec![b.to_string()],
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|v| toml_values(key, v).map(|mut v| v.remove(0)))
+            .collect::<anyhow::Result<_>>()?,
+        _ => bail!("setting {key:?} must be a string, number, boolean or a list of them"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[arg(long, default_value_t = 1)]
+        pool_max_size: usize,
+        #[arg(long)]
+        queue: Vec<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    }
+
+    fn run(file: &str, args: &[&str]) -> anyhow::Result<Cli> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("rota.toml");
+        std::fs::write(&path, file)?;
+        let mut argv: Vec<OsString> = vec!["x".into(), "--config".into(), path.into()];
+        argv.extend(args.iter().map(OsString::from));
+        parse_from::<Cli>(argv)
+    }
+
+    #[test]
+    fn the_file_fills_in_what_flags_do_not_say() {
+        let cli = run("pool_max_size = 7\nqueue = [\"a\", \"b\"]\nnamespace = \"t\"", &[])
+            .expect("parses");
+        assert_eq!(cli.pool_max_size, 7);
+        assert_eq!(cli.queue, ["a", "b"]);
+        assert_eq!(cli.broker.namespace, "t");
+        let cli = run("pool-max-size = 7", &["--pool-max-size", "3"]).expect("parses");
+        assert_eq!(cli.pool_max_size, 3, "a flag beats the file");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = run("pool_max_sise = 7", &[]).expect_err("typo must fail");
+        assert!(format!("{err:#}").contains("pool_max_sise"), "{err:#}");
+    }
+}

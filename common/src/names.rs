@@ -1,0 +1,98 @@
+//! The names of every exchange and queue, built in one place from the namespace, so that
+//! several deployments (or test runs) can share one broker without seeing each other.
+
+/// The queue a job goes to when it names none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// Exchange and queue names of one namespace (`rota` by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    ns: String,
+}
+
+impl Names {
+    /// Names under `namespace`; it must be a valid name part (see [`check_name`]).
+    pub fn new(namespace: &str) -> Result<Self, String> {
+        check_name("namespace", namespace)?;
+        Ok(Self { ns: namespace.to_owned() })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+    /// Direct exchange that producers publish jobs to, with the queue name as routing key.
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.ns)
+    }
+    /// The durable queue that holds the jobs of one named queue.
+    pub fn jobs_queue(&self, queue: &str) -> String {
+        format!("{}.jobs.{queue}", self.ns)
+    }
+    /// Fanout exchange and durable queue of messages that could not be read.
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+    /// Durable queue of work results, read by the scheduler.
+    pub fn results(&self) -> String {
+        format!("{}.results", self.ns)
+    }
+    /// Fanout exchange of heartbeats from every part.
+    pub fn heartbeats(&self) -> String {
+        format!("{}.heartbeats", self.ns)
+    }
+    /// Topic exchange of job events (`job.started.<type>`, …).
+    pub fn events(&self) -> String {
+        format!("{}.events", self.ns)
+    }
+    /// Queue of requests to the scheduler.
+    pub fn rpc(&self) -> String {
+        format!("{}.rpc", self.ns)
+    }
+    /// Durable queue of one pool agent: receipts and control messages.
+    pub fn agent_queue(&self, agent: &str) -> String {
+        format!("{}.agent.{agent}", self.ns)
+    }
+    /// The scheduler's durable queue of `job.started` events.
+    pub fn scheduler_events(&self) -> String {
+        format!("{}.scheduler.events", self.ns)
+    }
+    /// A private, auto-deleted queue of one process (heartbeat or event listeners).
+    pub fn private_queue(&self, purpose: &str, owner: &str) -> String {
+        format!("{}.{purpose}.{owner}", self.ns)
+    }
+}
+
+/// Checks a name that becomes part of an exchange or queue name, a routing key or a folder:
+/// 1 to 64 of ASCII letters, digits, `-` and `_` (and `.` inside, not at the ends).
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with('.') || name.ends_with('.') {
+        return Err(format!(
+            "invalid {what} {name:?}: use 1 to 64 ASCII letters, digits, '-', '_' or inner '.'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_namespace() {
+        let n = Names::new("t1").expect("valid namespace");
+        assert_eq!(n.jobs_queue("default"), "t1.jobs.default");
+        assert_eq!(n.agent_queue("a-1"), "t1.agent.a-1");
+        assert_eq!(n.results(), "t1.results");
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        for bad in ["", ".x", "x.", "a b", "a/b", &"x".repeat(65)] {
+            assert!(check_name("queue", bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_name("queue", "reports.eu-1_b").is_ok());
+    }
+}

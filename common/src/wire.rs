@@ -1,0 +1,609 @@
+//! The v1 wire contract: one serde type per message that crosses RabbitMQ. Unknown fields are
+//! ignored (so newer producers can add fields); a missing or malformed required field is a
+//! rejection with a readable reason, never a panic.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::names::{DEFAULT_QUEUE, check_name};
+
+/// The wire contract's version; a breaking change gets a new number and new names.
+pub const WIRE_VERSION: u32 = 1;
+
+/// The largest priority a job may carry (the jobs queues are declared with it).
+pub const MAX_PRIORITY: u8 = 9;
+
+/// The identity of one job. It names the job's folders, so it must be a real UUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    pub fn random() -> Self {
+        Self(Uuid::new_v4())
+    }
+    /// 16 bytes that sort like the id; used as a key in the stores.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s.trim())
+            .map(Self)
+            .map_err(|e| format!("{s:?} is not a job uuid: {e}"))
+    }
+}
+
+/// The identity of one pool agent; part of its queue name, so a valid name part.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AgentId(String);
+
+impl AgentId {
+    pub fn new(id: &str) -> Result<Self, String> {
+        check_name("agent id", id)?;
+        Ok(Self(id.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A piece of Work to run, as published to the jobs exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// The registered work type that runs it; `classname` is accepted as an alias.
+    #[serde(rename = "type", alias = "classname")]
+    pub work_type: String,
+    /// Assigned by the first Rota part that sees the job when the producer gave none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<JobId>,
+    /// The Work's input; any JSON.
+    #[serde(default)]
+    pub payload: Value,
+    /// The named queue (routing key); `default` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// 0 (default) to 9: higher runs first among queued jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// How long the Work may run; the agent's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// How many attempts the scheduler allows (retries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Held by the scheduler until this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    /// 1 for the first run, counted up by retries.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+    /// The job whose Work submitted this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<JobId>,
+    /// Free-form labels for people and dashboards.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+impl Job {
+    /// A job of `work_type` with `payload` and every option at its default.
+    pub fn new(work_type: impl Into<String>, payload: Value) -> Self {
+        Self {
+            work_type: work_type.into(),
+            uuid: None,
+            payload,
+            queue: None,
+            priority: None,
+            timeout_s: None,
+            max_attempts: None,
+            run_at: None,
+            attempt: 1,
+            parent: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Reads and checks a job from a message body.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let job: Job = serde_json::from_slice(body).map_err(|e| format!("not a valid job: {e}"))?;
+        job.check()?;
+        Ok(job)
+    }
+
+    /// The checks that serde's types do not make.
+    pub fn check(&self) -> Result<(), String> {
+        check_name("work type", &self.work_type)?;
+        if let Some(q) = &self.queue {
+            check_name("queue", q)?;
+        }
+        if let Some(p) = self.priority
+            && p > MAX_PRIORITY
+        {
+            return Err(format!("priority {p} is out of range: use 0 to {MAX_PRIORITY}"));
+        }
+        if self.attempt == 0 {
+            return Err("attempt must be 1 or more".into());
+        }
+        if self.timeout_s == Some(0) {
+            return Err("timeout_s must be 1 or more".into());
+        }
+        Ok(())
+    }
+
+    pub fn queue_name(&self) -> &str {
+        self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
+}
+
+/// How a run of a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Succeeded,
+    Failed,
+    Crashed,
+    TimedOut,
+    Cancelled,
+    Rejected,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Crashed => "crashed",
+            Status::TimedOut => "timed_out",
+            Status::Cancelled => "cancelled",
+            Status::Rejected => "rejected",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a run did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// A short machine-readable class: `work`, `panic`, `timeout`, `invalid_job`, …
+    pub kind: String,
+    pub message: String,
+}
+
+impl ErrorInfo {
+    pub fn new(kind: &str, message: impl Into<String>) -> Self {
+        Self { kind: kind.to_owned(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Debug => "DEBUG",
+            Level::Info => "INFO",
+            Level::Warn => "WARN",
+            Level::Error => "ERROR",
+        })
+    }
+}
+
+/// One line a Work logged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub time: DateTime<Utc>,
+    pub level: Level,
+    pub message: String,
+}
+
+impl fmt::Display for LogLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:5} {}", self.time.format("%Y-%m-%dT%H:%M:%S%.3fZ"), self.level, self.message)
+    }
+}
+
+/// The outcome of one run of a job, sent by the pool agent to the results queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub uuid: JobId,
+    pub attempt: u32,
+    #[serde(rename = "type")]
+    pub work_type: String,
+    pub agent: AgentId,
+    /// Which worker of the agent's pool ran it (`local-0`, …).
+    pub worker: String,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    #[serde(default)]
+    pub output: Value,
+    /// The Work's log lines, capped; when lines were dropped the last line says how many.
+    #[serde(default)]
+    pub logs: Vec<LogLine>,
+    /// How many log lines were dropped to respect the cap.
+    #[serde(default)]
+    pub logs_dropped: u64,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// The job as the agent received it (with its uuid filled in).
+    pub job: Job,
+}
+
+/// Messages to one pool agent on its own queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The scheduler recorded this result: the agent may forget it.
+    Receipt { uuid: JobId, attempt: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Started,
+    Progress,
+    Finished,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Started => "started",
+            EventKind::Progress => "progress",
+            EventKind::Finished => "finished",
+        }
+    }
+}
+
+/// A job event on the topic exchange, routing key `job.<event>.<type>`. `started` and
+/// `progress` come from the agent that runs the job; `finished` from the scheduler once it has
+/// recorded the outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event: EventKind,
+    pub uuid: JobId,
+    pub attempt: u32,
+    #[serde(rename = "type")]
+    pub work_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentId>,
+    pub time: DateTime<Utc>,
+    /// For `finished`: how the job ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// For `progress`: a fraction from 0 to 1 and/or a message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// For `started`: the job, so a job published straight to the jobs exchange gets recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<Job>,
+}
+
+impl Event {
+    pub fn routing_key(&self) -> String {
+        format!("job.{}.{}", self.event.as_str(), self.work_type)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Scheduler,
+    Agent,
+}
+
+/// Sent by every part on the heartbeats fanout exchange every `interval_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub role: Role,
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    /// Counts up by one per heartbeat; a gap means lost heartbeats, a reset a restart.
+    pub seq: u64,
+    pub interval_ms: u64,
+    #[serde(default)]
+    pub pools: Vec<PoolStatus>,
+    #[serde(default)]
+    pub running: Vec<JobId>,
+    /// Results kept in the agent's outbox, not yet receipted by the scheduler.
+    #[serde(default)]
+    pub unreceipted: u64,
+}
+
+/// The state of one worker pool, as reported in heartbeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub queues: Vec<String>,
+    pub location: String,
+    pub min: usize,
+    pub max: usize,
+    pub busy: usize,
+    pub idle: usize,
+}
+
+/// Where a job stands, as the scheduler records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Recorded and published; waiting in RabbitMQ for a worker.
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Crashed,
+    TimedOut,
+    Cancelled,
+    Rejected,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Crashed => "crashed",
+            JobState::TimedOut => "timed_out",
+            JobState::Cancelled => "cancelled",
+            JobState::Rejected => "rejected",
+        }
+    }
+}
+
+impl From<Status> for JobState {
+    fn from(s: Status) -> Self {
+        match s {
+            Status::Succeeded => JobState::Succeeded,
+            Status::Failed => JobState::Failed,
+            Status::Crashed => JobState::Crashed,
+            Status::TimedOut => JobState::TimedOut,
+            Status::Cancelled => JobState::Cancelled,
+            Status::Rejected => JobState::Rejected,
+        }
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        serde_json::from_value(Value::String(s.to_owned())).map_err(|_| {
+            format!(
+                "unknown job state {s:?}: use queued, running, succeeded, failed, crashed, \
+                 timed_out, cancelled or rejected"
+            )
+        })
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One run of a job, as the scheduler records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// None while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    #[serde(default)]
+    pub output: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub log_lines: usize,
+}
+
+/// Everything the scheduler knows of one job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub uuid: JobId,
+    pub state: JobState,
+    pub job: Job,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    /// The job's folder under the scheduler's data directory.
+    pub dir: String,
+}
+
+impl JobRecord {
+    /// Seconds from the first start to the last finish, when both are known.
+    pub fn duration_s(&self) -> Option<f64> {
+        let start = self.attempts.first()?.started_at?;
+        let end = self.attempts.last()?.finished_at?;
+        Some((end - start).num_milliseconds() as f64 / 1000.0)
+    }
+}
+
+/// A request to the scheduler on the RPC queue (`reply_to` and `correlation_id` set).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum RpcRequest {
+    /// Record a job and queue it; replies with its record. Submitting a uuid that is already
+    /// recorded returns the existing record and queues nothing.
+    Submit { job: Job },
+    Status { uuid: JobId },
+    Logs { uuid: JobId },
+    List {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<JobState>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
+    Agents,
+}
+
+/// The scheduler's reply to an [`RpcRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum RpcReply {
+    Job { job: Box<JobRecord> },
+    Logs { uuid: JobId, attempts: Vec<AttemptLogs> },
+    Jobs { jobs: Vec<JobRecord> },
+    Agents { agents: Vec<AgentInfo> },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptLogs {
+    pub attempt: u32,
+    pub lines: Vec<LogLine>,
+}
+
+/// A part seen through its heartbeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub alive: bool,
+    pub last_seen: DateTime<Utc>,
+    pub heartbeat: Heartbeat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_minimal_job_gets_defaults() {
+        let job = Job::parse(br#"{"type":"demo.echo"}"#).expect("valid");
+        assert_eq!(job.work_type, "demo.echo");
+        assert_eq!(job.attempt, 1);
+        assert_eq!(job.payload, Value::Null);
+        assert_eq!(job.queue_name(), "default");
+    }
+
+    #[test]
+    fn classname_is_an_alias_and_unknown_fields_are_ignored() {
+        let job = Job::parse(br#"{"classname":"demo.echo","extra":{"x":1}}"#).expect("valid");
+        assert_eq!(job.work_type, "demo.echo");
+    }
+
+    #[test]
+    fn bad_jobs_are_refused_with_a_reason() {
+        let cases: [(&[u8], &str); 6] = [
+            (b"{not json", "not a valid job"),
+            (br#"{"payload":{}}"#, "missing field `type`"),
+            (br#"{"type":"a b"}"#, "invalid work type"),
+            (br#"{"type":"x","uuid":"nope"}"#, "not a valid job"),
+            (br#"{"type":"x","priority":12}"#, "priority 12 is out of range"),
+            (br#"{"type":"x","queue":"../etc"}"#, "invalid queue"),
+        ];
+        for (body, want) in cases {
+            let err = Job::parse(body).expect_err("must be refused");
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_job_round_trips() {
+        let mut job = Job::new("demo.echo", json!({"a": [1, 2]}));
+        job.uuid = Some(JobId::random());
+        job.priority = Some(3);
+        job.labels.insert("team".into(), "billing".into());
+        let back = Job::parse(&serde_json::to_vec(&job).expect("serializes")).expect("parses");
+        assert_eq!(back, job);
+    }
+
+    #[test]
+    fn a_result_round_trips_with_the_wire_names() {
+        let now = Utc::now();
+        let result = JobResult {
+            uuid: JobId::random(),
+            attempt: 1,
+            work_type: "demo.fail".into(),
+            agent: AgentId::new("a1").expect("valid"),
+            worker: "local-0".into(),
+            status: Status::TimedOut,
+            error: Some(ErrorInfo::new("timeout", "ran longer than 1 s")),
+            output: Value::Null,
+            logs: vec![LogLine { time: now, level: Level::Warn, message: "hi".into() }],
+            logs_dropped: 0,
+            started_at: now,
+            finished_at: now,
+            job: Job::new("demo.fail", Value::Null),
+        };
+        let text = serde_json::to_value(&result).expect("serializes");
+        assert_eq!(text["status"], "timed_out");
+        assert_eq!(text["type"], "demo.fail");
+        assert_eq!(text["logs"][0]["level"], "warn");
+        let back: JobResult = serde_json::from_value(text).expect("parses");
+        assert_eq!(back, result);
+    }
+
+    #[test]
+    fn rpc_messages_are_tagged() {
+        let req = RpcRequest::List { state: Some(JobState::TimedOut), limit: Some(5) };
+        let v = serde_json::to_value(&req).expect("serializes");
+        assert_eq!(v, json!({"method": "list", "state": "timed_out", "limit": 5}));
+        let receipt = AgentMessage::Receipt { uuid: JobId::random(), attempt: 2 };
+        let v = serde_json::to_value(&receipt).expect("serializes");
+        assert_eq!(v["kind"], "receipt");
+        assert!("bogus".parse::<JobState>().is_err());
+    }
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Makes this Debian 12 host ready to run Rota, idempotently: RabbitMQ (with the management UI)
+# installed from Debian's packages and started, unless something already answers on the
+# configured AMQP URL. Safe to run again at any time; it reuses whatever is already running.
+#
+#   deploy/setup.sh            # what the demo and the tests need
+#
+# Environment: ROTA_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+url="${ROTA_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+# host and port of the AMQP URL
+hostport="${url#*://}"; hostport="${hostport#*@}"; hostport="${hostport%%/*}"; hostport="${hostport%%\?*}"
+host="${hostport%%:*}"; port=5672
+[[ "$hostport" == *:* ]] && port="${hostport##*:}"
+
+answers() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+as_root() {
+  if [[ $(id -u) -eq 0 ]]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else die "need root to run: $* (run this script as root, or install sudo)"; fi
+}
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg"); done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  say "installing ${missing[*]} from Debian's packages"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+setup_rabbitmq() {
+  if answers "$host" "$port"; then
+    say "RabbitMQ answers on $host:$port: reusing it"
+    return 0
+  fi
+  case "$host" in
+    127.*|localhost|::1) ;;
+    *) die "nothing answers on $host:$port (from ROTA_AMQP_URL); start RabbitMQ there, or unset ROTA_AMQP_URL to run one on this host" ;;
+  esac
+  apt_install rabbitmq-server
+  if ! cmp -s "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf; then
+    as_root install -m 0644 "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf
+  fi
+  as_root rabbitmq-plugins enable --offline rabbitmq_management >/dev/null
+  say "starting RabbitMQ"
+  as_root rabbitmq-server -detached
+  for _ in $(seq 1 120); do
+    answers "$host" "$port" && as_root rabbitmqctl -q await_startup >/dev/null 2>&1 && break
+    sleep 1
+  done
+  answers "$host" "$port" || die "RabbitMQ did not start within 2 minutes; see /var/log/rabbitmq/"
+  say "RabbitMQ is up on $host:$port (management UI on http://127.0.0.1:15672, guest/guest)"
+}
+
+setup_rabbitmq

@@ -1,0 +1,132 @@
+//! What a running Work can reach: its job, a logger, a progress reporter, its own working
+//! directory, the pool's path aliases and a cancellation signal.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use chrono::Utc;
+use rota_common::wire::{Job, JobId, Level, LogLine, Progress};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::logs::LogBuffer;
+use crate::paths::Aliases;
+
+/// Where a Work's log lines and progress go: the agent's buffer and events when the Work runs
+/// in the agent, the stdout protocol when it runs in a worker process.
+pub trait Sink: Send + Sync {
+    fn log(&self, line: LogLine);
+    fn progress(&self, progress: Progress);
+}
+
+/// A sink that keeps log lines in a capped buffer and forwards progress to a callback.
+pub struct BufferSink {
+    pub logs: Mutex<LogBuffer>,
+    on_progress: Box<dyn Fn(Progress) + Send + Sync>,
+}
+
+impl BufferSink {
+    pub fn new(on_progress: impl Fn(Progress) + Send + Sync + 'static) -> Self {
+        Self { logs: Mutex::new(LogBuffer::default()), on_progress: Box::new(on_progress) }
+    }
+
+    /// The lines kept and the number dropped.
+    pub fn take_logs(&self) -> (Vec<LogLine>, u64) {
+        let buf = self.logs.lock().map(|mut b| std::mem::take(&mut *b)).unwrap_or_default();
+        buf.finish()
+    }
+}
+
+impl Sink for BufferSink {
+    fn log(&self, line: LogLine) {
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push(line);
+        }
+    }
+    fn progress(&self, progress: Progress) {
+        (self.on_progress)(progress);
+    }
+}
+
+/// The handle a Work gets on its job and its surroundings.
+#[derive(Clone)]
+pub struct Context {
+    job: Job,
+    uuid: JobId,
+    work_dir: PathBuf,
+    aliases: Arc<Aliases>,
+    sink: Arc<dyn Sink>,
+    cancel: CancellationToken,
+}
+
+impl Context {
+    /// `job` must carry its uuid (the agent assigns one before running anything).
+    pub fn new(job: Job, work_dir: PathBuf, aliases: Arc<Aliases>, sink: Arc<dyn Sink>, cancel: CancellationToken) -> Self {
+        let uuid = job.uuid.unwrap_or_else(JobId::random);
+        Self { job, uuid, work_dir, aliases, sink, cancel }
+    }
+
+    pub fn job(&self) -> &Job {
+        &self.job
+    }
+    pub fn uuid(&self) -> JobId {
+        self.uuid
+    }
+    pub fn attempt(&self) -> u32 {
+        self.job.attempt
+    }
+    pub fn payload(&self) -> &Value {
+        &self.job.payload
+    }
+
+    /// The payload read as `T`, with an error that names the work type when it does not fit.
+    pub fn payload_as<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
+        let payload = if self.job.payload.is_null() { Value::Object(Default::default()) } else { self.job.payload.clone() };
+        serde_json::from_value(payload).with_context(|| format!("invalid payload for {}", self.job.work_type))
+    }
+
+    pub fn log(&self, level: Level, message: impl Into<String>) {
+        self.sink.log(LogLine { time: Utc::now(), level, message: message.into() });
+    }
+    pub fn debug(&self, message: impl Into<String>) {
+        self.log(Level::Debug, message);
+    }
+    pub fn info(&self, message: impl Into<String>) {
+        self.log(Level::Info, message);
+    }
+    pub fn warn(&self, message: impl Into<String>) {
+        self.log(Level::Warn, message);
+    }
+    pub fn error(&self, message: impl Into<String>) {
+        self.log(Level::Error, message);
+    }
+
+    /// Reports progress: a fraction from 0 to 1 and/or a message (sent as a `job.progress`
+    /// event).
+    pub fn progress(&self, fraction: Option<f64>, message: Option<&str>) {
+        let fraction = fraction.map(|f| f.clamp(0.0, 1.0));
+        self.sink.progress(Progress { fraction, message: message.map(str::to_owned) });
+    }
+
+    /// This job's own folder, empty at start, for scratch files.
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    /// The real path of `alias/relative/path` (see [`Aliases`]).
+    pub fn resolve(&self, path: &str) -> anyhow::Result<PathBuf> {
+        Ok(self.aliases.resolve(path)?)
+    }
+
+    /// Resolves when the job is cancelled or timed out; long-running Work should select on it
+    /// at its await points (in-process workers cannot be stopped otherwise).
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}

@@ -1,0 +1,132 @@
+//! The built-in demo work types, one per thing a Work can do or suffer: return data, take
+//! time, fail, panic, log, write a file through an alias.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{Context, Registry, Work};
+
+pub fn register(r: &mut Registry) {
+    r.register("demo.echo", Echo)
+        .register("demo.sleep", Sleep)
+        .register("demo.fail", Fail)
+        .register("demo.panic", Panic)
+        .register("demo.log", Log)
+        .register("demo.write-file", WriteFile);
+}
+
+/// Returns its payload.
+struct Echo;
+
+#[async_trait::async_trait]
+impl Work for Echo {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        ctx.debug("echoing the payload");
+        Ok(ctx.payload().clone())
+    }
+}
+
+/// Sleeps for `ms` milliseconds, reporting progress, and stops early when cancelled.
+struct Sleep;
+
+#[derive(Deserialize)]
+struct SleepPayload {
+    ms: u64,
+}
+
+#[async_trait::async_trait]
+impl Work for Sleep {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        let SleepPayload { ms } = ctx.payload_as()?;
+        ctx.info(format!("sleeping {ms} ms"));
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            _ = ctx.cancelled() => anyhow::bail!("cancelled while sleeping"),
+        }
+        ctx.progress(Some(1.0), Some("slept"));
+        Ok(json!({ "slept_ms": ms }))
+    }
+}
+
+/// Fails with the payload's `message`.
+struct Fail;
+
+#[derive(Deserialize)]
+struct MessagePayload {
+    #[serde(default = "default_message")]
+    message: String,
+}
+
+fn default_message() -> String {
+    "demo.fail failed, as asked".into()
+}
+
+#[async_trait::async_trait]
+impl Work for Fail {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        let MessagePayload { message } = ctx.payload_as()?;
+        ctx.warn("about to fail");
+        anyhow::bail!(message)
+    }
+}
+
+/// Panics with the payload's `message`: the worker reports `crashed`.
+struct Panic;
+
+#[async_trait::async_trait]
+impl Work for Panic {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        let MessagePayload { message } = ctx.payload_as()?;
+        ctx.error("about to panic");
+        panic!("{message}");
+    }
+}
+
+/// Logs `lines` lines.
+struct Log;
+
+#[derive(Deserialize)]
+struct LogPayload {
+    #[serde(default = "one")]
+    lines: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[async_trait::async_trait]
+impl Work for Log {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        let LogPayload { lines } = ctx.payload_as()?;
+        for i in 1..=lines {
+            ctx.info(format!("log line {i} of {lines}"));
+        }
+        Ok(json!({ "lines": lines }))
+    }
+}
+
+/// Writes `text` to `path` (an alias path), making folders as needed.
+struct WriteFile;
+
+#[derive(Deserialize)]
+struct WritePayload {
+    path: String,
+    text: String,
+}
+
+#[async_trait::async_trait]
+impl Work for WriteFile {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        let WritePayload { path, text } = ctx.payload_as()?;
+        let real = ctx.resolve(&path)?;
+        if let Some(parent) = real.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        tokio::fs::write(&real, text.as_bytes()).await?;
+        ctx.info(format!("wrote {} bytes to {path}", text.len()));
+        Ok(json!({ "path": path, "bytes": text.len() }))
+    }
+}
