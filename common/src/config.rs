@@ -36,6 +36,11 @@ impl BrokerArgs {
     }
 }
 
+/// Parses a duration such as `500ms`, `5s`, `2m` or `6h` (for flags).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (write durations like 500ms, 5s, 2m, 6h)"))
+}
+
 /// Parses the command line of `T`, using the TOML file named by `--config` or `ROTA_CONFIG`
 /// (if any) for settings given neither as flags nor in the environment.
 pub fn parse<T: Parser>() -> anyhow::Result<T> {

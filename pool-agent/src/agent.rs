@@ -1,0 +1,415 @@
+//! The agent's life: connect, serve the jobs queues until shutdown, hand back what it cannot
+//! finish. One job goes: admit → run on a pooled worker → store the result in the outbox →
+//! ack → send the result; the scheduler's receipt then removes it from the outbox.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chrono::Utc;
+use futures::StreamExt;
+use rota_common::Names;
+use rota_common::amqp::{Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology};
+use rota_common::client::short_host;
+use rota_common::wire::{
+    AgentId, AgentMessage, ErrorInfo, Event, EventKind, Heartbeat, Job, JobId, JobResult, Role, Status,
+};
+use rota_worker_runtime::context::BufferSink;
+use rota_worker_runtime::{Aliases, Context, Registry};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::config::AgentConfig;
+use crate::intake::{self, Admitted, Limits, Refusal};
+use crate::outbox::Outbox;
+use crate::pool::Pool;
+
+/// Runs a pool agent until `shutdown` is cancelled, then stops taking jobs, lets running ones
+/// finish (for up to `--shutdown-grace`), hands back the rest, and returns.
+pub async fn run(cfg: AgentConfig, amqp_url: &str, names: Names, registry: Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
+    cfg.check()?;
+    let id = AgentId::new(&cfg.id).map_err(anyhow::Error::msg)?;
+    let aliases = Arc::new(Aliases::parse(&cfg.aliases)?);
+    let dir = cfg.agent_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data folder {}", dir.display()))?;
+    let outbox = Outbox::open(&dir.join("outbox"))?;
+
+    let agent_queue = names.agent_queue(id.as_str());
+    let mut topology = Topology::core(&names);
+    for q in &cfg.queues {
+        topology.jobs_queue(&names, q);
+    }
+    topology.queue(QueueSpec::durable(agent_queue.clone()));
+    let conn_name = format!("rota pool-agent {id} ({}, pid {})", short_host(), std::process::id());
+    let broker = tokio::select! {
+        b = Broker::connect(amqp_url, &conn_name, topology, Startup::Retry) => b?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    let tag = format!("pool-agent-{id}");
+    let receipts = match broker
+        .consume(ConsumeSpec { queues: vec![agent_queue.clone()], tag: tag.clone(), prefetch: 256, exclusive: true })
+        .await
+    {
+        Err(BrokerError::Locked { .. }) => bail!(
+            "another pool agent with id {id:?} is already connected to RabbitMQ (namespace {:?}); give this one \
+             another --id, or stop the other one. If it just died, RabbitMQ frees its id within about 20 s",
+            names.namespace()
+        ),
+        other => other?,
+    };
+
+    let registry = Arc::new(registry);
+    let pool = Pool::start(cfg.worker_location, cfg.pool_min_size, cfg.pool_max_size, cfg.queues.clone(), registry.clone()).await?;
+    let agent = Arc::new(Agent {
+        id: id.clone(),
+        agent_queue,
+        work_root: dir.join("work"),
+        names: names.clone(),
+        broker: broker.clone(),
+        outbox,
+        pool,
+        registry,
+        aliases,
+        running: Mutex::default(),
+        sent: Mutex::default(),
+        abandon: CancellationToken::new(),
+        cfg: cfg.clone(),
+    });
+
+    // Results left from an earlier run go out first.
+    agent.resend_due(Duration::ZERO).await;
+    let background = CancellationToken::new();
+    let bg = TaskTracker::new();
+    bg.spawn(agent.clone().receive_receipts(receipts));
+    bg.spawn(agent.clone().resend_loop(background.clone()));
+    let beat = Heartbeat::starting(Role::Agent, id.as_str(), cfg.heartbeat_interval);
+    let hb_agent = agent.clone();
+    bg.spawn(rota_common::heartbeat::run(broker.clone(), names.clone(), beat, background.clone(), move |hb| {
+        hb.pools = vec![hb_agent.pool.status()];
+        hb.running = hb_agent.running_ids();
+        hb.unreceipted = hb_agent.outbox.len() as u64;
+    }));
+
+    let queues: Vec<String> = cfg.queues.iter().map(|q| names.jobs_queue(q)).collect();
+    let prefetch = u16::try_from(cfg.pool_max_size).unwrap_or(u16::MAX);
+    let mut jobs = broker.consume(ConsumeSpec { queues, tag, prefetch, exclusive: false }).await?;
+    info!(agent = %id, queues = ?cfg.queues, location = cfg.worker_location.as_str(), min = cfg.pool_min_size,
+        max = cfg.pool_max_size, data_dir = %dir.display(), "pool agent ready");
+
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            d = jobs.recv() => match d {
+                Some(d) => { tracker.spawn(agent.clone().handle(d)); }
+                None => break,
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    agent.stop(&mut jobs, &tracker).await;
+    background.cancel();
+    broker.close().await;
+    bg.close();
+    bg.wait().await;
+    info!(agent = %id, "pool agent stopped");
+    Ok(())
+}
+
+struct Agent {
+    id: AgentId,
+    agent_queue: String,
+    work_root: PathBuf,
+    names: Names,
+    broker: Broker,
+    outbox: Outbox,
+    pool: Pool,
+    registry: Arc<Registry>,
+    aliases: Arc<Aliases>,
+    /// Jobs running now, with the token that cancels each.
+    running: Mutex<HashMap<JobId, CancellationToken>>,
+    /// When each stored result was last sent, to resend those without a receipt.
+    sent: Mutex<HashMap<(JobId, u32), Instant>>,
+    /// Cancelled when the shutdown grace is over: running jobs stop and go back to RabbitMQ.
+    abandon: CancellationToken,
+    cfg: AgentConfig,
+}
+
+impl Agent {
+    async fn handle(self: Arc<Self>, d: Delivery) {
+        let limits = Limits {
+            max_bytes: self.cfg.max_job_bytes,
+            max_timeout: self.cfg.max_job_timeout,
+            default_timeout: self.cfg.default_timeout,
+            registry: &self.registry,
+        };
+        match intake::admit(&d, &limits) {
+            Ok(admitted) => {
+                let span = info_span!("job", job_id = %admitted.uuid, r#type = %admitted.job.work_type, attempt = admitted.job.attempt);
+                self.run_job(d, admitted).instrument(span).await
+            }
+            Err(refusal) => self.refuse(d, refusal).await,
+        }
+    }
+
+    async fn run_job(&self, d: Delivery, Admitted { job, uuid, timeout }: Admitted) {
+        match self.outbox.get(uuid, job.attempt) {
+            Ok(Some(stored)) => {
+                info!("this run already finished here; resending its stored result instead of running it again");
+                d.ack().await;
+                self.send(&stored).await;
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                error!(error = %e, "cannot read the outbox; handing the job back to RabbitMQ");
+                d.requeue().await;
+                return;
+            }
+        }
+        let mut worker = match self.pool.get().await {
+            Ok(w) => w,
+            Err(e) => {
+                error!(error = %e, "no worker available; handing the job back to RabbitMQ");
+                d.requeue().await;
+                return;
+            }
+        };
+        let cancel = self.abandon.child_token();
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(uuid, cancel.clone());
+        }
+        self.event(EventKind::Started, &job, uuid, None, Some(job.clone())).await;
+        let work_dir = self.work_root.join(uuid.to_string());
+        let sink = Arc::new(self.progress_sink(&job, uuid));
+        let started_at = Utc::now();
+        let outcome = match tokio::fs::create_dir_all(&work_dir).await {
+            Ok(()) => {
+                let ctx = Context::new(job.clone(), work_dir, self.aliases.clone(), sink.clone(), cancel.clone());
+                worker.execute(ctx, timeout, cancel).await
+            }
+            Err(e) => rota_worker_runtime::Outcome::error(
+                Status::Crashed,
+                "work_dir",
+                format!("cannot create the job's working folder {}: {e}", work_dir.display()),
+            ),
+        };
+        let worker_id = worker.id.clone();
+        drop(worker);
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&uuid);
+        }
+        if self.abandon.is_cancelled() && outcome.status == Status::Cancelled {
+            info!("shutdown grace is over; handing the unfinished job back to RabbitMQ");
+            d.requeue().await;
+            return;
+        }
+        let (logs, logs_dropped) = sink.take_logs();
+        let result = JobResult {
+            uuid,
+            attempt: job.attempt,
+            work_type: job.work_type.clone(),
+            agent: self.id.clone(),
+            worker: worker_id,
+            status: outcome.status,
+            error: outcome.error,
+            output: outcome.output,
+            logs,
+            logs_dropped,
+            started_at,
+            finished_at: Utc::now(),
+            job,
+        };
+        self.keep_and_send(d, result).await;
+    }
+
+    /// Dead-letters a job that cannot run, and tells the scheduler when the job has a uuid.
+    async fn refuse(&self, d: Delivery, refusal: Refusal) {
+        warn!(reason = %refusal.reason, queue = %d.routing_key, "refusing a job: it goes to the dead-letter queue");
+        let headers = vec![
+            ("x-rota-reason".to_owned(), refusal.reason.clone()),
+            ("x-rota-agent".to_owned(), self.id.to_string()),
+            ("x-rota-queue".to_owned(), d.routing_key.clone()),
+        ];
+        let props = Props { headers, message_id: d.message_id.clone(), ..Props::default() };
+        if let Err(e) = self.broker.publish(&self.names.dead(), &d.routing_key, &d.body, &props).await {
+            error!(error = %e, "cannot dead-letter the job; handing it back to RabbitMQ");
+            d.requeue().await;
+            return;
+        }
+        let Some(job) = refusal.job else {
+            d.ack().await;
+            return;
+        };
+        let now = Utc::now();
+        let result = JobResult {
+            uuid: job.uuid.unwrap_or_else(JobId::random),
+            attempt: job.attempt,
+            work_type: job.work_type.clone(),
+            agent: self.id.clone(),
+            worker: String::new(),
+            status: Status::Rejected,
+            error: Some(ErrorInfo::new("invalid_job", refusal.reason)),
+            output: serde_json::Value::Null,
+            logs: Vec::new(),
+            logs_dropped: 0,
+            started_at: now,
+            finished_at: now,
+            job,
+        };
+        self.keep_and_send(d, result).await;
+    }
+
+    /// Stores the result, acks the job, and sends the result: in that order, so that a crash
+    /// at any point loses nothing.
+    async fn keep_and_send(&self, d: Delivery, result: JobResult) {
+        if let Err(e) = self.outbox.put(&result).await {
+            error!(error = %e, "cannot store the result; handing the job back to RabbitMQ");
+            d.requeue().await;
+            return;
+        }
+        d.ack().await;
+        info!(status = %result.status, worker = %result.worker, "job finished");
+        self.send(&result).await;
+    }
+
+    /// Publishes a stored result to the results queue (confirmed). On failure it stays in
+    /// the outbox and the resend loop tries again.
+    async fn send(&self, result: &JobResult) {
+        let body = match serde_json::to_vec(result) {
+            Ok(b) => b,
+            Err(e) => return error!(error = %e, "cannot encode a result"),
+        };
+        let props = Props {
+            message_id: Some(format!("{}/{}", result.uuid, result.attempt)),
+            reply_to: Some(self.agent_queue.clone()),
+            ..Props::default()
+        };
+        match self.broker.publish("", &self.names.results(), &body, &props).await {
+            Ok(()) => {
+                if let Ok(mut sent) = self.sent.lock() {
+                    sent.insert((result.uuid, result.attempt), Instant::now());
+                }
+            }
+            Err(e) => warn!(job_id = %result.uuid, error = %e, "result not sent yet; it stays in the outbox and is resent"),
+        }
+    }
+
+    /// Sends again every stored result not sent within `age`.
+    async fn resend_due(&self, age: Duration) {
+        let due: Vec<JobResult> = {
+            let sent = self.sent.lock().map(|s| s.clone()).unwrap_or_default();
+            self.outbox
+                .all()
+                .into_iter()
+                .filter(|r| sent.get(&(r.uuid, r.attempt)).is_none_or(|t| t.elapsed() >= age))
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        info!(count = due.len(), "resending results that have no receipt yet");
+        futures::stream::iter(due.iter()).for_each_concurrent(64, |r| self.send(r)).await;
+    }
+
+    async fn resend_loop(self: Arc<Self>, stop: CancellationToken) {
+        let every = self.cfg.resend_interval;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => self.resend_due(every).await,
+                _ = self.broker.reconnected() => self.resend_due(Duration::ZERO).await,
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Applies the scheduler's receipts (and, later, control messages) from this agent's queue.
+    async fn receive_receipts(self: Arc<Self>, mut receipts: Consumer) {
+        while let Some(d) = receipts.recv().await {
+            match serde_json::from_slice::<AgentMessage>(&d.body) {
+                Ok(AgentMessage::Receipt { uuid, attempt }) => {
+                    if let Err(e) = self.outbox.remove(uuid, attempt) {
+                        error!(job_id = %uuid, error = %e, "cannot remove a receipted result from the outbox");
+                    }
+                    if let Ok(mut sent) = self.sent.lock() {
+                        sent.remove(&(uuid, attempt));
+                    }
+                    if !self.cfg.keep_work_dirs {
+                        let _ = tokio::fs::remove_dir_all(self.work_root.join(uuid.to_string())).await;
+                    }
+                }
+                Err(e) => warn!(error = %e, "ignoring an unreadable message on the agent's queue"),
+            }
+            d.ack().await;
+        }
+    }
+
+    /// A log buffer whose progress reports become `job.progress` events.
+    fn progress_sink(&self, job: &Job, uuid: JobId) -> BufferSink {
+        let (broker, names, agent, attempt, work_type) =
+            (self.broker.clone(), self.names.clone(), self.id.clone(), job.attempt, job.work_type.clone());
+        BufferSink::new(move |progress| {
+            let event = Event {
+                event: EventKind::Progress,
+                uuid,
+                attempt,
+                work_type: work_type.clone(),
+                agent: Some(agent.clone()),
+                time: Utc::now(),
+                status: None,
+                progress: Some(progress),
+                job: None,
+            };
+            let (broker, names) = (broker.clone(), names.clone());
+            tokio::spawn(async move { publish_event(&broker, &names, &event).await });
+        })
+    }
+
+    async fn event(&self, kind: EventKind, job: &Job, uuid: JobId, status: Option<Status>, with_job: Option<Job>) {
+        let event = Event {
+            event: kind,
+            uuid,
+            attempt: job.attempt,
+            work_type: job.work_type.clone(),
+            agent: Some(self.id.clone()),
+            time: Utc::now(),
+            status,
+            progress: None,
+            job: with_job,
+        };
+        publish_event(&self.broker, &self.names, &event).await;
+    }
+
+    fn running_ids(&self) -> Vec<JobId> {
+        self.running.lock().map(|r| r.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// Stops taking jobs, waits for running ones up to the grace period, then hands back the
+    /// rest, and sends what is still unsent.
+    async fn stop(&self, jobs: &mut Consumer, tracker: &TaskTracker) {
+        info!(running = self.running_ids().len(), grace_s = self.cfg.shutdown_grace.as_secs(), "stopping: taking no more jobs");
+        jobs.stop().await;
+        for d in jobs.drain() {
+            d.requeue().await;
+        }
+        tracker.close();
+        if tokio::time::timeout(self.cfg.shutdown_grace, tracker.wait()).await.is_err() {
+            warn!(running = self.running_ids().len(), "shutdown grace is over: handing unfinished jobs back to RabbitMQ");
+            self.abandon.cancel();
+            tracker.wait().await;
+        }
+        self.resend_due(self.cfg.resend_interval).await;
+        if let Err(e) = self.outbox.flush().await {
+            error!(error = %e, "cannot flush the outbox");
+        }
+    }
+}
+
+async fn publish_event(broker: &Broker, names: &Names, event: &Event) {
+    if let Ok(body) = serde_json::to_vec(event) {
+        let props = Props { transient: true, ..Props::default() };
+        broker.notify(&names.events(), &event.routing_key(), &body, &props).await;
+    }
+}

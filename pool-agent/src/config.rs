@@ -1,0 +1,113 @@
+//! The pool agent's settings (flags, `ROTA_…` environment variables, or the config file).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use rota_common::config::parse_duration;
+
+/// Where a pool's Workers run (see the README's isolation table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Location {
+    /// A task in the agent's own runtime: cheapest, no isolation, cooperative cancel only.
+    Local,
+}
+
+impl Location {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Location::Local => "local",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentConfig {
+    /// This agent's stable id: names its queue and its data folder. Two agents with one id
+    /// are refused (the second one exits).
+    #[arg(long, env = "ROTA_AGENT_ID")]
+    pub id: String,
+
+    /// Where the Workers run.
+    #[arg(long, env = "ROTA_WORKER_LOCATION", value_enum, default_value_t = Location::Local)]
+    pub worker_location: Location,
+
+    /// Workers kept warm when idle.
+    #[arg(long, env = "ROTA_POOL_MIN_SIZE", default_value_t = 1)]
+    pub pool_min_size: usize,
+
+    /// The most jobs run at once; more wait in RabbitMQ (prefetch = this).
+    #[arg(long, env = "ROTA_POOL_MAX_SIZE", default_value_t = 4)]
+    pub pool_max_size: usize,
+
+    /// A jobs queue to serve (repeatable, or comma-separated in the environment).
+    #[arg(long = "queue", env = "ROTA_QUEUES", value_delimiter = ',', default_value = "default")]
+    pub queues: Vec<String>,
+
+    /// A path alias NAME=DIR that Work can use as `NAME/relative/path` (repeatable).
+    #[arg(long = "alias", env = "ROTA_ALIASES", value_delimiter = ',')]
+    pub aliases: Vec<String>,
+
+    /// Root of the data folders; this agent uses `<data-dir>/agent-<id>` (outbox, job folders).
+    #[arg(long, env = "ROTA_DATA_DIR", default_value = "rota-data")]
+    pub data_dir: PathBuf,
+
+    /// Timeout of a job that names none.
+    #[arg(long, env = "ROTA_DEFAULT_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
+    pub default_timeout: Duration,
+
+    /// The longest timeout a job may ask for; longer ones are rejected. Keep it below
+    /// RabbitMQ's consumer_timeout (24 h in deploy/rabbitmq/rabbitmq.conf), or the broker
+    /// takes the job back while it runs and it runs twice.
+    #[arg(long, env = "ROTA_MAX_JOB_TIMEOUT", value_parser = parse_duration, default_value = "6h")]
+    pub max_job_timeout: Duration,
+
+    /// The largest job message accepted, in bytes; larger ones are dead-lettered.
+    #[arg(long, env = "ROTA_MAX_JOB_BYTES", default_value_t = 1024 * 1024)]
+    pub max_job_bytes: usize,
+
+    /// How often to publish a heartbeat.
+    #[arg(long, env = "ROTA_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub heartbeat_interval: Duration,
+
+    /// Resend a stored result when no receipt came within this time.
+    #[arg(long, env = "ROTA_RESEND_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    pub resend_interval: Duration,
+
+    /// On SIGTERM, how long running jobs may finish before they are handed back to RabbitMQ.
+    #[arg(long, env = "ROTA_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "30s")]
+    pub shutdown_grace: Duration,
+
+    /// Keep each job's working folder after the scheduler's receipt (default: remove it).
+    #[arg(long, env = "ROTA_KEEP_WORK_DIRS")]
+    pub keep_work_dirs: bool,
+}
+
+impl AgentConfig {
+    /// This agent's own data folder.
+    pub fn agent_dir(&self) -> PathBuf {
+        self.data_dir.join(format!("agent-{}", self.id))
+    }
+
+    /// Checks what clap cannot; the message says what to change.
+    pub fn check(&self) -> anyhow::Result<()> {
+        rota_common::wire::AgentId::new(&self.id).map_err(anyhow::Error::msg)?;
+        for q in &self.queues {
+            rota_common::names::check_name("queue", q).map_err(anyhow::Error::msg)?;
+        }
+        if self.pool_max_size == 0 || self.pool_max_size > u16::MAX as usize {
+            anyhow::bail!("--pool-max-size must be between 1 and {}", u16::MAX);
+        }
+        if self.pool_min_size > self.pool_max_size {
+            anyhow::bail!(
+                "--pool-min-size ({}) is larger than --pool-max-size ({})",
+                self.pool_min_size,
+                self.pool_max_size
+            );
+        }
+        if self.default_timeout > self.max_job_timeout {
+            anyhow::bail!("--default-timeout is longer than --max-job-timeout");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,93 @@
+//! Reading a job delivery: what can run, and why what cannot run is refused. A refused job is
+//! never dropped: it goes to the dead-letter queue with its reason, and when it carries a
+//! uuid, a `rejected` result tells the scheduler too.
+
+use std::time::Duration;
+
+use rota_common::amqp::Delivery;
+use rota_common::wire::{Job, JobId};
+use rota_worker_runtime::Registry;
+use serde_json::Value;
+
+/// The limits a job must fit.
+pub struct Limits<'a> {
+    pub max_bytes: usize,
+    pub max_timeout: Duration,
+    pub default_timeout: Duration,
+    pub registry: &'a Registry,
+}
+
+/// A job that will not run here, and why.
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: String,
+    /// The job as far as it could be read, with its uuid, when it has one: the scheduler gets
+    /// a `rejected` result for it.
+    pub job: Option<Job>,
+}
+
+/// A job ready to run: its uuid is set.
+#[derive(Debug)]
+pub struct Admitted {
+    pub job: Job,
+    pub uuid: JobId,
+    pub timeout: Duration,
+}
+
+/// Reads and checks a delivery. The job's uuid is its own, else the message id (when that is
+/// a uuid), else a new one.
+pub fn admit(d: &Delivery, limits: &Limits<'_>) -> Result<Admitted, Refusal> {
+    if d.body.len() > limits.max_bytes {
+        return Err(Refusal {
+            reason: format!(
+                "the job is {} bytes, over this agent's limit of {} bytes (--max-job-bytes)",
+                d.body.len(),
+                limits.max_bytes
+            ),
+            job: None,
+        });
+    }
+    let mut job = match Job::parse(&d.body) {
+        Ok(job) => job,
+        Err(reason) => return Err(Refusal { reason, job: salvage(&d.body) }),
+    };
+    let uuid = *job
+        .uuid
+        .get_or_insert_with(|| d.message_id.as_deref().and_then(|m| m.parse().ok()).unwrap_or_else(JobId::random));
+    if !limits.registry.contains(&job.work_type) {
+        let known: Vec<&str> = limits.registry.names().collect();
+        return Err(Refusal {
+            reason: format!("unknown work type {:?}: this pool runs {}", job.work_type, known.join(", ")),
+            job: Some(job),
+        });
+    }
+    let timeout = job.timeout_s.map(Duration::from_secs).unwrap_or(limits.default_timeout);
+    if timeout > limits.max_timeout {
+        return Err(Refusal {
+            reason: format!(
+                "timeout_s {} is longer than this agent's limit of {} s (--max-job-timeout, kept below \
+                 RabbitMQ's consumer_timeout so a long job is not delivered twice)",
+                timeout.as_secs(),
+                limits.max_timeout.as_secs()
+            ),
+            job: Some(job),
+        });
+    }
+    Ok(Admitted { job, uuid, timeout })
+}
+
+/// What can be read of an invalid job: enough for a `rejected` result if it has a uuid.
+fn salvage(body: &[u8]) -> Option<Job> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let uuid: JobId = value.get("uuid")?.as_str()?.parse().ok()?;
+    let work_type = value
+        .get("type")
+        .or_else(|| value.get("classname"))
+        .and_then(Value::as_str)
+        .filter(|t| rota_common::names::check_name("work type", t).is_ok())
+        .unwrap_or("invalid");
+    let mut job = Job::new(work_type, value.get("payload").cloned().unwrap_or(Value::Null));
+    job.uuid = Some(uuid);
+    job.attempt = value.get("attempt").and_then(Value::as_u64).and_then(|a| u32::try_from(a).ok()).unwrap_or(1).max(1);
+    Some(job)
+}
