@@ -539,6 +539,10 @@ impl Broker {
     /// Closes the connection: consumers end, unacked deliveries return to their queues.
     pub async fn close(&self) {
         self.inner.closing.cancel();
+        // Dropping the subscriptions lets every Consumer end once its pump has stopped.
+        if let Ok(mut subs) = self.inner.subs.lock() {
+            subs.clear();
+        }
         let live = self.inner.live.send_replace(None);
         if let Some(live) = live {
             let _ = live.conn.close(200, "bye".into()).await;

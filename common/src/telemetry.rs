@@ -22,4 +22,21 @@ pub fn init(format: LogFormat, default_filter: &str) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    // Panics (a Work's included: the worker reports them as `crashed`) become one log line,
+    // with a backtrace only when RUST_BACKTRACE asks for one.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(%location, %backtrace, "panic: {message}");
+        } else {
+            tracing::error!(%location, "panic: {message}");
+        }
+    }));
 }

@@ -1,1 +1,13 @@
+//! The scheduler: records every job and result in its sled store, answers RPC, and tracks the
+//! other parts; plus the command line that talks to it, the all-in-one demo and the
+//! benchmark.
 
+mod agents;
+mod archive;
+pub mod bench;
+pub mod cli;
+pub mod demo;
+pub mod server;
+pub mod store;
+
+pub use server::{SchedulerConfig, run};

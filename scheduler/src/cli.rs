@@ -1,0 +1,255 @@
+//! The `scheduler` command line: `run` the scheduler, the `demo`, the `bench`mark, and the
+//! client commands that talk to a running scheduler over RPC (each with `--json`).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Args, Parser, Subcommand};
+use rota_common::client::Client;
+use rota_common::config::{BrokerArgs, parse_duration};
+use rota_common::wire::{AgentInfo, EventKind, Job, JobId, JobRecord, JobState, Role, RpcReply, RpcRequest, Status};
+use serde_json::Value;
+
+use crate::SchedulerConfig;
+use crate::bench::BenchArgs;
+use crate::demo::DemoArgs;
+
+/// Rota's scheduler, and the command line to talk to it.
+///
+/// Every flag can also be set in the environment (ROTA_…) or in a TOML file given with
+/// --config (keys are the flag names).
+#[derive(Debug, Parser)]
+#[command(name = "scheduler", version)]
+pub struct Cli {
+    /// A TOML file of settings (flags and environment variables take precedence).
+    #[arg(long, env = "ROTA_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs the scheduler until SIGINT or SIGTERM.
+    Run(SchedulerConfig),
+    /// Runs a scheduler and a pool agent in this process and pushes a mix of demo Work
+    /// through them; exits 0 if every job ended as expected.
+    Demo(DemoArgs),
+    /// Pushes N no-op jobs through a running scheduler and agent and prints throughput,
+    /// latency and memory figures.
+    Bench(BenchArgs),
+    /// Submits a job to the running scheduler.
+    Submit(SubmitArgs),
+    /// Shows what the scheduler knows of a job.
+    Status {
+        uuid: JobId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prints the log lines of every run of a job.
+    Logs {
+        uuid: JobId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists jobs, newest first.
+    List {
+        /// Only jobs in this state (queued, running, succeeded, failed, crashed, timed_out,
+        /// cancelled, rejected).
+        #[arg(long)]
+        status: Option<JobState>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists the scheduler and the pool agents seen through their heartbeats.
+    Agents {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The work type, e.g. demo.echo.
+    #[arg(long = "type")]
+    pub work_type: String,
+    /// The payload, as JSON.
+    #[arg(long)]
+    pub payload: Option<String>,
+    /// The job's uuid (default: a new one). Submitting a uuid again returns the first job.
+    #[arg(long)]
+    pub uuid: Option<JobId>,
+    /// The jobs queue (default: default).
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// 0 to 9; higher runs first.
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// How long the Work may run, in seconds (default: the agent's).
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    /// Waits until the result is recorded and prints it; exits non-zero unless it succeeded.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub wait_timeout: Duration,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a client command; returns the process exit code.
+pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(&broker.amqp_url, broker.names()?, "scheduler-cli").await?;
+    let code = match command {
+        Command::Submit(args) => submit(&client, args).await?,
+        Command::Status { uuid, json } => {
+            let record = client.status(uuid).await?;
+            print(json, &record, || print_record(&record))?;
+            ExitCode::SUCCESS
+        }
+        Command::Logs { uuid, json } => {
+            let RpcReply::Logs { attempts, .. } = client.call(&RpcRequest::Logs { uuid }).await? else {
+                bail!("unexpected reply from the scheduler");
+            };
+            print(json, &attempts, || {
+                for a in &attempts {
+                    println!("--- attempt {} ---", a.attempt);
+                    a.lines.iter().for_each(|l| println!("{l}"));
+                }
+            })?;
+            ExitCode::SUCCESS
+        }
+        Command::List { status, limit, json } => {
+            let RpcReply::Jobs { jobs } = client.call(&RpcRequest::List { state: status, limit: Some(limit) }).await? else {
+                bail!("unexpected reply from the scheduler");
+            };
+            print(json, &jobs, || print_jobs(&jobs))?;
+            ExitCode::SUCCESS
+        }
+        Command::Agents { json } => {
+            let RpcReply::Agents { agents } = client.call(&RpcRequest::Agents).await? else {
+                bail!("unexpected reply from the scheduler");
+            };
+            print(json, &agents, || print_agents(&agents))?;
+            ExitCode::SUCCESS
+        }
+        Command::Run(_) | Command::Demo(_) | Command::Bench(_) => unreachable!("not a client command"),
+    };
+    client.close().await;
+    Ok(code)
+}
+
+async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let payload: Value = match &args.payload {
+        Some(text) => serde_json::from_str(text).map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))?,
+        None => Value::Null,
+    };
+    let mut job = Job::new(args.work_type, payload);
+    let uuid = args.uuid.unwrap_or_else(JobId::random);
+    job.uuid = Some(uuid);
+    job.queue = args.queue;
+    job.priority = args.priority;
+    job.timeout_s = args.timeout_s;
+    // Listen before submitting, so the finished event cannot slip past.
+    let mut events = if args.wait { Some(client.watch(&[EventKind::Finished]).await?) } else { None };
+    let mut record = client.submit(job).await?;
+    if let Some(events) = events.as_mut()
+        && !record.state.is_final()
+    {
+        let wait = async {
+            while let Some(event) = events.next().await {
+                if event.uuid == uuid {
+                    return true;
+                }
+            }
+            false
+        };
+        match tokio::time::timeout(args.wait_timeout, wait).await {
+            Ok(true) => record = client.status(uuid).await?,
+            _ => bail!("job {uuid} did not finish within {:?}; `scheduler status {uuid}` shows where it is", args.wait_timeout),
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&record)?);
+    } else if args.wait {
+        print_record(&record);
+    } else {
+        println!("{uuid}");
+    }
+    Ok(if !args.wait || record.state == JobState::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn print<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce()) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        human();
+    }
+    Ok(())
+}
+
+fn print_record(r: &JobRecord) {
+    println!("job {}  {}  {}", r.uuid, r.job.work_type, r.state);
+    println!("  queue {}, created {}, {} attempt(s)", r.job.queue_name(), r.created_at.format("%Y-%m-%d %H:%M:%S%.3f"), r.attempts.len());
+    for a in &r.attempts {
+        let status = a.status.map(Status::as_str).unwrap_or("running");
+        let took = match (a.started_at, a.finished_at) {
+            (Some(s), Some(f)) => format!(", {:.3} s", (f - s).num_milliseconds() as f64 / 1000.0),
+            _ => String::new(),
+        };
+        let agent = a.agent.as_ref().map(|x| x.to_string()).unwrap_or_default();
+        println!("  attempt {}: {status} on {agent} {}{took}, {} log line(s)", a.attempt, a.worker.as_deref().unwrap_or(""), a.log_lines);
+        if let Some(e) = &a.error {
+            println!("    error ({}): {}", e.kind, e.message);
+        }
+        if !a.output.is_null() {
+            println!("    output: {}", a.output);
+        }
+    }
+    println!("  folder: {}", r.dir);
+}
+
+fn print_jobs(jobs: &[JobRecord]) {
+    println!("{:<36}  {:<18}  {:<10}  {:>8}  UPDATED", "UUID", "TYPE", "STATE", "ATTEMPTS");
+    for j in jobs {
+        println!(
+            "{:<36}  {:<18}  {:<10}  {:>8}  {}",
+            j.uuid.to_string(),
+            j.job.work_type,
+            j.state.as_str(),
+            j.attempts.len(),
+            j.updated_at.format("%Y-%m-%d %H:%M:%S")
+        );
+    }
+}
+
+fn print_agents(agents: &[AgentInfo]) {
+    println!("{:<9}  {:<20}  {:<16}  {:>7}  {:<5}  {:<20}  {:<16}  {:>7}  {:>11}", "ROLE", "ID", "HOST", "PID", "ALIVE", "LAST SEEN", "POOL", "RUNNING", "UNRECEIPTED");
+    for a in agents {
+        let hb = &a.heartbeat;
+        let pool = hb
+            .pools
+            .iter()
+            .map(|p| format!("{} {}/{}", p.location, p.busy, p.max))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "{:<9}  {:<20}  {:<16}  {:>7}  {:<5}  {:<20}  {:<16}  {:>7}  {:>11}",
+            if hb.role == Role::Scheduler { "scheduler" } else { "agent" },
+            hb.id,
+            hb.host,
+            hb.pid,
+            if a.alive { "yes" } else { "LOST" },
+            a.last_seen.format("%Y-%m-%d %H:%M:%S"),
+            pool,
+            hb.running.len(),
+            hb.unreceipted
+        );
+    }
+}

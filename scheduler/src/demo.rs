@@ -1,0 +1,200 @@
+//! `scheduler demo`: the whole system in one process (scheduler, pool agent, workers), talking
+//! through RabbitMQ as it would across machines. It pushes a mix of the demo works, shows each
+//! as it finishes, and prints a summary. Everything it writes goes under `./temp`: the
+//! scheduler's folder, the pool's folder (with a folder per Work while it runs, kept
+//! afterwards here), and `demodata`, the alias the `demo.write-file` jobs write to.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use rota_common::client::Client;
+use rota_common::config::{BrokerArgs, parse_duration};
+use rota_common::wire::{EventKind, Job, JobId, JobRecord, JobState};
+use rota_pool_agent::AgentConfig;
+use rota_pool_agent::config::Location;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::SchedulerConfig;
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Where the pool's Workers run.
+    #[arg(long, value_enum, default_value_t = Location::Local)]
+    pub worker_location: Location,
+    #[arg(long, default_value_t = 1)]
+    pub pool_min_size: usize,
+    #[arg(long, default_value_t = 2)]
+    pub pool_max_size: usize,
+    /// Empties the demo's folder first.
+    #[arg(long)]
+    pub clean: bool,
+    /// How many jobs to push (a mix of every demo work type).
+    #[arg(long, default_value_t = 12)]
+    pub jobs: usize,
+    /// The demo's folder.
+    #[arg(long, default_value = "temp")]
+    pub dir: PathBuf,
+    /// Gives up when the jobs have not all finished by then.
+    #[arg(long, value_parser = parse_duration, default_value = "2m")]
+    pub timeout: Duration,
+}
+
+/// One demo job and how it should end.
+struct Planned {
+    job: Job,
+    expect: JobState,
+    /// For `demo.write-file`: the file that must exist afterwards, with its text.
+    file: Option<(PathBuf, String)>,
+}
+
+fn plan(n: usize, demodata: &std::path::Path) -> Vec<Planned> {
+    (0..n)
+        .map(|i| {
+            let (work_type, payload, expect) = match i % 6 {
+                0 => ("demo.echo", json!({"hello": "world", "n": i}), JobState::Succeeded),
+                1 => ("demo.log", json!({"lines": 5}), JobState::Succeeded),
+                2 => ("demo.sleep", json!({"ms": 300}), JobState::Succeeded),
+                3 => ("demo.write-file", json!({"path": format!("demodata/hello-{i}.txt"), "text": format!("hello from job {i}\n")}), JobState::Succeeded),
+                4 => ("demo.fail", json!({"message": format!("job {i} fails on purpose")}), JobState::Failed),
+                _ => ("demo.panic", json!({"message": format!("job {i} panics on purpose")}), JobState::Crashed),
+            };
+            let file = (work_type == "demo.write-file").then(|| (demodata.join(format!("hello-{i}.txt")), format!("hello from job {i}\n")));
+            let mut job = Job::new(work_type, payload);
+            job.uuid = Some(JobId::random());
+            job.labels.insert("source".into(), "demo".into());
+            Planned { job, expect, file }
+        })
+        .collect()
+}
+
+pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    if args.clean && args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir).with_context(|| format!("cannot empty {}", args.dir.display()))?;
+    }
+    let dir = std::path::absolute(&args.dir)?;
+    let demodata = dir.join("demodata");
+    std::fs::create_dir_all(&demodata)?;
+    let names = broker.names()?;
+
+    let stop = CancellationToken::new();
+    let sched_cfg = SchedulerConfig { data_dir: dir.clone(), heartbeat_interval: Duration::from_secs(2), results_prefetch: 256 };
+    let agent_cfg = AgentConfig {
+        id: "demo".into(),
+        worker_location: args.worker_location,
+        pool_min_size: args.pool_min_size,
+        pool_max_size: args.pool_max_size,
+        queues: vec!["default".into()],
+        aliases: vec![format!("demodata={}", demodata.display())],
+        data_dir: dir.clone(),
+        default_timeout: Duration::from_secs(60),
+        max_job_timeout: Duration::from_secs(3600),
+        max_job_bytes: 1024 * 1024,
+        heartbeat_interval: Duration::from_secs(2),
+        resend_interval: Duration::from_secs(10),
+        shutdown_grace: Duration::from_secs(10),
+        keep_work_dirs: true,
+    };
+    let scheduler = tokio::spawn({
+        let (url, names, stop) = (broker.amqp_url.clone(), names.clone(), stop.clone());
+        async move { crate::run(sched_cfg, &url, names, stop).await }
+    });
+    let agent = tokio::spawn({
+        let (url, names, stop) = (broker.amqp_url.clone(), names.clone(), stop.clone());
+        async move { rota_pool_agent::run(agent_cfg, &url, names, rota_worker_runtime::Registry::with_builtins(), stop).await }
+    });
+
+    let outcome = drive(broker, &args, &demodata, &dir).await;
+    stop.cancel();
+    let sched_result = scheduler.await.context("the scheduler task failed")?;
+    let agent_result = agent.await.context("the pool agent task failed")?;
+    sched_result.context("the scheduler stopped with an error")?;
+    agent_result.context("the pool agent stopped with an error")?;
+    outcome
+}
+
+async fn drive(broker: &BrokerArgs, args: &DemoArgs, demodata: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(&broker.amqp_url, broker.names()?, "demo").await?;
+    let planned = plan(args.jobs, demodata);
+    println!(
+        "Rota demo: {} jobs through RabbitMQ at {} (namespace {:?}), pool of {}..{} {} workers; files under {}",
+        planned.len(),
+        client.broker().display_url(),
+        client.names().namespace(),
+        args.pool_min_size,
+        args.pool_max_size,
+        args.worker_location.as_str(),
+        dir.display()
+    );
+    let mut events = client.watch(&[EventKind::Finished]).await?;
+    let start = Instant::now();
+    for p in &planned {
+        client.submit(p.job.clone()).await.context("the scheduler refused a demo job")?;
+    }
+    let mut pending: HashMap<JobId, &Planned> = planned.iter().filter_map(|p| Some((p.job.uuid?, p))).collect();
+    let total = planned.len();
+    let deadline = tokio::time::sleep(args.timeout);
+    tokio::pin!(deadline);
+    while !pending.is_empty() {
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { bail!("lost the connection to RabbitMQ") };
+                if let Some(p) = pending.remove(&event.uuid) {
+                    let status = event.status.map(|s| s.as_str()).unwrap_or("?");
+                    println!("[{:>3}/{total}] {:<16} {:<10} on {}", total - pending.len(), p.job.work_type, status,
+                        event.agent.map(|a| a.to_string()).unwrap_or_default());
+                }
+            }
+            _ = &mut deadline => bail!("{} jobs did not finish within {:?}; is the pool agent stuck?", pending.len(), args.timeout),
+        }
+    }
+    let elapsed = start.elapsed();
+    let mut records: Vec<(&Planned, JobRecord)> = Vec::new();
+    for p in &planned {
+        let uuid = p.job.uuid.context("demo jobs have uuids")?;
+        records.push((p, client.status(uuid).await?));
+    }
+    client.close().await;
+
+    println!();
+    println!("{:<8}  {:<16}  {:<10}  {:<8}  {:>8}  {:<9}  FOLDER", "JOB", "TYPE", "STATUS", "EXPECTED", "SECONDS", "WORKER");
+    let mut ok = true;
+    for (p, r) in &records {
+        let file_ok = match &p.file {
+            Some((path, text)) => std::fs::read_to_string(path).map(|t| &t == text).unwrap_or(false),
+            None => true,
+        };
+        let as_expected = r.state == p.expect && file_ok;
+        ok &= as_expected;
+        let worker = r.attempts.last().and_then(|a| a.worker.clone()).unwrap_or_default();
+        println!(
+            "{:<8}  {:<16}  {:<10}  {:<8}  {:>8}  {:<9}  {}",
+            &r.uuid.to_string()[..8],
+            r.job.work_type,
+            r.state.as_str(),
+            if as_expected { "yes" } else { "NO" },
+            r.duration_s().map(|d| format!("{d:.3}")).unwrap_or_default(),
+            worker,
+            r.dir
+        );
+    }
+    println!();
+    println!(
+        "{} jobs in {:.2} s; pool folders under {}, files written through the alias in {}",
+        records.len(),
+        elapsed.as_secs_f64(),
+        dir.join("agent-demo").join("work").display(),
+        demodata.display()
+    );
+    if ok {
+        println!("Every job ended as expected.");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("Some jobs did NOT end as expected (see the EXPECTED column).");
+        Ok(ExitCode::FAILURE)
+    }
+}

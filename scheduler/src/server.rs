@@ -1,0 +1,362 @@
+//! `scheduler run`: records results exactly once and receipts them, answers RPC, notes
+//! started jobs, tracks the other parts by their heartbeats, and publishes the jobs it was
+//! asked to run.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use chrono::Utc;
+use rota_common::Names;
+use rota_common::amqp::{Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology};
+use rota_common::client::short_host;
+use rota_common::config::parse_duration;
+use rota_common::names::DEFAULT_QUEUE;
+use rota_common::wire::{
+    AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord, JobResult, Role, RpcReply, RpcRequest,
+};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::agents::Agents;
+use crate::archive;
+use crate::store::{Recorded, Store};
+
+#[derive(Debug, Clone, Args)]
+pub struct SchedulerConfig {
+    /// Root of the data folders; the scheduler uses `<data-dir>/scheduler` (store, job folders).
+    #[arg(long, env = "ROTA_DATA_DIR", default_value = "rota-data")]
+    pub data_dir: PathBuf,
+
+    /// How often to publish a heartbeat.
+    #[arg(long, env = "ROTA_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub heartbeat_interval: Duration,
+
+    /// How many results to record at once.
+    #[arg(long, env = "ROTA_RESULTS_PREFETCH", default_value_t = 256)]
+    pub results_prefetch: u16,
+}
+
+impl SchedulerConfig {
+    pub fn scheduler_dir(&self) -> PathBuf {
+        self.data_dir.join("scheduler")
+    }
+}
+
+/// Runs the scheduler until `shutdown`, then finishes what it holds and returns.
+pub async fn run(cfg: SchedulerConfig, amqp_url: &str, names: Names, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let dir = cfg.scheduler_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data folder {}", dir.display()))?;
+    let store = Store::open(&dir)?;
+
+    let events_queue = names.scheduler_events();
+    let beats_queue = names.private_queue("scheduler.heartbeats", &uuid::Uuid::new_v4().simple().to_string());
+    let mut topology = Topology::core(&names);
+    topology
+        .jobs_queue(&names, DEFAULT_QUEUE)
+        .queue(QueueSpec { max_length: Some(100_000), ..QueueSpec::durable(events_queue.clone()) })
+        .bind(&events_queue, &names.events(), "job.started.#")
+        .queue(QueueSpec::private(beats_queue.clone()))
+        .bind(&beats_queue, &names.heartbeats(), "");
+    let conn_name = format!("rota scheduler ({}, pid {})", short_host(), std::process::id());
+    let broker = tokio::select! {
+        b = Broker::connect(amqp_url, &conn_name, topology, Startup::Retry) => b?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    let results = match broker
+        .consume(ConsumeSpec {
+            queues: vec![names.results()],
+            tag: "scheduler-results".into(),
+            prefetch: cfg.results_prefetch,
+            exclusive: true,
+        })
+        .await
+    {
+        Err(BrokerError::Locked { .. }) => bail!(
+            "another scheduler is already running against namespace {:?} on this broker; stop it first \
+             (one scheduler records the results of a namespace)",
+            names.namespace()
+        ),
+        other => other?,
+    };
+    let rpc = broker
+        .consume(ConsumeSpec { queues: vec![names.rpc()], tag: "scheduler-rpc".into(), prefetch: 64, exclusive: false })
+        .await?;
+    let started = broker
+        .consume(ConsumeSpec { queues: vec![events_queue], tag: "scheduler-events".into(), prefetch: 256, exclusive: false })
+        .await?;
+    let beats = broker
+        .consume(ConsumeSpec { queues: vec![beats_queue], tag: "scheduler-heartbeats".into(), prefetch: 64, exclusive: true })
+        .await?;
+
+    let sched = Arc::new(Scheduler {
+        names: names.clone(),
+        broker: broker.clone(),
+        store,
+        agents: Agents::default(),
+        declared: Mutex::new(HashSet::from([DEFAULT_QUEUE.to_owned()])),
+    });
+    sched.publish_unpublished().await;
+
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let work = TaskTracker::new();
+    tasks.spawn(sched.clone().serve(results, work.clone(), Kind::Result));
+    tasks.spawn(sched.clone().serve(rpc, work.clone(), Kind::Rpc));
+    tasks.spawn(sched.clone().serve(started, work.clone(), Kind::Started));
+    tasks.spawn(sched.clone().serve(beats, work.clone(), Kind::Heartbeat));
+    tasks.spawn(sched.clone().housekeeping(stop.clone()));
+    let beat = Heartbeat::starting(Role::Scheduler, "scheduler", cfg.heartbeat_interval);
+    tasks.spawn(rota_common::heartbeat::run(broker.clone(), names.clone(), beat, stop.clone(), |_| {}));
+    info!(namespace = names.namespace(), data_dir = %dir.display(), jobs = sched.store.len(), "scheduler ready");
+
+    shutdown.cancelled().await;
+    info!("scheduler stopping");
+    stop.cancel();
+    broker.close().await;
+    work.close();
+    work.wait().await;
+    tasks.close();
+    tasks.wait().await;
+    sched.store.flush().await?;
+    info!("scheduler stopped");
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Result,
+    Rpc,
+    Started,
+    Heartbeat,
+}
+
+struct Scheduler {
+    names: Names,
+    broker: Broker,
+    store: Store,
+    agents: Agents,
+    /// Jobs queues declared by this scheduler (so a submitted job always has a queue).
+    declared: Mutex<HashSet<String>>,
+}
+
+impl Scheduler {
+    /// Handles each delivery of `consumer` in its own task, so a slow one does not hold up
+    /// the rest (the consumer's prefetch bounds how many run at once).
+    async fn serve(self: Arc<Self>, mut consumer: Consumer, work: TaskTracker, kind: Kind) {
+        while let Some(d) = consumer.recv().await {
+            let me = self.clone();
+            work.spawn(async move {
+                match kind {
+                    Kind::Result => me.on_result(d).await,
+                    Kind::Rpc => me.on_rpc(d).await,
+                    Kind::Started => me.on_started(d).await,
+                    Kind::Heartbeat => me.on_heartbeat(d).await,
+                }
+            });
+        }
+    }
+
+    async fn on_result(&self, d: Delivery) {
+        let result: JobResult = match serde_json::from_slice(&d.body) {
+            Ok(r) => r,
+            Err(e) => return self.dead_letter(d, &format!("not a valid result: {e}")).await,
+        };
+        let span = info_span!("job", job_id = %result.uuid, r#type = %result.work_type, attempt = result.attempt);
+        async {
+            let job_dir = self.store.job_dir(result.uuid);
+            match self.store.record(&result).await {
+                Ok(Recorded::New(record)) => {
+                    if let Err(e) = archive::write(&job_dir, &result).await {
+                        error!(error = %e, "cannot write the job's folder (the result is recorded)");
+                    }
+                    info!(status = %result.status, agent = %result.agent, "result recorded");
+                    d.ack().await;
+                    self.receipt(&d, &result).await;
+                    self.finished(&record, &result).await;
+                }
+                Ok(Recorded::Duplicate) => {
+                    if !archive::exists(&job_dir, result.attempt)
+                        && let Ok(Some(first)) = self.store.result(result.uuid, result.attempt)
+                    {
+                        let _ = archive::write(&job_dir, &first).await;
+                    }
+                    info!("result already recorded; receipting it again");
+                    d.ack().await;
+                    self.receipt(&d, &result).await;
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot record the result; it stays in the queue");
+                    d.requeue().await;
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn receipt(&self, d: &Delivery, result: &JobResult) {
+        let Some(reply_to) = d.reply_to.as_deref() else { return };
+        let message = AgentMessage::Receipt { uuid: result.uuid, attempt: result.attempt };
+        let Ok(body) = serde_json::to_vec(&message) else { return };
+        if let Err(e) = self.broker.publish("", reply_to, &body, &Props::default()).await {
+            warn!(agent_queue = reply_to, error = %e, "receipt not sent; the agent will send the result again");
+        }
+    }
+
+    async fn finished(&self, record: &JobRecord, result: &JobResult) {
+        let event = Event {
+            event: EventKind::Finished,
+            uuid: record.uuid,
+            attempt: result.attempt,
+            work_type: result.work_type.clone(),
+            agent: Some(result.agent.clone()),
+            time: Utc::now(),
+            status: Some(result.status),
+            progress: None,
+            job: None,
+        };
+        if let Ok(body) = serde_json::to_vec(&event) {
+            let props = Props { transient: true, ..Props::default() };
+            self.broker.notify(&self.names.events(), &event.routing_key(), &body, &props).await;
+        }
+    }
+
+    async fn on_started(&self, d: Delivery) {
+        match serde_json::from_slice::<Event>(&d.body) {
+            Ok(event) => {
+                if let Err(e) = self.store.started(&event) {
+                    error!(job_id = %event.uuid, error = %e, "cannot note a started job");
+                }
+            }
+            Err(e) => warn!(error = %e, "ignoring an unreadable event"),
+        }
+        d.ack().await;
+    }
+
+    async fn on_heartbeat(&self, d: Delivery) {
+        if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&d.body) {
+            self.agents.heard(hb);
+        }
+        d.ack().await;
+    }
+
+    async fn on_rpc(&self, d: Delivery) {
+        let reply = match serde_json::from_slice::<RpcRequest>(&d.body) {
+            Ok(request) => self.answer(request).await.unwrap_or_else(|e| RpcReply::Error { message: format!("{e:#}") }),
+            Err(e) => RpcReply::Error { message: format!("not a valid request: {e}") },
+        };
+        d.ack().await;
+        let (Some(reply_to), Ok(body)) = (d.reply_to.as_deref(), serde_json::to_vec(&reply)) else { return };
+        let props = Props { correlation_id: d.correlation_id.clone(), transient: true, ..Props::default() };
+        self.broker.notify("", reply_to, &body, &props).await;
+    }
+
+    async fn answer(&self, request: RpcRequest) -> anyhow::Result<RpcReply> {
+        Ok(match request {
+            RpcRequest::Submit { job } => RpcReply::Job { job: Box::new(self.submit(job).await?) },
+            RpcRequest::Status { uuid } => RpcReply::Job { job: Box::new(self.record_of(uuid)?) },
+            RpcRequest::Logs { uuid } => {
+                self.record_of(uuid)?;
+                let attempts = self.store.logs(uuid)?.into_iter().map(|(attempt, lines)| AttemptLogs { attempt, lines }).collect();
+                RpcReply::Logs { uuid, attempts }
+            }
+            RpcRequest::List { state, limit } => RpcReply::Jobs { jobs: self.store.list(state, limit.unwrap_or(50))? },
+            RpcRequest::Agents => RpcReply::Agents { agents: self.agents.list() },
+        })
+    }
+
+    fn record_of(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
+        self.store.get(uuid)?.ok_or_else(|| anyhow::anyhow!("no job {uuid} is recorded"))
+    }
+
+    /// Records the job, then publishes it. A job already recorded is returned as it is.
+    async fn submit(&self, mut job: Job) -> anyhow::Result<JobRecord> {
+        job.check().map_err(anyhow::Error::msg)?;
+        if job.run_at.is_some() {
+            bail!("run_at (delayed jobs) is not supported by this scheduler yet; submit without it");
+        }
+        let uuid = *job.uuid.get_or_insert_with(JobId::random);
+        let (record, new) = self.store.submit(job).await?;
+        if new {
+            self.publish(&record).await.with_context(|| {
+                format!("job {uuid} is recorded but not queued yet; the scheduler keeps trying to queue it")
+            })?;
+            info!(job_id = %uuid, r#type = %record.job.work_type, queue = record.job.queue_name(), "job submitted");
+        }
+        Ok(record)
+    }
+
+    /// Publishes a recorded job to its queue (declaring the queue the first time), confirmed.
+    async fn publish(&self, record: &JobRecord) -> anyhow::Result<()> {
+        let queue = record.job.queue_name().to_owned();
+        let known = self.declared.lock().map(|d| d.contains(&queue)).unwrap_or(false);
+        if !known {
+            let mut t = Topology::default();
+            t.jobs_queue(&self.names, &queue);
+            self.broker.declare(t).await?;
+            if let Ok(mut d) = self.declared.lock() {
+                d.insert(queue.clone());
+            }
+        }
+        let body = serde_json::to_vec(&record.job)?;
+        let props = Props { message_id: Some(record.uuid.to_string()), priority: record.job.priority, ..Props::default() };
+        self.broker.publish(&self.names.jobs_exchange(), &queue, &body, &props).await?;
+        self.store.published(record.uuid)?;
+        Ok(())
+    }
+
+    /// Publishes the jobs recorded but never confirmed (after a crash or a broker outage).
+    async fn publish_unpublished(&self) {
+        let pending = match self.store.unpublished() {
+            Ok(p) => p,
+            Err(e) => return error!(error = %e, "cannot read the jobs waiting to be queued"),
+        };
+        if pending.is_empty() {
+            return;
+        }
+        info!(count = pending.len(), "queueing jobs recorded but not yet confirmed by RabbitMQ");
+        for record in pending {
+            if let Err(e) = self.publish(&record).await {
+                warn!(job_id = %record.uuid, error = %e, "job not queued yet; trying again later");
+            }
+        }
+    }
+
+    /// Every second: report lost parts; every 30 s and after a reconnect: queue what waits.
+    async fn housekeeping(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut n: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.agents.check();
+                    n += 1;
+                    if n % 30 == 0 {
+                        self.publish_unpublished().await;
+                    }
+                }
+                _ = self.broker.reconnected() => self.publish_unpublished().await,
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn dead_letter(&self, d: Delivery, reason: &str) {
+        warn!(reason, queue = %d.routing_key, "unreadable message: it goes to the dead-letter queue");
+        let props = Props { headers: vec![("x-rota-reason".into(), reason.into())], ..Props::default() };
+        match self.broker.publish(&self.names.dead(), &d.routing_key, &d.body, &props).await {
+            Ok(()) => {
+                d.ack().await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot dead-letter it; leaving it in its queue");
+                d.requeue().await;
+            }
+        }
+    }
+}
