@@ -16,7 +16,7 @@ use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions, ExchangeDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -329,7 +329,8 @@ struct Subscription {
 /// Deliveries of one [`ConsumeSpec`], across reconnects.
 pub struct Consumer {
     rx: mpsc::Receiver<Delivery>,
-    sub: Arc<Subscription>,
+    /// Weak: the broker and the pumps own the sending side, so the stream ends with them.
+    sub: std::sync::Weak<Subscription>,
 }
 
 impl Consumer {
@@ -341,11 +342,12 @@ impl Consumer {
     /// Asks the broker to send no more; deliveries already received can still be acked. The
     /// ones still buffered here are returned by [`Consumer::drain`].
     pub async fn stop(&self) {
-        self.sub.stopped.store(true, Ordering::SeqCst);
-        let ch = self.sub.channel.lock().map(|c| c.clone()).unwrap_or_default();
+        let Some(sub) = self.sub.upgrade() else { return };
+        sub.stopped.store(true, Ordering::SeqCst);
+        let ch = sub.channel.lock().map(|c| c.clone()).unwrap_or_default();
         if let Some(ch) = ch {
-            for q in &self.sub.spec.queues {
-                let tag = consumer_tag(&self.sub.spec.tag, q);
+            for q in &sub.spec.queues {
+                let tag = consumer_tag(&sub.spec.tag, q);
                 let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
             }
         }
@@ -494,6 +496,24 @@ impl Broker {
         Ok(())
     }
 
+    /// Deletes an exchange.
+    pub async fn delete_exchange(&self, name: &str) -> Result<(), BrokerError> {
+        let live = self.wait_live().await?;
+        live.plain.exchange_delete(name.into(), ExchangeDeleteOptions::default()).await?;
+        Ok(())
+    }
+
+    /// How many messages wait in a queue (ready, not counting unacked deliveries).
+    pub async fn queue_depth(&self, name: &str) -> Result<u32, BrokerError> {
+        let live = self.wait_live().await?;
+        // A passive declare that fails closes the channel: use a channel of its own.
+        let ch = live.conn.create_channel().await?;
+        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = ch.queue_declare(name.into(), opts, FieldTable::default()).await?;
+        let _ = ch.close(200, "done".into()).await;
+        Ok(q.message_count())
+    }
+
     /// Starts consuming; restored after every reconnect until [`Consumer::stop`]. Fails with
     /// [`BrokerError::Locked`] if `exclusive` and another connection holds the queue.
     pub async fn consume(&self, spec: ConsumeSpec) -> Result<Consumer, BrokerError> {
@@ -502,21 +522,23 @@ impl Broker {
         let sub = Arc::new(Subscription { spec, tx, stopped: AtomicBool::new(false), channel: Mutex::new(None) });
         let live = self.wait_live().await?;
         start_consumer(&live, &sub).await?;
+        let weak = Arc::downgrade(&sub);
         if let Ok(mut subs) = self.inner.subs.lock() {
-            subs.push(sub.clone());
+            subs.push(sub);
         }
-        Ok(Consumer { rx, sub })
+        Ok(Consumer { rx, sub: weak })
     }
 
     /// Publishes a persistent, mandatory message and waits for the broker's confirm.
     pub async fn publish(&self, exchange: &str, key: &str, body: &[u8], props: &Props) -> Result<(), BrokerError> {
         let live = self.wait_live().await?;
         let opts = BasicPublishOptions { mandatory: true, immediate: false };
-        let confirm = live
-            .confirm
-            .basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp())
-            .await?
-            .await?;
+        let sent = async { live.confirm.basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp()).await?.await };
+        let confirm = sent.await.inspect_err(|_| {
+            if !live.confirm.status().connected() {
+                live.lost.cancel(); // the channel is gone: make a new connection
+            }
+        })?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable { exchange: exchange.into(), key: key.into() }),
@@ -573,10 +595,19 @@ impl Broker {
         let lost = CancellationToken::new();
         let mut events = conn.events_listener();
         let on_loss = lost.clone();
+        let closing = self.inner.closing.clone();
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 if let lapin::Event::Error(e) = event {
-                    tracing::warn!(error = %e, "connection to RabbitMQ lost");
+                    if is_channel_error(&e) {
+                        // One channel closed by the broker; the connection lives on. A
+                        // consumer on it ends its stream, which triggers a reconnect.
+                        tracing::debug!(error = %e, "a channel was closed by RabbitMQ");
+                        continue;
+                    }
+                    if !closing.is_cancelled() {
+                        tracing::warn!(error = %e, "connection to RabbitMQ lost");
+                    }
                     on_loss.cancel();
                     break;
                 }
@@ -683,6 +714,11 @@ async fn start_consumer(live: &Arc<Live>, sub: &Arc<Subscription>) -> Result<(),
         *slot = Some(ch);
     }
     Ok(())
+}
+
+/// A broker error that closed one channel (a "soft" error), not the connection.
+fn is_channel_error(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
 }
 
 /// Adds `heartbeat=10` to the URL unless it names one: the broker then notices a dead peer

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::Names;
 use crate::amqp::{Broker, BrokerError, ConsumeSpec, Consumer, Props, QueueSpec, Startup, Topology};
-use crate::wire::{Event, EventKind, Job, JobId, JobRecord, RpcReply, RpcRequest};
+use crate::wire::{Event, EventKind, Heartbeat, Job, JobId, JobRecord, RpcReply, RpcRequest};
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<RpcReply>>>>;
 
@@ -131,8 +131,39 @@ impl Client {
         Ok(Events { consumer })
     }
 
+    /// Starts listening to heartbeats of every part.
+    pub async fn heartbeats(&self) -> anyhow::Result<Heartbeats> {
+        let queue = self.names.private_queue("heartbeats", &uuid::Uuid::new_v4().simple().to_string());
+        let mut t = Topology::default();
+        t.queue(QueueSpec::private(queue.clone())).bind(&queue, &self.names.heartbeats(), "");
+        self.broker.declare(t).await?;
+        let consumer = self
+            .broker
+            .consume(ConsumeSpec { queues: vec![queue], tag: "heartbeats".into(), prefetch: 100, exclusive: true })
+            .await?;
+        Ok(Heartbeats { consumer })
+    }
+
     pub async fn close(&self) {
         self.broker.close().await;
+    }
+}
+
+/// A stream of heartbeats.
+pub struct Heartbeats {
+    consumer: Consumer,
+}
+
+impl Heartbeats {
+    /// The next heartbeat; unreadable ones are skipped.
+    pub async fn next(&mut self) -> Option<Heartbeat> {
+        loop {
+            let d = self.consumer.recv().await?;
+            d.ack().await;
+            if let Ok(hb) = serde_json::from_slice(&d.body) {
+                return Some(hb);
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@ pub mod amqp;
 pub mod backoff;
 pub mod client;
 pub mod config;
+pub mod group_commit;
 pub mod heartbeat;
 pub mod names;
 pub mod shutdown;

@@ -54,7 +54,7 @@ pub async fn run(cfg: AgentConfig, amqp_url: &str, names: Names, registry: Regis
         .await
     {
         Err(BrokerError::Locked { .. }) => bail!(
-            "another pool agent with id {id:?} is already connected to RabbitMQ (namespace {:?}); give this one \
+            "another pool agent with id \"{id}\" is already connected to RabbitMQ (namespace {:?}); give this one \
              another --id, or stop the other one. If it just died, RabbitMQ frees its id within about 20 s",
             names.namespace()
         ),
@@ -85,6 +85,9 @@ pub async fn run(cfg: AgentConfig, amqp_url: &str, names: Names, registry: Regis
     let bg = TaskTracker::new();
     bg.spawn(agent.clone().receive_receipts(receipts));
     bg.spawn(agent.clone().resend_loop(background.clone()));
+    let queues: Vec<String> = cfg.queues.iter().map(|q| names.jobs_queue(q)).collect();
+    let prefetch = u16::try_from(cfg.pool_max_size).unwrap_or(u16::MAX);
+    let mut jobs = broker.consume(ConsumeSpec { queues, tag, prefetch, exclusive: false }).await?;
     let beat = Heartbeat::starting(Role::Agent, id.as_str(), cfg.heartbeat_interval);
     let hb_agent = agent.clone();
     bg.spawn(rota_common::heartbeat::run(broker.clone(), names.clone(), beat, background.clone(), move |hb| {
@@ -93,9 +96,6 @@ pub async fn run(cfg: AgentConfig, amqp_url: &str, names: Names, registry: Regis
         hb.unreceipted = hb_agent.outbox.len() as u64;
     }));
 
-    let queues: Vec<String> = cfg.queues.iter().map(|q| names.jobs_queue(q)).collect();
-    let prefetch = u16::try_from(cfg.pool_max_size).unwrap_or(u16::MAX);
-    let mut jobs = broker.consume(ConsumeSpec { queues, tag, prefetch, exclusive: false }).await?;
     info!(agent = %id, queues = ?cfg.queues, location = cfg.worker_location.as_str(), min = cfg.pool_min_size,
         max = cfg.pool_max_size, data_dir = %dir.display(), "pool agent ready");
 
@@ -128,7 +128,7 @@ struct Agent {
     pool: Pool,
     registry: Arc<Registry>,
     aliases: Arc<Aliases>,
-    /// Jobs running now, with the token that cancels each.
+    /// Jobs held now (received, not yet acked), with the token that cancels each.
     running: Mutex<HashMap<JobId, CancellationToken>>,
     /// When each stored result was last sent, to resend those without a receipt.
     sent: Mutex<HashMap<(JobId, u32), Instant>>,
@@ -155,6 +155,8 @@ impl Agent {
     }
 
     async fn run_job(&self, d: Delivery, Admitted { job, uuid, timeout }: Admitted) {
+        let cancel = self.abandon.child_token();
+        let _held = Held::new(self, uuid, cancel.clone());
         match self.outbox.get(uuid, job.attempt) {
             Ok(Some(stored)) => {
                 info!("this run already finished here; resending its stored result instead of running it again");
@@ -177,10 +179,6 @@ impl Agent {
                 return;
             }
         };
-        let cancel = self.abandon.child_token();
-        if let Ok(mut running) = self.running.lock() {
-            running.insert(uuid, cancel.clone());
-        }
         self.event(EventKind::Started, &job, uuid, None, Some(job.clone())).await;
         let work_dir = self.work_root.join(uuid.to_string());
         let sink = Arc::new(self.progress_sink(&job, uuid));
@@ -198,9 +196,6 @@ impl Agent {
         };
         let worker_id = worker.id.clone();
         drop(worker);
-        if let Ok(mut running) = self.running.lock() {
-            running.remove(&uuid);
-        }
         if self.abandon.is_cancelled() && outcome.status == Status::Cancelled {
             info!("shutdown grace is over; handing the unfinished job back to RabbitMQ");
             d.requeue().await;
@@ -403,6 +398,29 @@ impl Agent {
         self.resend_due(self.cfg.resend_interval).await;
         if let Err(e) = self.outbox.flush().await {
             error!(error = %e, "cannot flush the outbox");
+        }
+    }
+}
+
+/// Marks a job as held by this agent from its delivery until its ack (see heartbeats).
+struct Held<'a> {
+    agent: &'a Agent,
+    uuid: JobId,
+}
+
+impl<'a> Held<'a> {
+    fn new(agent: &'a Agent, uuid: JobId, cancel: CancellationToken) -> Self {
+        if let Ok(mut running) = agent.running.lock() {
+            running.insert(uuid, cancel);
+        }
+        Held { agent, uuid }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.agent.running.lock() {
+            running.remove(&self.uuid);
         }
     }
 }

@@ -63,7 +63,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("pool-agent: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -5,13 +5,14 @@
 use std::path::Path;
 
 use anyhow::Context;
+use rota_common::group_commit::GroupCommit;
 use rota_common::wire::{JobId, JobResult};
 
 /// Results not yet receipted, keyed by job id and attempt.
 #[derive(Clone)]
 pub struct Outbox {
-    db: sled::Db,
     results: sled::Tree,
+    durable: GroupCommit,
 }
 
 fn key(uuid: JobId, attempt: u32) -> [u8; 20] {
@@ -36,15 +37,15 @@ impl Outbox {
             }
         })?;
         let results = db.open_tree("results").context("cannot open the outbox's results tree")?;
-        Ok(Self { db, results })
+        let durable = GroupCommit::start("outbox", move || db.flush().map(|_| ()).map_err(|e| e.to_string()))?;
+        Ok(Self { results, durable })
     }
 
     /// Stores `result` and waits until it is on disk.
     pub async fn put(&self, result: &JobResult) -> anyhow::Result<()> {
         let value = serde_json::to_vec(result)?;
         self.results.insert(key(result.uuid, result.attempt), value)?;
-        self.db.flush_async().await.context("cannot flush the outbox")?;
-        Ok(())
+        self.flush().await
     }
 
     pub fn get(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<JobResult>> {
@@ -83,9 +84,9 @@ impl Outbox {
             .collect()
     }
 
+    /// Waits until every earlier write is on disk.
     pub async fn flush(&self) -> anyhow::Result<()> {
-        self.db.flush_async().await?;
-        Ok(())
+        self.durable.commit().await.map_err(|e| anyhow::anyhow!("cannot flush the outbox: {e}"))
     }
 }
 

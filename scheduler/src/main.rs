@@ -12,10 +12,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let default_filter = match cli.command {
-        Command::Run(_) => "info,lapin=warn",
-        _ => "warn,lapin=error",
-    };
+    // The daemon logs everything; the commands a person runs show only what matters.
+    let daemon = matches!(cli.command, Command::Run(_));
+    let default_filter = if daemon { "info,lapin=warn" } else { "warn,lapin=off" };
     rota_common::telemetry::init(cli.broker.log_format, default_filter);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -39,6 +38,10 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(code) => code,
+        Err(e) if daemon => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("scheduler: {e:#}");
             ExitCode::from(2)

@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use chrono::Utc;
 use rota_common::wire::{Attempt, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine};
+use rota_common::group_commit::GroupCommit;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
+    /// Flushes the database for every writer at once.
+    durable: GroupCommit,
     /// uuid → JobRecord
     jobs: sled::Tree,
     /// uuid + attempt → JobResult
@@ -81,7 +83,7 @@ impl Store {
             unpublished: db.open_tree("unpublished")?,
             by_time: db.open_tree("by_time")?,
             work_root: dir.join("work"),
-            db,
+            durable: GroupCommit::start("store", move || db.flush().map(|_| ()).map_err(|e| e.to_string()))?,
         })
     }
 
@@ -119,7 +121,7 @@ impl Store {
         });
         let out = flatten(r)?;
         if out.1 {
-            self.db.flush_async().await?;
+            self.flush().await?;
         }
         Ok(out)
     }
@@ -227,7 +229,7 @@ impl Store {
         );
         let recorded = flatten(r)?;
         if matches!(recorded, Recorded::New(_)) {
-            self.db.flush_async().await?;
+            self.flush().await?;
         }
         Ok(recorded)
     }
@@ -283,9 +285,9 @@ impl Store {
         self.jobs.is_empty()
     }
 
+    /// Waits until every earlier write is on disk.
     pub async fn flush(&self) -> anyhow::Result<()> {
-        self.db.flush_async().await?;
-        Ok(())
+        self.durable.commit().await.map_err(|e| anyhow::anyhow!("cannot flush the store: {e}"))
     }
 }
 

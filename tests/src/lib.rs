@@ -1,1 +1,252 @@
+//! The harness of Rota's whole-system tests: each test gets its own namespace on the real
+//! broker and its own temporary folder, starts the real `scheduler` and `pool-agent`
+//! binaries as child processes, and waits for events (results, heartbeats), never for time.
+//! Everything it creates is removed when the [`System`] is dropped, even after a failure.
 
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rota_common::Names;
+use rota_common::client::{Client, Heartbeats};
+use rota_common::names::DEFAULT_QUEUE;
+use rota_common::wire::{Heartbeat, Role};
+
+pub use rota_common::wire;
+
+/// The broker the tests use (ROTA_AMQP_URL, or the local default).
+pub fn amqp_url() -> String {
+    std::env::var("ROTA_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A built binary of the workspace (`cargo build --workspace` puts them beside the tests).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary knows its path");
+    let dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` before the tests", path.display());
+    path
+}
+
+/// One test's world: a namespace, a folder, a client.
+pub struct System {
+    pub names: Names,
+    pub dir: tempfile::TempDir,
+    pub client: Client,
+    /// Agent ids started, whose queues to delete at the end.
+    agents: std::sync::Mutex<Vec<String>>,
+}
+
+impl System {
+    pub async fn new() -> System {
+        let ns = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let names = Names::new(&ns).expect("valid namespace");
+        let client = Client::connect(&amqp_url(), names.clone(), "test").await.expect("RabbitMQ must be running: deploy/setup.sh");
+        System { names, dir: tempfile::tempdir().expect("temp dir"), client, agents: Default::default() }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts `scheduler run` with fast heartbeats.
+    pub fn scheduler(&self) -> Proc {
+        let data = self.data_dir();
+        Proc::start(self, "scheduler", &["run", "--heartbeat-interval", "200ms", "--data-dir", &data.display().to_string()])
+    }
+
+    /// Starts `pool-agent run --id ID` with fast heartbeats and resends, plus `extra` flags.
+    pub fn agent(&self, id: &str, extra: &[&str]) -> Proc {
+        self.owns_agent(id);
+        let data = self.data_dir().display().to_string();
+        let mut args = vec!["run", "--id", id];
+        for (flag, value) in [("--data-dir", data.as_str()), ("--heartbeat-interval", "200ms"), ("--resend-interval", "2s")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
+        args.extend_from_slice(extra);
+        Proc::start(self, "pool-agent", &args)
+    }
+
+    /// Deletes the queue of agent `id` at the end (agents started by other means).
+    pub fn owns_agent(&self, id: &str) {
+        if let Ok(mut a) = self.agents.lock()
+            && !a.iter().any(|x| x == id)
+        {
+            a.push(id.to_owned());
+        }
+    }
+
+    /// Runs `scheduler ARGS…` (a client command) to completion.
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(bin("scheduler"))
+            .args(args)
+            .env("ROTA_NAMESPACE", self.names.namespace())
+            .env("ROTA_AMQP_URL", amqp_url())
+            .output()
+            .await
+            .expect("scheduler CLI runs")
+    }
+
+    pub async fn heartbeats(&self) -> Heartbeats {
+        self.client.heartbeats().await.expect("listens to heartbeats")
+    }
+
+    /// Waits for a heartbeat of `role`/`id` that satisfies `pred`.
+    pub async fn heartbeat_where(&self, beats: &mut Heartbeats, role: Role, id: &str, pred: impl Fn(&Heartbeat) -> bool) -> Heartbeat {
+        loop {
+            let hb = beats.next().await.expect("heartbeats keep coming");
+            if hb.role == role && hb.id == id && pred(&hb) {
+                return hb;
+            }
+        }
+    }
+
+    /// Waits until the scheduler (if `scheduler`) and each agent of `agents` has sent a
+    /// heartbeat: they are connected and serving, their queues declared.
+    pub async fn ready(&self, scheduler: bool, agents: &[&str]) {
+        let mut beats = self.heartbeats().await;
+        let mut waiting: Vec<(Role, String)> = agents.iter().map(|a| (Role::Agent, (*a).to_owned())).collect();
+        if scheduler {
+            waiting.push((Role::Scheduler, "scheduler".to_owned()));
+        }
+        within(Duration::from_secs(60), "the parts' first heartbeats", async {
+            while !waiting.is_empty() {
+                let hb = beats.next().await.expect("heartbeats keep coming");
+                waiting.retain(|(role, id)| !(*role == hb.role && *id == hb.id));
+            }
+        })
+        .await;
+    }
+
+    /// Waits until agent `id` holds nothing (no running job, no unreceipted result) while
+    /// its jobs queue and the results queue are empty: everything has been recorded.
+    pub async fn settled(&self, beats: &mut Heartbeats, id: &str) {
+        loop {
+            let hb = self.heartbeat_where(beats, Role::Agent, id, |hb| hb.running.is_empty() && hb.unreceipted == 0).await;
+            let jobs = self.client.broker().queue_depth(&self.names.jobs_queue(DEFAULT_QUEUE)).await;
+            let results = self.client.broker().queue_depth(&self.names.results()).await;
+            if matches!((jobs, results), (Ok(0), Ok(0))) && hb.running.is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn cleanup(names: Names, agents: Vec<String>) -> anyhow::Result<()> {
+        let client = Client::connect(&amqp_url(), names.clone(), "test-cleanup").await?;
+        let b = client.broker();
+        let mut queues = vec![
+            names.jobs_queue(DEFAULT_QUEUE),
+            names.jobs_queue("other"),
+            names.dead(),
+            names.results(),
+            names.rpc(),
+            names.scheduler_events(),
+        ];
+        queues.extend(agents.iter().map(|a| names.agent_queue(a)));
+        for q in queues {
+            let _ = b.delete_queue(&q).await;
+        }
+        for e in [names.jobs_exchange(), names.dead(), names.heartbeats(), names.events()] {
+            let _ = b.delete_exchange(&e).await;
+        }
+        client.close().await;
+        Ok(())
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Keep the processes' logs of a failed test where a person can read them.
+            let keep = std::env::temp_dir().join("rota-test-logs").join(self.names.namespace());
+            if std::fs::create_dir_all(&keep).is_ok()
+                && let Ok(entries) = std::fs::read_dir(self.dir.path())
+            {
+                for e in entries.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "log")) {
+                    let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+                }
+                eprintln!("logs of the failed test's processes: {}", keep.display());
+            }
+        }
+        let names = self.names.clone();
+        let agents = self.agents.lock().map(|a| a.clone()).unwrap_or_default();
+        // Drop cannot await: clean up on a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(System::cleanup(names, agents))
+        })
+        .join();
+    }
+}
+
+/// A child process of the system under test; killed when dropped. Its output goes to
+/// `<test dir>/<name>.log`.
+pub struct Proc {
+    child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn start(sys: &System, binary: &str, args: &[&str]) -> Proc {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = sys.dir.path().join(format!("{binary}-{n}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = tokio::process::Command::new(bin(binary))
+            .args(args)
+            .env("ROTA_NAMESPACE", sys.names.namespace())
+            .env("ROTA_AMQP_URL", amqp_url())
+            .env("RUST_LOG", "info,lapin=warn")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starts");
+        Proc { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, and wait (at most a minute) for it to exit.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.pid().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status()?;
+        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .context("did not exit within 60 s of SIGTERM")?
+            .map_err(Into::into)
+    }
+
+    /// Waits for the process to exit by itself (at most a minute).
+    pub async fn exited(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => bail!("still running after 60 s"),
+        }
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Runs `f` with a deadline, so a stuck test fails with a message instead of hanging.
+pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not happen within {limit:?}"),
+    }
+}

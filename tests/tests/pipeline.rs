@@ -1,0 +1,277 @@
+//! The job pipeline end to end: producers → RabbitMQ → pool agent → results → scheduler.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use futures::StreamExt;
+use rota_tests::wire::{EventKind, Job, JobId, JobState, RpcReply, RpcRequest, Status};
+use rota_tests::{System, amqp_url, within};
+use serde_json::{Value, json};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_jobs_are_each_recorded_exactly_once_with_their_logs() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("a1", &["--pool-max-size", "16"]);
+    let mut finished = sys.client.watch(&[EventKind::Finished]).await.expect("watch");
+    let n = 1000;
+    let mut ids = HashSet::new();
+    for i in 0..n {
+        let mut job = Job::new("demo.log", json!({ "lines": 2 }));
+        job.labels.insert("i".into(), i.to_string());
+        let record = sys.client.submit(job).await.expect("submitted");
+        assert_eq!(record.state, JobState::Queued);
+        ids.insert(record.uuid);
+    }
+    let mut events: HashMap<JobId, u32> = HashMap::new();
+    within(2 * MINUTE, "1000 finished events", async {
+        while events.len() < n {
+            let e = finished.next().await.expect("events");
+            if ids.contains(&e.uuid) {
+                *events.entry(e.uuid).or_default() += 1;
+                assert_eq!(e.status, Some(Status::Succeeded));
+            }
+        }
+    })
+    .await;
+    let mut beats = sys.heartbeats().await;
+    within(MINUTE, "the agent to settle", sys.settled(&mut beats, "a1")).await;
+
+    let RpcReply::Jobs { jobs } = sys.client.call(&RpcRequest::List { state: None, limit: Some(5000) }).await.expect("list") else {
+        panic!("wrong reply")
+    };
+    assert_eq!(jobs.len(), n, "one record per job");
+    for record in &jobs {
+        assert!(ids.contains(&record.uuid));
+        assert_eq!(record.state, JobState::Succeeded);
+        assert_eq!(record.attempts.len(), 1, "exactly one run recorded for {}", record.uuid);
+        assert_eq!(record.attempts[0].log_lines, 2);
+        assert!(std::path::Path::new(&record.dir).join("attempt-1/logs.txt").exists());
+    }
+    assert!(events.values().all(|&c| c == 1), "one finished event per job");
+    let some = jobs[0].uuid;
+    let RpcReply::Logs { attempts, .. } = sys.client.call(&RpcRequest::Logs { uuid: some }).await.expect("logs") else {
+        panic!("wrong reply")
+    };
+    let lines: Vec<&str> = attempts[0].lines.iter().map(|l| l.message.as_str()).collect();
+    assert_eq!(lines, ["log line 1 of 2", "log line 2 of 2"]);
+}
+
+/// A producer in any language: plain AMQP, no Rota code, no uuid, the seed's `classname`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_published_with_plain_amqp_are_run_and_recorded() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("a1", &[]);
+    let mut finished = sys.client.watch(&[EventKind::Finished]).await.expect("watch");
+    sys.ready(true, &["a1"]).await;
+
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    let bodies = [r#"{"type":"demo.echo","payload":{"from":"plain amqp"}}"#, r#"{"classname":"demo.echo","payload":{"from":"classname"}}"#];
+    for body in bodies {
+        ch.basic_publish(
+            sys.names.jobs_exchange().as_str().into(),
+            "default".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publishes");
+    }
+    let mut seen = Vec::new();
+    within(MINUTE, "both jobs finished", async {
+        while seen.len() < 2 {
+            let e = finished.next().await.expect("events");
+            assert_eq!(e.status, Some(Status::Succeeded));
+            seen.push(e.uuid);
+        }
+    })
+    .await;
+    let mut outputs = HashSet::new();
+    for uuid in seen {
+        let record = sys.client.status(uuid).await.expect("recorded");
+        assert_eq!(record.state, JobState::Succeeded);
+        assert_eq!(record.job.work_type, "demo.echo");
+        outputs.insert(record.attempts[0].output["from"].as_str().expect("echoed").to_owned());
+    }
+    assert_eq!(outputs, HashSet::from(["plain amqp".to_owned(), "classname".to_owned()]));
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Unreadable jobs land in the dead-letter queue with their reason; the agent goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_jobs_are_dead_lettered_with_a_reason_and_the_agent_survives() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let agent = sys.agent("a1", &["--max-job-timeout", "1h"]);
+    let mut finished = sys.client.watch(&[EventKind::Finished]).await.expect("watch");
+    sys.ready(true, &["a1"]).await;
+
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    let unknown_uuid = JobId::random();
+    let long_uuid = JobId::random();
+    let huge = format!(r#"{{"type":"demo.echo","payload":"{}"}}"#, "x".repeat(20 * 1024 * 1024));
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"{this is not json".to_vec(), "not a valid job"),
+        (br#"{"payload":{"a":1}}"#.to_vec(), "missing field `type`"),
+        (format!(r#"{{"type":"no.such.work","uuid":"{unknown_uuid}"}}"#).into_bytes(), "unknown work type \"no.such.work\""),
+        (format!(r#"{{"type":"demo.echo","uuid":"{long_uuid}","timeout_s":7200}}"#).into_bytes(), "longer than this agent's limit"),
+        (huge.into_bytes(), "over this agent's limit of 1048576 bytes"),
+    ];
+    for (body, _) in &cases {
+        ch.basic_publish(
+            sys.names.jobs_exchange().as_str().into(),
+            "default".into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publishes");
+    }
+    let mut dead = ch
+        .basic_consume(sys.names.dead().as_str().into(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consumes the dead-letter queue");
+    let mut reasons = Vec::new();
+    within(MINUTE, "five dead letters", async {
+        while reasons.len() < cases.len() {
+            let d = dead.next().await.expect("dead letters").expect("delivery");
+            let headers = d.properties.headers().clone().unwrap_or_default();
+            let reason = match headers.inner().get("x-rota-reason") {
+                Some(AMQPValue::LongString(s)) => s.to_string(),
+                other => panic!("no reason header: {other:?}"),
+            };
+            d.ack(BasicAckOptions::default()).await.expect("acks");
+            reasons.push(reason);
+        }
+    })
+    .await;
+    for (_, want) in &cases {
+        assert!(reasons.iter().any(|r| r.contains(want)), "no dead letter says {want:?}: {reasons:?}");
+    }
+    // The two with a uuid are also recorded as rejected.
+    let mut rejected = HashSet::new();
+    within(MINUTE, "two rejected results", async {
+        while rejected.len() < 2 {
+            let e = finished.next().await.expect("events");
+            assert_eq!(e.status, Some(Status::Rejected));
+            rejected.insert(e.uuid);
+        }
+    })
+    .await;
+    assert_eq!(rejected, HashSet::from([unknown_uuid, long_uuid]));
+    let record = sys.client.status(unknown_uuid).await.expect("recorded");
+    assert!(record.attempts[0].error.as_ref().expect("error").message.contains("unknown work type"));
+
+    // And the agent still works.
+    let mut job = Job::new("demo.echo", json!("still alive"));
+    job.uuid = Some(JobId::random());
+    let uuid = job.uuid.expect("set");
+    sys.client.submit(job).await.expect("submits");
+    within(MINUTE, "a good job after the bad ones", async {
+        loop {
+            let e = finished.next().await.expect("events");
+            if e.uuid == uuid {
+                assert_eq!(e.status, Some(Status::Succeeded));
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(agent.output().contains("refusing a job"), "the agent logs its refusals");
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_with_the_same_id_is_refused_with_a_clear_message() {
+    let sys = System::new().await;
+    let _first = sys.agent("twin", &[]);
+    sys.ready(false, &["twin"]).await;
+    // Another data folder, so it is the broker that refuses it (another host, say).
+    let other = sys.dir.path().join("other");
+    let mut second = sys.agent("twin", &["--data-dir", &other.display().to_string()]);
+    let status = within(MINUTE, "the second agent to exit", second.exited()).await.expect("exits");
+    assert!(!status.success());
+    let out = second.output();
+    assert!(out.contains("another pool agent with id \"twin\" is already connected"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_submits_waits_and_shows_status_logs_list_and_agents() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("cli-agent", &[]);
+
+    let out = sys.cli(&["submit", "--type", "demo.log", "--payload", r#"{"lines":3}"#, "--wait", "--json"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
+    assert_eq!(record["state"], "succeeded");
+    let uuid = record["uuid"].as_str().expect("uuid").to_owned();
+
+    let out = sys.cli(&["submit", "--type", "demo.fail", "--payload", r#"{"message":"nope"}"#, "--wait"]).await;
+    assert_eq!(out.status.code(), Some(1), "a failed job exits 1");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nope"));
+
+    let out = sys.cli(&["status", &uuid]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("succeeded") && text.contains("demo.log"), "{text}");
+
+    let out = sys.cli(&["logs", &uuid]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("log line 3 of 3"));
+
+    let out = sys.cli(&["list", "--status", "failed", "--json"]).await;
+    let jobs: Value = serde_json::from_slice(&out.stdout).expect("JSON list");
+    assert_eq!(jobs.as_array().expect("array").len(), 1);
+
+    let out = sys.cli(&["agents", "--json"]).await;
+    let agents: Value = serde_json::from_slice(&out.stdout).expect("JSON agents");
+    let ids: Vec<&str> = agents.as_array().expect("array").iter().filter_map(|a| a["heartbeat"]["id"].as_str()).collect();
+    assert!(ids.contains(&"cli-agent") && ids.contains(&"scheduler"), "{ids:?}");
+
+    let out = sys.cli(&["status", "00000000-0000-0000-0000-000000000000"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job 00000000-0000-0000-0000-000000000000 is recorded"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_says_what_to_do_when_no_scheduler_answers() {
+    let sys = System::new().await;
+    let mut client_cmd = tokio::process::Command::new(rota_tests::bin("scheduler"));
+    client_cmd
+        .args(["list", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2f"])
+        .env("ROTA_NAMESPACE", sys.names.namespace());
+    let out = client_cmd.output().await.expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach RabbitMQ") && err.contains("deploy/setup.sh"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_end_to_end() {
+    let sys = System::new().await;
+    sys.owns_agent("demo");
+    let out = tokio::process::Command::new(rota_tests::bin("scheduler"))
+        .args(["demo", "--clean", "--jobs", "12"])
+        .current_dir(sys.dir.path())
+        .env("ROTA_NAMESPACE", sys.names.namespace())
+        .env("ROTA_AMQP_URL", amqp_url())
+        .output()
+        .await
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Every job ended as expected."));
+    let temp = sys.dir.path().join("temp");
+    assert!(temp.join("scheduler/work").read_dir().expect("scheduler folders").count() == 12);
+    assert!(temp.join("agent-demo/work").read_dir().expect("pool folders").count() == 12);
+    assert_eq!(std::fs::read_to_string(temp.join("demodata/hello-3.txt")).expect("written"), "hello from job 3\n");
+}
