@@ -140,6 +140,13 @@ impl Topology {
         self
     }
 
+    /// Whether everything `other` declares is declared here already.
+    fn covers(&self, other: &Topology) -> bool {
+        other.exchanges.iter().all(|e| self.exchanges.contains(e))
+            && other.queues.iter().all(|q| self.queues.contains(q))
+            && other.bindings.iter().all(|b| self.bindings.contains(b))
+    }
+
     fn merge(&mut self, other: &Topology) {
         for (n, k) in &other.exchanges {
             self.exchange(n, *k);
@@ -339,6 +346,11 @@ impl Consumer {
         self.rx.recv().await
     }
 
+    /// A delivery that has already arrived, without waiting.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        self.rx.try_recv().ok()
+    }
+
     /// Asks the broker to send no more; deliveries already received can still be acked. The
     /// ones still buffered here are returned by [`Consumer::drain`].
     pub async fn stop(&self) {
@@ -477,9 +489,13 @@ impl Broker {
         }
     }
 
-    /// Declares more topology now, and again after every reconnect.
+    /// Declares more topology now, and again after every reconnect. What this broker
+    /// declared already costs nothing, so callers need not remember what they declared.
     pub async fn declare(&self, extra: Topology) -> Result<(), BrokerError> {
         if let Ok(mut t) = self.inner.topology.lock() {
+            if t.covers(&extra) {
+                return Ok(());
+            }
             t.merge(&extra);
         }
         let live = self.wait_live().await?;

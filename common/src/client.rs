@@ -108,6 +108,10 @@ impl Client {
     /// uuid when the job has none and returns it.
     pub async fn publish_job(&self, mut job: Job) -> Result<JobId, BrokerError> {
         let uuid = *job.uuid.get_or_insert_with(JobId::random);
+        // The queue may not exist yet (no agent serves it): declare it, so the job waits.
+        let mut t = Topology::default();
+        t.jobs_queue(&self.names, job.queue_name());
+        self.broker.declare(t).await?;
         let body = serde_json::to_vec(&job).map_err(|e| BrokerError::Protocol(e.to_string()))?;
         let props = Props { message_id: Some(uuid.to_string()), priority: job.priority, ..Props::default() };
         self.broker.publish(&self.names.jobs_exchange(), job.queue_name(), &body, &props).await?;

@@ -2,9 +2,8 @@
 //! started jobs, tracks the other parts by their heartbeats, and publishes the jobs it was
 //! asked to run.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -98,14 +97,13 @@ pub async fn run(cfg: SchedulerConfig, amqp_url: &str, names: Names, shutdown: C
         broker: broker.clone(),
         store,
         agents: Agents::default(),
-        declared: Mutex::new(HashSet::from([DEFAULT_QUEUE.to_owned()])),
     });
     sched.publish_unpublished().await;
 
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let work = TaskTracker::new();
-    tasks.spawn(sched.clone().serve(results, work.clone(), Kind::Result));
+    tasks.spawn(sched.clone().serve_results(results));
     tasks.spawn(sched.clone().serve(rpc, work.clone(), Kind::Rpc));
     tasks.spawn(sched.clone().serve(started, work.clone(), Kind::Started));
     tasks.spawn(sched.clone().serve(beats, work.clone(), Kind::Heartbeat));
@@ -129,7 +127,6 @@ pub async fn run(cfg: SchedulerConfig, amqp_url: &str, names: Names, shutdown: C
 
 #[derive(Clone, Copy)]
 enum Kind {
-    Result,
     Rpc,
     Started,
     Heartbeat,
@@ -140,8 +137,6 @@ struct Scheduler {
     broker: Broker,
     store: Store,
     agents: Agents,
-    /// Jobs queues declared by this scheduler (so a submitted job always has a queue).
-    declared: Mutex<HashSet<String>>,
 }
 
 impl Scheduler {
@@ -152,7 +147,6 @@ impl Scheduler {
             let me = self.clone();
             work.spawn(async move {
                 match kind {
-                    Kind::Result => me.on_result(d).await,
                     Kind::Rpc => me.on_rpc(d).await,
                     Kind::Started => me.on_started(d).await,
                     Kind::Heartbeat => me.on_heartbeat(d).await,
@@ -161,51 +155,89 @@ impl Scheduler {
         }
     }
 
-    async fn on_result(&self, d: Delivery) {
-        let result: JobResult = match serde_json::from_slice(&d.body) {
-            Ok(r) => r,
-            Err(e) => return self.dead_letter(d, &format!("not a valid result: {e}")).await,
-        };
-        let span = info_span!("job", job_id = %result.uuid, r#type = %result.work_type, attempt = result.attempt);
-        async {
-            let job_dir = self.store.job_dir(result.uuid);
-            match self.store.record(&result).await {
-                Ok(Recorded::New(record)) => {
-                    if let Err(e) = archive::write(&job_dir, &result).await {
-                        error!(error = %e, "cannot write the job's folder (the result is recorded)");
-                    }
-                    info!(status = %result.status, agent = %result.agent, "result recorded");
-                    d.ack().await;
-                    self.receipt(&d, &result).await;
-                    self.finished(&record, &result).await;
-                }
-                Ok(Recorded::Duplicate) => {
-                    if !archive::exists(&job_dir, result.attempt)
-                        && let Ok(Some(first)) = self.store.result(result.uuid, result.attempt)
-                    {
-                        let _ = archive::write(&job_dir, &first).await;
-                    }
-                    info!("result already recorded; receipting it again");
-                    d.ack().await;
-                    self.receipt(&d, &result).await;
-                }
+    /// Records results in batches: each result in its own transaction, one flush for the
+    /// batch, then the files, acks, receipts and events. A flush costs the same for one result
+    /// as for hundreds, so batching is what makes recording fast.
+    async fn serve_results(self: Arc<Self>, mut consumer: Consumer) {
+        while let Some(first) = consumer.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < 512
+                && let Some(d) = consumer.try_recv()
+            {
+                batch.push(d);
+            }
+            self.record_batch(batch).await;
+        }
+    }
+
+    async fn record_batch(&self, batch: Vec<Delivery>) {
+        let mut recorded = Vec::with_capacity(batch.len());
+        for d in batch {
+            let result: JobResult = match serde_json::from_slice(&d.body) {
+                Ok(r) => r,
                 Err(e) => {
-                    error!(error = %e, "cannot record the result; it stays in the queue");
+                    self.dead_letter(d, &format!("not a valid result: {e}")).await;
+                    continue;
+                }
+            };
+            match self.store.record(&result) {
+                Ok(r) => recorded.push((d, result, r)),
+                Err(e) => {
+                    error!(job_id = %result.uuid, error = %e, "cannot record the result; it goes back to the queue");
                     d.requeue().await;
                 }
             }
         }
-        .instrument(span)
-        .await
+        if let Err(e) = self.store.flush().await {
+            error!(error = %e, "cannot flush the store; the results go back to the queue");
+            for (d, _, _) in recorded {
+                d.requeue().await;
+            }
+            return;
+        }
+        let finish = recorded.into_iter().map(|(d, result, r)| {
+            let span = info_span!("job", job_id = %result.uuid, r#type = %result.work_type, attempt = result.attempt);
+            self.after_record(d, result, r).instrument(span)
+        });
+        futures::future::join_all(finish).await;
+    }
+
+    /// A recorded result: write its folder, ack it, receipt it, announce it.
+    async fn after_record(&self, d: Delivery, result: JobResult, recorded: Recorded) {
+        let job_dir = self.store.job_dir(result.uuid);
+        match recorded {
+            Recorded::New(record) => {
+                if let Err(e) = archive::write(&job_dir, &result).await {
+                    error!(error = %e, "cannot write the job's folder (the result is recorded)");
+                }
+                info!(status = %result.status, agent = %result.agent, "result recorded");
+                d.ack().await;
+                self.receipt(&d, &result).await;
+                self.finished(&record, &result).await;
+            }
+            Recorded::Duplicate => {
+                // The folder of the first copy may be missing if the scheduler died after
+                // recording it: write it from the stored result.
+                if !archive::exists(&job_dir, result.attempt)
+                    && let Ok(Some(first)) = self.store.result(result.uuid, result.attempt)
+                {
+                    let _ = archive::write(&job_dir, &first).await;
+                }
+                info!("result already recorded; receipting it again");
+                d.ack().await;
+                self.receipt(&d, &result).await;
+            }
+        }
     }
 
     async fn receipt(&self, d: &Delivery, result: &JobResult) {
         let Some(reply_to) = d.reply_to.as_deref() else { return };
         let message = AgentMessage::Receipt { uuid: result.uuid, attempt: result.attempt };
         let Ok(body) = serde_json::to_vec(&message) else { return };
-        if let Err(e) = self.broker.publish("", reply_to, &body, &Props::default()).await {
-            warn!(agent_queue = reply_to, error = %e, "receipt not sent; the agent will send the result again");
-        }
+        // Unconfirmed and transient: a lost receipt only means the agent resends the result,
+        // which is then receipted again.
+        let props = Props { transient: true, ..Props::default() };
+        self.broker.notify("", reply_to, &body, &props).await;
     }
 
     async fn finished(&self, record: &JobRecord, result: &JobResult) {
@@ -293,19 +325,13 @@ impl Scheduler {
 
     /// Publishes a recorded job to its queue (declaring the queue the first time), confirmed.
     async fn publish(&self, record: &JobRecord) -> anyhow::Result<()> {
-        let queue = record.job.queue_name().to_owned();
-        let known = self.declared.lock().map(|d| d.contains(&queue)).unwrap_or(false);
-        if !known {
-            let mut t = Topology::default();
-            t.jobs_queue(&self.names, &queue);
-            self.broker.declare(t).await?;
-            if let Ok(mut d) = self.declared.lock() {
-                d.insert(queue.clone());
-            }
-        }
+        let queue = record.job.queue_name();
+        let mut t = Topology::default();
+        t.jobs_queue(&self.names, queue);
+        self.broker.declare(t).await?;
         let body = serde_json::to_vec(&record.job)?;
         let props = Props { message_id: Some(record.uuid.to_string()), priority: record.job.priority, ..Props::default() };
-        self.broker.publish(&self.names.jobs_exchange(), &queue, &body, &props).await?;
+        self.broker.publish(&self.names.jobs_exchange(), queue, &body, &props).await?;
         self.store.published(record.uuid)?;
         Ok(())
     }

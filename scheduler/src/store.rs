@@ -179,8 +179,9 @@ impl Store {
         flatten(r)
     }
 
-    /// Records a result once: a run already recorded is a [`Recorded::Duplicate`].
-    pub async fn record(&self, result: &JobResult) -> anyhow::Result<Recorded> {
+    /// Records a result once: a run already recorded is a [`Recorded::Duplicate`]. Not
+    /// durable until [`Store::flush`] (callers flush once for a batch).
+    pub fn record(&self, result: &JobResult) -> anyhow::Result<Recorded> {
         let uuid = result.uuid;
         let rkey = result_key(uuid, result.attempt);
         let fresh = self.new_record(result.job.clone(), uuid, JobState::Queued);
@@ -227,11 +228,7 @@ impl Store {
                 Ok(Recorded::New(Box::new(record)))
             },
         );
-        let recorded = flatten(r)?;
-        if matches!(recorded, Recorded::New(_)) {
-            self.flush().await?;
-        }
-        Ok(recorded)
+        flatten(r)
     }
 
     pub fn get(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
@@ -329,10 +326,10 @@ mod tests {
         assert!(!store.submit(job.clone()).await.expect("submits").1, "same uuid is not new");
 
         let first = result_of(&job, 1, Status::Succeeded);
-        assert!(matches!(store.record(&first).await.expect("records"), Recorded::New(_)));
+        assert!(matches!(store.record(&first).expect("records"), Recorded::New(_)));
         let mut again = result_of(&job, 1, Status::Failed);
         again.logs.clear();
-        assert!(matches!(store.record(&again).await.expect("records"), Recorded::Duplicate));
+        assert!(matches!(store.record(&again).expect("records"), Recorded::Duplicate));
         let rec = store.get(job.uuid.expect("uuid")).expect("reads").expect("exists");
         assert_eq!(rec.state, JobState::Succeeded);
         assert_eq!(rec.attempts.len(), 1);
@@ -348,7 +345,7 @@ mod tests {
         job.uuid = Some(JobId::random());
         let uuid = job.uuid.expect("uuid");
         let result = result_of(&job, 1, Status::Succeeded);
-        store.record(&result).await.expect("records");
+        store.record(&result).expect("records");
         // A started event that arrives after the result does not move the job back.
         let started = Event {
             event: rota_common::wire::EventKind::Started,

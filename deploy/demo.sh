@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The demo, end to end, on a fresh Debian 12 machine with only the Rust toolchain: sets up
+# RabbitMQ (deploy/setup.sh), builds, and runs `scheduler demo`, which pushes a mix of Work
+# through a scheduler and a pool agent and prints what happened to each job. Files land in
+# ./temp. Arguments go to the demo (see `scheduler demo --help`).
+#
+#   deploy/demo.sh [--worker-location local] [--pool-min-size 1] [--pool-max-size 2] [--jobs 12]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+deploy/setup.sh
+cargo build --locked --bin scheduler
+exec target/debug/scheduler demo --clean "$@"
