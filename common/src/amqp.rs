@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions, ExchangeDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -83,10 +83,24 @@ pub struct QueueSpec {
 
 impl QueueSpec {
     pub fn durable(name: String) -> Self {
-        Self { name, durable: true, exclusive: false, dead_letter_exchange: None, max_priority: None, max_length: None }
+        Self {
+            name,
+            durable: true,
+            exclusive: false,
+            dead_letter_exchange: None,
+            max_priority: None,
+            max_length: None,
+        }
     }
     pub fn private(name: String) -> Self {
-        Self { name, durable: false, exclusive: true, dead_letter_exchange: None, max_priority: None, max_length: None }
+        Self {
+            name,
+            durable: false,
+            exclusive: true,
+            dead_letter_exchange: None,
+            max_priority: None,
+            max_length: None,
+        }
     }
 }
 
@@ -166,13 +180,20 @@ impl Topology {
                 ExchangeType::Fanout => ExchangeKind::Fanout,
                 ExchangeType::Topic => ExchangeKind::Topic,
             };
-            let opts = ExchangeDeclareOptions { durable: true, ..Default::default() };
-            ch.exchange_declare(name.as_str().into(), kind, opts, FieldTable::default()).await?;
+            let opts = ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            ch.exchange_declare(name.as_str().into(), kind, opts, FieldTable::default())
+                .await?;
         }
         for q in &self.queues {
             let mut args = FieldTable::default();
             if let Some(dlx) = &q.dead_letter_exchange {
-                args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString(dlx.as_str().into()),
+                );
             }
             if let Some(p) = q.max_priority {
                 args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(p));
@@ -307,7 +328,10 @@ impl Delivery {
 
     /// Hands the message back to its queue, to be delivered again.
     pub async fn requeue(&self) -> bool {
-        let opts = BasicNackOptions { requeue: true, multiple: false };
+        let opts = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
         self.acker.nack(opts).await.is_ok()
     }
 }
@@ -354,13 +378,17 @@ impl Consumer {
     /// Asks the broker to send no more; deliveries already received can still be acked. The
     /// ones still buffered here are returned by [`Consumer::drain`].
     pub async fn stop(&self) {
-        let Some(sub) = self.sub.upgrade() else { return };
+        let Some(sub) = self.sub.upgrade() else {
+            return;
+        };
         sub.stopped.store(true, Ordering::SeqCst);
         let ch = sub.channel.lock().map(|c| c.clone()).unwrap_or_default();
         if let Some(ch) = ch {
             for q in &sub.spec.queues {
                 let tag = consumer_tag(&sub.spec.tag, q);
-                let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                let _ = ch
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
             }
         }
     }
@@ -409,7 +437,10 @@ pub struct Broker {
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("url", &self.inner.display_url).field("name", &self.inner.name).finish()
+        f.debug_struct("Broker")
+            .field("url", &self.inner.display_url)
+            .field("name", &self.inner.name)
+            .finish()
     }
 }
 
@@ -425,7 +456,12 @@ pub enum Startup {
 impl Broker {
     /// Connects (see [`Startup`]), declares `topology`, and keeps the connection alive until
     /// [`Broker::close`]. `name` shows in the RabbitMQ UI's connections list.
-    pub async fn connect(url: &str, name: &str, topology: Topology, startup: Startup) -> Result<Broker, BrokerError> {
+    pub async fn connect(
+        url: &str,
+        name: &str,
+        topology: Topology,
+        startup: Startup,
+    ) -> Result<Broker, BrokerError> {
         let (live, _) = watch::channel(None);
         let inner = Arc::new(Inner {
             url: with_heartbeat(url),
@@ -485,7 +521,9 @@ impl Broker {
         let start = self.reconnects();
         let inner = self.inner.clone();
         async move {
-            let _ = rx.wait_for(|l| l.is_some() && inner.reconnects.load(Ordering::Relaxed) > start).await;
+            let _ = rx
+                .wait_for(|l| l.is_some() && inner.reconnects.load(Ordering::Relaxed) > start)
+                .await;
         }
     }
 
@@ -508,14 +546,18 @@ impl Broker {
     /// Deletes a queue (tests and tools clean up with it).
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         let live = self.wait_live().await?;
-        live.plain.queue_delete(name.into(), QueueDeleteOptions::default()).await?;
+        live.plain
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await?;
         Ok(())
     }
 
     /// Deletes an exchange.
     pub async fn delete_exchange(&self, name: &str) -> Result<(), BrokerError> {
         let live = self.wait_live().await?;
-        live.plain.exchange_delete(name.into(), ExchangeDeleteOptions::default()).await?;
+        live.plain
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await?;
         Ok(())
     }
 
@@ -524,8 +566,13 @@ impl Broker {
         let live = self.wait_live().await?;
         // A passive declare that fails closes the channel: use a channel of its own.
         let ch = live.conn.create_channel().await?;
-        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
-        let q = ch.queue_declare(name.into(), opts, FieldTable::default()).await?;
+        let opts = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let q = ch
+            .queue_declare(name.into(), opts, FieldTable::default())
+            .await?;
         let _ = ch.close(200, "done".into()).await;
         Ok(q.message_count())
     }
@@ -535,7 +582,12 @@ impl Broker {
     pub async fn consume(&self, spec: ConsumeSpec) -> Result<Consumer, BrokerError> {
         let capacity = usize::from(spec.prefetch.max(1)) * spec.queues.len().max(1);
         let (tx, rx) = mpsc::channel(capacity);
-        let sub = Arc::new(Subscription { spec, tx, stopped: AtomicBool::new(false), channel: Mutex::new(None) });
+        let sub = Arc::new(Subscription {
+            spec,
+            tx,
+            stopped: AtomicBool::new(false),
+            channel: Mutex::new(None),
+        });
         let live = self.wait_live().await?;
         start_consumer(&live, &sub).await?;
         let weak = Arc::downgrade(&sub);
@@ -546,10 +598,24 @@ impl Broker {
     }
 
     /// Publishes a persistent, mandatory message and waits for the broker's confirm.
-    pub async fn publish(&self, exchange: &str, key: &str, body: &[u8], props: &Props) -> Result<(), BrokerError> {
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: &Props,
+    ) -> Result<(), BrokerError> {
         let live = self.wait_live().await?;
-        let opts = BasicPublishOptions { mandatory: true, immediate: false };
-        let sent = async { live.confirm.basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp()).await?.await };
+        let opts = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let sent = async {
+            live.confirm
+                .basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp())
+                .await?
+                .await
+        };
         let confirm = sent.await.inspect_err(|_| {
             if !live.confirm.status().connected() {
                 live.lost.cancel(); // the channel is gone: make a new connection
@@ -557,9 +623,16 @@ impl Broker {
         })?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable { exchange: exchange.into(), key: key.into() }),
-            Confirmation::Nack(_) => Err(BrokerError::Nacked { exchange: exchange.into() }),
-            Confirmation::NotRequested => Err(BrokerError::Protocol("publisher confirms are off".into())),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
+                exchange: exchange.into(),
+                key: key.into(),
+            }),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked {
+                exchange: exchange.into(),
+            }),
+            Confirmation::NotRequested => {
+                Err(BrokerError::Protocol("publisher confirms are off".into()))
+            }
         }
     }
 
@@ -569,7 +642,11 @@ impl Broker {
         let live = self.inner.live.borrow().clone();
         let Some(live) = live else { return };
         let opts = BasicPublishOptions::default();
-        if let Err(e) = live.plain.basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp()).await {
+        if let Err(e) = live
+            .plain
+            .basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp())
+            .await
+        {
             tracing::debug!(exchange, key, error = %e, "notification not sent");
         }
     }
@@ -604,10 +681,14 @@ impl Broker {
 
     /// One connection attempt: connect, declare, open channels, restore consumers.
     async fn open(&self) -> Result<Arc<Live>, BrokerError> {
-        let props = ConnectionProperties::default().with_connection_name(self.inner.name.as_str().into());
-        let conn = tokio::time::timeout(Duration::from_secs(15), Connection::connect(&self.inner.url, props))
-            .await
-            .map_err(|_| BrokerError::Protocol("connection attempt timed out after 15 s".into()))??;
+        let props =
+            ConnectionProperties::default().with_connection_name(self.inner.name.as_str().into());
+        let conn = tokio::time::timeout(
+            Duration::from_secs(15),
+            Connection::connect(&self.inner.url, props),
+        )
+        .await
+        .map_err(|_| BrokerError::Protocol("connection attempt timed out after 15 s".into()))??;
         let lost = CancellationToken::new();
         let mut events = conn.events_listener();
         let on_loss = lost.clone();
@@ -631,13 +712,33 @@ impl Broker {
             on_loss.cancel();
         });
         let plain = conn.create_channel().await?;
-        let topology = self.inner.topology.lock().map(|t| t.clone()).unwrap_or_default();
+        let topology = self
+            .inner
+            .topology
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
         topology.declare(&plain).await?;
         let confirm = conn.create_channel().await?;
-        confirm.confirm_select(ConfirmSelectOptions::default()).await?;
-        let live = Arc::new(Live { conn, confirm, plain, lost });
-        let subs: Vec<Arc<Subscription>> = self.inner.subs.lock().map(|s| s.clone()).unwrap_or_default();
-        for sub in subs.iter().filter(|s| !s.stopped.load(Ordering::SeqCst) && !s.tx.is_closed()) {
+        confirm
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let live = Arc::new(Live {
+            conn,
+            confirm,
+            plain,
+            lost,
+        });
+        let subs: Vec<Arc<Subscription>> = self
+            .inner
+            .subs
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        for sub in subs
+            .iter()
+            .filter(|s| !s.stopped.load(Ordering::SeqCst) && !s.tx.is_closed())
+        {
             if let Err(e) = start_consumer(&live, sub).await {
                 let _ = live.conn.close(200, "retrying".into()).await;
                 return Err(e);
@@ -676,8 +777,10 @@ impl Broker {
                         self.inner.live.send_replace(Some(live));
                         break;
                     }
-                    Err(e) => tracing::warn!(url = %self.inner.display_url, error = %e, attempt = backoff.attempts(),
-                        "reconnect to RabbitMQ failed; retrying"),
+                    Err(e) => {
+                        tracing::warn!(url = %self.inner.display_url, error = %e, attempt = backoff.attempts(),
+                        "reconnect to RabbitMQ failed; retrying")
+                    }
                 }
             }
         }
@@ -688,17 +791,31 @@ impl Broker {
 async fn start_consumer(live: &Arc<Live>, sub: &Arc<Subscription>) -> Result<(), BrokerError> {
     let ch = live.conn.create_channel().await?;
     // global = true: RabbitMQ then shares the prefetch among all consumers of the channel.
-    ch.basic_qos(sub.spec.prefetch, BasicQosOptions { global: true }).await?;
+    ch.basic_qos(sub.spec.prefetch, BasicQosOptions { global: true })
+        .await?;
     for queue in &sub.spec.queues {
-        let opts = BasicConsumeOptions { exclusive: sub.spec.exclusive, ..Default::default() };
+        let opts = BasicConsumeOptions {
+            exclusive: sub.spec.exclusive,
+            ..Default::default()
+        };
         let tag = consumer_tag(&sub.spec.tag, queue);
         let consumer = ch
-            .basic_consume(queue.as_str().into(), tag.as_str().into(), opts, FieldTable::default())
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                opts,
+                FieldTable::default(),
+            )
             .await
             .map_err(|e| {
                 let text = e.to_string();
-                if text.contains("ACCESS_REFUSED") || text.contains("RESOURCE_LOCKED") || text.contains("exclusive") {
-                    BrokerError::Locked { queue: queue.clone() }
+                if text.contains("ACCESS_REFUSED")
+                    || text.contains("RESOURCE_LOCKED")
+                    || text.contains("exclusive")
+                {
+                    BrokerError::Locked {
+                        queue: queue.clone(),
+                    }
                 } else {
                     BrokerError::Protocol(text)
                 }
@@ -751,8 +868,12 @@ fn with_heartbeat(url: &str) -> String {
 
 /// The URL with its password replaced by `***`.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((creds, host)) = rest.split_once('@') else { return url.to_owned() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((creds, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
     match creds.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
         None => url.to_owned(),
@@ -766,9 +887,18 @@ mod tests {
     #[test]
     fn urls_get_a_heartbeat_and_hide_their_password() {
         assert_eq!(with_heartbeat("amqp://h/%2f"), "amqp://h/%2f?heartbeat=10");
-        assert_eq!(with_heartbeat("amqp://h/%2f?x=1"), "amqp://h/%2f?x=1&heartbeat=10");
-        assert_eq!(with_heartbeat("amqp://h/?heartbeat=3"), "amqp://h/?heartbeat=3");
-        assert_eq!(redact("amqp://guest:secret@h:5672/%2f"), "amqp://guest:***@h:5672/%2f");
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?x=1"),
+            "amqp://h/%2f?x=1&heartbeat=10"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/?heartbeat=3"),
+            "amqp://h/?heartbeat=3"
+        );
+        assert_eq!(
+            redact("amqp://guest:secret@h:5672/%2f"),
+            "amqp://guest:***@h:5672/%2f"
+        );
         assert_eq!(redact("amqp://h:5672/%2f"), "amqp://h:5672/%2f");
     }
 }

@@ -13,7 +13,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max: max.max(initial), attempt: 0 }
+        Self {
+            initial,
+            max: max.max(initial),
+            attempt: 0,
+        }
     }
 
     /// 100 ms doubling to 10 s: the broker connection's policy.
@@ -51,12 +55,17 @@ mod tests {
     #[test]
     fn doubles_then_caps_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let seen: Vec<Duration> = (0..6).map(|_| {
-            let base = b.peek();
-            let d = b.next_delay();
-            assert!(d <= base && d >= base.mul_f64(0.8), "{d:?} outside jitter of {base:?}");
-            base
-        }).collect();
+        let seen: Vec<Duration> = (0..6)
+            .map(|_| {
+                let base = b.peek();
+                let d = b.next_delay();
+                assert!(
+                    d <= base && d >= base.mul_f64(0.8),
+                    "{d:?} outside jitter of {base:?}"
+                );
+                base
+            })
+            .collect();
         let ms: Vec<u128> = seen.iter().map(Duration::as_millis).collect();
         assert_eq!(ms, [100, 200, 400, 800, 1000, 1000]);
         b.reset();

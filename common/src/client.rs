@@ -10,7 +10,9 @@ use anyhow::{Context, anyhow, bail};
 use tokio::sync::oneshot;
 
 use crate::Names;
-use crate::amqp::{Broker, BrokerError, ConsumeSpec, Consumer, Props, QueueSpec, Startup, Topology};
+use crate::amqp::{
+    Broker, BrokerError, ConsumeSpec, Consumer, Props, QueueSpec, Startup, Topology,
+};
 use crate::wire::{Event, EventKind, Heartbeat, Job, JobId, JobRecord, RpcReply, RpcRequest};
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<RpcReply>>>>;
@@ -35,11 +37,22 @@ impl Client {
         let name = format!("rota {who} {}", short_host());
         let broker = Broker::connect(url, &name, topology, Startup::FailFast).await?;
         let replies = broker
-            .consume(ConsumeSpec { queues: vec![reply_queue.clone()], tag: format!("{who}-replies"), prefetch: 100, exclusive: true })
+            .consume(ConsumeSpec {
+                queues: vec![reply_queue.clone()],
+                tag: format!("{who}-replies"),
+                prefetch: 100,
+                exclusive: true,
+            })
             .await?;
         let pending: Pending = Arc::default();
         tokio::spawn(dispatch_replies(replies, pending.clone()));
-        Ok(Client { broker, names, reply_queue, pending, rpc_timeout: Duration::from_secs(30) })
+        Ok(Client {
+            broker,
+            names,
+            reply_queue,
+            pending,
+            rpc_timeout: Duration::from_secs(30),
+        })
     }
 
     pub fn names(&self) -> &Names {
@@ -66,9 +79,15 @@ impl Client {
             transient: true,
             ..Props::default()
         };
-        let sent = self.broker.publish("", &self.names.rpc(), &body, &props).await;
+        let sent = self
+            .broker
+            .publish("", &self.names.rpc(), &body, &props)
+            .await;
         let reply = match sent {
-            Ok(()) => tokio::time::timeout(self.rpc_timeout, rx).await.ok().and_then(Result::ok),
+            Ok(()) => tokio::time::timeout(self.rpc_timeout, rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
             Err(e) => {
                 self.forget(&correlation);
                 return Err(e).context("cannot send the request to the scheduler");
@@ -113,37 +132,62 @@ impl Client {
         t.jobs_queue(&self.names, job.queue_name());
         self.broker.declare(t).await?;
         let body = serde_json::to_vec(&job).map_err(|e| BrokerError::Protocol(e.to_string()))?;
-        let props = Props { message_id: Some(uuid.to_string()), priority: job.priority, ..Props::default() };
-        self.broker.publish(&self.names.jobs_exchange(), job.queue_name(), &body, &props).await?;
+        let props = Props {
+            message_id: Some(uuid.to_string()),
+            priority: job.priority,
+            ..Props::default()
+        };
+        self.broker
+            .publish(&self.names.jobs_exchange(), job.queue_name(), &body, &props)
+            .await?;
         Ok(uuid)
     }
 
     /// Starts listening to job events of these kinds (all types); events published before
     /// this call returns are not seen.
     pub async fn watch(&self, kinds: &[EventKind]) -> anyhow::Result<Events> {
-        let queue = self.names.private_queue("watch", &uuid::Uuid::new_v4().simple().to_string());
+        let queue = self
+            .names
+            .private_queue("watch", &uuid::Uuid::new_v4().simple().to_string());
         let mut t = Topology::default();
         t.queue(QueueSpec::private(queue.clone()));
         for kind in kinds {
-            t.bind(&queue, &self.names.events(), &format!("job.{}.#", kind.as_str()));
+            t.bind(
+                &queue,
+                &self.names.events(),
+                &format!("job.{}.#", kind.as_str()),
+            );
         }
         self.broker.declare(t).await?;
         let consumer = self
             .broker
-            .consume(ConsumeSpec { queues: vec![queue], tag: "watch".into(), prefetch: 1000, exclusive: true })
+            .consume(ConsumeSpec {
+                queues: vec![queue],
+                tag: "watch".into(),
+                prefetch: 1000,
+                exclusive: true,
+            })
             .await?;
         Ok(Events { consumer })
     }
 
     /// Starts listening to heartbeats of every part.
     pub async fn heartbeats(&self) -> anyhow::Result<Heartbeats> {
-        let queue = self.names.private_queue("heartbeats", &uuid::Uuid::new_v4().simple().to_string());
+        let queue = self
+            .names
+            .private_queue("heartbeats", &uuid::Uuid::new_v4().simple().to_string());
         let mut t = Topology::default();
-        t.queue(QueueSpec::private(queue.clone())).bind(&queue, &self.names.heartbeats(), "");
+        t.queue(QueueSpec::private(queue.clone()))
+            .bind(&queue, &self.names.heartbeats(), "");
         self.broker.declare(t).await?;
         let consumer = self
             .broker
-            .consume(ConsumeSpec { queues: vec![queue], tag: "heartbeats".into(), prefetch: 100, exclusive: true })
+            .consume(ConsumeSpec {
+                queues: vec![queue],
+                tag: "heartbeats".into(),
+                prefetch: 100,
+                exclusive: true,
+            })
             .await?;
         Ok(Heartbeats { consumer })
     }
@@ -181,14 +225,18 @@ fn expect_job(reply: RpcReply) -> anyhow::Result<JobRecord> {
 async fn dispatch_replies(mut replies: Consumer, pending: Pending) {
     while let Some(d) = replies.recv().await {
         d.ack().await;
-        let Some(correlation) = d.correlation_id.as_deref() else { continue };
+        let Some(correlation) = d.correlation_id.as_deref() else {
+            continue;
+        };
         let waiter = pending.lock().ok().and_then(|mut p| p.remove(correlation));
         match (waiter, serde_json::from_slice::<RpcReply>(&d.body)) {
             (Some(tx), Ok(reply)) => {
                 let _ = tx.send(reply);
             }
             (Some(tx), Err(e)) => {
-                let _ = tx.send(RpcReply::Error { message: format!("unreadable reply from the scheduler: {e}") });
+                let _ = tx.send(RpcReply::Error {
+                    message: format!("unreadable reply from the scheduler: {e}"),
+                });
             }
             (None, _) => {} // the caller gave up waiting
         }

@@ -18,7 +18,12 @@ use crate::telemetry::LogFormat;
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
     /// RabbitMQ URL. Add `?heartbeat=N` to change the 10 s heartbeat.
-    #[arg(long, env = "ROTA_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", global = true)]
+    #[arg(
+        long,
+        env = "ROTA_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        global = true
+    )]
     pub amqp_url: String,
 
     /// Prefix of every exchange and queue name, so deployments can share a broker.
@@ -38,7 +43,8 @@ impl BrokerArgs {
 
 /// Parses a duration such as `500ms`, `5s`, `2m` or `6h` (for flags).
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e} (write durations like 500ms, 5s, 2m, 6h)"))
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (write durations like 500ms, 5s, 2m, 6h)"))
 }
 
 /// Parses the command line of `T`, using the TOML file named by `--config` or `ROTA_CONFIG`
@@ -60,7 +66,9 @@ pub fn parse_from<T: Parser>(args: Vec<OsString>) -> anyhow::Result<T> {
         command = apply_defaults(command, &table)
             .with_context(|| format!("in the config file {}", path.display()))?;
     }
-    let matches = command.try_get_matches_from(args).unwrap_or_else(|e| e.exit());
+    let matches = command
+        .try_get_matches_from(args)
+        .unwrap_or_else(|e| e.exit());
     Ok(T::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
 }
 
@@ -75,7 +83,9 @@ fn config_path(args: &[OsString]) -> Option<PathBuf> {
             return Some(PathBuf::from(v));
         }
     }
-    std::env::var_os("ROTA_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os("ROTA_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// Sets the file's values as the defaults of the matching flags, in the command and in every
@@ -93,7 +103,9 @@ fn apply_defaults(command: clap::Command, table: &toml::Table) -> anyhow::Result
         }
     }
     if !unknown.is_empty() {
-        bail!("unknown settings {unknown:?}: each key must be the long name of a flag (see --help)");
+        bail!(
+            "unknown settings {unknown:?}: each key must be the long name of a flag (see --help)"
+        );
     }
     Ok(command)
 }
@@ -110,7 +122,10 @@ fn set_default(mut command: clap::Command, long: &str, values: &[String]) -> (cl
         let values = values.to_vec();
         command = command.mut_arg(id, move |a| a.default_values(values));
     }
-    let subs: Vec<String> = command.get_subcommands().map(|s| s.get_name().to_owned()).collect();
+    let subs: Vec<String> = command
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
     for sub in subs {
         let mut sub_found = false;
         command = command.mut_subcommand(sub, |s| {
@@ -164,8 +179,11 @@ mod tests {
 
     #[test]
     fn the_file_fills_in_what_flags_do_not_say() {
-        let cli = run("pool_max_size = 7\nqueue = [\"a\", \"b\"]\nnamespace = \"t\"", &[])
-            .expect("parses");
+        let cli = run(
+            "pool_max_size = 7\nqueue = [\"a\", \"b\"]\nnamespace = \"t\"",
+            &[],
+        )
+        .expect("parses");
         assert_eq!(cli.pool_max_size, 7);
         assert_eq!(cli.queue, ["a", "b"]);
         assert_eq!(cli.broker.namespace, "t");

@@ -2,7 +2,7 @@
 //! for all who asked before it started. This is how the stores flush sled, whose own
 //! `flush_async` deadlocks when called concurrently (sled issue #1308, in 0.34.7).
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use tokio::sync::oneshot;
 
@@ -11,38 +11,68 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 /// A flushing thread shared by everyone who writes to one store.
 #[derive(Clone)]
 pub struct GroupCommit {
-    tx: mpsc::Sender<Waiter>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: Option<mpsc::Sender<Waiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// Stops the thread and waits for it, so whatever the flush closure owns (the database)
+    /// is closed when the last clone is gone.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl GroupCommit {
-    /// Starts the thread; `flush` makes every earlier write durable. The thread ends when the
-    /// last `GroupCommit` clone is dropped.
-    pub fn start(name: &str, flush: impl Fn() -> Result<(), String> + Send + 'static) -> std::io::Result<Self> {
+    /// Starts the thread; `flush` makes every earlier write durable.
+    pub fn start(
+        name: &str,
+        flush: impl Fn() -> Result<(), String> + Send + 'static,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();
-        std::thread::Builder::new().name(format!("{name}-flush")).spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut waiters = vec![first];
-                waiters.extend(rx.try_iter());
-                let result = flush();
-                for w in waiters {
-                    let _ = w.send(result.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-flush"))
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut waiters = vec![first];
+                    waiters.extend(rx.try_iter());
+                    let result = flush();
+                    for w in waiters {
+                        let _ = w.send(result.clone());
+                    }
                 }
-            }
-        })?;
-        Ok(Self { tx })
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        })
     }
 
     /// Returns once everything written before this call is flushed.
     pub async fn commit(&self) -> Result<(), String> {
+        let gone = || "the flushing thread is gone".to_owned();
         let (tx, rx) = oneshot::channel();
-        self.tx.send(tx).map_err(|_| "the flushing thread is gone".to_owned())?;
-        rx.await.map_err(|_| "the flushing thread is gone".to_owned())?
+        self.inner
+            .tx
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(tx)
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
@@ -57,10 +87,12 @@ mod tests {
             Ok(())
         })
         .expect("thread starts");
-        let all: Vec<_> = (0..200).map(|_| {
-            let gc = gc.clone();
-            tokio::spawn(async move { gc.commit().await })
-        }).collect();
+        let all: Vec<_> = (0..200)
+            .map(|_| {
+                let gc = gc.clone();
+                tokio::spawn(async move { gc.commit().await })
+            })
+            .collect();
         for h in all {
             h.await.expect("task").expect("flushed");
         }

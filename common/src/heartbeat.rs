@@ -31,9 +31,18 @@ impl Heartbeat {
 
 /// Publishes a heartbeat now and then every interval until `stop`; `fill` adds the part's
 /// current state before each one.
-pub async fn run(broker: Broker, names: Names, mut beat: Heartbeat, stop: CancellationToken, fill: impl Fn(&mut Heartbeat) + Send + Sync + 'static) {
+pub async fn run(
+    broker: Broker,
+    names: Names,
+    mut beat: Heartbeat,
+    stop: CancellationToken,
+    fill: impl Fn(&mut Heartbeat) + Send + Sync + 'static,
+) {
     let interval = Duration::from_millis(beat.interval_ms.max(1));
-    let props = Props { transient: true, ..Props::default() };
+    let props = Props {
+        transient: true,
+        ..Props::default()
+    };
     loop {
         fill(&mut beat);
         beat.seq += 1;

@@ -14,7 +14,9 @@ impl Names {
     /// Names under `namespace`; it must be a valid name part (see [`check_name`]).
     pub fn new(namespace: &str) -> Result<Self, String> {
         check_name("namespace", namespace)?;
-        Ok(Self { ns: namespace.to_owned() })
+        Ok(Self {
+            ns: namespace.to_owned(),
+        })
     }
 
     pub fn namespace(&self) -> &str {
@@ -68,7 +70,12 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with('.') || name.ends_with('.') {
+    if name.is_empty()
+        || name.len() > 64
+        || !ok_chars
+        || name.starts_with('.')
+        || name.ends_with('.')
+    {
         return Err(format!(
             "invalid {what} {name:?}: use 1 to 64 ASCII letters, digits, '-', '_' or inner '.'"
         ));

@@ -146,7 +146,9 @@ impl Job {
         if let Some(p) = self.priority
             && p > MAX_PRIORITY
         {
-            return Err(format!("priority {p} is out of range: use 0 to {MAX_PRIORITY}"));
+            return Err(format!(
+                "priority {p} is out of range: use 0 to {MAX_PRIORITY}"
+            ));
         }
         if self.attempt == 0 {
             return Err("attempt must be 1 or more".into());
@@ -203,7 +205,10 @@ pub struct ErrorInfo {
 
 impl ErrorInfo {
     pub fn new(kind: &str, message: impl Into<String>) -> Self {
-        Self { kind: kind.to_owned(), message: message.into() }
+        Self {
+            kind: kind.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
@@ -237,7 +242,13 @@ pub struct LogLine {
 
 impl fmt::Display for LogLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:5} {}", self.time.format("%Y-%m-%dT%H:%M:%S%.3fZ"), self.level, self.message)
+        write!(
+            f,
+            "{} {:5} {}",
+            self.time.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            self.level,
+            self.message
+        )
     }
 }
 
@@ -487,9 +498,15 @@ impl JobRecord {
 pub enum RpcRequest {
     /// Record a job and queue it; replies with its record. Submitting a uuid that is already
     /// recorded returns the existing record and queues nothing.
-    Submit { job: Job },
-    Status { uuid: JobId },
-    Logs { uuid: JobId },
+    Submit {
+        job: Job,
+    },
+    Status {
+        uuid: JobId,
+    },
+    Logs {
+        uuid: JobId,
+    },
     List {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         state: Option<JobState>,
@@ -503,11 +520,22 @@ pub enum RpcRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum RpcReply {
-    Job { job: Box<JobRecord> },
-    Logs { uuid: JobId, attempts: Vec<AttemptLogs> },
-    Jobs { jobs: Vec<JobRecord> },
-    Agents { agents: Vec<AgentInfo> },
-    Error { message: String },
+    Job {
+        job: Box<JobRecord>,
+    },
+    Logs {
+        uuid: JobId,
+        attempts: Vec<AttemptLogs>,
+    },
+    Jobs {
+        jobs: Vec<JobRecord>,
+    },
+    Agents {
+        agents: Vec<AgentInfo>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -551,7 +579,10 @@ mod tests {
             (br#"{"payload":{}}"#, "missing field `type`"),
             (br#"{"type":"a b"}"#, "invalid work type"),
             (br#"{"type":"x","uuid":"nope"}"#, "not a valid job"),
-            (br#"{"type":"x","priority":12}"#, "priority 12 is out of range"),
+            (
+                br#"{"type":"x","priority":12}"#,
+                "priority 12 is out of range",
+            ),
             (br#"{"type":"x","queue":"../etc"}"#, "invalid queue"),
         ];
         for (body, want) in cases {
@@ -582,7 +613,11 @@ mod tests {
             status: Status::TimedOut,
             error: Some(ErrorInfo::new("timeout", "ran longer than 1 s")),
             output: Value::Null,
-            logs: vec![LogLine { time: now, level: Level::Warn, message: "hi".into() }],
+            logs: vec![LogLine {
+                time: now,
+                level: Level::Warn,
+                message: "hi".into(),
+            }],
             logs_dropped: 0,
             started_at: now,
             finished_at: now,
@@ -598,10 +633,19 @@ mod tests {
 
     #[test]
     fn rpc_messages_are_tagged() {
-        let req = RpcRequest::List { state: Some(JobState::TimedOut), limit: Some(5) };
+        let req = RpcRequest::List {
+            state: Some(JobState::TimedOut),
+            limit: Some(5),
+        };
         let v = serde_json::to_value(&req).expect("serializes");
-        assert_eq!(v, json!({"method": "list", "state": "timed_out", "limit": 5}));
-        let receipt = AgentMessage::Receipt { uuid: JobId::random(), attempt: 2 };
+        assert_eq!(
+            v,
+            json!({"method": "list", "state": "timed_out", "limit": 5})
+        );
+        let receipt = AgentMessage::Receipt {
+            uuid: JobId::random(),
+            attempt: 2,
+        };
         let v = serde_json::to_value(&receipt).expect("serializes");
         assert_eq!(v["kind"], "receipt");
         assert!("bogus".parse::<JobState>().is_err());

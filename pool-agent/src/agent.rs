@@ -11,10 +11,13 @@ use anyhow::{Context as _, bail};
 use chrono::Utc;
 use futures::StreamExt;
 use rota_common::Names;
-use rota_common::amqp::{Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology};
+use rota_common::amqp::{
+    Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology,
+};
 use rota_common::client::short_host;
 use rota_common::wire::{
-    AgentId, AgentMessage, ErrorInfo, Event, EventKind, Heartbeat, Job, JobId, JobResult, Role, Status,
+    AgentId, AgentMessage, ErrorInfo, Event, EventKind, Heartbeat, Job, JobId, JobResult, Role,
+    Status,
 };
 use rota_worker_runtime::context::BufferSink;
 use rota_worker_runtime::{Aliases, Context, Registry};
@@ -29,12 +32,19 @@ use crate::pool::Pool;
 
 /// Runs a pool agent until `shutdown` is cancelled, then stops taking jobs, lets running ones
 /// finish (for up to `--shutdown-grace`), hands back the rest, and returns.
-pub async fn run(cfg: AgentConfig, amqp_url: &str, names: Names, registry: Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: AgentConfig,
+    amqp_url: &str,
+    names: Names,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     cfg.check()?;
     let id = AgentId::new(&cfg.id).map_err(anyhow::Error::msg)?;
     let aliases = Arc::new(Aliases::parse(&cfg.aliases)?);
     let dir = cfg.agent_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data folder {}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
     let outbox = Outbox::open(&dir.join("outbox"))?;
 
     let agent_queue = names.agent_queue(id.as_str());
@@ -43,14 +53,23 @@ pub async fn run(cfg: AgentConfig, amqp_url: &str, names: Names, registry: Regis
         topology.jobs_queue(&names, q);
     }
     topology.queue(QueueSpec::durable(agent_queue.clone()));
-    let conn_name = format!("rota pool-agent {id} ({}, pid {})", short_host(), std::process::id());
+    let conn_name = format!(
+        "rota pool-agent {id} ({}, pid {})",
+        short_host(),
+        std::process::id()
+    );
     let broker = tokio::select! {
         b = Broker::connect(amqp_url, &conn_name, topology, Startup::Retry) => b?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     let tag = format!("pool-agent-{id}");
     let receipts = match broker
-        .consume(ConsumeSpec { queues: vec![agent_queue.clone()], tag: tag.clone(), prefetch: 256, exclusive: true })
+        .consume(ConsumeSpec {
+            queues: vec![agent_queue.clone()],
+            tag: tag.clone(),
+            prefetch: 256,
+            exclusive: true,
+        })
         .await
     {
         Err(BrokerError::Locked { .. }) => bail!(
@@ -62,7 +81,14 @@ pub async fn run(cfg: AgentConfig, amqp_url: &str, names: Names, registry: Regis
     };
 
     let registry = Arc::new(registry);
-    let pool = Pool::start(cfg.worker_location, cfg.pool_min_size, cfg.pool_max_size, cfg.queues.clone(), registry.clone()).await?;
+    let pool = Pool::start(
+        cfg.worker_location,
+        cfg.pool_min_size,
+        cfg.pool_max_size,
+        cfg.queues.clone(),
+        registry.clone(),
+    )
+    .await?;
     let agent = Arc::new(Agent {
         id: id.clone(),
         agent_queue,
@@ -87,14 +113,27 @@ pub async fn run(cfg: AgentConfig, amqp_url: &str, names: Names, registry: Regis
     bg.spawn(agent.clone().resend_loop(background.clone()));
     let queues: Vec<String> = cfg.queues.iter().map(|q| names.jobs_queue(q)).collect();
     let prefetch = u16::try_from(cfg.pool_max_size).unwrap_or(u16::MAX);
-    let mut jobs = broker.consume(ConsumeSpec { queues, tag, prefetch, exclusive: false }).await?;
+    let mut jobs = broker
+        .consume(ConsumeSpec {
+            queues,
+            tag,
+            prefetch,
+            exclusive: false,
+        })
+        .await?;
     let beat = Heartbeat::starting(Role::Agent, id.as_str(), cfg.heartbeat_interval);
     let hb_agent = agent.clone();
-    bg.spawn(rota_common::heartbeat::run(broker.clone(), names.clone(), beat, background.clone(), move |hb| {
-        hb.pools = vec![hb_agent.pool.status()];
-        hb.running = hb_agent.running_ids();
-        hb.unreceipted = hb_agent.outbox.len() as u64;
-    }));
+    bg.spawn(rota_common::heartbeat::run(
+        broker.clone(),
+        names.clone(),
+        beat,
+        background.clone(),
+        move |hb| {
+            hb.pools = vec![hb_agent.pool.status()];
+            hb.running = hb_agent.running_ids();
+            hb.unreceipted = hb_agent.outbox.len() as u64;
+        },
+    ));
 
     info!(agent = %id, queues = ?cfg.queues, location = cfg.worker_location.as_str(), min = cfg.pool_min_size,
         max = cfg.pool_max_size, data_dir = %dir.display(), "pool agent ready");
@@ -159,7 +198,9 @@ impl Agent {
         let _held = Held::new(self, uuid, cancel.clone());
         match self.outbox.get(uuid, job.attempt) {
             Ok(Some(stored)) => {
-                info!("this run already finished here; resending its stored result instead of running it again");
+                info!(
+                    "this run already finished here; resending its stored result instead of running it again"
+                );
                 d.ack().await;
                 self.send(&stored).await;
                 return;
@@ -179,19 +220,29 @@ impl Agent {
                 return;
             }
         };
-        self.event(EventKind::Started, &job, uuid, None, Some(job.clone())).await;
+        self.event(EventKind::Started, &job, uuid, None, Some(job.clone()))
+            .await;
         let work_dir = self.work_root.join(uuid.to_string());
         let sink = Arc::new(self.progress_sink(&job, uuid));
         let started_at = Utc::now();
         let outcome = match tokio::fs::create_dir_all(&work_dir).await {
             Ok(()) => {
-                let ctx = Context::new(job.clone(), work_dir, self.aliases.clone(), sink.clone(), cancel.clone());
+                let ctx = Context::new(
+                    job.clone(),
+                    work_dir,
+                    self.aliases.clone(),
+                    sink.clone(),
+                    cancel.clone(),
+                );
                 worker.execute(ctx, timeout, cancel).await
             }
             Err(e) => rota_worker_runtime::Outcome::error(
                 Status::Crashed,
                 "work_dir",
-                format!("cannot create the job's working folder {}: {e}", work_dir.display()),
+                format!(
+                    "cannot create the job's working folder {}: {e}",
+                    work_dir.display()
+                ),
             ),
         };
         let worker_id = worker.id.clone();
@@ -228,8 +279,16 @@ impl Agent {
             ("x-rota-agent".to_owned(), self.id.to_string()),
             ("x-rota-queue".to_owned(), d.routing_key.clone()),
         ];
-        let props = Props { headers, message_id: d.message_id.clone(), ..Props::default() };
-        if let Err(e) = self.broker.publish(&self.names.dead(), &d.routing_key, &d.body, &props).await {
+        let props = Props {
+            headers,
+            message_id: d.message_id.clone(),
+            ..Props::default()
+        };
+        if let Err(e) = self
+            .broker
+            .publish(&self.names.dead(), &d.routing_key, &d.body, &props)
+            .await
+        {
             error!(error = %e, "cannot dead-letter the job; handing it back to RabbitMQ");
             d.requeue().await;
             return;
@@ -252,7 +311,7 @@ impl Agent {
             logs_dropped: 0,
             started_at: now,
             finished_at: now,
-            job,
+            job: *job,
         };
         self.keep_and_send(d, result).await;
     }
@@ -282,13 +341,19 @@ impl Agent {
             reply_to: Some(self.agent_queue.clone()),
             ..Props::default()
         };
-        match self.broker.publish("", &self.names.results(), &body, &props).await {
+        match self
+            .broker
+            .publish("", &self.names.results(), &body, &props)
+            .await
+        {
             Ok(()) => {
                 if let Ok(mut sent) = self.sent.lock() {
                     sent.insert((result.uuid, result.attempt), Instant::now());
                 }
             }
-            Err(e) => warn!(job_id = %result.uuid, error = %e, "result not sent yet; it stays in the outbox and is resent"),
+            Err(e) => {
+                warn!(job_id = %result.uuid, error = %e, "result not sent yet; it stays in the outbox and is resent")
+            }
         }
     }
 
@@ -299,14 +364,22 @@ impl Agent {
             self.outbox
                 .all()
                 .into_iter()
-                .filter(|r| sent.get(&(r.uuid, r.attempt)).is_none_or(|t| t.elapsed() >= age))
+                .filter(|r| {
+                    sent.get(&(r.uuid, r.attempt))
+                        .is_none_or(|t| t.elapsed() >= age)
+                })
                 .collect()
         };
         if due.is_empty() {
             return;
         }
-        info!(count = due.len(), "resending results that have no receipt yet");
-        futures::stream::iter(due.iter()).for_each_concurrent(64, |r| self.send(r)).await;
+        info!(
+            count = due.len(),
+            "resending results that have no receipt yet"
+        );
+        futures::stream::iter(due.iter())
+            .for_each_concurrent(64, |r| self.send(r))
+            .await;
     }
 
     async fn resend_loop(self: Arc<Self>, stop: CancellationToken) {
@@ -332,7 +405,8 @@ impl Agent {
                         sent.remove(&(uuid, attempt));
                     }
                     if !self.cfg.keep_work_dirs {
-                        let _ = tokio::fs::remove_dir_all(self.work_root.join(uuid.to_string())).await;
+                        let _ =
+                            tokio::fs::remove_dir_all(self.work_root.join(uuid.to_string())).await;
                     }
                 }
                 Err(e) => warn!(error = %e, "ignoring an unreadable message on the agent's queue"),
@@ -343,8 +417,13 @@ impl Agent {
 
     /// A log buffer whose progress reports become `job.progress` events.
     fn progress_sink(&self, job: &Job, uuid: JobId) -> BufferSink {
-        let (broker, names, agent, attempt, work_type) =
-            (self.broker.clone(), self.names.clone(), self.id.clone(), job.attempt, job.work_type.clone());
+        let (broker, names, agent, attempt, work_type) = (
+            self.broker.clone(),
+            self.names.clone(),
+            self.id.clone(),
+            job.attempt,
+            job.work_type.clone(),
+        );
         BufferSink::new(move |progress| {
             let event = Event {
                 event: EventKind::Progress,
@@ -362,7 +441,14 @@ impl Agent {
         })
     }
 
-    async fn event(&self, kind: EventKind, job: &Job, uuid: JobId, status: Option<Status>, with_job: Option<Job>) {
+    async fn event(
+        &self,
+        kind: EventKind,
+        job: &Job,
+        uuid: JobId,
+        status: Option<Status>,
+        with_job: Option<Job>,
+    ) {
         let event = Event {
             event: kind,
             uuid,
@@ -378,20 +464,33 @@ impl Agent {
     }
 
     fn running_ids(&self) -> Vec<JobId> {
-        self.running.lock().map(|r| r.keys().copied().collect()).unwrap_or_default()
+        self.running
+            .lock()
+            .map(|r| r.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Stops taking jobs, waits for running ones up to the grace period, then hands back the
     /// rest, and sends what is still unsent.
     async fn stop(&self, jobs: &mut Consumer, tracker: &TaskTracker) {
-        info!(running = self.running_ids().len(), grace_s = self.cfg.shutdown_grace.as_secs(), "stopping: taking no more jobs");
+        info!(
+            running = self.running_ids().len(),
+            grace_s = self.cfg.shutdown_grace.as_secs(),
+            "stopping: taking no more jobs"
+        );
         jobs.stop().await;
         for d in jobs.drain() {
             d.requeue().await;
         }
         tracker.close();
-        if tokio::time::timeout(self.cfg.shutdown_grace, tracker.wait()).await.is_err() {
-            warn!(running = self.running_ids().len(), "shutdown grace is over: handing unfinished jobs back to RabbitMQ");
+        if tokio::time::timeout(self.cfg.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                running = self.running_ids().len(),
+                "shutdown grace is over: handing unfinished jobs back to RabbitMQ"
+            );
             self.abandon.cancel();
             tracker.wait().await;
         }
@@ -427,7 +526,12 @@ impl Drop for Held<'_> {
 
 async fn publish_event(broker: &Broker, names: &Names, event: &Event) {
     if let Ok(body) = serde_json::to_vec(event) {
-        let props = Props { transient: true, ..Props::default() };
-        broker.notify(&names.events(), &event.routing_key(), &body, &props).await;
+        let props = Props {
+            transient: true,
+            ..Props::default()
+        };
+        broker
+            .notify(&names.events(), &event.routing_key(), &body, &props)
+            .await;
     }
 }

@@ -41,7 +41,12 @@ pub struct AgentConfig {
     pub pool_max_size: usize,
 
     /// A jobs queue to serve (repeatable, or comma-separated in the environment).
-    #[arg(long = "queue", env = "ROTA_QUEUES", value_delimiter = ',', default_value = "default")]
+    #[arg(
+        long = "queue",
+        env = "ROTA_QUEUES",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
     pub queues: Vec<String>,
 
     /// A path alias NAME=DIR that Work can use as `NAME/relative/path` (repeatable).

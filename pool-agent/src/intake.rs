@@ -23,7 +23,7 @@ pub struct Refusal {
     pub reason: String,
     /// The job as far as it could be read, with its uuid, when it has one: the scheduler gets
     /// a `rejected` result for it.
-    pub job: Option<Job>,
+    pub job: Option<Box<Job>>,
 }
 
 /// A job ready to run: its uuid is set.
@@ -49,19 +49,34 @@ pub fn admit(d: &Delivery, limits: &Limits<'_>) -> Result<Admitted, Refusal> {
     }
     let mut job = match Job::parse(&d.body) {
         Ok(job) => job,
-        Err(reason) => return Err(Refusal { reason, job: salvage(&d.body) }),
+        Err(reason) => {
+            return Err(Refusal {
+                reason,
+                job: salvage(&d.body).map(Box::new),
+            });
+        }
     };
-    let uuid = *job
-        .uuid
-        .get_or_insert_with(|| d.message_id.as_deref().and_then(|m| m.parse().ok()).unwrap_or_else(JobId::random));
+    let uuid = *job.uuid.get_or_insert_with(|| {
+        d.message_id
+            .as_deref()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(JobId::random)
+    });
     if !limits.registry.contains(&job.work_type) {
         let known: Vec<&str> = limits.registry.names().collect();
         return Err(Refusal {
-            reason: format!("unknown work type {:?}: this pool runs {}", job.work_type, known.join(", ")),
-            job: Some(job),
+            reason: format!(
+                "unknown work type {:?}: this pool runs {}",
+                job.work_type,
+                known.join(", ")
+            ),
+            job: Some(Box::new(job)),
         });
     }
-    let timeout = job.timeout_s.map(Duration::from_secs).unwrap_or(limits.default_timeout);
+    let timeout = job
+        .timeout_s
+        .map(Duration::from_secs)
+        .unwrap_or(limits.default_timeout);
     if timeout > limits.max_timeout {
         return Err(Refusal {
             reason: format!(
@@ -70,7 +85,7 @@ pub fn admit(d: &Delivery, limits: &Limits<'_>) -> Result<Admitted, Refusal> {
                 timeout.as_secs(),
                 limits.max_timeout.as_secs()
             ),
-            job: Some(job),
+            job: Some(Box::new(job)),
         });
     }
     Ok(Admitted { job, uuid, timeout })
@@ -86,8 +101,16 @@ fn salvage(body: &[u8]) -> Option<Job> {
         .and_then(Value::as_str)
         .filter(|t| rota_common::names::check_name("work type", t).is_ok())
         .unwrap_or("invalid");
-    let mut job = Job::new(work_type, value.get("payload").cloned().unwrap_or(Value::Null));
+    let mut job = Job::new(
+        work_type,
+        value.get("payload").cloned().unwrap_or(Value::Null),
+    );
     job.uuid = Some(uuid);
-    job.attempt = value.get("attempt").and_then(Value::as_u64).and_then(|a| u32::try_from(a).ok()).unwrap_or(1).max(1);
+    job.attempt = value
+        .get("attempt")
+        .and_then(Value::as_u64)
+        .and_then(|a| u32::try_from(a).ok())
+        .unwrap_or(1)
+        .max(1);
     Some(job)
 }

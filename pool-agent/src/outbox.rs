@@ -36,15 +36,20 @@ impl Outbox {
                 anyhow::anyhow!("cannot open the outbox {}: {e}", dir.display())
             }
         })?;
-        let results = db.open_tree("results").context("cannot open the outbox's results tree")?;
-        let durable = GroupCommit::start("outbox", move || db.flush().map(|_| ()).map_err(|e| e.to_string()))?;
+        let results = db
+            .open_tree("results")
+            .context("cannot open the outbox's results tree")?;
+        let durable = GroupCommit::start("outbox", move || {
+            db.flush().map(|_| ()).map_err(|e| e.to_string())
+        })?;
         Ok(Self { results, durable })
     }
 
     /// Stores `result` and waits until it is on disk.
     pub async fn put(&self, result: &JobResult) -> anyhow::Result<()> {
         let value = serde_json::to_vec(result)?;
-        self.results.insert(key(result.uuid, result.attempt), value)?;
+        self.results
+            .insert(key(result.uuid, result.attempt), value)?;
         self.flush().await
     }
 
@@ -74,11 +79,16 @@ impl Outbox {
         self.results
             .iter()
             .values()
-            .filter_map(|v| match v.map_err(anyhow::Error::from).and_then(|b| Ok(serde_json::from_slice(&b)?)) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::error!(error = %e, "skipping an unreadable outbox entry");
-                    None
+            .filter_map(|v| {
+                match v
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| Ok(serde_json::from_slice(&b)?))
+                {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::error!(error = %e, "skipping an unreadable outbox entry");
+                        None
+                    }
                 }
             })
             .collect()
@@ -86,7 +96,10 @@ impl Outbox {
 
     /// Waits until every earlier write is on disk.
     pub async fn flush(&self) -> anyhow::Result<()> {
-        self.durable.commit().await.map_err(|e| anyhow::anyhow!("cannot flush the outbox: {e}"))
+        self.durable
+            .commit()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot flush the outbox: {e}"))
     }
 }
 

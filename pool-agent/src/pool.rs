@@ -23,7 +23,12 @@ pub struct Worker {
 
 impl Worker {
     /// Runs the job of `ctx` to its outcome (see [`rota_worker_runtime::run`]).
-    pub async fn execute(&mut self, ctx: Context, timeout: Duration, cancel: CancellationToken) -> Outcome {
+    pub async fn execute(
+        &mut self,
+        ctx: Context,
+        timeout: Duration,
+        cancel: CancellationToken,
+    ) -> Outcome {
         self.jobs += 1;
         rota_worker_runtime::run(&self.registry, ctx, timeout, cancel).await
     }
@@ -42,7 +47,11 @@ impl managed::Manager for Manager {
 
     async fn create(&self) -> Result<Worker, anyhow::Error> {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Ok(Worker { id: format!("{}-{n}", self.location.as_str()), jobs: 0, registry: self.registry.clone() })
+        Ok(Worker {
+            id: format!("{}-{n}", self.location.as_str()),
+            jobs: 0,
+            registry: self.registry.clone(),
+        })
     }
 
     async fn recycle(&self, _worker: &mut Worker, _: &Metrics) -> RecycleResult<anyhow::Error> {
@@ -64,19 +73,37 @@ pub struct Pool {
 
 impl Pool {
     /// Builds the pool and starts its `min` warm workers.
-    pub async fn start(location: Location, min: usize, max: usize, queues: Vec<String>, registry: Arc<Registry>) -> anyhow::Result<Self> {
-        let manager = Manager { location, registry, next_id: AtomicUsize::new(0) };
+    pub async fn start(
+        location: Location,
+        min: usize,
+        max: usize,
+        queues: Vec<String>,
+        registry: Arc<Registry>,
+    ) -> anyhow::Result<Self> {
+        let manager = Manager {
+            location,
+            registry,
+            next_id: AtomicUsize::new(0),
+        };
         let inner = managed::Pool::builder(manager).max_size(max).build()?;
         let warm: Vec<PooledWorker> = futures::future::try_join_all((0..min).map(|_| inner.get()))
             .await
             .map_err(|e| anyhow::anyhow!("cannot start the pool's warm workers: {e}"))?;
         drop(warm);
-        Ok(Self { inner, location, min, queues })
+        Ok(Self {
+            inner,
+            location,
+            min,
+            queues,
+        })
     }
 
     /// Waits for a free worker.
     pub async fn get(&self) -> anyhow::Result<PooledWorker> {
-        self.inner.get().await.map_err(|e| anyhow::anyhow!("no worker: {e}"))
+        self.inner
+            .get()
+            .await
+            .map_err(|e| anyhow::anyhow!("no worker: {e}"))
     }
 
     pub fn status(&self) -> PoolStatus {

@@ -29,23 +29,41 @@ fn is_alive(s: &Seen) -> bool {
 
 impl Agents {
     pub fn heard(&self, hb: Heartbeat) {
-        let Ok(mut seen) = self.seen.lock() else { return };
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
         let key = (role_name(hb.role).to_owned(), hb.id.clone());
-        let previous = seen.get(&key).map(|s| (s.reported_lost, s.heartbeat.started_at));
+        let previous = seen
+            .get(&key)
+            .map(|s| (s.reported_lost, s.heartbeat.started_at));
         match previous {
-            None => tracing::info!(role = role_name(hb.role), id = %hb.id, host = %hb.host, "part seen for the first time"),
-            Some((true, _)) => tracing::info!(role = role_name(hb.role), id = %hb.id, "part is back"),
+            None => {
+                tracing::info!(role = role_name(hb.role), id = %hb.id, host = %hb.host, "part seen for the first time")
+            }
+            Some((true, _)) => {
+                tracing::info!(role = role_name(hb.role), id = %hb.id, "part is back")
+            }
             Some((_, started)) if started != hb.started_at => {
                 tracing::info!(role = role_name(hb.role), id = %hb.id, "part restarted")
             }
             _ => {}
         }
-        seen.insert(key, Seen { heartbeat: hb, at: Instant::now(), at_utc: Utc::now(), reported_lost: false });
+        seen.insert(
+            key,
+            Seen {
+                heartbeat: hb,
+                at: Instant::now(),
+                at_utc: Utc::now(),
+                reported_lost: false,
+            },
+        );
     }
 
     /// Logs each part that stopped sending heartbeats, once.
     pub fn check(&self) {
-        let Ok(mut seen) = self.seen.lock() else { return };
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
         for ((role, id), s) in seen.iter_mut() {
             if !s.reported_lost && !is_alive(s) {
                 s.reported_lost = true;
@@ -56,9 +74,15 @@ impl Agents {
     }
 
     pub fn list(&self) -> Vec<AgentInfo> {
-        let Ok(seen) = self.seen.lock() else { return Vec::new() };
+        let Ok(seen) = self.seen.lock() else {
+            return Vec::new();
+        };
         seen.values()
-            .map(|s| AgentInfo { alive: is_alive(s), last_seen: s.at_utc, heartbeat: s.heartbeat.clone() })
+            .map(|s| AgentInfo {
+                alive: is_alive(s),
+                last_seen: s.at_utc,
+                heartbeat: s.heartbeat.clone(),
+            })
             .collect()
     }
 }

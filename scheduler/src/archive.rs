@@ -10,7 +10,9 @@ use rota_common::wire::JobResult;
 /// Writes the files of one run (again, if they exist: the content is the same result).
 pub async fn write(job_dir: &Path, result: &JobResult) -> anyhow::Result<()> {
     let dir = job_dir.join(format!("attempt-{}", result.attempt));
-    tokio::fs::create_dir_all(&dir).await.with_context(|| format!("cannot create {}", dir.display()))?;
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let json = serde_json::to_vec_pretty(result)?;
     tokio::fs::write(dir.join("result.json"), json).await?;
     let mut logs = String::new();
@@ -24,5 +26,8 @@ pub async fn write(job_dir: &Path, result: &JobResult) -> anyhow::Result<()> {
 
 /// Whether the files of this run exist.
 pub fn exists(job_dir: &Path, attempt: u32) -> bool {
-    job_dir.join(format!("attempt-{attempt}")).join("result.json").exists()
+    job_dir
+        .join(format!("attempt-{attempt}"))
+        .join("result.json")
+        .exists()
 }

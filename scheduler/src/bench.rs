@@ -59,13 +59,20 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
                             s.insert(uuid, Instant::now());
                         }
                         match args.via {
-                            Via::Direct => client.publish_job(job).await.map(|_| ()).map_err(anyhow::Error::from),
+                            Via::Direct => client
+                                .publish_job(job)
+                                .await
+                                .map(|_| ())
+                                .map_err(anyhow::Error::from),
                             Via::Rpc => client.submit(job).await.map(|_| ()),
                         }
                     }
                 })
                 .buffer_unordered(args.concurrency.max(1))
-                .fold(Ok(()), |acc: anyhow::Result<()>, r| async move { acc.and(r) })
+                .fold(
+                    Ok(()),
+                    |acc: anyhow::Result<()>, r| async move { acc.and(r) },
+                )
                 .await
         })
     };
@@ -74,8 +81,12 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
     let mut failed = 0usize;
     let wait = async {
         while latencies.len() < args.jobs {
-            let Some(event) = events.next().await else { bail!("lost the connection to RabbitMQ") };
-            let Some(t0) = sent.lock().ok().and_then(|mut s| s.remove(&event.uuid)) else { continue };
+            let Some(event) = events.next().await else {
+                bail!("lost the connection to RabbitMQ")
+            };
+            let Some(t0) = sent.lock().ok().and_then(|mut s| s.remove(&event.uuid)) else {
+                continue;
+            };
             latencies.push(t0.elapsed());
             if event.status != Some(Status::Succeeded) {
                 failed += 1;
@@ -90,9 +101,18 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
     submitter.await.context("the submitter failed")??;
 
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1];
-    println!("jobs:        {} via {:?} ({} failed)", args.jobs, args.via, failed);
-    println!("throughput:  {:.0} jobs/s end to end ({:.2} s from first submit to last result recorded)", args.jobs as f64 / elapsed.as_secs_f64(), elapsed.as_secs_f64());
+    let pct = |p: f64| {
+        latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
+    };
+    println!(
+        "jobs:        {} via {:?} ({} failed)",
+        args.jobs, args.via, failed
+    );
+    println!(
+        "throughput:  {:.0} jobs/s end to end ({:.2} s from first submit to last result recorded)",
+        args.jobs as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
     println!(
         "latency:     p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (submit → result recorded)",
         pct(0.50).as_secs_f64() * 1e3,
@@ -101,16 +121,32 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
     );
     if let Ok(RpcReply::Agents { agents }) = client.call(&RpcRequest::Agents).await {
         let host = short_host();
-        for a in agents.iter().filter(|a| a.alive && a.heartbeat.host == host) {
+        for a in agents
+            .iter()
+            .filter(|a| a.alive && a.heartbeat.host == host)
+        {
             let hb = &a.heartbeat;
             match peak_rss_kib(hb.pid) {
-                Some(kib) => println!("peak RSS:    {:>7.1} MiB  {:?} {} (pid {})", kib as f64 / 1024.0, hb.role, hb.id, hb.pid),
-                None => println!("peak RSS:    unknown for {:?} {} (pid {})", hb.role, hb.id, hb.pid),
+                Some(kib) => println!(
+                    "peak RSS:    {:>7.1} MiB  {:?} {} (pid {})",
+                    kib as f64 / 1024.0,
+                    hb.role,
+                    hb.id,
+                    hb.pid
+                ),
+                None => println!(
+                    "peak RSS:    unknown for {:?} {} (pid {})",
+                    hb.role, hb.id, hb.pid
+                ),
             }
         }
     }
     client.close().await;
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The peak resident set size of a process (VmHWM), in KiB.

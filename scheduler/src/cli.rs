@@ -8,7 +8,9 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use rota_common::client::Client;
 use rota_common::config::{BrokerArgs, parse_duration};
-use rota_common::wire::{AgentInfo, EventKind, Job, JobId, JobRecord, JobState, Role, RpcReply, RpcRequest, Status};
+use rota_common::wire::{
+    AgentInfo, EventKind, Job, JobId, JobRecord, JobState, Role, RpcReply, RpcRequest, Status,
+};
 use serde_json::Value;
 
 use crate::SchedulerConfig;
@@ -114,7 +116,8 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
             ExitCode::SUCCESS
         }
         Command::Logs { uuid, json } => {
-            let RpcReply::Logs { attempts, .. } = client.call(&RpcRequest::Logs { uuid }).await? else {
+            let RpcReply::Logs { attempts, .. } = client.call(&RpcRequest::Logs { uuid }).await?
+            else {
                 bail!("unexpected reply from the scheduler");
             };
             print(json, &attempts, || {
@@ -125,8 +128,18 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
             })?;
             ExitCode::SUCCESS
         }
-        Command::List { status, limit, json } => {
-            let RpcReply::Jobs { jobs } = client.call(&RpcRequest::List { state: status, limit: Some(limit) }).await? else {
+        Command::List {
+            status,
+            limit,
+            json,
+        } => {
+            let RpcReply::Jobs { jobs } = client
+                .call(&RpcRequest::List {
+                    state: status,
+                    limit: Some(limit),
+                })
+                .await?
+            else {
                 bail!("unexpected reply from the scheduler");
             };
             print(json, &jobs, || print_jobs(&jobs))?;
@@ -139,7 +152,9 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
             print(json, &agents, || print_agents(&agents))?;
             ExitCode::SUCCESS
         }
-        Command::Run(_) | Command::Demo(_) | Command::Bench(_) => unreachable!("not a client command"),
+        Command::Run(_) | Command::Demo(_) | Command::Bench(_) => {
+            unreachable!("not a client command")
+        }
     };
     client.close().await;
     Ok(code)
@@ -147,7 +162,8 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
 
 async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let payload: Value = match &args.payload {
-        Some(text) => serde_json::from_str(text).map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))?,
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))?,
         None => Value::Null,
     };
     let mut job = Job::new(args.work_type, payload);
@@ -157,7 +173,11 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     job.priority = args.priority;
     job.timeout_s = args.timeout_s;
     // Listen before submitting, so the finished event cannot slip past.
-    let mut events = if args.wait { Some(client.watch(&[EventKind::Finished]).await?) } else { None };
+    let mut events = if args.wait {
+        Some(client.watch(&[EventKind::Finished]).await?)
+    } else {
+        None
+    };
     let mut record = client.submit(job).await?;
     if let Some(events) = events.as_mut()
         && !record.state.is_final()
@@ -172,7 +192,10 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         };
         match tokio::time::timeout(args.wait_timeout, wait).await {
             Ok(true) => record = client.status(uuid).await?,
-            _ => bail!("job {uuid} did not finish within {:?}; `scheduler status {uuid}` shows where it is", args.wait_timeout),
+            _ => bail!(
+                "job {uuid} did not finish within {:?}; `scheduler status {uuid}` shows where it is",
+                args.wait_timeout
+            ),
         }
     }
     if args.json {
@@ -182,7 +205,11 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("{uuid}");
     }
-    Ok(if !args.wait || record.state == JobState::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if !args.wait || record.state == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn print<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce()) -> anyhow::Result<()> {
@@ -196,7 +223,12 @@ fn print<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce()) -> an
 
 fn print_record(r: &JobRecord) {
     println!("job {}  {}  {}", r.uuid, r.job.work_type, r.state);
-    println!("  queue {}, created {}, {} attempt(s)", r.job.queue_name(), r.created_at.format("%Y-%m-%d %H:%M:%S%.3f"), r.attempts.len());
+    println!(
+        "  queue {}, created {}, {} attempt(s)",
+        r.job.queue_name(),
+        r.created_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+        r.attempts.len()
+    );
     for a in &r.attempts {
         let status = a.status.map(Status::as_str).unwrap_or("running");
         let took = match (a.started_at, a.finished_at) {
@@ -204,7 +236,12 @@ fn print_record(r: &JobRecord) {
             _ => String::new(),
         };
         let agent = a.agent.as_ref().map(|x| x.to_string()).unwrap_or_default();
-        println!("  attempt {}: {status} on {agent} {}{took}, {} log line(s)", a.attempt, a.worker.as_deref().unwrap_or(""), a.log_lines);
+        println!(
+            "  attempt {}: {status} on {agent} {}{took}, {} log line(s)",
+            a.attempt,
+            a.worker.as_deref().unwrap_or(""),
+            a.log_lines
+        );
         if let Some(e) = &a.error {
             println!("    error ({}): {}", e.kind, e.message);
         }
@@ -216,7 +253,10 @@ fn print_record(r: &JobRecord) {
 }
 
 fn print_jobs(jobs: &[JobRecord]) {
-    println!("{:<36}  {:<18}  {:<10}  {:>8}  UPDATED", "UUID", "TYPE", "STATE", "ATTEMPTS");
+    println!(
+        "{:<36}  {:<18}  {:<10}  {:>8}  UPDATED",
+        "UUID", "TYPE", "STATE", "ATTEMPTS"
+    );
     for j in jobs {
         println!(
             "{:<36}  {:<18}  {:<10}  {:>8}  {}",
@@ -230,7 +270,10 @@ fn print_jobs(jobs: &[JobRecord]) {
 }
 
 fn print_agents(agents: &[AgentInfo]) {
-    println!("{:<9}  {:<20}  {:<16}  {:>7}  {:<5}  {:<20}  {:<16}  {:>7}  {:>11}", "ROLE", "ID", "HOST", "PID", "ALIVE", "LAST SEEN", "POOL", "RUNNING", "UNRECEIPTED");
+    println!(
+        "{:<9}  {:<20}  {:<16}  {:>7}  {:<5}  {:<20}  {:<16}  {:>7}  {:>11}",
+        "ROLE", "ID", "HOST", "PID", "ALIVE", "LAST SEEN", "POOL", "RUNNING", "UNRECEIPTED"
+    );
     for a in agents {
         let hb = &a.heartbeat;
         let pool = hb
@@ -241,7 +284,11 @@ fn print_agents(agents: &[AgentInfo]) {
             .join(" ");
         println!(
             "{:<9}  {:<20}  {:<16}  {:>7}  {:<5}  {:<20}  {:<16}  {:>7}  {:>11}",
-            if hb.role == Role::Scheduler { "scheduler" } else { "agent" },
+            if hb.role == Role::Scheduler {
+                "scheduler"
+            } else {
+                "agent"
+            },
             hb.id,
             hb.host,
             hb.pid,

@@ -74,7 +74,8 @@ fn plan(n: usize, demodata: &std::path::Path) -> Vec<Planned> {
 
 pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.clean && args.dir.exists() {
-        std::fs::remove_dir_all(&args.dir).with_context(|| format!("cannot empty {}", args.dir.display()))?;
+        std::fs::remove_dir_all(&args.dir)
+            .with_context(|| format!("cannot empty {}", args.dir.display()))?;
     }
     let dir = std::path::absolute(&args.dir)?;
     let demodata = dir.join("demodata");
@@ -82,7 +83,11 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
     let names = broker.names()?;
 
     let stop = CancellationToken::new();
-    let sched_cfg = SchedulerConfig { data_dir: dir.clone(), heartbeat_interval: Duration::from_secs(2), results_prefetch: 256 };
+    let sched_cfg = SchedulerConfig {
+        data_dir: dir.clone(),
+        heartbeat_interval: Duration::from_secs(2),
+        results_prefetch: 256,
+    };
     let agent_cfg = AgentConfig {
         id: "demo".into(),
         worker_location: args.worker_location,
@@ -105,7 +110,16 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
     });
     let agent = tokio::spawn({
         let (url, names, stop) = (broker.amqp_url.clone(), names.clone(), stop.clone());
-        async move { rota_pool_agent::run(agent_cfg, &url, names, rota_worker_runtime::Registry::with_builtins(), stop).await }
+        async move {
+            rota_pool_agent::run(
+                agent_cfg,
+                &url,
+                names,
+                rota_worker_runtime::Registry::with_builtins(),
+                stop,
+            )
+            .await
+        }
     });
 
     let outcome = drive(broker, &args, &demodata, &dir).await;
@@ -117,7 +131,12 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
     outcome
 }
 
-async fn drive(broker: &BrokerArgs, args: &DemoArgs, demodata: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+async fn drive(
+    broker: &BrokerArgs,
+    args: &DemoArgs,
+    demodata: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
     let client = Client::connect(&broker.amqp_url, broker.names()?, "demo").await?;
     let planned = plan(args.jobs, demodata);
     println!(
@@ -133,9 +152,15 @@ async fn drive(broker: &BrokerArgs, args: &DemoArgs, demodata: &std::path::Path,
     let mut events = client.watch(&[EventKind::Finished]).await?;
     let start = Instant::now();
     for p in &planned {
-        client.submit(p.job.clone()).await.context("the scheduler refused a demo job")?;
+        client
+            .submit(p.job.clone())
+            .await
+            .context("the scheduler refused a demo job")?;
     }
-    let mut pending: HashMap<JobId, &Planned> = planned.iter().filter_map(|p| Some((p.job.uuid?, p))).collect();
+    let mut pending: HashMap<JobId, &Planned> = planned
+        .iter()
+        .filter_map(|p| Some((p.job.uuid?, p)))
+        .collect();
     let total = planned.len();
     let deadline = tokio::time::sleep(args.timeout);
     tokio::pin!(deadline);
@@ -161,23 +186,34 @@ async fn drive(broker: &BrokerArgs, args: &DemoArgs, demodata: &std::path::Path,
     client.close().await;
 
     println!();
-    println!("{:<8}  {:<16}  {:<10}  {:<8}  {:>8}  {:<9}  FOLDER", "JOB", "TYPE", "STATUS", "EXPECTED", "SECONDS", "WORKER");
+    println!(
+        "{:<8}  {:<16}  {:<10}  {:<8}  {:>8}  {:<9}  FOLDER",
+        "JOB", "TYPE", "STATUS", "EXPECTED", "SECONDS", "WORKER"
+    );
     let mut ok = true;
     for (p, r) in &records {
         let file_ok = match &p.file {
-            Some((path, text)) => std::fs::read_to_string(path).map(|t| &t == text).unwrap_or(false),
+            Some((path, text)) => std::fs::read_to_string(path)
+                .map(|t| &t == text)
+                .unwrap_or(false),
             None => true,
         };
         let as_expected = r.state == p.expect && file_ok;
         ok &= as_expected;
-        let worker = r.attempts.last().and_then(|a| a.worker.clone()).unwrap_or_default();
+        let worker = r
+            .attempts
+            .last()
+            .and_then(|a| a.worker.clone())
+            .unwrap_or_default();
         println!(
             "{:<8}  {:<16}  {:<10}  {:<8}  {:>8}  {:<9}  {}",
             &r.uuid.to_string()[..8],
             r.job.work_type,
             r.state.as_str(),
             if as_expected { "yes" } else { "NO" },
-            r.duration_s().map(|d| format!("{d:.3}")).unwrap_or_default(),
+            r.duration_s()
+                .map(|d| format!("{d:.3}"))
+                .unwrap_or_default(),
             worker,
             r.dir
         );

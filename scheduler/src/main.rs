@@ -14,7 +14,11 @@ fn main() -> ExitCode {
     };
     // The daemon logs everything; the commands a person runs show only what matters.
     let daemon = matches!(cli.command, Command::Run(_));
-    let default_filter = if daemon { "info,lapin=warn" } else { "warn,lapin=off" };
+    let default_filter = if daemon {
+        "info,lapin=warn"
+    } else {
+        "warn,lapin=off"
+    };
     rota_common::telemetry::init(cli.broker.log_format, default_filter);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

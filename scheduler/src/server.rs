@@ -7,15 +7,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::Args;
 use chrono::Utc;
+use clap::Args;
 use rota_common::Names;
-use rota_common::amqp::{Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology};
+use rota_common::amqp::{
+    Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology,
+};
 use rota_common::client::short_host;
 use rota_common::config::parse_duration;
 use rota_common::names::DEFAULT_QUEUE;
 use rota_common::wire::{
-    AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord, JobResult, Role, RpcReply, RpcRequest,
+    AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord, JobResult, Role,
+    RpcReply, RpcRequest,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -47,21 +50,37 @@ impl SchedulerConfig {
 }
 
 /// Runs the scheduler until `shutdown`, then finishes what it holds and returns.
-pub async fn run(cfg: SchedulerConfig, amqp_url: &str, names: Names, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: SchedulerConfig,
+    amqp_url: &str,
+    names: Names,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let dir = cfg.scheduler_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data folder {}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
     let store = Store::open(&dir)?;
 
     let events_queue = names.scheduler_events();
-    let beats_queue = names.private_queue("scheduler.heartbeats", &uuid::Uuid::new_v4().simple().to_string());
+    let beats_queue = names.private_queue(
+        "scheduler.heartbeats",
+        &uuid::Uuid::new_v4().simple().to_string(),
+    );
     let mut topology = Topology::core(&names);
     topology
         .jobs_queue(&names, DEFAULT_QUEUE)
-        .queue(QueueSpec { max_length: Some(100_000), ..QueueSpec::durable(events_queue.clone()) })
+        .queue(QueueSpec {
+            max_length: Some(100_000),
+            ..QueueSpec::durable(events_queue.clone())
+        })
         .bind(&events_queue, &names.events(), "job.started.#")
         .queue(QueueSpec::private(beats_queue.clone()))
         .bind(&beats_queue, &names.heartbeats(), "");
-    let conn_name = format!("rota scheduler ({}, pid {})", short_host(), std::process::id());
+    let conn_name = format!(
+        "rota scheduler ({}, pid {})",
+        short_host(),
+        std::process::id()
+    );
     let broker = tokio::select! {
         b = Broker::connect(amqp_url, &conn_name, topology, Startup::Retry) => b?,
         _ = shutdown.cancelled() => return Ok(()),
@@ -83,13 +102,28 @@ pub async fn run(cfg: SchedulerConfig, amqp_url: &str, names: Names, shutdown: C
         other => other?,
     };
     let rpc = broker
-        .consume(ConsumeSpec { queues: vec![names.rpc()], tag: "scheduler-rpc".into(), prefetch: 64, exclusive: false })
+        .consume(ConsumeSpec {
+            queues: vec![names.rpc()],
+            tag: "scheduler-rpc".into(),
+            prefetch: 64,
+            exclusive: false,
+        })
         .await?;
     let started = broker
-        .consume(ConsumeSpec { queues: vec![events_queue], tag: "scheduler-events".into(), prefetch: 256, exclusive: false })
+        .consume(ConsumeSpec {
+            queues: vec![events_queue],
+            tag: "scheduler-events".into(),
+            prefetch: 256,
+            exclusive: false,
+        })
         .await?;
     let beats = broker
-        .consume(ConsumeSpec { queues: vec![beats_queue], tag: "scheduler-heartbeats".into(), prefetch: 64, exclusive: true })
+        .consume(ConsumeSpec {
+            queues: vec![beats_queue],
+            tag: "scheduler-heartbeats".into(),
+            prefetch: 64,
+            exclusive: true,
+        })
         .await?;
 
     let sched = Arc::new(Scheduler {
@@ -109,7 +143,13 @@ pub async fn run(cfg: SchedulerConfig, amqp_url: &str, names: Names, shutdown: C
     tasks.spawn(sched.clone().serve(beats, work.clone(), Kind::Heartbeat));
     tasks.spawn(sched.clone().housekeeping(stop.clone()));
     let beat = Heartbeat::starting(Role::Scheduler, "scheduler", cfg.heartbeat_interval);
-    tasks.spawn(rota_common::heartbeat::run(broker.clone(), names.clone(), beat, stop.clone(), |_| {}));
+    tasks.spawn(rota_common::heartbeat::run(
+        broker.clone(),
+        names.clone(),
+        beat,
+        stop.clone(),
+        |_| {},
+    ));
     info!(namespace = names.namespace(), data_dir = %dir.display(), jobs = sched.store.len(), "scheduler ready");
 
     shutdown.cancelled().await;
@@ -176,7 +216,8 @@ impl Scheduler {
             let result: JobResult = match serde_json::from_slice(&d.body) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.dead_letter(d, &format!("not a valid result: {e}")).await;
+                    self.dead_letter(d, &format!("not a valid result: {e}"))
+                        .await;
                     continue;
                 }
             };
@@ -231,12 +272,22 @@ impl Scheduler {
     }
 
     async fn receipt(&self, d: &Delivery, result: &JobResult) {
-        let Some(reply_to) = d.reply_to.as_deref() else { return };
-        let message = AgentMessage::Receipt { uuid: result.uuid, attempt: result.attempt };
-        let Ok(body) = serde_json::to_vec(&message) else { return };
+        let Some(reply_to) = d.reply_to.as_deref() else {
+            return;
+        };
+        let message = AgentMessage::Receipt {
+            uuid: result.uuid,
+            attempt: result.attempt,
+        };
+        let Ok(body) = serde_json::to_vec(&message) else {
+            return;
+        };
         // Unconfirmed and transient: a lost receipt only means the agent resends the result,
         // which is then receipted again.
-        let props = Props { transient: true, ..Props::default() };
+        let props = Props {
+            transient: true,
+            ..Props::default()
+        };
         self.broker.notify("", reply_to, &body, &props).await;
     }
 
@@ -253,8 +304,13 @@ impl Scheduler {
             job: None,
         };
         if let Ok(body) = serde_json::to_vec(&event) {
-            let props = Props { transient: true, ..Props::default() };
-            self.broker.notify(&self.names.events(), &event.routing_key(), &body, &props).await;
+            let props = Props {
+                transient: true,
+                ..Props::default()
+            };
+            self.broker
+                .notify(&self.names.events(), &event.routing_key(), &body, &props)
+                .await;
         }
     }
 
@@ -279,38 +335,68 @@ impl Scheduler {
 
     async fn on_rpc(&self, d: Delivery) {
         let reply = match serde_json::from_slice::<RpcRequest>(&d.body) {
-            Ok(request) => self.answer(request).await.unwrap_or_else(|e| RpcReply::Error { message: format!("{e:#}") }),
-            Err(e) => RpcReply::Error { message: format!("not a valid request: {e}") },
+            Ok(request) => self
+                .answer(request)
+                .await
+                .unwrap_or_else(|e| RpcReply::Error {
+                    message: format!("{e:#}"),
+                }),
+            Err(e) => RpcReply::Error {
+                message: format!("not a valid request: {e}"),
+            },
         };
         d.ack().await;
-        let (Some(reply_to), Ok(body)) = (d.reply_to.as_deref(), serde_json::to_vec(&reply)) else { return };
-        let props = Props { correlation_id: d.correlation_id.clone(), transient: true, ..Props::default() };
+        let (Some(reply_to), Ok(body)) = (d.reply_to.as_deref(), serde_json::to_vec(&reply)) else {
+            return;
+        };
+        let props = Props {
+            correlation_id: d.correlation_id.clone(),
+            transient: true,
+            ..Props::default()
+        };
         self.broker.notify("", reply_to, &body, &props).await;
     }
 
     async fn answer(&self, request: RpcRequest) -> anyhow::Result<RpcReply> {
         Ok(match request {
-            RpcRequest::Submit { job } => RpcReply::Job { job: Box::new(self.submit(job).await?) },
-            RpcRequest::Status { uuid } => RpcReply::Job { job: Box::new(self.record_of(uuid)?) },
+            RpcRequest::Submit { job } => RpcReply::Job {
+                job: Box::new(self.submit(job).await?),
+            },
+            RpcRequest::Status { uuid } => RpcReply::Job {
+                job: Box::new(self.record_of(uuid)?),
+            },
             RpcRequest::Logs { uuid } => {
                 self.record_of(uuid)?;
-                let attempts = self.store.logs(uuid)?.into_iter().map(|(attempt, lines)| AttemptLogs { attempt, lines }).collect();
+                let attempts = self
+                    .store
+                    .logs(uuid)?
+                    .into_iter()
+                    .map(|(attempt, lines)| AttemptLogs { attempt, lines })
+                    .collect();
                 RpcReply::Logs { uuid, attempts }
             }
-            RpcRequest::List { state, limit } => RpcReply::Jobs { jobs: self.store.list(state, limit.unwrap_or(50))? },
-            RpcRequest::Agents => RpcReply::Agents { agents: self.agents.list() },
+            RpcRequest::List { state, limit } => RpcReply::Jobs {
+                jobs: self.store.list(state, limit.unwrap_or(50))?,
+            },
+            RpcRequest::Agents => RpcReply::Agents {
+                agents: self.agents.list(),
+            },
         })
     }
 
     fn record_of(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
-        self.store.get(uuid)?.ok_or_else(|| anyhow::anyhow!("no job {uuid} is recorded"))
+        self.store
+            .get(uuid)?
+            .ok_or_else(|| anyhow::anyhow!("no job {uuid} is recorded"))
     }
 
     /// Records the job, then publishes it. A job already recorded is returned as it is.
     async fn submit(&self, mut job: Job) -> anyhow::Result<JobRecord> {
         job.check().map_err(anyhow::Error::msg)?;
         if job.run_at.is_some() {
-            bail!("run_at (delayed jobs) is not supported by this scheduler yet; submit without it");
+            bail!(
+                "run_at (delayed jobs) is not supported by this scheduler yet; submit without it"
+            );
         }
         let uuid = *job.uuid.get_or_insert_with(JobId::random);
         let (record, new) = self.store.submit(job).await?;
@@ -330,8 +416,14 @@ impl Scheduler {
         t.jobs_queue(&self.names, queue);
         self.broker.declare(t).await?;
         let body = serde_json::to_vec(&record.job)?;
-        let props = Props { message_id: Some(record.uuid.to_string()), priority: record.job.priority, ..Props::default() };
-        self.broker.publish(&self.names.jobs_exchange(), queue, &body, &props).await?;
+        let props = Props {
+            message_id: Some(record.uuid.to_string()),
+            priority: record.job.priority,
+            ..Props::default()
+        };
+        self.broker
+            .publish(&self.names.jobs_exchange(), queue, &body, &props)
+            .await?;
         self.store.published(record.uuid)?;
         Ok(())
     }
@@ -345,7 +437,10 @@ impl Scheduler {
         if pending.is_empty() {
             return;
         }
-        info!(count = pending.len(), "queueing jobs recorded but not yet confirmed by RabbitMQ");
+        info!(
+            count = pending.len(),
+            "queueing jobs recorded but not yet confirmed by RabbitMQ"
+        );
         for record in pending {
             if let Err(e) = self.publish(&record).await {
                 warn!(job_id = %record.uuid, error = %e, "job not queued yet; trying again later");
@@ -355,17 +450,12 @@ impl Scheduler {
 
     /// Every second: report lost parts; every 30 s and after a reconnect: queue what waits.
     async fn housekeeping(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut n: u64 = 0;
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        let mut requeue = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    self.agents.check();
-                    n += 1;
-                    if n % 30 == 0 {
-                        self.publish_unpublished().await;
-                    }
-                }
+                _ = check.tick() => self.agents.check(),
+                _ = requeue.tick() => self.publish_unpublished().await,
                 _ = self.broker.reconnected() => self.publish_unpublished().await,
                 _ = stop.cancelled() => return,
             }
@@ -374,8 +464,15 @@ impl Scheduler {
 
     async fn dead_letter(&self, d: Delivery, reason: &str) {
         warn!(reason, queue = %d.routing_key, "unreadable message: it goes to the dead-letter queue");
-        let props = Props { headers: vec![("x-rota-reason".into(), reason.into())], ..Props::default() };
-        match self.broker.publish(&self.names.dead(), &d.routing_key, &d.body, &props).await {
+        let props = Props {
+            headers: vec![("x-rota-reason".into(), reason.into())],
+            ..Props::default()
+        };
+        match self
+            .broker
+            .publish(&self.names.dead(), &d.routing_key, &d.body, &props)
+            .await
+        {
             Ok(()) => {
                 d.ack().await;
             }

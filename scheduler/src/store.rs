@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use chrono::Utc;
-use rota_common::wire::{Attempt, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine};
 use rota_common::group_commit::GroupCommit;
+use rota_common::wire::{Attempt, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
@@ -51,11 +51,15 @@ fn time_key(record: &JobRecord) -> Vec<u8> {
     k
 }
 
-fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, ConflictableTransactionError<anyhow::Error>> {
+fn encode<T: serde::Serialize>(
+    v: &T,
+) -> Result<Vec<u8>, ConflictableTransactionError<anyhow::Error>> {
     serde_json::to_vec(v).map_err(|e| ConflictableTransactionError::Abort(e.into()))
 }
 
-fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ConflictableTransactionError<anyhow::Error>> {
+fn decode<T: serde::de::DeserializeOwned>(
+    b: &[u8],
+) -> Result<T, ConflictableTransactionError<anyhow::Error>> {
     serde_json::from_slice(b).map_err(|e| ConflictableTransactionError::Abort(e.into()))
 }
 
@@ -83,7 +87,9 @@ impl Store {
             unpublished: db.open_tree("unpublished")?,
             by_time: db.open_tree("by_time")?,
             work_root: dir.join("work"),
-            durable: GroupCommit::start("store", move || db.flush().map(|_| ()).map_err(|e| e.to_string()))?,
+            durable: GroupCommit::start("store", move || {
+                db.flush().map(|_| ()).map_err(|e| e.to_string())
+            })?,
         })
     }
 
@@ -110,15 +116,17 @@ impl Store {
     pub async fn submit(&self, job: Job) -> anyhow::Result<(JobRecord, bool)> {
         let uuid = job.uuid.context("a submitted job needs its uuid")?;
         let fresh = self.new_record(job, uuid, JobState::Queued);
-        let r = (&self.jobs, &self.unpublished, &self.by_time).transaction(|(jobs, unpublished, by_time)| {
-            if let Some(old) = jobs.get(uuid.as_bytes())? {
-                return Ok((decode::<JobRecord>(&old)?, false));
-            }
-            jobs.insert(uuid.as_bytes(), encode(&fresh)?)?;
-            unpublished.insert(uuid.as_bytes(), &[])?;
-            by_time.insert(time_key(&fresh), &[])?;
-            Ok((fresh.clone(), true))
-        });
+        let r = (&self.jobs, &self.unpublished, &self.by_time).transaction(
+            |(jobs, unpublished, by_time)| {
+                if let Some(old) = jobs.get(uuid.as_bytes())? {
+                    return Ok((decode::<JobRecord>(&old)?, false));
+                }
+                jobs.insert(uuid.as_bytes(), encode(&fresh)?)?;
+                unpublished.insert(uuid.as_bytes(), &[])?;
+                by_time.insert(time_key(&fresh), &[])?;
+                Ok((fresh.clone(), true))
+            },
+        );
         let out = flatten(r)?;
         if out.1 {
             self.flush().await?;
@@ -143,25 +151,48 @@ impl Store {
         Ok(out)
     }
 
+    /// Applies `change` to the record of `uuid` atomically (creating it from `fresh` when
+    /// absent); `change` returns false to leave the record as it is.
+    fn update(
+        &self,
+        uuid: JobId,
+        fresh: &JobRecord,
+        change: impl Fn(&mut JobRecord) -> bool,
+    ) -> anyhow::Result<JobRecord> {
+        let created = std::cell::Cell::new(false);
+        let after = self.jobs.update_and_fetch(uuid.as_bytes(), |old| {
+            let mut record = match old.map(serde_json::from_slice::<JobRecord>) {
+                Some(Ok(r)) => r,
+                Some(Err(_)) => return old.map(<[u8]>::to_vec), // unreadable: leave it
+                None => fresh.clone(),
+            };
+            created.set(old.is_none());
+            if !change(&mut record) && old.is_some() {
+                return old.map(<[u8]>::to_vec);
+            }
+            record.updated_at = Utc::now();
+            serde_json::to_vec(&record)
+                .ok()
+                .or_else(|| old.map(<[u8]>::to_vec))
+        })?;
+        let record: JobRecord = serde_json::from_slice(&after.context("the record vanished")?)?;
+        if created.get() {
+            self.by_time.insert(time_key(&record), &[])?;
+        }
+        Ok(record)
+    }
+
     /// Notes that a run started (from a `job.started` event). Creates the record of a job
     /// published straight to RabbitMQ; never moves a finished job back.
     pub fn started(&self, event: &Event) -> anyhow::Result<()> {
         let Some(job) = &event.job else { return Ok(()) };
-        let uuid = event.uuid;
-        let fresh = self.new_record(job.clone(), uuid, JobState::Running);
-        let r = (&self.jobs, &self.by_time).transaction(|(jobs, by_time)| {
-            let mut record = match jobs.get(uuid.as_bytes())? {
-                Some(old) => decode::<JobRecord>(&old)?,
-                None => {
-                    by_time.insert(time_key(&fresh), &[])?;
-                    fresh.clone()
-                }
-            };
-            if record.state.is_final() || record.attempts.iter().any(|a| a.attempt == event.attempt) {
-                return Ok(());
+        let fresh = self.new_record(job.clone(), event.uuid, JobState::Running);
+        self.update(event.uuid, &fresh, |record| {
+            if record.state.is_final() || record.attempts.iter().any(|a| a.attempt == event.attempt)
+            {
+                return false;
             }
             record.state = JobState::Running;
-            record.updated_at = Utc::now();
             record.attempts.push(Attempt {
                 attempt: event.attempt,
                 agent: event.agent.clone(),
@@ -173,62 +204,71 @@ impl Store {
                 finished_at: None,
                 log_lines: 0,
             });
-            jobs.insert(uuid.as_bytes(), encode(&record)?)?;
-            Ok(())
-        });
-        flatten(r)
+            true
+        })?;
+        Ok(())
     }
 
     /// Records a result once: a run already recorded is a [`Recorded::Duplicate`]. Not
     /// durable until [`Store::flush`] (callers flush once for a batch).
+    ///
+    /// The result is kept first, with an atomic insert-if-absent that decides which copy
+    /// wins; the job's record is then brought in line with the winner. A crash in between
+    /// is mended when the result comes again (the agent resends until receipted).
     pub fn record(&self, result: &JobResult) -> anyhow::Result<Recorded> {
-        let uuid = result.uuid;
-        let rkey = result_key(uuid, result.attempt);
-        let fresh = self.new_record(result.job.clone(), uuid, JobState::Queued);
-        let r = (&self.jobs, &self.results, &self.by_time, &self.unpublished).transaction(
-            |(jobs, results, by_time, unpublished)| {
-                if results.get(rkey)?.is_some() {
-                    return Ok(Recorded::Duplicate);
+        let key = result_key(result.uuid, result.attempt);
+        let won = self
+            .results
+            .compare_and_swap(
+                key,
+                None as Option<&[u8]>,
+                Some(serde_json::to_vec(result)?),
+            )?
+            .is_ok();
+        let winner = if won {
+            result.clone()
+        } else {
+            self.result(result.uuid, result.attempt)?
+                .context("the stored result vanished")?
+        };
+        let fresh = self.new_record(winner.job.clone(), winner.uuid, JobState::Queued);
+        let record = self.update(winner.uuid, &fresh, |record| {
+            let attempt = Attempt {
+                attempt: winner.attempt,
+                agent: Some(winner.agent.clone()),
+                worker: Some(winner.worker.clone()),
+                status: Some(winner.status),
+                error: winner.error.clone(),
+                output: winner.output.clone(),
+                started_at: Some(winner.started_at),
+                finished_at: Some(winner.finished_at),
+                log_lines: winner.logs.len(),
+            };
+            match record
+                .attempts
+                .iter_mut()
+                .find(|a| a.attempt == winner.attempt)
+            {
+                Some(a) if a.status.is_some() => return false, // already in line
+                Some(a) => *a = attempt,
+                None => {
+                    record.attempts.push(attempt);
+                    record.attempts.sort_by_key(|a| a.attempt);
                 }
-                let mut record = match jobs.get(uuid.as_bytes())? {
-                    Some(old) => decode::<JobRecord>(&old)?,
-                    None => {
-                        by_time.insert(time_key(&fresh), &[])?;
-                        fresh.clone()
-                    }
-                };
-                let attempt = Attempt {
-                    attempt: result.attempt,
-                    agent: Some(result.agent.clone()),
-                    worker: Some(result.worker.clone()),
-                    status: Some(result.status),
-                    error: result.error.clone(),
-                    output: result.output.clone(),
-                    started_at: Some(result.started_at),
-                    finished_at: Some(result.finished_at),
-                    log_lines: result.logs.len(),
-                };
-                match record.attempts.iter_mut().find(|a| a.attempt == result.attempt) {
-                    Some(a) => *a = attempt,
-                    None => {
-                        record.attempts.push(attempt);
-                        record.attempts.sort_by_key(|a| a.attempt);
-                    }
-                }
-                // A late result of an older attempt is kept but does not change the state.
-                let latest = record.attempts.iter().map(|a| a.attempt).max().unwrap_or(result.attempt);
-                if result.attempt >= latest {
-                    record.state = result.status.into();
-                }
-                record.updated_at = Utc::now();
-                jobs.insert(uuid.as_bytes(), encode(&record)?)?;
-                results.insert(&rkey, encode(result)?)?;
-                // It ran, so it was published, whatever the broker's confirm said.
-                unpublished.remove(uuid.as_bytes())?;
-                Ok(Recorded::New(Box::new(record)))
-            },
-        );
-        flatten(r)
+            }
+            // A late result of an older attempt is kept but does not change the state.
+            if record.attempts.iter().all(|a| a.attempt <= winner.attempt) {
+                record.state = winner.status.into();
+            }
+            true
+        })?;
+        // It ran, so it was published, whatever the broker's confirm said.
+        self.unpublished.remove(result.uuid.as_bytes())?;
+        Ok(if won {
+            Recorded::New(Box::new(record))
+        } else {
+            Recorded::Duplicate
+        })
     }
 
     pub fn get(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
@@ -265,7 +305,9 @@ impl Store {
                 break;
             }
             let key = key?;
-            let Some(bytes) = self.jobs.get(&key[8..])? else { continue };
+            let Some(bytes) = self.jobs.get(&key[8..])? else {
+                continue;
+            };
             let record: JobRecord = serde_json::from_slice(&bytes)?;
             if state.is_none_or(|s| s == record.state) {
                 out.push(record);
@@ -284,7 +326,10 @@ impl Store {
 
     /// Waits until every earlier write is on disk.
     pub async fn flush(&self) -> anyhow::Result<()> {
-        self.durable.commit().await.map_err(|e| anyhow::anyhow!("cannot flush the store: {e}"))
+        self.durable
+            .commit()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot flush the store: {e}"))
     }
 }
 
@@ -305,7 +350,11 @@ mod tests {
             status,
             error: None,
             output: Value::Null,
-            logs: vec![LogLine { time: Utc::now(), level: Level::Info, message: format!("run {attempt}") }],
+            logs: vec![LogLine {
+                time: Utc::now(),
+                level: Level::Info,
+                message: format!("run {attempt}"),
+            }],
             logs_dropped: 0,
             started_at: Utc::now(),
             finished_at: Utc::now(),
@@ -323,18 +372,33 @@ mod tests {
         assert!(new);
         assert_eq!(rec.state, JobState::Queued);
         assert_eq!(store.unpublished().expect("reads").len(), 1);
-        assert!(!store.submit(job.clone()).await.expect("submits").1, "same uuid is not new");
+        assert!(
+            !store.submit(job.clone()).await.expect("submits").1,
+            "same uuid is not new"
+        );
 
         let first = result_of(&job, 1, Status::Succeeded);
-        assert!(matches!(store.record(&first).expect("records"), Recorded::New(_)));
+        assert!(matches!(
+            store.record(&first).expect("records"),
+            Recorded::New(_)
+        ));
         let mut again = result_of(&job, 1, Status::Failed);
         again.logs.clear();
-        assert!(matches!(store.record(&again).expect("records"), Recorded::Duplicate));
-        let rec = store.get(job.uuid.expect("uuid")).expect("reads").expect("exists");
+        assert!(matches!(
+            store.record(&again).expect("records"),
+            Recorded::Duplicate
+        ));
+        let rec = store
+            .get(job.uuid.expect("uuid"))
+            .expect("reads")
+            .expect("exists");
         assert_eq!(rec.state, JobState::Succeeded);
         assert_eq!(rec.attempts.len(), 1);
         assert!(store.unpublished().expect("reads").is_empty());
-        assert_eq!(store.logs(rec.uuid).expect("reads")[0].1[0].message, "run 1");
+        assert_eq!(
+            store.logs(rec.uuid).expect("reads")[0].1[0].message,
+            "run 1"
+        );
     }
 
     #[tokio::test]
@@ -362,6 +426,9 @@ mod tests {
         let rec = store.get(uuid).expect("reads").expect("exists");
         assert_eq!(rec.state, JobState::Succeeded);
         assert_eq!(store.list(None, 10).expect("lists").len(), 1);
-        assert_eq!(store.list(Some(JobState::Failed), 10).expect("lists").len(), 0);
+        assert_eq!(
+            store.list(Some(JobState::Failed), 10).expect("lists").len(),
+            0
+        );
     }
 }

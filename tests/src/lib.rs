@@ -17,15 +17,23 @@ pub use rota_common::wire;
 
 /// The broker the tests use (ROTA_AMQP_URL, or the local default).
 pub fn amqp_url() -> String {
-    std::env::var("ROTA_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("ROTA_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// A built binary of the workspace (`cargo build --workspace` puts them beside the tests).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary knows its path");
-    let dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` before the tests", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
     path
 }
 
@@ -42,8 +50,15 @@ impl System {
     pub async fn new() -> System {
         let ns = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let names = Names::new(&ns).expect("valid namespace");
-        let client = Client::connect(&amqp_url(), names.clone(), "test").await.expect("RabbitMQ must be running: deploy/setup.sh");
-        System { names, dir: tempfile::tempdir().expect("temp dir"), client, agents: Default::default() }
+        let client = Client::connect(&amqp_url(), names.clone(), "test")
+            .await
+            .expect("RabbitMQ must be running: deploy/setup.sh");
+        System {
+            names,
+            dir: tempfile::tempdir().expect("temp dir"),
+            client,
+            agents: Default::default(),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -53,7 +68,17 @@ impl System {
     /// Starts `scheduler run` with fast heartbeats.
     pub fn scheduler(&self) -> Proc {
         let data = self.data_dir();
-        Proc::start(self, "scheduler", &["run", "--heartbeat-interval", "200ms", "--data-dir", &data.display().to_string()])
+        Proc::start(
+            self,
+            "scheduler",
+            &[
+                "run",
+                "--heartbeat-interval",
+                "200ms",
+                "--data-dir",
+                &data.display().to_string(),
+            ],
+        )
     }
 
     /// Starts `pool-agent run --id ID` with fast heartbeats and resends, plus `extra` flags.
@@ -61,7 +86,11 @@ impl System {
         self.owns_agent(id);
         let data = self.data_dir().display().to_string();
         let mut args = vec!["run", "--id", id];
-        for (flag, value) in [("--data-dir", data.as_str()), ("--heartbeat-interval", "200ms"), ("--resend-interval", "2s")] {
+        for (flag, value) in [
+            ("--data-dir", data.as_str()),
+            ("--heartbeat-interval", "200ms"),
+            ("--resend-interval", "2s"),
+        ] {
             if !extra.contains(&flag) {
                 args.extend([flag, value]);
             }
@@ -91,11 +120,20 @@ impl System {
     }
 
     pub async fn heartbeats(&self) -> Heartbeats {
-        self.client.heartbeats().await.expect("listens to heartbeats")
+        self.client
+            .heartbeats()
+            .await
+            .expect("listens to heartbeats")
     }
 
     /// Waits for a heartbeat of `role`/`id` that satisfies `pred`.
-    pub async fn heartbeat_where(&self, beats: &mut Heartbeats, role: Role, id: &str, pred: impl Fn(&Heartbeat) -> bool) -> Heartbeat {
+    pub async fn heartbeat_where(
+        &self,
+        beats: &mut Heartbeats,
+        role: Role,
+        id: &str,
+        pred: impl Fn(&Heartbeat) -> bool,
+    ) -> Heartbeat {
         loop {
             let hb = beats.next().await.expect("heartbeats keep coming");
             if hb.role == role && hb.id == id && pred(&hb) {
@@ -108,16 +146,23 @@ impl System {
     /// heartbeat: they are connected and serving, their queues declared.
     pub async fn ready(&self, scheduler: bool, agents: &[&str]) {
         let mut beats = self.heartbeats().await;
-        let mut waiting: Vec<(Role, String)> = agents.iter().map(|a| (Role::Agent, (*a).to_owned())).collect();
+        let mut waiting: Vec<(Role, String)> = agents
+            .iter()
+            .map(|a| (Role::Agent, (*a).to_owned()))
+            .collect();
         if scheduler {
             waiting.push((Role::Scheduler, "scheduler".to_owned()));
         }
-        within(Duration::from_secs(60), "the parts' first heartbeats", async {
-            while !waiting.is_empty() {
-                let hb = beats.next().await.expect("heartbeats keep coming");
-                waiting.retain(|(role, id)| !(*role == hb.role && *id == hb.id));
-            }
-        })
+        within(
+            Duration::from_secs(60),
+            "the parts' first heartbeats",
+            async {
+                while !waiting.is_empty() {
+                    let hb = beats.next().await.expect("heartbeats keep coming");
+                    waiting.retain(|(role, id)| !(*role == hb.role && *id == hb.id));
+                }
+            },
+        )
         .await;
     }
 
@@ -125,9 +170,21 @@ impl System {
     /// its jobs queue and the results queue are empty: everything has been recorded.
     pub async fn settled(&self, beats: &mut Heartbeats, id: &str) {
         loop {
-            let hb = self.heartbeat_where(beats, Role::Agent, id, |hb| hb.running.is_empty() && hb.unreceipted == 0).await;
-            let jobs = self.client.broker().queue_depth(&self.names.jobs_queue(DEFAULT_QUEUE)).await;
-            let results = self.client.broker().queue_depth(&self.names.results()).await;
+            let hb = self
+                .heartbeat_where(beats, Role::Agent, id, |hb| {
+                    hb.running.is_empty() && hb.unreceipted == 0
+                })
+                .await;
+            let jobs = self
+                .client
+                .broker()
+                .queue_depth(&self.names.jobs_queue(DEFAULT_QUEUE))
+                .await;
+            let results = self
+                .client
+                .broker()
+                .queue_depth(&self.names.results())
+                .await;
             if matches!((jobs, results), (Ok(0), Ok(0))) && hb.running.is_empty() {
                 return;
             }
@@ -149,7 +206,12 @@ impl System {
         for q in queues {
             let _ = b.delete_queue(&q).await;
         }
-        for e in [names.jobs_exchange(), names.dead(), names.heartbeats(), names.events()] {
+        for e in [
+            names.jobs_exchange(),
+            names.dead(),
+            names.heartbeats(),
+            names.events(),
+        ] {
             let _ = b.delete_exchange(&e).await;
         }
         client.close().await;
@@ -161,11 +223,16 @@ impl Drop for System {
     fn drop(&mut self) {
         if std::thread::panicking() {
             // Keep the processes' logs of a failed test where a person can read them.
-            let keep = std::env::temp_dir().join("rota-test-logs").join(self.names.namespace());
+            let keep = std::env::temp_dir()
+                .join("rota-test-logs")
+                .join(self.names.namespace());
             if std::fs::create_dir_all(&keep).is_ok()
                 && let Ok(entries) = std::fs::read_dir(self.dir.path())
             {
-                for e in entries.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "log")) {
+                for e in entries
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                {
                     let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
                 }
                 eprintln!("logs of the failed test's processes: {}", keep.display());
@@ -175,7 +242,9 @@ impl Drop for System {
         let agents = self.agents.lock().map(|a| a.clone()).unwrap_or_default();
         // Drop cannot await: clean up on a thread with a runtime of its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(System::cleanup(names, agents))
         })
         .join();
@@ -194,7 +263,11 @@ impl Proc {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = sys.dir.path().join(format!("{binary}-{n}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let err = out.try_clone().expect("log file");
         let child = tokio::process::Command::new(bin(binary))
             .args(args)
@@ -223,7 +296,9 @@ impl Proc {
     /// SIGTERM, and wait (at most a minute) for it to exit.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.pid().to_string();
-        std::process::Command::new("kill").args(["-TERM", &pid]).status()?;
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?;
         tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
             .context("did not exit within 60 s of SIGTERM")?

@@ -10,7 +10,10 @@ use rota_tests::{System, within};
 use serde_json::json;
 
 fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("rabbitmqctl").args(args).status().expect("rabbitmqctl runs");
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .status()
+        .expect("rabbitmqctl runs");
     assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
@@ -20,7 +23,11 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("r1", &["--pool-max-size", "8"]);
     sys.ready(true, &["r1"]).await;
-    let mut finished = sys.client.watch(&[EventKind::Finished]).await.expect("watch");
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
     let mut ids = HashSet::new();
     for _ in 0..300 {
         let mut job = Job::new("demo.sleep", json!({ "ms": 20 }));
@@ -41,14 +48,32 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
     // The test's own client reconnects too; the heartbeats prove the parts are back.
     sys.ready(true, &["r1"]).await;
     let mut beats = sys.heartbeats().await;
-    within(Duration::from_secs(180), "every job recorded after the restart", sys.settled(&mut beats, "r1")).await;
-    let RpcReply::Jobs { jobs } = sys.client.call(&RpcRequest::List { state: None, limit: Some(10_000) }).await.expect("list") else {
+    within(
+        Duration::from_secs(180),
+        "every job recorded after the restart",
+        sys.settled(&mut beats, "r1"),
+    )
+    .await;
+    let RpcReply::Jobs { jobs } = sys
+        .client
+        .call(&RpcRequest::List {
+            state: None,
+            limit: Some(10_000),
+        })
+        .await
+        .expect("list")
+    else {
         panic!("wrong reply")
     };
     let recorded: HashSet<JobId> = jobs.iter().map(|j| j.uuid).collect();
     assert_eq!(recorded, ids, "every job recorded, none extra");
     for j in &jobs {
         assert_eq!(j.state, JobState::Succeeded);
-        assert_eq!(j.attempts.iter().filter(|a| a.status.is_some()).count(), 1, "one recorded run of {}", j.uuid);
+        assert_eq!(
+            j.attempts.iter().filter(|a| a.status.is_some()).count(),
+            1,
+            "one recorded run of {}",
+            j.uuid
+        );
     }
 }

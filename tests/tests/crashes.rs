@@ -8,14 +8,24 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use rota_tests::wire::{AgentMessage, EventKind, Job, JobId, JobRecord, JobResult, JobState, Role, RpcReply, RpcRequest};
+use rota_tests::wire::{
+    AgentMessage, EventKind, Job, JobId, JobRecord, JobResult, JobState, Role, RpcReply, RpcRequest,
+};
 use rota_tests::{System, amqp_url, within};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
 async fn all_records(sys: &System) -> Vec<JobRecord> {
-    match sys.client.call(&RpcRequest::List { state: None, limit: Some(100_000) }).await.expect("list") {
+    match sys
+        .client
+        .call(&RpcRequest::List {
+            state: None,
+            limit: Some(100_000),
+        })
+        .await
+        .expect("list")
+    {
         RpcReply::Jobs { jobs } => jobs,
         other => panic!("wrong reply {other:?}"),
     }
@@ -25,17 +35,32 @@ async fn all_records(sys: &System) -> Vec<JobRecord> {
 fn assert_each_once(records: &[JobRecord], ids: &HashSet<JobId>) {
     let seen: HashSet<JobId> = records.iter().map(|r| r.uuid).collect();
     let missing: Vec<_> = ids.difference(&seen).collect();
-    assert!(missing.is_empty(), "{} jobs never recorded, e.g. {:?}", missing.len(), missing.first());
+    assert!(
+        missing.is_empty(),
+        "{} jobs never recorded, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
     for r in records.iter().filter(|r| ids.contains(&r.uuid)) {
         assert_eq!(r.state, JobState::Succeeded, "{}", r.uuid);
-        assert_eq!(r.attempts.len(), 1, "{} recorded {} runs", r.uuid, r.attempts.len());
+        assert_eq!(
+            r.attempts.len(),
+            1,
+            "{} recorded {} runs",
+            r.uuid,
+            r.attempts.len()
+        );
     }
 }
 
 async fn publish_sleepers(sys: &System, n: usize, ms: u64) -> HashSet<JobId> {
     let mut ids = HashSet::new();
     for _ in 0..n {
-        let id = sys.client.publish_job(Job::new("demo.sleep", json!({ "ms": ms }))).await.expect("published");
+        let id = sys
+            .client
+            .publish_job(Job::new("demo.sleep", json!({ "ms": ms })))
+            .await
+            .expect("published");
         ids.insert(id);
     }
     ids
@@ -47,7 +72,11 @@ async fn an_agent_killed_mid_run_and_restarted_loses_nothing() {
     let _scheduler = sys.scheduler();
     let mut agent = sys.agent("k1", &["--pool-max-size", "8"]);
     sys.ready(true, &["k1"]).await;
-    let mut finished = sys.client.watch(&[EventKind::Finished]).await.expect("watch");
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
     let ids = publish_sleepers(&sys, 300, 20).await;
 
     // Kill it with jobs running, results in flight, receipts pending.
@@ -61,7 +90,12 @@ async fn an_agent_killed_mid_run_and_restarted_loses_nothing() {
     let _agent = sys.agent("k1", &["--pool-max-size", "8"]);
 
     let mut beats = sys.heartbeats().await;
-    within(2 * MINUTE, "every job run and recorded", sys.settled(&mut beats, "k1")).await;
+    within(
+        2 * MINUTE,
+        "every job run and recorded",
+        sys.settled(&mut beats, "k1"),
+    )
+    .await;
     assert_each_once(&all_records(&sys).await, &ids);
 }
 
@@ -71,7 +105,11 @@ async fn a_scheduler_killed_mid_run_loses_nothing() {
     let mut scheduler = sys.scheduler();
     let _agent = sys.agent("s1", &["--pool-max-size", "8"]);
     sys.ready(true, &["s1"]).await;
-    let mut started = sys.client.watch(&[EventKind::Started]).await.expect("watch");
+    let mut started = sys
+        .client
+        .watch(&[EventKind::Started])
+        .await
+        .expect("watch");
     let mut beats = sys.heartbeats().await;
     let ids = publish_sleepers(&sys, 200, 10).await;
 
@@ -83,10 +121,20 @@ async fn a_scheduler_killed_mid_run_loses_nothing() {
     .await;
     scheduler.kill().await;
     // The agent goes on; its results wait in the results queue and in its outbox.
-    let hb = within(MINUTE, "results waiting for the scheduler", sys.heartbeat_where(&mut beats, Role::Agent, "s1", |hb| hb.unreceipted > 20)).await;
+    let hb = within(
+        MINUTE,
+        "results waiting for the scheduler",
+        sys.heartbeat_where(&mut beats, Role::Agent, "s1", |hb| hb.unreceipted > 20),
+    )
+    .await;
     assert!(hb.unreceipted > 20);
     let _scheduler = sys.scheduler();
-    within(2 * MINUTE, "every result recorded", sys.settled(&mut beats, "s1")).await;
+    within(
+        2 * MINUTE,
+        "every result recorded",
+        sys.settled(&mut beats, "s1"),
+    )
+    .await;
     assert_each_once(&all_records(&sys).await, &ids);
 }
 
@@ -99,27 +147,47 @@ async fn the_outbox_resends_until_a_receipt_and_never_reruns_a_stored_job() {
     let _agent = sys.agent("o1", &["--resend-interval", "1s"]);
     sys.ready(false, &["o1"]).await;
     let mut beats = sys.heartbeats().await;
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connects");
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connects");
     let ch = conn.create_channel().await.expect("channel");
     let mut results = ch
-        .basic_consume(sys.names.results().as_str().into(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            sys.names.results().as_str().into(),
+            "test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("consumes results");
     let mut next_result = async || -> (JobResult, String) {
-        let d = within(MINUTE, "a result", results.next()).await.expect("stream").expect("delivery");
+        let d = within(MINUTE, "a result", results.next())
+            .await
+            .expect("stream")
+            .expect("delivery");
         d.ack(BasicAckOptions::default()).await.expect("acks");
-        let reply_to = d.properties.reply_to().as_ref().expect("reply_to").to_string();
+        let reply_to = d
+            .properties
+            .reply_to()
+            .as_ref()
+            .expect("reply_to")
+            .to_string();
         (serde_json::from_slice(&d.data).expect("a result"), reply_to)
     };
 
     let mut job = Job::new("demo.echo", json!({"n": 1}));
     job.uuid = Some(JobId::random());
     let uuid = job.uuid.expect("set");
-    sys.client.publish_job(job.clone()).await.expect("published");
+    sys.client
+        .publish_job(job.clone())
+        .await
+        .expect("published");
     let (first, reply_to) = next_result().await;
     assert_eq!(first.uuid, uuid);
     assert_eq!(reply_to, sys.names.agent_queue("o1"));
-    let hb = sys.heartbeat_where(&mut beats, Role::Agent, "o1", |hb| hb.unreceipted == 1).await;
+    let hb = sys
+        .heartbeat_where(&mut beats, Role::Agent, "o1", |hb| hb.unreceipted == 1)
+        .await;
     assert_eq!(hb.unreceipted, 1, "held until receipted");
 
     // No receipt: the same stored result comes again.
@@ -127,18 +195,42 @@ async fn the_outbox_resends_until_a_receipt_and_never_reruns_a_stored_job() {
     assert_eq!(again, first, "the stored result, resent");
 
     // The job delivered again (same uuid and attempt): not run again, its stored result resent.
-    let mut started = sys.client.watch(&[EventKind::Started]).await.expect("watch");
+    let mut started = sys
+        .client
+        .watch(&[EventKind::Started])
+        .await
+        .expect("watch");
     sys.client.publish_job(job).await.expect("published again");
     let (third, _) = next_result().await;
     assert_eq!(third.started_at, first.started_at, "not run a second time");
     let receipt = serde_json::to_vec(&AgentMessage::Receipt { uuid, attempt: 1 }).expect("json");
-    ch.basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &receipt, BasicProperties::default())
-        .await
-        .expect("receipt sent");
-    within(MINUTE, "the outbox emptied by the receipt", sys.heartbeat_where(&mut beats, Role::Agent, "o1", |hb| hb.unreceipted == 0)).await;
+    ch.basic_publish(
+        "".into(),
+        reply_to.as_str().into(),
+        BasicPublishOptions::default(),
+        &receipt,
+        BasicProperties::default(),
+    )
+    .await
+    .expect("receipt sent");
+    within(
+        MINUTE,
+        "the outbox emptied by the receipt",
+        sys.heartbeat_where(&mut beats, Role::Agent, "o1", |hb| hb.unreceipted == 0),
+    )
+    .await;
     // A probe job proves no started event came for the redelivered one.
-    let probe = sys.client.publish_job(Job::new("demo.echo", json!("probe"))).await.expect("published");
-    let first_start = within(MINUTE, "a started event", started.next()).await.expect("events");
-    assert_eq!(first_start.uuid, probe, "the redelivered job did not start again");
+    let probe = sys
+        .client
+        .publish_job(Job::new("demo.echo", json!("probe")))
+        .await
+        .expect("published");
+    let first_start = within(MINUTE, "a started event", started.next())
+        .await
+        .expect("events");
+    assert_eq!(
+        first_start.uuid, probe,
+        "the redelivered job did not start again"
+    );
     let _ = conn.close(200, "bye".into()).await;
 }

@@ -3,10 +3,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use futures::StreamExt;
 use rota_tests::wire::{EventKind, Job, JobId, JobState, RpcReply, RpcRequest, Status};
 use rota_tests::{System, amqp_url, within};
 use serde_json::{Value, json};
@@ -18,7 +18,11 @@ async fn a_thousand_jobs_are_each_recorded_exactly_once_with_their_logs() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &["--pool-max-size", "16"]);
-    let mut finished = sys.client.watch(&[EventKind::Finished]).await.expect("watch");
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
     let n = 1000;
     let mut ids = HashSet::new();
     for i in 0..n {
@@ -42,23 +46,52 @@ async fn a_thousand_jobs_are_each_recorded_exactly_once_with_their_logs() {
     let mut beats = sys.heartbeats().await;
     within(MINUTE, "the agent to settle", sys.settled(&mut beats, "a1")).await;
 
-    let RpcReply::Jobs { jobs } = sys.client.call(&RpcRequest::List { state: None, limit: Some(5000) }).await.expect("list") else {
+    let RpcReply::Jobs { jobs } = sys
+        .client
+        .call(&RpcRequest::List {
+            state: None,
+            limit: Some(5000),
+        })
+        .await
+        .expect("list")
+    else {
         panic!("wrong reply")
     };
     assert_eq!(jobs.len(), n, "one record per job");
     for record in &jobs {
         assert!(ids.contains(&record.uuid));
         assert_eq!(record.state, JobState::Succeeded);
-        assert_eq!(record.attempts.len(), 1, "exactly one run recorded for {}", record.uuid);
+        assert_eq!(
+            record.attempts.len(),
+            1,
+            "exactly one run recorded for {}",
+            record.uuid
+        );
         assert_eq!(record.attempts[0].log_lines, 2);
-        assert!(std::path::Path::new(&record.dir).join("attempt-1/logs.txt").exists());
+        assert!(
+            std::path::Path::new(&record.dir)
+                .join("attempt-1/logs.txt")
+                .exists()
+        );
     }
-    assert!(events.values().all(|&c| c == 1), "one finished event per job");
+    assert!(
+        events.values().all(|&c| c == 1),
+        "one finished event per job"
+    );
     let some = jobs[0].uuid;
-    let RpcReply::Logs { attempts, .. } = sys.client.call(&RpcRequest::Logs { uuid: some }).await.expect("logs") else {
+    let RpcReply::Logs { attempts, .. } = sys
+        .client
+        .call(&RpcRequest::Logs { uuid: some })
+        .await
+        .expect("logs")
+    else {
         panic!("wrong reply")
     };
-    let lines: Vec<&str> = attempts[0].lines.iter().map(|l| l.message.as_str()).collect();
+    let lines: Vec<&str> = attempts[0]
+        .lines
+        .iter()
+        .map(|l| l.message.as_str())
+        .collect();
     assert_eq!(lines, ["log line 1 of 2", "log line 2 of 2"]);
 }
 
@@ -68,12 +101,21 @@ async fn jobs_published_with_plain_amqp_are_run_and_recorded() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = sys.client.watch(&[EventKind::Finished]).await.expect("watch");
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
     sys.ready(true, &["a1"]).await;
 
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connects");
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connects");
     let ch = conn.create_channel().await.expect("channel");
-    let bodies = [r#"{"type":"demo.echo","payload":{"from":"plain amqp"}}"#, r#"{"classname":"demo.echo","payload":{"from":"classname"}}"#];
+    let bodies = [
+        r#"{"type":"demo.echo","payload":{"from":"plain amqp"}}"#,
+        r#"{"classname":"demo.echo","payload":{"from":"classname"}}"#,
+    ];
     for body in bodies {
         ch.basic_publish(
             sys.names.jobs_exchange().as_str().into(),
@@ -99,9 +141,17 @@ async fn jobs_published_with_plain_amqp_are_run_and_recorded() {
         let record = sys.client.status(uuid).await.expect("recorded");
         assert_eq!(record.state, JobState::Succeeded);
         assert_eq!(record.job.work_type, "demo.echo");
-        outputs.insert(record.attempts[0].output["from"].as_str().expect("echoed").to_owned());
+        outputs.insert(
+            record.attempts[0].output["from"]
+                .as_str()
+                .expect("echoed")
+                .to_owned(),
+        );
     }
-    assert_eq!(outputs, HashSet::from(["plain amqp".to_owned(), "classname".to_owned()]));
+    assert_eq!(
+        outputs,
+        HashSet::from(["plain amqp".to_owned(), "classname".to_owned()])
+    );
     let _ = conn.close(200, "bye".into()).await;
 }
 
@@ -111,20 +161,38 @@ async fn invalid_jobs_are_dead_lettered_with_a_reason_and_the_agent_survives() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let agent = sys.agent("a1", &["--max-job-timeout", "1h"]);
-    let mut finished = sys.client.watch(&[EventKind::Finished]).await.expect("watch");
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
     sys.ready(true, &["a1"]).await;
 
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.expect("connects");
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connects");
     let ch = conn.create_channel().await.expect("channel");
     let unknown_uuid = JobId::random();
     let long_uuid = JobId::random();
-    let huge = format!(r#"{{"type":"demo.echo","payload":"{}"}}"#, "x".repeat(20 * 1024 * 1024));
+    let huge = format!(
+        r#"{{"type":"demo.echo","payload":"{}"}}"#,
+        "x".repeat(20 * 1024 * 1024)
+    );
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (b"{this is not json".to_vec(), "not a valid job"),
         (br#"{"payload":{"a":1}}"#.to_vec(), "missing field `type`"),
-        (format!(r#"{{"type":"no.such.work","uuid":"{unknown_uuid}"}}"#).into_bytes(), "unknown work type \"no.such.work\""),
-        (format!(r#"{{"type":"demo.echo","uuid":"{long_uuid}","timeout_s":7200}}"#).into_bytes(), "longer than this agent's limit"),
-        (huge.into_bytes(), "over this agent's limit of 1048576 bytes"),
+        (
+            format!(r#"{{"type":"no.such.work","uuid":"{unknown_uuid}"}}"#).into_bytes(),
+            "unknown work type \"no.such.work\"",
+        ),
+        (
+            format!(r#"{{"type":"demo.echo","uuid":"{long_uuid}","timeout_s":7200}}"#).into_bytes(),
+            "longer than this agent's limit",
+        ),
+        (
+            huge.into_bytes(),
+            "over this agent's limit of 1048576 bytes",
+        ),
     ];
     for (body, _) in &cases {
         ch.basic_publish(
@@ -138,7 +206,12 @@ async fn invalid_jobs_are_dead_lettered_with_a_reason_and_the_agent_survives() {
         .expect("publishes");
     }
     let mut dead = ch
-        .basic_consume(sys.names.dead().as_str().into(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            sys.names.dead().as_str().into(),
+            "test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("consumes the dead-letter queue");
     let mut reasons = Vec::new();
@@ -156,7 +229,10 @@ async fn invalid_jobs_are_dead_lettered_with_a_reason_and_the_agent_survives() {
     })
     .await;
     for (_, want) in &cases {
-        assert!(reasons.iter().any(|r| r.contains(want)), "no dead letter says {want:?}: {reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r.contains(want)),
+            "no dead letter says {want:?}: {reasons:?}"
+        );
     }
     // The two with a uuid are also recorded as rejected.
     let mut rejected = HashSet::new();
@@ -170,7 +246,14 @@ async fn invalid_jobs_are_dead_lettered_with_a_reason_and_the_agent_survives() {
     .await;
     assert_eq!(rejected, HashSet::from([unknown_uuid, long_uuid]));
     let record = sys.client.status(unknown_uuid).await.expect("recorded");
-    assert!(record.attempts[0].error.as_ref().expect("error").message.contains("unknown work type"));
+    assert!(
+        record.attempts[0]
+            .error
+            .as_ref()
+            .expect("error")
+            .message
+            .contains("unknown work type")
+    );
 
     // And the agent still works.
     let mut job = Job::new("demo.echo", json!("still alive"));
@@ -187,7 +270,10 @@ async fn invalid_jobs_are_dead_lettered_with_a_reason_and_the_agent_survives() {
         }
     })
     .await;
-    assert!(agent.output().contains("refusing a job"), "the agent logs its refusals");
+    assert!(
+        agent.output().contains("refusing a job"),
+        "the agent logs its refusals"
+    );
     let _ = conn.close(200, "bye".into()).await;
 }
 
@@ -199,10 +285,15 @@ async fn a_second_agent_with_the_same_id_is_refused_with_a_clear_message() {
     // Another data folder, so it is the broker that refuses it (another host, say).
     let other = sys.dir.path().join("other");
     let mut second = sys.agent("twin", &["--data-dir", &other.display().to_string()]);
-    let status = within(MINUTE, "the second agent to exit", second.exited()).await.expect("exits");
+    let status = within(MINUTE, "the second agent to exit", second.exited())
+        .await
+        .expect("exits");
     assert!(!status.success());
     let out = second.output();
-    assert!(out.contains("another pool agent with id \"twin\" is already connected"), "{out}");
+    assert!(
+        out.contains("another pool agent with id \"twin\" is already connected"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,19 +302,45 @@ async fn the_cli_submits_waits_and_shows_status_logs_list_and_agents() {
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("cli-agent", &[]);
 
-    let out = sys.cli(&["submit", "--type", "demo.log", "--payload", r#"{"lines":3}"#, "--wait", "--json"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = sys
+        .cli(&[
+            "submit",
+            "--type",
+            "demo.log",
+            "--payload",
+            r#"{"lines":3}"#,
+            "--wait",
+            "--json",
+        ])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
     assert_eq!(record["state"], "succeeded");
     let uuid = record["uuid"].as_str().expect("uuid").to_owned();
 
-    let out = sys.cli(&["submit", "--type", "demo.fail", "--payload", r#"{"message":"nope"}"#, "--wait"]).await;
+    let out = sys
+        .cli(&[
+            "submit",
+            "--type",
+            "demo.fail",
+            "--payload",
+            r#"{"message":"nope"}"#,
+            "--wait",
+        ])
+        .await;
     assert_eq!(out.status.code(), Some(1), "a failed job exits 1");
     assert!(String::from_utf8_lossy(&out.stdout).contains("nope"));
 
     let out = sys.cli(&["status", &uuid]).await;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("succeeded") && text.contains("demo.log"), "{text}");
+    assert!(
+        text.contains("succeeded") && text.contains("demo.log"),
+        "{text}"
+    );
 
     let out = sys.cli(&["logs", &uuid]).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("log line 3 of 3"));
@@ -234,12 +351,25 @@ async fn the_cli_submits_waits_and_shows_status_logs_list_and_agents() {
 
     let out = sys.cli(&["agents", "--json"]).await;
     let agents: Value = serde_json::from_slice(&out.stdout).expect("JSON agents");
-    let ids: Vec<&str> = agents.as_array().expect("array").iter().filter_map(|a| a["heartbeat"]["id"].as_str()).collect();
-    assert!(ids.contains(&"cli-agent") && ids.contains(&"scheduler"), "{ids:?}");
+    let ids: Vec<&str> = agents
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|a| a["heartbeat"]["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"cli-agent") && ids.contains(&"scheduler"),
+        "{ids:?}"
+    );
 
-    let out = sys.cli(&["status", "00000000-0000-0000-0000-000000000000"]).await;
+    let out = sys
+        .cli(&["status", "00000000-0000-0000-0000-000000000000"])
+        .await;
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no job 00000000-0000-0000-0000-000000000000 is recorded"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("no job 00000000-0000-0000-0000-000000000000 is recorded")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,7 +382,10 @@ async fn the_cli_says_what_to_do_when_no_scheduler_answers() {
     let out = client_cmd.output().await.expect("runs");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach RabbitMQ") && err.contains("deploy/setup.sh"), "{err}");
+    assert!(
+        err.contains("cannot reach RabbitMQ") && err.contains("deploy/setup.sh"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,10 +401,29 @@ async fn the_demo_runs_end_to_end() {
         .await
         .expect("runs");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("Every job ended as expected."));
     let temp = sys.dir.path().join("temp");
-    assert!(temp.join("scheduler/work").read_dir().expect("scheduler folders").count() == 12);
-    assert!(temp.join("agent-demo/work").read_dir().expect("pool folders").count() == 12);
-    assert_eq!(std::fs::read_to_string(temp.join("demodata/hello-3.txt")).expect("written"), "hello from job 3\n");
+    assert!(
+        temp.join("scheduler/work")
+            .read_dir()
+            .expect("scheduler folders")
+            .count()
+            == 12
+    );
+    assert!(
+        temp.join("agent-demo/work")
+            .read_dir()
+            .expect("pool folders")
+            .count()
+            == 12
+    );
+    assert_eq!(
+        std::fs::read_to_string(temp.join("demodata/hello-3.txt")).expect("written"),
+        "hello from job 3\n"
+    );
 }

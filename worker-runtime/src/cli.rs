@@ -49,7 +49,10 @@ enum Command {
 /// Runs the `worker-runtime` command line with `registry`; returns the exit code.
 pub fn main(registry: Registry) -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("worker-runtime: cannot start the async runtime: {e}");
@@ -73,8 +76,15 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<std::process::E
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Run { work_type, payload, alias, timeout_s, work_dir } => {
-            let payload: Value = serde_json::from_str(&payload).map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?;
+        Command::Run {
+            work_type,
+            payload,
+            alias,
+            timeout_s,
+            work_dir,
+        } => {
+            let payload: Value = serde_json::from_str(&payload)
+                .map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?;
             let aliases = Aliases::parse(&alias)?;
             let temp;
             let work_dir = match work_dir {
@@ -88,8 +98,20 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<std::process::E
             let mut job = Job::new(work_type, payload);
             job.uuid = Some(JobId::random());
             let sink = Arc::new(BufferSink::new(|p| eprintln!("progress: {p:?}")));
-            let ctx = Context::new(job, work_dir, Arc::new(aliases), sink.clone(), CancellationToken::new());
-            let outcome = run(&registry, ctx, Duration::from_secs(timeout_s), CancellationToken::new()).await;
+            let ctx = Context::new(
+                job,
+                work_dir,
+                Arc::new(aliases),
+                sink.clone(),
+                CancellationToken::new(),
+            );
+            let outcome = run(
+                &registry,
+                ctx,
+                Duration::from_secs(timeout_s),
+                CancellationToken::new(),
+            )
+            .await;
             let (logs, _) = sink.take_logs();
             let report = json!({ "status": outcome.status, "output": outcome.output, "error": outcome.error, "logs": logs });
             println!("{}", serde_json::to_string_pretty(&report)?);

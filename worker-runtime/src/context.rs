@@ -29,12 +29,19 @@ pub struct BufferSink {
 
 impl BufferSink {
     pub fn new(on_progress: impl Fn(Progress) + Send + Sync + 'static) -> Self {
-        Self { logs: Mutex::new(LogBuffer::default()), on_progress: Box::new(on_progress) }
+        Self {
+            logs: Mutex::new(LogBuffer::default()),
+            on_progress: Box::new(on_progress),
+        }
     }
 
     /// The lines kept and the number dropped.
     pub fn take_logs(&self) -> (Vec<LogLine>, u64) {
-        let buf = self.logs.lock().map(|mut b| std::mem::take(&mut *b)).unwrap_or_default();
+        let buf = self
+            .logs
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default();
         buf.finish()
     }
 }
@@ -63,9 +70,22 @@ pub struct Context {
 
 impl Context {
     /// `job` must carry its uuid (the agent assigns one before running anything).
-    pub fn new(job: Job, work_dir: PathBuf, aliases: Arc<Aliases>, sink: Arc<dyn Sink>, cancel: CancellationToken) -> Self {
+    pub fn new(
+        job: Job,
+        work_dir: PathBuf,
+        aliases: Arc<Aliases>,
+        sink: Arc<dyn Sink>,
+        cancel: CancellationToken,
+    ) -> Self {
         let uuid = job.uuid.unwrap_or_else(JobId::random);
-        Self { job, uuid, work_dir, aliases, sink, cancel }
+        Self {
+            job,
+            uuid,
+            work_dir,
+            aliases,
+            sink,
+            cancel,
+        }
     }
 
     pub fn job(&self) -> &Job {
@@ -83,12 +103,21 @@ impl Context {
 
     /// The payload read as `T`, with an error that names the work type when it does not fit.
     pub fn payload_as<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
-        let payload = if self.job.payload.is_null() { Value::Object(Default::default()) } else { self.job.payload.clone() };
-        serde_json::from_value(payload).with_context(|| format!("invalid payload for {}", self.job.work_type))
+        let payload = if self.job.payload.is_null() {
+            Value::Object(Default::default())
+        } else {
+            self.job.payload.clone()
+        };
+        serde_json::from_value(payload)
+            .with_context(|| format!("invalid payload for {}", self.job.work_type))
     }
 
     pub fn log(&self, level: Level, message: impl Into<String>) {
-        self.sink.log(LogLine { time: Utc::now(), level, message: message.into() });
+        self.sink.log(LogLine {
+            time: Utc::now(),
+            level,
+            message: message.into(),
+        });
     }
     pub fn debug(&self, message: impl Into<String>) {
         self.log(Level::Debug, message);
@@ -107,7 +136,10 @@ impl Context {
     /// event).
     pub fn progress(&self, fraction: Option<f64>, message: Option<&str>) {
         let fraction = fraction.map(|f| f.clamp(0.0, 1.0));
-        self.sink.progress(Progress { fraction, message: message.map(str::to_owned) });
+        self.sink.progress(Progress {
+            fraction,
+            message: message.map(str::to_owned),
+        });
     }
 
     /// This job's own folder, empty at start, for scratch files.

@@ -21,7 +21,12 @@ impl Default for LogBuffer {
 
 impl LogBuffer {
     pub fn new(max_lines: usize, max_line_bytes: usize) -> Self {
-        Self { lines: Vec::new(), dropped: 0, max_lines, max_line_bytes }
+        Self {
+            lines: Vec::new(),
+            dropped: 0,
+            max_lines,
+            max_line_bytes,
+        }
     }
 
     pub fn push(&mut self, mut line: LogLine) {
@@ -47,7 +52,10 @@ impl LogBuffer {
             self.lines.push(LogLine {
                 time: Utc::now(),
                 level: Level::Warn,
-                message: format!("[rota] {} more log lines dropped (limit {} lines)", self.dropped, self.max_lines),
+                message: format!(
+                    "[rota] {} more log lines dropped (limit {} lines)",
+                    self.dropped, self.max_lines
+                ),
             });
         }
         (self.lines, self.dropped)
@@ -59,7 +67,11 @@ mod tests {
     use super::*;
 
     fn line(msg: &str) -> LogLine {
-        LogLine { time: Utc::now(), level: Level::Info, message: msg.into() }
+        LogLine {
+            time: Utc::now(),
+            level: Level::Info,
+            message: msg.into(),
+        }
     }
 
     #[test]

@@ -12,7 +12,11 @@ pub enum PathError {
     #[error("path {0:?} names no alias: write it as `alias/relative/path`")]
     NoAlias(String),
     #[error("unknown alias {alias:?} in {path:?}; this pool maps: {known}")]
-    UnknownAlias { alias: String, path: String, known: String },
+    UnknownAlias {
+        alias: String,
+        path: String,
+        known: String,
+    },
     #[error("path {0:?} leaves its alias's folder, which is not allowed")]
     Escapes(String),
     #[error("invalid alias mapping {0:?}: write it as NAME=DIR")]
@@ -30,8 +34,13 @@ impl Aliases {
     pub fn parse(specs: &[String]) -> Result<Self, PathError> {
         let mut map = BTreeMap::new();
         for spec in specs {
-            let (name, dir) = spec.split_once('=').ok_or_else(|| PathError::BadMapping(spec.clone()))?;
-            if rota_common::names::check_name("alias", name).is_err() || name.contains('.') || dir.is_empty() {
+            let (name, dir) = spec
+                .split_once('=')
+                .ok_or_else(|| PathError::BadMapping(spec.clone()))?;
+            if rota_common::names::check_name("alias", name).is_err()
+                || name.contains('.')
+                || dir.is_empty()
+            {
                 return Err(PathError::BadMapping(spec.clone()));
             }
             let dir = std::path::absolute(dir).map_err(|_| PathError::BadMapping(spec.clone()))?;
@@ -46,16 +55,24 @@ impl Aliases {
 
     /// The `NAME=DIR` form, to hand the mapping to another process.
     pub fn to_specs(&self) -> Vec<String> {
-        self.iter().map(|(k, v)| format!("{k}={}", v.display())).collect()
+        self.iter()
+            .map(|(k, v)| format!("{k}={}", v.display()))
+            .collect()
     }
 
     /// The real path of `alias/relative/path`, refusing any that leaves the alias's folder.
     pub fn resolve(&self, path: &str) -> Result<PathBuf, PathError> {
-        let (alias, rest) = path.split_once('/').ok_or_else(|| PathError::NoAlias(path.to_owned()))?;
+        let (alias, rest) = path
+            .split_once('/')
+            .ok_or_else(|| PathError::NoAlias(path.to_owned()))?;
         let root = self.map.get(alias).ok_or_else(|| PathError::UnknownAlias {
             alias: alias.to_owned(),
             path: path.to_owned(),
-            known: if self.map.is_empty() { "no aliases".into() } else { self.map.keys().cloned().collect::<Vec<_>>().join(", ") },
+            known: if self.map.is_empty() {
+                "no aliases".into()
+            } else {
+                self.map.keys().cloned().collect::<Vec<_>>().join(", ")
+            },
         })?;
         let mut out = root.clone();
         for c in Path::new(rest).components() {
@@ -102,19 +119,36 @@ mod tests {
     fn resolves_inside_the_alias() {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = aliases(dir.path());
-        assert_eq!(a.resolve("demodata/report.pdf").expect("ok"), dir.path().join("report.pdf"));
-        assert_eq!(a.resolve("demodata/./x/y.txt").expect("ok"), dir.path().join("x/y.txt"));
+        assert_eq!(
+            a.resolve("demodata/report.pdf").expect("ok"),
+            dir.path().join("report.pdf")
+        );
+        assert_eq!(
+            a.resolve("demodata/./x/y.txt").expect("ok"),
+            dir.path().join("x/y.txt")
+        );
     }
 
     #[test]
     fn refuses_escapes_and_unknown_aliases() {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = aliases(dir.path());
-        for bad in ["demodata/../etc/passwd", "demodata/x/../../y", "demodata//etc/passwd", "demodata/"] {
+        for bad in [
+            "demodata/../etc/passwd",
+            "demodata/x/../../y",
+            "demodata//etc/passwd",
+            "demodata/",
+        ] {
             assert!(a.resolve(bad).is_err(), "{bad} was accepted");
         }
-        assert!(matches!(a.resolve("other/x"), Err(PathError::UnknownAlias { .. })));
-        assert!(matches!(a.resolve("report.pdf"), Err(PathError::NoAlias(_))));
+        assert!(matches!(
+            a.resolve("other/x"),
+            Err(PathError::UnknownAlias { .. })
+        ));
+        assert!(matches!(
+            a.resolve("report.pdf"),
+            Err(PathError::NoAlias(_))
+        ));
     }
 
     #[test]
@@ -123,7 +157,10 @@ mod tests {
         let outside = tempfile::tempdir().expect("tempdir");
         std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).expect("symlink");
         let a = aliases(dir.path());
-        assert!(matches!(a.resolve("demodata/link/secret"), Err(PathError::Escapes(_))));
+        assert!(matches!(
+            a.resolve("demodata/link/secret"),
+            Err(PathError::Escapes(_))
+        ));
     }
 
     #[test]

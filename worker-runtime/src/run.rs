@@ -21,20 +21,37 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn succeeded(output: Value) -> Self {
-        Self { status: Status::Succeeded, output, error: None }
+        Self {
+            status: Status::Succeeded,
+            output,
+            error: None,
+        }
     }
     pub fn error(status: Status, kind: &str, message: impl Into<String>) -> Self {
-        Self { status, output: Value::Null, error: Some(ErrorInfo::new(kind, message)) }
+        Self {
+            status,
+            output: Value::Null,
+            error: Some(ErrorInfo::new(kind, message)),
+        }
     }
 }
 
 /// Runs the job of `ctx` with the Work its type names, for at most `timeout`. `cancel` ends
 /// it as `cancelled` (and `ctx.cancelled()` tells the Work); both only take effect at the
 /// Work's next await point: in-process Work cannot be stopped by force.
-pub async fn run(registry: &Registry, ctx: Context, timeout: Duration, cancel: CancellationToken) -> Outcome {
+pub async fn run(
+    registry: &Registry,
+    ctx: Context,
+    timeout: Duration,
+    cancel: CancellationToken,
+) -> Outcome {
     let work_type = ctx.job().work_type.clone();
     let Some(work) = registry.get(&work_type) else {
-        return Outcome::error(Status::Rejected, "unknown_type", format!("no work type {work_type:?} is registered here"));
+        return Outcome::error(
+            Status::Rejected,
+            "unknown_type",
+            format!("no work type {work_type:?} is registered here"),
+        );
     };
     let execute = AssertUnwindSafe(work.execute(&ctx)).catch_unwind();
     tokio::select! {
@@ -74,12 +91,25 @@ mod tests {
 
     async fn run_demo(work_type: &str, payload: Value, timeout_ms: u64) -> (Outcome, Vec<String>) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let aliases = Aliases::parse(&[format!("demodata={}", dir.path().display())]).expect("valid");
+        let aliases =
+            Aliases::parse(&[format!("demodata={}", dir.path().display())]).expect("valid");
         let sink = Arc::new(BufferSink::new(|_| {}));
         let mut job = Job::new(work_type, payload);
         job.uuid = Some(rota_common::wire::JobId::random());
-        let ctx = Context::new(job, dir.path().to_owned(), Arc::new(aliases), sink.clone(), CancellationToken::new());
-        let out = run(&Registry::with_builtins(), ctx, Duration::from_millis(timeout_ms), CancellationToken::new()).await;
+        let ctx = Context::new(
+            job,
+            dir.path().to_owned(),
+            Arc::new(aliases),
+            sink.clone(),
+            CancellationToken::new(),
+        );
+        let out = run(
+            &Registry::with_builtins(),
+            ctx,
+            Duration::from_millis(timeout_ms),
+            CancellationToken::new(),
+        )
+        .await;
         let lines = sink.take_logs().0.into_iter().map(|l| l.message).collect();
         (out, lines)
     }
@@ -89,17 +119,28 @@ mod tests {
         let (o, _) = run_demo("demo.echo", json!({"a": 1}), 1000).await;
         assert_eq!(o, Outcome::succeeded(json!({"a": 1})));
         let (o, _) = run_demo("demo.fail", json!({"message": "boom"}), 1000).await;
-        assert_eq!((o.status, o.error.map(|e| e.message)), (Status::Failed, Some("boom".to_owned())));
+        assert_eq!(
+            (o.status, o.error.map(|e| e.message)),
+            (Status::Failed, Some("boom".to_owned()))
+        );
         let (o, _) = run_demo("demo.panic", json!({"message": "aargh"}), 1000).await;
         assert_eq!(o.status, Status::Crashed);
         assert!(o.error.expect("error").message.contains("aargh"));
         let (o, lines) = run_demo("demo.log", json!({"lines": 3}), 1000).await;
         assert_eq!(o.status, Status::Succeeded);
-        assert_eq!(lines, ["log line 1 of 3", "log line 2 of 3", "log line 3 of 3"]);
+        assert_eq!(
+            lines,
+            ["log line 1 of 3", "log line 2 of 3", "log line 3 of 3"]
+        );
         let (o, _) = run_demo("demo.nope", Value::Null, 1000).await;
         assert_eq!(o.status, Status::Rejected);
         let (o, _) = run_demo("demo.sleep", json!({}), 1000).await;
-        assert!(o.error.expect("error").message.contains("missing field `ms`"));
+        assert!(
+            o.error
+                .expect("error")
+                .message
+                .contains("missing field `ms`")
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -110,7 +151,12 @@ mod tests {
 
     #[tokio::test]
     async fn write_file_stays_inside_its_alias() {
-        let (o, _) = run_demo("demo.write-file", json!({"path": "demodata/../x", "text": "t"}), 1000).await;
+        let (o, _) = run_demo(
+            "demo.write-file",
+            json!({"path": "demodata/../x", "text": "t"}),
+            1000,
+        )
+        .await;
         assert_eq!(o.status, Status::Failed);
         assert!(o.error.expect("error").message.contains("leaves its alias"));
     }
