@@ -3,10 +3,12 @@
 //! languages do the same with plain AMQP (see the README).
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use crate::Names;
@@ -146,72 +148,56 @@ impl Client {
     /// Starts listening to job events of these kinds (all types); events published before
     /// this call returns are not seen.
     pub async fn watch(&self, kinds: &[EventKind]) -> anyhow::Result<Events> {
-        let queue = self
-            .names
-            .private_queue("watch", &uuid::Uuid::new_v4().simple().to_string());
-        let mut t = Topology::default();
-        t.queue(QueueSpec::private(queue.clone()));
-        for kind in kinds {
-            t.bind(
-                &queue,
-                &self.names.events(),
-                &format!("job.{}.#", kind.as_str()),
-            );
-        }
-        self.broker.declare(t).await?;
-        let consumer = self
-            .broker
-            .consume(ConsumeSpec {
-                queues: vec![queue],
-                tag: "watch".into(),
-                prefetch: 1000,
-                exclusive: true,
-            })
-            .await?;
-        Ok(Events { consumer })
+        let keys: Vec<String> = kinds
+            .iter()
+            .map(|k| format!("job.{}.#", k.as_str()))
+            .collect();
+        self.listen("watch", &self.names.events(), &keys, 1000)
+            .await
     }
 
-    /// Starts listening to heartbeats of every part.
+    /// Starts listening to the heartbeats of every part.
     pub async fn heartbeats(&self) -> anyhow::Result<Heartbeats> {
+        self.listen(
+            "heartbeats",
+            &self.names.heartbeats(),
+            &[String::new()],
+            100,
+        )
+        .await
+    }
+
+    /// A private queue bound to `exchange` with `keys`, consumed as messages of type `T`.
+    async fn listen<T>(
+        &self,
+        purpose: &str,
+        exchange: &str,
+        keys: &[String],
+        prefetch: u16,
+    ) -> anyhow::Result<Messages<T>> {
         let queue = self
             .names
-            .private_queue("heartbeats", &uuid::Uuid::new_v4().simple().to_string());
+            .private_queue(purpose, &uuid::Uuid::new_v4().simple().to_string());
         let mut t = Topology::default();
-        t.queue(QueueSpec::private(queue.clone()))
-            .bind(&queue, &self.names.heartbeats(), "");
+        t.queue(QueueSpec::private(queue.clone()));
+        for key in keys {
+            t.bind(&queue, exchange, key);
+        }
         self.broker.declare(t).await?;
-        let consumer = self
-            .broker
-            .consume(ConsumeSpec {
-                queues: vec![queue],
-                tag: "heartbeats".into(),
-                prefetch: 100,
-                exclusive: true,
-            })
-            .await?;
-        Ok(Heartbeats { consumer })
+        let spec = ConsumeSpec {
+            queues: vec![queue],
+            tag: purpose.to_owned(),
+            prefetch,
+            exclusive: true,
+        };
+        Ok(Messages {
+            consumer: self.broker.consume(spec).await?,
+            _type: PhantomData,
+        })
     }
 
     pub async fn close(&self) {
         self.broker.close().await;
-    }
-}
-
-/// A stream of heartbeats.
-pub struct Heartbeats {
-    consumer: Consumer,
-}
-
-impl Heartbeats {
-    /// The next heartbeat; unreadable ones are skipped.
-    pub async fn next(&mut self) -> Option<Heartbeat> {
-        loop {
-            let d = self.consumer.recv().await?;
-            d.ack().await;
-            if let Ok(hb) = serde_json::from_slice(&d.body) {
-                return Some(hb);
-            }
-        }
     }
 }
 
@@ -243,20 +229,25 @@ async fn dispatch_replies(mut replies: Consumer, pending: Pending) {
     }
 }
 
-/// A stream of job events.
-pub struct Events {
+/// Messages of one type from a private queue; unreadable ones are skipped.
+pub struct Messages<T> {
     consumer: Consumer,
+    _type: PhantomData<T>,
 }
 
-impl Events {
-    /// The next event; unreadable ones are skipped.
-    pub async fn next(&mut self) -> Option<Event> {
+/// Job events (see [`Client::watch`]).
+pub type Events = Messages<Event>;
+/// Heartbeats (see [`Client::heartbeats`]).
+pub type Heartbeats = Messages<Heartbeat>;
+
+impl<T: DeserializeOwned> Messages<T> {
+    pub async fn next(&mut self) -> Option<T> {
         loop {
             let d = self.consumer.recv().await?;
             d.ack().await;
             match serde_json::from_slice(&d.body) {
-                Ok(event) => return Some(event),
-                Err(e) => tracing::debug!(error = %e, "skipping an unreadable event"),
+                Ok(message) => return Some(message),
+                Err(e) => tracing::debug!(error = %e, "skipping an unreadable message"),
             }
         }
     }
