@@ -49,8 +49,12 @@ setup_rabbitmq() {
     as_root install -m 0644 "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf
   fi
   as_root rabbitmq-plugins enable --offline rabbitmq_management >/dev/null
-  say "starting RabbitMQ"
-  as_root rabbitmq-server -detached
+  if ! answers "$host" "$port"; then
+    say "starting RabbitMQ"
+    # -detached fails if the package's own scripts started a node meanwhile: the wait below
+    # tells whether one runs.
+    as_root rabbitmq-server -detached || true
+  fi
   for _ in $(seq 1 120); do
     answers "$host" "$port" && as_root rabbitmqctl -q await_startup >/dev/null 2>&1 && break
     sleep 1

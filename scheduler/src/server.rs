@@ -101,6 +101,14 @@ pub async fn run(
         ),
         other => other?,
     };
+    let sched = Arc::new(Scheduler {
+        names: names.clone(),
+        broker: broker.clone(),
+        store,
+        agents: Agents::default(),
+    });
+    // Before taking new submissions: what an earlier run recorded but could not queue.
+    sched.publish_unpublished(Duration::ZERO).await;
     let rpc = broker
         .consume(ConsumeSpec {
             queues: vec![names.rpc()],
@@ -125,14 +133,6 @@ pub async fn run(
             exclusive: true,
         })
         .await?;
-
-    let sched = Arc::new(Scheduler {
-        names: names.clone(),
-        broker: broker.clone(),
-        store,
-        agents: Agents::default(),
-    });
-    sched.publish_unpublished().await;
 
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -164,6 +164,9 @@ pub async fn run(
     info!("scheduler stopped");
     Ok(())
 }
+
+/// How long a submission may take to be confirmed before the periodic pass queues it again.
+const IN_FLIGHT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -428,10 +431,15 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Publishes the jobs recorded but never confirmed (after a crash or a broker outage).
-    async fn publish_unpublished(&self) {
+    /// Publishes the jobs recorded but never confirmed (after a crash or outage) that were
+    /// recorded at least `min_age` ago (younger ones may still be on their way).
+    async fn publish_unpublished(&self, min_age: Duration) {
+        let cutoff = Utc::now() - chrono::Duration::from_std(min_age).unwrap_or_default();
         let pending = match self.store.unpublished() {
-            Ok(p) => p,
+            Ok(p) => p
+                .into_iter()
+                .filter(|r| r.created_at <= cutoff)
+                .collect::<Vec<_>>(),
             Err(e) => return error!(error = %e, "cannot read the jobs waiting to be queued"),
         };
         if pending.is_empty() {
@@ -455,8 +463,8 @@ impl Scheduler {
         loop {
             tokio::select! {
                 _ = check.tick() => self.agents.check(),
-                _ = requeue.tick() => self.publish_unpublished().await,
-                _ = self.broker.reconnected() => self.publish_unpublished().await,
+                _ = requeue.tick() => self.publish_unpublished(IN_FLIGHT).await,
+                _ = self.broker.reconnected() => self.publish_unpublished(IN_FLIGHT).await,
                 _ = stop.cancelled() => return,
             }
         }

@@ -11,7 +11,8 @@ use anyhow::{Context, bail};
 use rota_common::Names;
 use rota_common::client::{Client, Heartbeats};
 use rota_common::names::DEFAULT_QUEUE;
-use rota_common::wire::{Heartbeat, Role};
+use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
+use std::collections::HashSet;
 
 pub use rota_common::wire;
 
@@ -166,26 +167,26 @@ impl System {
         .await;
     }
 
-    /// Waits until agent `id` holds nothing (no running job, no unreceipted result) while
-    /// its jobs queue and the results queue are empty: everything has been recorded.
-    pub async fn settled(&self, beats: &mut Heartbeats, id: &str) {
+    /// Waits until every job of `ids` is recorded with a final state and agent `id` holds
+    /// nothing (no job, no unreceipted result). Checked at each of the agent's heartbeats.
+    pub async fn settled(&self, beats: &mut Heartbeats, id: &str, ids: &HashSet<JobId>) {
         loop {
-            let hb = self
-                .heartbeat_where(beats, Role::Agent, id, |hb| {
-                    hb.running.is_empty() && hb.unreceipted == 0
-                })
-                .await;
-            let jobs = self
-                .client
-                .broker()
-                .queue_depth(&self.names.jobs_queue(DEFAULT_QUEUE))
-                .await;
-            let results = self
-                .client
-                .broker()
-                .queue_depth(&self.names.results())
-                .await;
-            if matches!((jobs, results), (Ok(0), Ok(0))) && hb.running.is_empty() {
+            self.heartbeat_where(beats, Role::Agent, id, |hb| {
+                hb.running.is_empty() && hb.unreceipted == 0
+            })
+            .await;
+            let request = RpcRequest::List {
+                state: None,
+                limit: Some(ids.len() + 10_000),
+            };
+            let Ok(RpcReply::Jobs { jobs }) = self.client.call(&request).await else {
+                continue;
+            };
+            let done = jobs
+                .iter()
+                .filter(|j| ids.contains(&j.uuid) && j.state.is_final())
+                .count();
+            if done == ids.len() {
                 return;
             }
         }

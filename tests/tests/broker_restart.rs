@@ -51,7 +51,7 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
     within(
         Duration::from_secs(180),
         "every job recorded after the restart",
-        sys.settled(&mut beats, "r1"),
+        sys.settled(&mut beats, "r1", &ids),
     )
     .await;
     let RpcReply::Jobs { jobs } = sys

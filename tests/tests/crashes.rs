@@ -93,7 +93,7 @@ async fn an_agent_killed_mid_run_and_restarted_loses_nothing() {
     within(
         2 * MINUTE,
         "every job run and recorded",
-        sys.settled(&mut beats, "k1"),
+        sys.settled(&mut beats, "k1", &ids),
     )
     .await;
     assert_each_once(&all_records(&sys).await, &ids);
@@ -132,7 +132,7 @@ async fn a_scheduler_killed_mid_run_loses_nothing() {
     within(
         2 * MINUTE,
         "every result recorded",
-        sys.settled(&mut beats, "s1"),
+        sys.settled(&mut beats, "s1", &ids),
     )
     .await;
     assert_each_once(&all_records(&sys).await, &ids);
@@ -233,4 +233,45 @@ async fn the_outbox_resends_until_a_receipt_and_never_reruns_a_stored_job() {
         "the redelivered job did not start again"
     );
     let _ = conn.close(200, "bye".into()).await;
+}
+
+/// SIGTERM: the agent stops taking jobs, lets running ones finish within its grace period,
+/// hands back the rest, and exits cleanly; the next agent runs what was handed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stopped_with_sigterm_finishes_or_returns_its_jobs() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let mut agent = sys.agent("g1", &["--pool-max-size", "4", "--shutdown-grace", "1s"]);
+    sys.ready(true, &["g1"]).await;
+    let mut started = sys
+        .client
+        .watch(&[EventKind::Started])
+        .await
+        .expect("watch");
+    // Two short jobs that finish within the grace, two long ones that do not, and more queued.
+    let mut ids = publish_sleepers(&sys, 2, 300).await;
+    ids.extend(publish_sleepers(&sys, 6, 5_000).await);
+    within(MINUTE, "four jobs running", async {
+        for _ in 0..4 {
+            started.next().await.expect("events");
+        }
+    })
+    .await;
+    let status = agent.terminate().await.expect("exits after SIGTERM");
+    assert!(status.success(), "a clean exit: {}", agent.output());
+    assert!(
+        agent.output().contains("handing unfinished jobs back"),
+        "{}",
+        agent.output()
+    );
+
+    let _agent = sys.agent("g1", &["--pool-max-size", "8"]);
+    let mut beats = sys.heartbeats().await;
+    within(
+        2 * MINUTE,
+        "every job recorded",
+        sys.settled(&mut beats, "g1", &ids),
+    )
+    .await;
+    assert_each_once(&all_records(&sys).await, &ids);
 }

@@ -44,7 +44,12 @@ async fn a_thousand_jobs_are_each_recorded_exactly_once_with_their_logs() {
     })
     .await;
     let mut beats = sys.heartbeats().await;
-    within(MINUTE, "the agent to settle", sys.settled(&mut beats, "a1")).await;
+    within(
+        MINUTE,
+        "the agent to settle",
+        sys.settled(&mut beats, "a1", &ids),
+    )
+    .await;
 
     let RpcReply::Jobs { jobs } = sys
         .client
@@ -426,4 +431,82 @@ async fn the_demo_runs_end_to_end() {
         std::fs::read_to_string(temp.join("demodata/hello-3.txt")).expect("written"),
         "hello from job 3\n"
     );
+}
+
+/// Another service calls the scheduler over RPC with plain AMQP and RabbitMQ's direct
+/// reply-to, as a service in any language would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_services_can_submit_over_rpc_with_direct_reply_to() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("a1", &[]);
+    sys.ready(true, &["a1"]).await;
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
+
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    let consume = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut replies = ch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "rpc".into(),
+            consume,
+            FieldTable::default(),
+        )
+        .await
+        .expect("direct reply-to");
+    let request =
+        json!({"method": "submit", "job": {"type": "demo.echo", "payload": {"via": "rpc"}}});
+    let props = BasicProperties::default()
+        .with_reply_to("amq.rabbitmq.reply-to".into())
+        .with_correlation_id("req-1".into());
+    ch.basic_publish(
+        "".into(),
+        sys.names.rpc().as_str().into(),
+        BasicPublishOptions::default(),
+        &serde_json::to_vec(&request).expect("json"),
+        props,
+    )
+    .await
+    .expect("publishes");
+    let reply = within(MINUTE, "the scheduler's reply", replies.next())
+        .await
+        .expect("stream")
+        .expect("delivery");
+    assert_eq!(
+        reply
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str()),
+        Some("req-1")
+    );
+    let reply: Value = serde_json::from_slice(&reply.data).expect("JSON reply");
+    assert_eq!(reply["reply"], "job");
+    assert_eq!(reply["job"]["state"], "queued");
+    let uuid: JobId = reply["job"]["uuid"]
+        .as_str()
+        .expect("uuid")
+        .parse()
+        .expect("a uuid");
+    within(MINUTE, "the job finished", async {
+        loop {
+            let e = finished.next().await.expect("events");
+            if e.uuid == uuid {
+                assert_eq!(e.status, Some(Status::Succeeded));
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = conn.close(200, "bye".into()).await;
 }
