@@ -247,7 +247,7 @@ impl Agent {
         };
         let worker_id = worker.id.clone();
         drop(worker);
-        if self.abandon.is_cancelled() && outcome.status == Status::Cancelled {
+        if self.abandon.is_cancelled() && outcome.status != Status::Succeeded {
             info!("shutdown grace is over; handing the unfinished job back to RabbitMQ");
             d.requeue().await;
             return;

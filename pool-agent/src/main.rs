@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    rota_common::telemetry::init(cli.broker.log_format, "info,lapin=warn");
+    rota_common::telemetry::init(cli.broker.log_format, "info,lapin=off");
     let registry = rota_worker_runtime::Registry::with_builtins();
     let config = match cli.command {
         Command::Types => {

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     // The daemon logs everything; the commands a person runs show only what matters.
     let daemon = matches!(cli.command, Command::Run(_));
     let default_filter = if daemon {
-        "info,lapin=warn"
+        "info,lapin=off"
     } else {
         "warn,lapin=off"
     };

@@ -57,6 +57,8 @@ pub async fn run(
     tokio::select! {
         result = execute => match result {
             Ok(Ok(output)) => Outcome::succeeded(output),
+            // A Work that gives up because it was told to stop was cancelled, not failed.
+            Ok(Err(_)) if cancel.is_cancelled() => Outcome::error(Status::Cancelled, "cancelled", "cancelled"),
             Ok(Err(e)) => Outcome::error(Status::Failed, "work", format!("{e:#}")),
             Err(panic) => Outcome::error(Status::Crashed, "panic", format!("the Work panicked: {}", panic_message(&*panic))),
         },
@@ -147,6 +149,36 @@ mod tests {
     async fn a_slow_work_times_out() {
         let (o, _) = run_demo("demo.sleep", json!({"ms": 60_000}), 1000).await;
         assert_eq!(o.status, Status::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_work_that_stops_when_cancelled_ends_cancelled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cancel = CancellationToken::new();
+        let mut job = Job::new("demo.sleep", json!({"ms": 60_000}));
+        job.uuid = Some(rota_common::wire::JobId::random());
+        let sink = Arc::new(BufferSink::new(|_| {}));
+        // The Work sees the same token as `run`, and may return its own error first.
+        let ctx = Context::new(
+            job,
+            dir.path().to_owned(),
+            Arc::default(),
+            sink,
+            cancel.clone(),
+        );
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            stop.cancel();
+        });
+        let out = run(
+            &Registry::with_builtins(),
+            ctx,
+            Duration::from_secs(600),
+            cancel,
+        )
+        .await;
+        assert_eq!(out.status, Status::Cancelled);
     }
 
     #[tokio::test]
