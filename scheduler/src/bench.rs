@@ -34,6 +34,10 @@ pub struct BenchArgs {
     pub concurrency: usize,
     #[arg(long, value_enum, default_value_t = Via::Direct)]
     pub via: Via,
+    /// Submits at this many jobs per second instead of all at once, to measure latency
+    /// without a backlog.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Gives up when the jobs have not all finished by then.
     #[arg(long, value_parser = parse_duration, default_value = "10m")]
     pub timeout: Duration,
@@ -45,6 +49,7 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
     let sent: Arc<Mutex<HashMap<JobId, Instant>>> = Arc::default();
 
     let start = Instant::now();
+    let paced_start = tokio::time::Instant::now();
     let submitter = {
         let (client, sent) = (client.clone(), sent.clone());
         tokio::spawn(async move {
@@ -52,6 +57,12 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
                 .map(|i| {
                     let (client, sent) = (client.clone(), sent.clone());
                     async move {
+                        if let Some(rate) = args.rate.filter(|r| *r > 0.0) {
+                            tokio::time::sleep_until(
+                                paced_start + Duration::from_secs_f64(i as f64 / rate),
+                            )
+                            .await;
+                        }
                         let mut job = Job::new("demo.echo", json!({ "i": i }));
                         let uuid = JobId::random();
                         job.uuid = Some(uuid);
