@@ -511,10 +511,6 @@ impl Broker {
         self.inner.reconnects.load(Ordering::Relaxed)
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.inner.live.borrow().is_some()
-    }
-
     /// Resolves after the next successful reconnect (for resending what may have been lost).
     pub fn reconnected(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.inner.live.subscribe();
@@ -559,22 +555,6 @@ impl Broker {
             .exchange_delete(name.into(), ExchangeDeleteOptions::default())
             .await?;
         Ok(())
-    }
-
-    /// How many messages wait in a queue (ready, not counting unacked deliveries).
-    pub async fn queue_depth(&self, name: &str) -> Result<u32, BrokerError> {
-        let live = self.wait_live().await?;
-        // A passive declare that fails closes the channel: use a channel of its own.
-        let ch = live.conn.create_channel().await?;
-        let opts = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let q = ch
-            .queue_declare(name.into(), opts, FieldTable::default())
-            .await?;
-        let _ = ch.close(200, "done".into()).await;
-        Ok(q.message_count())
     }
 
     /// Starts consuming; restored after every reconnect until [`Consumer::stop`]. Fails with

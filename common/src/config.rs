@@ -30,7 +30,7 @@ pub struct BrokerArgs {
     #[arg(long, env = "ROTA_NAMESPACE", default_value = "rota", global = true)]
     pub namespace: String,
 
-    /// Log lines as text or JSON (filter with RUST_LOG, e.g. RUST_LOG=rota=debug).
+    /// Log lines as text or JSON (filter with RUST_LOG, e.g. RUST_LOG=info,rota_pool_agent=debug).
     #[arg(long, env = "ROTA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 }

@@ -13,9 +13,6 @@ use uuid::Uuid;
 
 use crate::names::{DEFAULT_QUEUE, check_name};
 
-/// The wire contract's version; a breaking change gets a new number and new names.
-pub const WIRE_VERSION: u32 = 1;
-
 /// The largest priority a job may carry (the jobs queues are declared with it).
 pub const MAX_PRIORITY: u8 = 9;
 

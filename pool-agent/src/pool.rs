@@ -16,20 +16,17 @@ use crate::config::Location;
 pub struct Worker {
     /// Shown in results and the demo's summary (`local-0`, …).
     pub id: String,
-    /// Jobs run by this worker so far.
-    pub jobs: u64,
     registry: Arc<Registry>,
 }
 
 impl Worker {
     /// Runs the job of `ctx` to its outcome (see [`rota_worker_runtime::run`]).
     pub async fn execute(
-        &mut self,
+        &self,
         ctx: Context,
         timeout: Duration,
         cancel: CancellationToken,
     ) -> Outcome {
-        self.jobs += 1;
         rota_worker_runtime::run(&self.registry, ctx, timeout, cancel).await
     }
 }
@@ -49,7 +46,6 @@ impl managed::Manager for Manager {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         Ok(Worker {
             id: format!("{}-{n}", self.location.as_str()),
-            jobs: 0,
             registry: self.registry.clone(),
         })
     }

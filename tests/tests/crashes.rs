@@ -275,3 +275,33 @@ async fn an_agent_stopped_with_sigterm_finishes_or_returns_its_jobs() {
     .await;
     assert_each_once(&all_records(&sys).await, &ids);
 }
+
+/// An agent that stops sending heartbeats is reported lost after three missed intervals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_is_reported_lost() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let mut agent = sys.agent("l1", &[]);
+    let mut beats = sys.heartbeats().await;
+    // Ask the scheduler at each of its heartbeats until it says what we wait for.
+    let mut scheduler_says = async |alive: bool| loop {
+        sys.heartbeat_where(&mut beats, Role::Scheduler, "scheduler", |_| true)
+            .await;
+        let RpcReply::Agents { agents } =
+            sys.client.call(&RpcRequest::Agents).await.expect("agents")
+        else {
+            panic!("wrong reply")
+        };
+        if agents
+            .iter()
+            .any(|a| a.heartbeat.id == "l1" && a.alive == alive)
+        {
+            return;
+        }
+    };
+    within(MINUTE, "the agent seen alive", scheduler_says(true)).await;
+    agent.kill().await;
+    within(MINUTE, "the agent reported lost", scheduler_says(false)).await;
+    let out = sys.cli(&["agents"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("LOST"));
+}

@@ -49,17 +49,6 @@ impl Aliases {
         Ok(Self { map })
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Path)> {
-        self.map.iter().map(|(k, v)| (k.as_str(), v.as_path()))
-    }
-
-    /// The `NAME=DIR` form, to hand the mapping to another process.
-    pub fn to_specs(&self) -> Vec<String> {
-        self.iter()
-            .map(|(k, v)| format!("{k}={}", v.display()))
-            .collect()
-    }
-
     /// The real path of `alias/relative/path`, refusing any that leaves the alias's folder.
     pub fn resolve(&self, path: &str) -> Result<PathBuf, PathError> {
         let (alias, rest) = path
