@@ -212,7 +212,7 @@ impl Agent {
                 return;
             }
         }
-        let worker = match self.pool.get().await {
+        let mut worker = match self.pool.get().await {
             Ok(w) => w,
             Err(e) => {
                 error!(error = %e, "no worker available; handing the job back to RabbitMQ");

@@ -11,12 +11,16 @@ use rota_common::config::parse_duration;
 pub enum Location {
     /// A task in the agent's own runtime: cheapest, no isolation, cooperative cancel only.
     Local,
+    /// A dedicated OS thread per worker: CPU-bound Work does not stall the agent. Cancel and
+    /// timeouts are cooperative; a thread that does not return is abandoned and replaced.
+    Thread,
 }
 
 impl Location {
     pub fn as_str(self) -> &'static str {
         match self {
             Location::Local => "local",
+            Location::Thread => "thread",
         }
     }
 }

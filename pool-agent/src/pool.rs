@@ -5,30 +5,112 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use deadpool::managed::{self, Metrics, RecycleResult};
-use rota_common::wire::PoolStatus;
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use rota_common::wire::{PoolStatus, Status};
 use rota_worker_runtime::{Context, Outcome, Registry};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Location;
 
+/// How long a `thread` worker may overrun its job's timeout (or a cancel) before the agent
+/// stops waiting for it and replaces the thread.
+const THREAD_GRACE: Duration = Duration::from_secs(5);
+
 /// One worker: runs one job at a time.
 pub struct Worker {
-    /// Shown in results and the demo's summary (`local-0`, …).
+    /// Shown in results and the demo's summary (`local-0`, `thread-3`, …).
     pub id: String,
     registry: Arc<Registry>,
+    /// The worker's own thread, for the `thread` location.
+    thread: Option<mpsc::UnboundedSender<Request>>,
+    /// Set when the worker cannot be trusted with another job: the pool replaces it.
+    broken: bool,
+}
+
+/// A job handed to a worker thread.
+struct Request {
+    ctx: Context,
+    timeout: Duration,
+    cancel: CancellationToken,
+    reply: oneshot::Sender<Outcome>,
 }
 
 impl Worker {
     /// Runs the job of `ctx` to its outcome (see [`rota_worker_runtime::run`]).
     pub async fn execute(
-        &self,
+        &mut self,
         ctx: Context,
         timeout: Duration,
         cancel: CancellationToken,
     ) -> Outcome {
-        rota_worker_runtime::run(&self.registry, ctx, timeout, cancel).await
+        let Some(thread) = &self.thread else {
+            return rota_worker_runtime::run(&self.registry, ctx, timeout, cancel).await;
+        };
+        let (reply, outcome) = oneshot::channel();
+        let request = Request {
+            ctx,
+            timeout,
+            cancel: cancel.clone(),
+            reply,
+        };
+        if thread.send(request).is_err() {
+            self.broken = true;
+            return Outcome::error(
+                Status::Crashed,
+                "worker",
+                format!("worker {} has no thread any more", self.id),
+            );
+        }
+        // The thread applies the timeout and the cancel itself, at the Work's await points. A
+        // Work that blocks its thread cannot be stopped: past a grace period the thread is
+        // abandoned (it ends when the Work returns) and the pool starts a new one.
+        let overrun = async {
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {}
+                _ = cancel.cancelled() => {}
+            }
+            tokio::time::sleep(THREAD_GRACE).await;
+        };
+        tokio::select! {
+            out = outcome => out.unwrap_or_else(|_| {
+                self.broken = true;
+                Outcome::error(Status::Crashed, "worker", format!("worker thread {} ended unexpectedly", self.id))
+            }),
+            _ = overrun => {
+                self.broken = true;
+                let status = if cancel.is_cancelled() { Status::Cancelled } else { Status::TimedOut };
+                Outcome::error(status, "abandoned", format!(
+                    "the Work did not stop within {} s of its {}; its thread {} is abandoned and replaced",
+                    THREAD_GRACE.as_secs(), if cancel.is_cancelled() { "cancel" } else { "timeout" }, self.id
+                ))
+            }
+        }
     }
+}
+
+/// Starts a worker thread with a runtime of its own, serving requests until its worker is
+/// dropped.
+fn start_thread(
+    name: &str,
+    registry: Arc<Registry>,
+) -> anyhow::Result<mpsc::UnboundedSender<Request>> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            runtime.block_on(async move {
+                while let Some(req) = rx.recv().await {
+                    let out =
+                        rota_worker_runtime::run(&registry, req.ctx, req.timeout, req.cancel).await;
+                    let _ = req.reply.send(out);
+                }
+            });
+        })?;
+    Ok(tx)
 }
 
 /// Makes and checks workers for deadpool.
@@ -44,13 +126,26 @@ impl managed::Manager for Manager {
 
     async fn create(&self) -> Result<Worker, anyhow::Error> {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", self.location.as_str());
+        let thread = match self.location {
+            Location::Local => None,
+            Location::Thread => Some(start_thread(&id, self.registry.clone())?),
+        };
         Ok(Worker {
-            id: format!("{}-{n}", self.location.as_str()),
+            id,
             registry: self.registry.clone(),
+            thread,
+            broken: false,
         })
     }
 
-    async fn recycle(&self, _worker: &mut Worker, _: &Metrics) -> RecycleResult<anyhow::Error> {
+    async fn recycle(&self, worker: &mut Worker, _: &Metrics) -> RecycleResult<anyhow::Error> {
+        if worker.broken {
+            return Err(RecycleError::message(format!(
+                "worker {} is replaced",
+                worker.id
+            )));
+        }
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use crate::{Context, Registry, Work};
 pub fn register(r: &mut Registry) {
     r.register("demo.echo", Echo)
         .register("demo.sleep", Sleep)
+        .register("demo.spin", Spin)
         .register("demo.fail", Fail)
         .register("demo.panic", Panic)
         .register("demo.log", Log)
@@ -47,6 +48,24 @@ impl Work for Sleep {
         }
         ctx.progress(Some(1.0), Some("slept"));
         Ok(json!({ "slept_ms": ms }))
+    }
+}
+
+/// Keeps its thread busy for `ms` milliseconds without ever awaiting: CPU-bound Work, which
+/// only a `thread` (or stronger) worker keeps from stalling the agent, and which no cooperative
+/// cancel can stop.
+struct Spin;
+
+#[async_trait::async_trait]
+impl Work for Spin {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        let SleepPayload { ms } = ctx.payload_as()?;
+        let end = std::time::Instant::now() + Duration::from_millis(ms);
+        let mut turns: u64 = 0;
+        while std::time::Instant::now() < end {
+            turns = std::hint::black_box(turns.wrapping_add(1));
+        }
+        Ok(json!({ "spun_ms": ms, "turns": turns }))
     }
 }
 
