@@ -4,9 +4,9 @@
 # through a scheduler and a pool agent and prints what happened to each job. Files land in
 # ./temp. Arguments go to the demo (see `scheduler demo --help`).
 #
-#   deploy/demo.sh [--worker-location local|thread] [--pool-min-size 1] [--pool-max-size 2] [--jobs 12]
+#   deploy/demo.sh [--worker-location local|thread|process] [--pool-min-size 1] [--pool-max-size 2] [--jobs 12]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 deploy/setup.sh
-cargo build --locked --bin scheduler
+cargo build --locked --bins   # the demo starts worker-runtime for process workers
 exec target/debug/scheduler demo --clean "$@"

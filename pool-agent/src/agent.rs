@@ -28,7 +28,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::config::AgentConfig;
 use crate::intake::{self, Admitted, Limits, Refusal};
 use crate::outbox::Outbox;
-use crate::pool::Pool;
+use crate::pool::{Pool, WorkerSpec};
+use crate::process::ProcessSpec;
 
 /// Runs a pool agent until `shutdown` is cancelled, then stops taking jobs, lets running ones
 /// finish (for up to `--shutdown-grace`), hands back the rest, and returns.
@@ -81,8 +82,18 @@ pub async fn run(
     };
 
     let registry = Arc::new(registry);
+    let spec = WorkerSpec {
+        location: cfg.worker_location,
+        process: ProcessSpec {
+            program: cfg.worker_runtime_path(),
+            aliases: (*aliases).clone(),
+            kill_grace: cfg.kill_grace,
+        },
+        max_jobs: cfg.worker_max_jobs,
+        max_memory: cfg.worker_max_memory_mib * 1024 * 1024,
+    };
     let pool = Pool::start(
-        cfg.worker_location,
+        spec,
         cfg.pool_min_size,
         cfg.pool_max_size,
         cfg.queues.clone(),

@@ -14,6 +14,9 @@ pub enum Location {
     /// A dedicated OS thread per worker: CPU-bound Work does not stall the agent. Cancel and
     /// timeouts are cooperative; a thread that does not return is abandoned and replaced.
     Thread,
+    /// A `worker-runtime` child process per worker, reused for many jobs: a timeout or cancel
+    /// ends its whole process group (SIGTERM, then SIGKILL).
+    Process,
 }
 
 impl Location {
@@ -21,6 +24,7 @@ impl Location {
         match self {
             Location::Local => "local",
             Location::Thread => "thread",
+            Location::Process => "process",
         }
     }
 }
@@ -87,12 +91,38 @@ pub struct AgentConfig {
     #[arg(long, env = "ROTA_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
 
+    /// The `worker-runtime` binary for `process` workers (default: the one beside this binary).
+    #[arg(long, env = "ROTA_WORKER_RUNTIME")]
+    pub worker_runtime: Option<PathBuf>,
+
+    /// A worker is replaced after this many jobs (`process` workers; 0: never).
+    #[arg(long, env = "ROTA_WORKER_MAX_JOBS", default_value_t = 1000)]
+    pub worker_max_jobs: u64,
+
+    /// A worker is replaced once its memory exceeds this many MiB (`process` workers; 0: no limit).
+    #[arg(long, env = "ROTA_WORKER_MAX_MEMORY_MIB", default_value_t = 1024)]
+    pub worker_max_memory_mib: u64,
+
+    /// Between SIGTERM and SIGKILL when a worker process is ended.
+    #[arg(long, env = "ROTA_KILL_GRACE", value_parser = parse_duration, default_value = "5s")]
+    pub kill_grace: Duration,
+
     /// Keep each job's working folder after the scheduler's receipt (default: remove it).
     #[arg(long, env = "ROTA_KEEP_WORK_DIRS")]
     pub keep_work_dirs: bool,
 }
 
 impl AgentConfig {
+    /// The `worker-runtime` to start: the configured one, else the one beside this program.
+    pub fn worker_runtime_path(&self) -> PathBuf {
+        self.worker_runtime.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join("worker-runtime")))
+                .unwrap_or_else(|| PathBuf::from("worker-runtime"))
+        })
+    }
+
     /// This agent's own data folder.
     pub fn agent_dir(&self) -> PathBuf {
         self.data_dir.join(format!("agent-{}", self.id))

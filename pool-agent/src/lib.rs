@@ -11,6 +11,7 @@ pub mod config;
 mod intake;
 pub mod outbox;
 pub mod pool;
+pub mod process;
 
 pub use agent::run;
 pub use config::AgentConfig;

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Location;
+use crate::process::{Process, ProcessSpec};
 
 /// How long a `thread` worker may overrun its job's timeout (or a cancel) before the agent
 /// stops waiting for it and replaces the thread.
@@ -24,6 +25,10 @@ pub struct Worker {
     registry: Arc<Registry>,
     /// The worker's own thread, for the `thread` location.
     thread: Option<mpsc::UnboundedSender<Request>>,
+    /// The worker's own process, for the `process` location.
+    process: Option<Process>,
+    /// Jobs run so far (workers are recycled after a number of jobs).
+    jobs: u64,
     /// Set when the worker cannot be trusted with another job: the pool replaces it.
     broken: bool,
 }
@@ -44,6 +49,12 @@ impl Worker {
         timeout: Duration,
         cancel: CancellationToken,
     ) -> Outcome {
+        self.jobs += 1;
+        if let Some(process) = &mut self.process {
+            let (outcome, reusable) = process.execute(ctx, timeout, cancel).await;
+            self.broken |= !reusable;
+            return outcome;
+        }
         let Some(thread) = &self.thread else {
             return rota_worker_runtime::run(&self.registry, ctx, timeout, cancel).await;
         };
@@ -113,9 +124,21 @@ fn start_thread(
     Ok(tx)
 }
 
+/// What the workers of a pool are and when they are replaced.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub location: Location,
+    /// For `process` workers.
+    pub process: ProcessSpec,
+    /// Replace a worker after this many jobs (0: never).
+    pub max_jobs: u64,
+    /// Replace a `process` worker above this resident memory, in bytes (0: no limit).
+    pub max_memory: u64,
+}
+
 /// Makes and checks workers for deadpool.
 pub struct Manager {
-    location: Location,
+    spec: WorkerSpec,
     registry: Arc<Registry>,
     next_id: AtomicUsize,
 }
@@ -126,21 +149,38 @@ impl managed::Manager for Manager {
 
     async fn create(&self) -> Result<Worker, anyhow::Error> {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}-{n}", self.location.as_str());
-        let thread = match self.location {
-            Location::Local => None,
-            Location::Thread => Some(start_thread(&id, self.registry.clone())?),
-        };
+        let id = format!("{}-{n}", self.spec.location.as_str());
+        let (mut thread, mut process) = (None, None);
+        match self.spec.location {
+            Location::Local => {}
+            Location::Thread => thread = Some(start_thread(&id, self.registry.clone())?),
+            Location::Process => process = Some(Process::start(&self.spec.process, &id).await?),
+        }
+        tracing::debug!(worker = %id, "worker started");
         Ok(Worker {
             id,
             registry: self.registry.clone(),
             thread,
+            process,
+            jobs: 0,
             broken: false,
         })
     }
 
     async fn recycle(&self, worker: &mut Worker, _: &Metrics) -> RecycleResult<anyhow::Error> {
-        if worker.broken {
+        let worn_out = self.spec.max_jobs > 0 && worker.jobs >= self.spec.max_jobs;
+        let too_big = self.spec.max_memory > 0
+            && worker
+                .process
+                .as_ref()
+                .and_then(Process::rss_bytes)
+                .is_some_and(|rss| rss > self.spec.max_memory);
+        if worker.broken || worn_out || too_big {
+            tracing::info!(worker = %worker.id, jobs = worker.jobs, broken = worker.broken, worn_out, too_big,
+                "replacing a worker");
+            if let Some(p) = worker.process.as_mut() {
+                p.terminate().await;
+            }
             return Err(RecycleError::message(format!(
                 "worker {} is replaced",
                 worker.id
@@ -165,14 +205,15 @@ pub struct Pool {
 impl Pool {
     /// Builds the pool and starts its `min` warm workers.
     pub async fn start(
-        location: Location,
+        spec: WorkerSpec,
         min: usize,
         max: usize,
         queues: Vec<String>,
         registry: Arc<Registry>,
     ) -> anyhow::Result<Self> {
+        let location = spec.location;
         let manager = Manager {
-            location,
+            spec,
             registry,
             next_id: AtomicUsize::new(0),
         };

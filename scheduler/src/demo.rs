@@ -103,6 +103,10 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         resend_interval: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(10),
         keep_work_dirs: true,
+        worker_runtime: None,
+        worker_max_jobs: 1000,
+        worker_max_memory_mib: 1024,
+        kill_grace: Duration::from_secs(5),
     };
     let scheduler = tokio::spawn({
         let (url, names, stop) = (broker.amqp_url.clone(), names.clone(), stop.clone());

@@ -319,6 +319,39 @@ impl Proc {
     }
 }
 
+/// The processes whose parent is `pid` (from /proc).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            // /proc/<pid>/stat: "pid (comm) state ppid …"; comm may hold spaces, so split after ')'.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    stat.rsplit_once(')')
+                        .map(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_owned))
+                })
+                .flatten()
+                .is_some_and(|ppid| ppid == pid.to_string())
+        })
+        .collect()
+}
+
+/// Whether a process exists (a zombie counts as gone).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s != "Z"))
+        })
+        .unwrap_or(false)
+}
+
 /// Runs `f` with a deadline, so a stuck test fails with a message instead of hanging.
 pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
     match tokio::time::timeout(limit, f).await {

@@ -1,7 +1,10 @@
 //! Worker locations: the same Work at each isolation level the agent offers.
 
-use rota_tests::{System, amqp_url};
-use serde_json::Value;
+use std::time::Duration;
+
+use rota_tests::wire::{EventKind, Job, JobState};
+use rota_tests::{System, amqp_url, within};
+use serde_json::{Value, json};
 
 /// Runs `scheduler demo` with workers at `location`: every demo work ends as expected,
 /// including a panic (`crashed`) followed by jobs that succeed on the same pool.
@@ -143,4 +146,157 @@ async fn a_thread_that_does_not_return_is_abandoned_and_replaced() {
     let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
     assert_eq!(record["state"], "succeeded");
     assert_eq!(record["attempts"][0]["worker"], "thread-1", "a new thread");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_workers_run_the_demo_works() {
+    demo_at("process").await;
+}
+
+/// A process worker past its timeout is ended, its process gone, and replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_worker_past_its_timeout_is_killed_and_replaced() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let agent = sys.agent(
+        "p1",
+        &[
+            "--worker-location",
+            "process",
+            "--pool-min-size",
+            "1",
+            "--pool-max-size",
+            "1",
+            "--kill-grace",
+            "1s",
+        ],
+    );
+    sys.ready(true, &["p1"]).await;
+    let workers = rota_tests::children_of(agent.pid());
+    assert_eq!(workers.len(), 1, "one warm worker process: {workers:?}");
+    // demo.spin never awaits: only a kill stops it.
+    let out = sys
+        .cli(&[
+            "submit",
+            "--type",
+            "demo.spin",
+            "--payload",
+            r#"{"ms":60000}"#,
+            "--timeout-s",
+            "1",
+            "--wait",
+            "--json",
+        ])
+        .await;
+    let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
+    assert_eq!(record["state"], "timed_out");
+    assert!(
+        !rota_tests::alive(workers[0]),
+        "the worker process {} is gone",
+        workers[0]
+    );
+    let out = sys
+        .cli(&[
+            "submit",
+            "--type",
+            "demo.echo",
+            "--payload",
+            "1",
+            "--wait",
+            "--json",
+        ])
+        .await;
+    let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
+    assert_eq!(record["state"], "succeeded");
+    assert_eq!(
+        record["attempts"][0]["worker"], "process-1",
+        "a new process"
+    );
+}
+
+/// A worker process that dies under its job reports `crashed` with the signal, and the pool
+/// recovers; workers are also replaced after `--worker-max-jobs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dying_worker_process_is_reported_crashed_and_workers_are_recycled() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let agent = sys.agent(
+        "p2",
+        &[
+            "--worker-location",
+            "process",
+            "--pool-min-size",
+            "1",
+            "--pool-max-size",
+            "1",
+            "--worker-max-jobs",
+            "2",
+        ],
+    );
+    sys.ready(true, &["p2"]).await;
+    let mut started = sys
+        .client
+        .watch(&[EventKind::Started])
+        .await
+        .expect("watch");
+    let uuid = sys
+        .client
+        .publish_job(Job::new("demo.sleep", json!({"ms": 60000})))
+        .await
+        .expect("published");
+    within(Duration::from_secs(60), "the job started", started.next()).await;
+    let workers = rota_tests::children_of(agent.pid());
+    assert_eq!(workers.len(), 1);
+    std::process::Command::new("kill")
+        .args(["-KILL", &workers[0].to_string()])
+        .status()
+        .expect("kill runs");
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
+    let record = loop {
+        let record = sys.client.status(uuid).await.expect("status");
+        if record.state.is_final() {
+            break record;
+        }
+        within(
+            Duration::from_secs(60),
+            "the crash recorded",
+            finished.next(),
+        )
+        .await;
+    };
+    assert_eq!(record.state, JobState::Crashed);
+    let error = &record.attempts[0].error.as_ref().expect("error").message;
+    assert!(error.contains("signal 9"), "{error}");
+
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let out = sys
+            .cli(&[
+                "submit",
+                "--type",
+                "demo.echo",
+                "--payload",
+                "1",
+                "--wait",
+                "--json",
+            ])
+            .await;
+        let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
+        assert_eq!(record["state"], "succeeded");
+        seen.push(
+            record["attempts"][0]["worker"]
+                .as_str()
+                .expect("worker")
+                .to_owned(),
+        );
+    }
+    assert_eq!(
+        seen,
+        ["process-1", "process-1", "process-2"],
+        "replaced after the crash, then after 2 jobs"
+    );
 }

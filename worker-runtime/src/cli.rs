@@ -25,6 +25,12 @@ struct Cli {
 enum Command {
     /// Lists the registered work types.
     List,
+    /// Serves a pool agent on stdin/stdout (the agent starts this; see `protocol`).
+    Serve {
+        /// Path alias NAME=DIR (repeatable).
+        #[arg(long)]
+        alias: Vec<String>,
+    },
     /// Runs one Work here, without a broker, and prints its result as JSON (for trying out
     /// and debugging a work type). Exits non-zero unless it succeeded.
     Run {
@@ -74,6 +80,10 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<std::process::E
             for name in registry.names() {
                 println!("{name}");
             }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Serve { alias } => {
+            crate::protocol::serve(registry, Aliases::parse(&alias)?).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Run {

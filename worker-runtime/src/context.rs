@@ -88,6 +88,11 @@ impl Context {
         }
     }
 
+    /// Where this Work's log lines and progress go.
+    pub fn sink(&self) -> Arc<dyn Sink> {
+        self.sink.clone()
+    }
+
     pub fn job(&self) -> &Job {
         &self.job
     }

@@ -10,6 +10,7 @@ pub mod context;
 pub mod demo;
 pub mod logs;
 pub mod paths;
+pub mod protocol;
 pub mod registry;
 mod run;
 

@@ -49,6 +49,10 @@ impl Aliases {
         Ok(Self { map })
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Path)> {
+        self.map.iter().map(|(k, v)| (k.as_str(), v.as_path()))
+    }
+
     /// The real path of `alias/relative/path`, refusing any that leaves the alias's folder.
     pub fn resolve(&self, path: &str) -> Result<PathBuf, PathError> {
         let (alias, rest) = path

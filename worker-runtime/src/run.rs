@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{Context, Registry};
 
 /// How one run ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub status: Status,
     pub output: Value,
