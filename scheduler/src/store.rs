@@ -159,14 +159,12 @@ impl Store {
         fresh: &JobRecord,
         change: impl Fn(&mut JobRecord) -> bool,
     ) -> anyhow::Result<JobRecord> {
-        let created = std::cell::Cell::new(false);
         let after = self.jobs.update_and_fetch(uuid.as_bytes(), |old| {
             let mut record = match old.map(serde_json::from_slice::<JobRecord>) {
                 Some(Ok(r)) => r,
                 Some(Err(_)) => return old.map(<[u8]>::to_vec), // unreadable: leave it
                 None => fresh.clone(),
             };
-            created.set(old.is_none());
             if !change(&mut record) && old.is_some() {
                 return old.map(<[u8]>::to_vec);
             }
@@ -176,9 +174,9 @@ impl Store {
                 .or_else(|| old.map(<[u8]>::to_vec))
         })?;
         let record: JobRecord = serde_json::from_slice(&after.context("the record vanished")?)?;
-        if created.get() {
-            self.by_time.insert(time_key(&record), &[])?;
-        }
+        // Every time, not only when created: a crash between the two writes must not leave a
+        // record that `list` cannot find (the key never changes, so this is idempotent).
+        self.by_time.insert(time_key(&record), &[])?;
         Ok(record)
     }
 
