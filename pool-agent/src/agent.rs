@@ -81,7 +81,6 @@ pub async fn run(
         other => other?,
     };
 
-    let registry = Arc::new(registry);
     let spec = WorkerSpec {
         location: cfg.worker_location,
         process: ProcessSpec {
@@ -97,7 +96,7 @@ pub async fn run(
         cfg.pool_min_size,
         cfg.pool_max_size,
         cfg.queues.clone(),
-        registry.clone(),
+        Arc::new(registry),
     )
     .await?;
     let agent = Arc::new(Agent {
@@ -108,7 +107,6 @@ pub async fn run(
         broker: broker.clone(),
         outbox,
         pool,
-        registry,
         aliases,
         running: Mutex::default(),
         sent: Mutex::default(),
@@ -176,7 +174,6 @@ struct Agent {
     broker: Broker,
     outbox: Outbox,
     pool: Pool,
-    registry: Arc<Registry>,
     aliases: Arc<Aliases>,
     /// Jobs held now (received, not yet acked), with the token that cancels each.
     running: Mutex<HashMap<JobId, CancellationToken>>,
@@ -193,7 +190,7 @@ impl Agent {
             max_bytes: self.cfg.max_job_bytes,
             max_timeout: self.cfg.max_job_timeout,
             default_timeout: self.cfg.default_timeout,
-            registry: &self.registry,
+            types: self.pool.types(),
         };
         match intake::admit(&d, &limits) {
             Ok(admitted) => {

@@ -2,11 +2,11 @@
 //! never dropped: it goes to the dead-letter queue with its reason, and when it carries a
 //! uuid, a `rejected` result tells the scheduler too.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use rota_common::amqp::Delivery;
 use rota_common::wire::{Job, JobId};
-use rota_worker_runtime::Registry;
 use serde_json::Value;
 
 /// The limits a job must fit.
@@ -14,7 +14,8 @@ pub struct Limits<'a> {
     pub max_bytes: usize,
     pub max_timeout: Duration,
     pub default_timeout: Duration,
-    pub registry: &'a Registry,
+    /// The work types the pool runs.
+    pub types: &'a BTreeSet<String>,
 }
 
 /// A job that will not run here, and why.
@@ -62,8 +63,8 @@ pub fn admit(d: &Delivery, limits: &Limits<'_>) -> Result<Admitted, Refusal> {
             .and_then(|m| m.parse().ok())
             .unwrap_or_else(JobId::random)
     });
-    if !limits.registry.contains(&job.work_type) {
-        let known: Vec<&str> = limits.registry.names().collect();
+    if !limits.types.contains(&job.work_type) {
+        let known: Vec<&str> = limits.types.iter().map(String::as_str).collect();
         return Err(Refusal {
             reason: format!(
                 "unknown work type {:?}: this pool runs {}",

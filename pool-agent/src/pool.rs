@@ -1,6 +1,7 @@
 //! The worker pool: `min` workers kept warm, up to `max` at once, lent to one job at a time.
 //! deadpool does the lending; this module decides what a worker is at each location.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -197,6 +198,8 @@ pub type PooledWorker = managed::Object<Manager>;
 #[derive(Clone)]
 pub struct Pool {
     inner: managed::Pool<Manager>,
+    /// The work types this pool's workers run.
+    types: Arc<BTreeSet<String>>,
     location: Location,
     min: usize,
     queues: Vec<String>,
@@ -212,22 +215,39 @@ impl Pool {
         registry: Arc<Registry>,
     ) -> anyhow::Result<Self> {
         let location = spec.location;
+        let mut types: BTreeSet<String> = registry.names().map(str::to_owned).collect();
         let manager = Manager {
             spec,
             registry,
             next_id: AtomicUsize::new(0),
         };
         let inner = managed::Pool::builder(manager).max_size(max).build()?;
-        let warm: Vec<PooledWorker> = futures::future::try_join_all((0..min).map(|_| inner.get()))
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot start the pool's warm workers: {e}"))?;
+        // Worker processes run their runtime's types, which they name at start: ask one.
+        let warm_up = if location == Location::Process {
+            min.max(1)
+        } else {
+            min
+        };
+        let warm: Vec<PooledWorker> =
+            futures::future::try_join_all((0..warm_up).map(|_| inner.get()))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot start the pool's warm workers: {e}"))?;
+        if let Some(process) = warm.first().and_then(|w| w.process.as_ref()) {
+            types = process.types.iter().cloned().collect();
+        }
         drop(warm);
         Ok(Self {
             inner,
+            types: Arc::new(types),
             location,
             min,
             queues,
         })
+    }
+
+    /// The work types this pool's workers run.
+    pub fn types(&self) -> &BTreeSet<String> {
+        &self.types
     }
 
     /// Waits for a free worker.

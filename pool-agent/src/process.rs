@@ -36,6 +36,8 @@ type CurrentSink = Arc<Mutex<Option<Arc<dyn Sink>>>>;
 pub struct Process {
     child: Child,
     pub pid: u32,
+    /// The work types the runtime said it runs.
+    pub types: Vec<String>,
     stdin: ChildStdin,
     frames: mpsc::UnboundedReceiver<FromWorker>,
     /// The sink of the job in hand, where stderr lines go.
@@ -103,8 +105,8 @@ impl Process {
                 }
             }
         });
-        match tokio::time::timeout(Duration::from_secs(30), frames.recv()).await {
-            Ok(Some(FromWorker::Ready { .. })) => {}
+        let types = match tokio::time::timeout(Duration::from_secs(30), frames.recv()).await {
+            Ok(Some(FromWorker::Ready { types, .. })) => types,
             Ok(other) => bail!(
                 "the worker runtime {} did not say ready (it said {other:?})",
                 spec.program.display()
@@ -113,10 +115,11 @@ impl Process {
                 "the worker runtime {} did not say ready within 30 s",
                 spec.program.display()
             ),
-        }
+        };
         Ok(Process {
             child,
             pid,
+            types,
             stdin,
             frames,
             current,

@@ -120,6 +120,21 @@ impl System {
             .expect("scheduler CLI runs")
     }
 
+    /// `scheduler submit ARGS… --wait --json`: the exit code and the job's record as JSON.
+    pub async fn submit_wait(&self, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+        let mut all = vec!["submit"];
+        all.extend_from_slice(args);
+        all.extend(["--wait", "--json"]);
+        let out = self.cli(&all).await;
+        let record = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "no JSON record ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), record)
+    }
+
     pub async fn heartbeats(&self) -> Heartbeats {
         self.client
             .heartbeats()

@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use rota_tests::wire::{EventKind, Job, JobState};
 use rota_tests::{System, amqp_url, within};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Runs `scheduler demo` with workers at `location`: every demo work ends as expected,
-/// including a panic (`crashed`) followed by jobs that succeed on the same pool.
+/// including a panic (`crashed`) followed by jobs that succeed on the same pool; the folders
+/// and the files written through the alias are where the summary says.
 async fn demo_at(location: &str) {
     let sys = System::new().await;
     sys.owns_agent("demo");
@@ -39,6 +40,27 @@ async fn demo_at(location: &str) {
         text.contains(&format!("{location}-0")),
         "the summary names the {location} workers:\n{text}"
     );
+    let temp = sys.dir.path().join("temp");
+    let count = |dir: &str| temp.join(dir).read_dir().map(Iterator::count).unwrap_or(0);
+    assert_eq!(
+        count("scheduler/work"),
+        12,
+        "a folder per Work on the scheduler's side"
+    );
+    assert_eq!(
+        count("agent-demo/work"),
+        12,
+        "a folder per Work on the pool's side"
+    );
+    assert_eq!(
+        std::fs::read_to_string(temp.join("demodata/hello-3.txt")).expect("written"),
+        "hello from job 3\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_workers_run_the_demo_works() {
+    demo_at("local").await;
 }
 
 /// A Work that sleeps past its timeout ends `timed_out`, and the pool serves the next job.
@@ -49,26 +71,17 @@ async fn timeout_at(location: &str) {
         "loc",
         &["--worker-location", location, "--pool-max-size", "1"],
     );
-    let out = sys
-        .cli(&[
-            "submit",
+    let (code, record) = sys
+        .submit_wait(&[
             "--type",
             "demo.sleep",
             "--payload",
             r#"{"ms":60000}"#,
             "--timeout-s",
             "1",
-            "--wait",
-            "--json",
         ])
         .await;
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
+    assert_eq!(code, Some(1), "a job that did not succeed exits 1");
     assert_eq!(record["state"], "timed_out");
     assert!(
         record["attempts"][0]["worker"]
@@ -76,19 +89,20 @@ async fn timeout_at(location: &str) {
             .expect("worker")
             .starts_with(location)
     );
-    let out = sys
-        .cli(&["submit", "--type", "demo.echo", "--payload", "1", "--wait"])
+    let (_, record) = sys
+        .submit_wait(&["--type", "demo.echo", "--payload", "1"])
         .await;
-    assert!(
-        out.status.success(),
-        "the next job runs: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_eq!(record["state"], "succeeded", "the next job runs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thread_workers_run_the_demo_works() {
     demo_at("thread").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_workers_run_the_demo_works() {
+    demo_at("process").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,45 +126,27 @@ async fn a_thread_that_does_not_return_is_abandoned_and_replaced() {
         "spin",
         &["--worker-location", "thread", "--pool-max-size", "1"],
     );
-    let out = sys
-        .cli(&[
-            "submit",
+    let (_, record) = sys
+        .submit_wait(&[
             "--type",
             "demo.spin",
             "--payload",
             r#"{"ms":20000}"#,
             "--timeout-s",
             "1",
-            "--wait",
-            "--json",
         ])
         .await;
-    let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
     assert_eq!(record["state"], "timed_out");
     let error = record["attempts"][0]["error"]["message"]
         .as_str()
         .expect("message");
     assert!(error.contains("abandoned and replaced"), "{error}");
     assert_eq!(record["attempts"][0]["worker"], "thread-0");
-    let out = sys
-        .cli(&[
-            "submit",
-            "--type",
-            "demo.echo",
-            "--payload",
-            "1",
-            "--wait",
-            "--json",
-        ])
+    let (_, record) = sys
+        .submit_wait(&["--type", "demo.echo", "--payload", "1"])
         .await;
-    let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
     assert_eq!(record["state"], "succeeded");
     assert_eq!(record["attempts"][0]["worker"], "thread-1", "a new thread");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn process_workers_run_the_demo_works() {
-    demo_at("process").await;
 }
 
 /// A process worker past its timeout is ended, its process gone, and replaced.
@@ -158,55 +154,40 @@ async fn process_workers_run_the_demo_works() {
 async fn a_process_worker_past_its_timeout_is_killed_and_replaced() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let agent = sys.agent(
-        "p1",
-        &[
-            "--worker-location",
-            "process",
-            "--pool-min-size",
-            "1",
-            "--pool-max-size",
-            "1",
-            "--kill-grace",
-            "1s",
-        ],
-    );
+    let flags = [
+        "--worker-location",
+        "process",
+        "--pool-min-size",
+        "1",
+        "--pool-max-size",
+        "1",
+        "--kill-grace",
+        "1s",
+    ];
+    let agent = sys.agent("p1", &flags);
     sys.ready(true, &["p1"]).await;
     let workers = rota_tests::children_of(agent.pid());
     assert_eq!(workers.len(), 1, "one warm worker process: {workers:?}");
     // demo.spin never awaits: only a kill stops it.
-    let out = sys
-        .cli(&[
-            "submit",
+    let (_, record) = sys
+        .submit_wait(&[
             "--type",
             "demo.spin",
             "--payload",
             r#"{"ms":60000}"#,
             "--timeout-s",
             "1",
-            "--wait",
-            "--json",
         ])
         .await;
-    let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
     assert_eq!(record["state"], "timed_out");
     assert!(
         !rota_tests::alive(workers[0]),
         "the worker process {} is gone",
         workers[0]
     );
-    let out = sys
-        .cli(&[
-            "submit",
-            "--type",
-            "demo.echo",
-            "--payload",
-            "1",
-            "--wait",
-            "--json",
-        ])
+    let (_, record) = sys
+        .submit_wait(&["--type", "demo.echo", "--payload", "1"])
         .await;
-    let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
     assert_eq!(record["state"], "succeeded");
     assert_eq!(
         record["attempts"][0]["worker"], "process-1",
@@ -220,23 +201,26 @@ async fn a_process_worker_past_its_timeout_is_killed_and_replaced() {
 async fn a_dying_worker_process_is_reported_crashed_and_workers_are_recycled() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let agent = sys.agent(
-        "p2",
-        &[
-            "--worker-location",
-            "process",
-            "--pool-min-size",
-            "1",
-            "--pool-max-size",
-            "1",
-            "--worker-max-jobs",
-            "2",
-        ],
-    );
+    let flags = [
+        "--worker-location",
+        "process",
+        "--pool-min-size",
+        "1",
+        "--pool-max-size",
+        "1",
+        "--worker-max-jobs",
+        "2",
+    ];
+    let agent = sys.agent("p2", &flags);
     sys.ready(true, &["p2"]).await;
     let mut started = sys
         .client
         .watch(&[EventKind::Started])
+        .await
+        .expect("watch");
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
         .await
         .expect("watch");
     let uuid = sys
@@ -251,41 +235,20 @@ async fn a_dying_worker_process_is_reported_crashed_and_workers_are_recycled() {
         .args(["-KILL", &workers[0].to_string()])
         .status()
         .expect("kill runs");
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
-    let record = loop {
-        let record = sys.client.status(uuid).await.expect("status");
-        if record.state.is_final() {
-            break record;
-        }
-        within(
-            Duration::from_secs(60),
-            "the crash recorded",
-            finished.next(),
-        )
-        .await;
-    };
+    within(Duration::from_secs(60), "the crash recorded", async {
+        while finished.next().await.expect("events").uuid != uuid {}
+    })
+    .await;
+    let record = sys.client.status(uuid).await.expect("status");
     assert_eq!(record.state, JobState::Crashed);
     let error = &record.attempts[0].error.as_ref().expect("error").message;
     assert!(error.contains("signal 9"), "{error}");
 
     let mut seen = Vec::new();
     for _ in 0..3 {
-        let out = sys
-            .cli(&[
-                "submit",
-                "--type",
-                "demo.echo",
-                "--payload",
-                "1",
-                "--wait",
-                "--json",
-            ])
+        let (_, record) = sys
+            .submit_wait(&["--type", "demo.echo", "--payload", "1"])
             .await;
-        let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
         assert_eq!(record["state"], "succeeded");
         seen.push(
             record["attempts"][0]["worker"]
@@ -299,4 +262,24 @@ async fn a_dying_worker_process_is_reported_crashed_and_workers_are_recycled() {
         ["process-1", "process-1", "process-2"],
         "replaced after the crash, then after 2 jobs"
     );
+}
+
+/// A pool of process workers runs the work types of the runtime it starts (here the
+/// `custom_runtime` example: the built-ins plus `text.upper`), learnt from its handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_pool_runs_the_work_types_of_its_own_runtime() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let runtime = rota_tests::bin("examples/custom_runtime")
+        .display()
+        .to_string();
+    let _agent = sys.agent(
+        "custom",
+        &["--worker-location", "process", "--worker-runtime", &runtime],
+    );
+    let (_, record) = sys
+        .submit_wait(&["--type", "text.upper", "--payload", r#"{"text":"hello"}"#])
+        .await;
+    assert_eq!(record["state"], "succeeded", "{record}");
+    assert_eq!(record["attempts"][0]["output"]["text"], "HELLO");
 }

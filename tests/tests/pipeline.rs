@@ -307,23 +307,10 @@ async fn the_cli_submits_waits_and_shows_status_logs_list_and_agents() {
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("cli-agent", &[]);
 
-    let out = sys
-        .cli(&[
-            "submit",
-            "--type",
-            "demo.log",
-            "--payload",
-            r#"{"lines":3}"#,
-            "--wait",
-            "--json",
-        ])
+    let (code, record) = sys
+        .submit_wait(&["--type", "demo.log", "--payload", r#"{"lines":3}"#])
         .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let record: Value = serde_json::from_slice(&out.stdout).expect("JSON record");
+    assert_eq!(code, Some(0));
     assert_eq!(record["state"], "succeeded");
     let uuid = record["uuid"].as_str().expect("uuid").to_owned();
 
@@ -390,46 +377,6 @@ async fn the_cli_says_what_to_do_when_no_scheduler_answers() {
     assert!(
         err.contains("cannot reach RabbitMQ") && err.contains("deploy/setup.sh"),
         "{err}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_runs_end_to_end() {
-    let sys = System::new().await;
-    sys.owns_agent("demo");
-    let out = tokio::process::Command::new(rota_tests::bin("scheduler"))
-        .args(["demo", "--clean", "--jobs", "12"])
-        .current_dir(sys.dir.path())
-        .env("ROTA_NAMESPACE", sys.names.namespace())
-        .env("ROTA_AMQP_URL", amqp_url())
-        .output()
-        .await
-        .expect("runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("Every job ended as expected."));
-    let temp = sys.dir.path().join("temp");
-    assert!(
-        temp.join("scheduler/work")
-            .read_dir()
-            .expect("scheduler folders")
-            .count()
-            == 12
-    );
-    assert!(
-        temp.join("agent-demo/work")
-            .read_dir()
-            .expect("pool folders")
-            .count()
-            == 12
-    );
-    assert_eq!(
-        std::fs::read_to_string(temp.join("demodata/hello-3.txt")).expect("written"),
-        "hello from job 3\n"
     );
 }
 
