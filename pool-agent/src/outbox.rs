@@ -25,7 +25,9 @@ fn key(uuid: JobId, attempt: u32) -> [u8; 20] {
 impl Outbox {
     /// Opens (or creates) the outbox in `dir`. Fails if another process has it open.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
+        // No background flusher: every write that matters is flushed by the group commit, and
+        // without that thread the database closes (and unlocks) as soon as it is dropped.
+        let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(|e| {
             if e.to_string().contains("lock") || e.to_string().contains("WouldBlock") {
                 anyhow::anyhow!(
                     "the outbox {} is in use by another process (another pool agent with the same --id and \

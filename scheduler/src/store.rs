@@ -75,7 +75,9 @@ impl Store {
     /// Opens the store in `dir` (`dir/store`, job folders in `dir/work`).
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("store");
-        let db = sled::Config::new().path(&path).open().map_err(|e| {
+        // No background flusher: the group commit flushes what must be durable, and without that
+        // thread the database closes (and unlocks) as soon as it is dropped.
+        let db = sled::Config::new().path(&path).flush_every_ms(None).open().map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the scheduler's store {}: {e} (is another scheduler using this --data-dir?)",
                 path.display()
