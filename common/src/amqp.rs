@@ -113,6 +113,7 @@ impl Topology {
             .exchange(&names.dead(), ExchangeType::Fanout)
             .exchange(&names.heartbeats(), ExchangeType::Fanout)
             .exchange(&names.events(), ExchangeType::Topic)
+            .exchange(&names.control(), ExchangeType::Fanout)
             .queue(QueueSpec::durable(names.dead()))
             .bind(&names.dead(), &names.dead(), "")
             .queue(QueueSpec::durable(names.results()))

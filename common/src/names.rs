@@ -54,6 +54,10 @@ impl Names {
     pub fn agent_queue(&self, agent: &str) -> String {
         format!("{}.agent.{agent}", self.ns)
     }
+    /// Fanout exchange of control messages to every pool agent (each binds its own queue).
+    pub fn control(&self) -> String {
+        format!("{}.control", self.ns)
+    }
     /// The scheduler's durable queue of `job.started` events.
     pub fn scheduler_events(&self) -> String {
         format!("{}.scheduler.events", self.ns)

@@ -282,6 +282,8 @@ pub struct JobResult {
 pub enum AgentMessage {
     /// The scheduler recorded this result: the agent may forget it.
     Receipt { uuid: JobId, attempt: u32 },
+    /// Stop this job if it runs here, and do not run it if it arrives later.
+    Cancel { uuid: JobId },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -478,6 +480,9 @@ pub struct JobRecord {
     pub attempts: Vec<Attempt>,
     /// The job's folder under the scheduler's data directory.
     pub dir: String,
+    /// `scheduler cancel` was asked for while the job had not ended.
+    #[serde(default)]
+    pub cancel_requested: bool,
 }
 
 impl JobRecord {
@@ -511,6 +516,10 @@ pub enum RpcRequest {
         limit: Option<usize>,
     },
     Agents,
+    /// Stop a job: a running one ends `cancelled`, a queued one is not run.
+    Cancel {
+        uuid: JobId,
+    },
 }
 
 /// The scheduler's reply to an [`RpcRequest`].

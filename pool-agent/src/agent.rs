@@ -53,7 +53,9 @@ pub async fn run(
     for q in &cfg.queues {
         topology.jobs_queue(&names, q);
     }
-    topology.queue(QueueSpec::durable(agent_queue.clone()));
+    topology
+        .queue(QueueSpec::durable(agent_queue.clone()))
+        .bind(&agent_queue, &names.control(), "");
     let conn_name = format!(
         "rota pool-agent {id} ({}, pid {})",
         short_host(),
@@ -109,6 +111,7 @@ pub async fn run(
         pool,
         aliases,
         running: Mutex::default(),
+        cancelled: Mutex::default(),
         sent: Mutex::default(),
         abandon: CancellationToken::new(),
         cfg: cfg.clone(),
@@ -177,6 +180,8 @@ struct Agent {
     aliases: Arc<Aliases>,
     /// Jobs held now (received, not yet acked), with the token that cancels each.
     running: Mutex<HashMap<JobId, CancellationToken>>,
+    /// Jobs cancelled before they arrived here (the newest few thousand).
+    cancelled: Mutex<Cancelled>,
     /// When each stored result was last sent, to resend those without a receipt.
     sent: Mutex<HashMap<(JobId, u32), Instant>>,
     /// Cancelled when the shutdown grace is over: running jobs stop and go back to RabbitMQ.
@@ -219,6 +224,26 @@ impl Agent {
                 d.requeue().await;
                 return;
             }
+        }
+        if self.cancelled.lock().is_ok_and(|c| c.contains(&uuid)) {
+            info!("cancelled before it started: not running it");
+            let now = Utc::now();
+            let result = JobResult {
+                uuid,
+                attempt: job.attempt,
+                work_type: job.work_type.clone(),
+                agent: self.id.clone(),
+                worker: String::new(),
+                status: Status::Cancelled,
+                error: Some(ErrorInfo::new("cancelled", "cancelled before it started")),
+                output: serde_json::Value::Null,
+                logs: Vec::new(),
+                logs_dropped: 0,
+                started_at: now,
+                finished_at: now,
+                job,
+            };
+            return self.keep_and_send(d, result).await;
         }
         let mut worker = match self.pool.get().await {
             Ok(w) => w,
@@ -417,6 +442,16 @@ impl Agent {
                             tokio::fs::remove_dir_all(self.work_root.join(uuid.to_string())).await;
                     }
                 }
+                Ok(AgentMessage::Cancel { uuid }) => {
+                    let token = self.running.lock().ok().and_then(|r| r.get(&uuid).cloned());
+                    if let Some(token) = token {
+                        info!(job_id = %uuid, "cancelling a running job");
+                        token.cancel();
+                    }
+                    if let Ok(mut c) = self.cancelled.lock() {
+                        c.insert(uuid);
+                    }
+                }
                 Err(e) => warn!(error = %e, "ignoring an unreadable message on the agent's queue"),
             }
             d.ack().await;
@@ -506,6 +541,32 @@ impl Agent {
         if let Err(e) = self.outbox.flush().await {
             error!(error = %e, "cannot flush the outbox");
         }
+    }
+}
+
+/// A bounded set of cancelled job ids: the oldest are forgotten first.
+#[derive(Default)]
+struct Cancelled {
+    ids: std::collections::HashSet<JobId>,
+    order: std::collections::VecDeque<JobId>,
+}
+
+impl Cancelled {
+    const KEEP: usize = 10_000;
+
+    fn insert(&mut self, uuid: JobId) {
+        if self.ids.insert(uuid) {
+            self.order.push_back(uuid);
+        }
+        while self.order.len() > Self::KEEP {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, uuid: &JobId) -> bool {
+        self.ids.contains(uuid)
     }
 }
 

@@ -51,6 +51,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancels a job: a running one is stopped (`cancelled`), a queued one is not run.
+    Cancel {
+        uuid: JobId,
+        #[arg(long)]
+        json: bool,
+    },
     /// Prints the log lines of every run of a job.
     Logs {
         uuid: JobId,
@@ -113,6 +119,15 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
         Command::Status { uuid, json } => {
             let record = client.status(uuid).await?;
             print(json, &record, || print_record(&record))?;
+            ExitCode::SUCCESS
+        }
+        Command::Cancel { uuid, json } => {
+            let RpcReply::Job { job } = client.call(&RpcRequest::Cancel { uuid }).await? else {
+                bail!("unexpected reply from the scheduler");
+            };
+            print(json, &job, || {
+                println!("cancel requested for job {uuid} ({})", job.state)
+            })?;
             ExitCode::SUCCESS
         }
         Command::Logs { uuid, json } => {

@@ -323,6 +323,15 @@ impl Scheduler {
                 if let Err(e) = self.store.started(&event) {
                     error!(job_id = %event.uuid, error = %e, "cannot note a started job");
                 }
+                let cancel = self
+                    .store
+                    .get(event.uuid)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.cancel_requested && !r.state.is_final());
+                if cancel && let Err(e) = self.tell_agents_to_cancel(event.uuid).await {
+                    warn!(job_id = %event.uuid, error = %e, "cannot repeat a cancel request");
+                }
             }
             Err(e) => warn!(error = %e, "ignoring an unreadable event"),
         }
@@ -381,10 +390,43 @@ impl Scheduler {
             RpcRequest::List { state, limit } => RpcReply::Jobs {
                 jobs: self.store.list(state, limit.unwrap_or(50))?,
             },
+            RpcRequest::Cancel { uuid } => RpcReply::Job {
+                job: Box::new(self.cancel(uuid).await?),
+            },
             RpcRequest::Agents => RpcReply::Agents {
                 agents: self.agents.list(),
             },
         })
+    }
+
+    /// Asks every agent to stop the job (or not to start it), and notes it: should the job
+    /// start later somewhere that did not hear it, its `started` event repeats the request.
+    async fn cancel(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
+        let record = self.record_of(uuid)?;
+        if record.state.is_final() {
+            bail!(
+                "job {uuid} already ended ({}); there is nothing to cancel",
+                record.state
+            );
+        }
+        let record = self.store.request_cancel(uuid, &record)?;
+        self.store.flush().await?;
+        self.tell_agents_to_cancel(uuid).await?;
+        info!(job_id = %uuid, "cancel requested");
+        Ok(record)
+    }
+
+    async fn tell_agents_to_cancel(&self, uuid: JobId) -> anyhow::Result<()> {
+        let body = serde_json::to_vec(&AgentMessage::Cancel { uuid })?;
+        match self
+            .broker
+            .publish(&self.names.control(), "", &body, &Props::default())
+            .await
+        {
+            // No agent has ever bound its queue: nothing runs the job yet; its start repeats this.
+            Ok(()) | Err(BrokerError::Unroutable { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn record_of(&self, uuid: JobId) -> anyhow::Result<JobRecord> {

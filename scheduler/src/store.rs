@@ -110,6 +110,7 @@ impl Store {
             updated_at: now,
             attempts: Vec::new(),
             dir: self.job_dir(uuid).display().to_string(),
+            cancel_requested: false,
         }
     }
 
@@ -268,6 +269,15 @@ impl Store {
             Recorded::New(Box::new(record))
         } else {
             Recorded::Duplicate
+        })
+    }
+
+    /// Marks a job as to be cancelled; returns its record.
+    pub fn request_cancel(&self, uuid: JobId, fresh: &JobRecord) -> anyhow::Result<JobRecord> {
+        self.update(uuid, fresh, |record| {
+            let change = !record.cancel_requested;
+            record.cancel_requested = true;
+            change
         })
     }
 

@@ -227,6 +227,7 @@ impl System {
             names.dead(),
             names.heartbeats(),
             names.events(),
+            names.control(),
         ] {
             let _ = b.delete_exchange(&e).await;
         }

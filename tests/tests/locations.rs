@@ -1,8 +1,9 @@
 //! Worker locations: the same Work at each isolation level the agent offers.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
-use rota_tests::wire::{EventKind, Job, JobState};
+use rota_tests::wire::{EventKind, Job, JobState, Status};
 use rota_tests::{System, amqp_url, within};
 use serde_json::json;
 
@@ -282,4 +283,98 @@ async fn a_process_pool_runs_the_work_types_of_its_own_runtime() {
         .await;
     assert_eq!(record["state"], "succeeded", "{record}");
     assert_eq!(record["attempts"][0]["output"]["text"], "HELLO");
+}
+
+/// `scheduler cancel`: a running job ends `cancelled` (for process workers, its process is
+/// ended), a queued one is never run, and the pool serves the next job.
+async fn cancel_at(location: &str, busy_type: &str) {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let flags = [
+        "--worker-location",
+        location,
+        "--pool-max-size",
+        "1",
+        "--kill-grace",
+        "1s",
+    ];
+    let _agent = sys.agent("c1", &flags);
+    sys.ready(true, &["c1"]).await;
+    let mut started = sys
+        .client
+        .watch(&[EventKind::Started])
+        .await
+        .expect("watch");
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
+    let running = sys
+        .client
+        .submit(Job::new(busy_type, json!({"ms": 60000})))
+        .await
+        .expect("submit")
+        .uuid;
+    let first = within(Duration::from_secs(60), "the job started", started.next())
+        .await
+        .expect("events");
+    assert_eq!(first.uuid, running);
+    let queued = sys
+        .client
+        .submit(Job::new("demo.echo", json!(1)))
+        .await
+        .expect("submit")
+        .uuid;
+    for uuid in [queued, running] {
+        let out = sys.cli(&["cancel", &uuid.to_string()]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut done = HashSet::new();
+    within(Duration::from_secs(60), "both cancelled", async {
+        while done.len() < 2 {
+            let e = finished.next().await.expect("events");
+            if e.uuid == running || e.uuid == queued {
+                assert_eq!(e.status, Some(Status::Cancelled), "{e:?}");
+                done.insert(e.uuid);
+            }
+        }
+    })
+    .await;
+    let record = sys.client.status(queued).await.expect("status");
+    assert_eq!(
+        record.attempts[0].error.as_ref().expect("error").message,
+        "cancelled before it started"
+    );
+    let (_, record) = sys
+        .submit_wait(&["--type", "demo.echo", "--payload", "2"])
+        .await;
+    assert_eq!(record["state"], "succeeded", "the pool goes on");
+    // The next started event is that job's: the queued one never started.
+    let next = within(Duration::from_secs(60), "a started event", started.next())
+        .await
+        .expect("events");
+    assert_ne!(next.uuid, queued);
+    let out = sys.cli(&["cancel", &running.to_string()]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already ended"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_jobs_can_be_cancelled() {
+    cancel_at("local", "demo.sleep").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_jobs_can_be_cancelled() {
+    cancel_at("thread", "demo.sleep").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_jobs_can_be_cancelled_even_when_they_never_yield() {
+    cancel_at("process", "demo.spin").await;
 }
