@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rota_tests::wire::{EventKind, Job, JobState, Status};
+use rota_tests::wire::{EventKind, Job, JobState, Role, RpcReply, RpcRequest, Status};
 use rota_tests::{System, amqp_url, within};
 use serde_json::json;
 
@@ -377,4 +377,78 @@ async fn thread_jobs_can_be_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_jobs_can_be_cancelled_even_when_they_never_yield() {
     cancel_at("process", "demo.spin").await;
+}
+
+/// A pool keeps `min` workers warm and never runs more than `max` at once, as its heartbeats
+/// and the operating system show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_keeps_min_warm_and_never_exceeds_max() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let flags = [
+        "--worker-location",
+        "process",
+        "--pool-min-size",
+        "2",
+        "--pool-max-size",
+        "4",
+    ];
+    let agent = sys.agent("mm", &flags);
+    let mut beats = sys.heartbeats().await;
+    let idle = sys
+        .heartbeat_where(&mut beats, Role::Agent, "mm", |_| true)
+        .await;
+    let pool = &idle.pools[0];
+    assert_eq!(
+        (pool.min, pool.max, pool.busy, pool.idle),
+        (2, 4, 0, 2),
+        "two warm workers at idle"
+    );
+    assert_eq!(
+        rota_tests::children_of(agent.pid()).len(),
+        2,
+        "two worker processes"
+    );
+
+    let mut ids = HashSet::new();
+    for _ in 0..16 {
+        ids.insert(
+            sys.client
+                .publish_job(Job::new("demo.sleep", json!({"ms": 400})))
+                .await
+                .expect("published"),
+        );
+    }
+    let mut busiest = 0;
+    within(Duration::from_secs(120), "every job recorded", async {
+        loop {
+            let hb = sys
+                .heartbeat_where(&mut beats, Role::Agent, "mm", |_| true)
+                .await;
+            let pool = &hb.pools[0];
+            assert!(
+                pool.busy <= 4 && pool.busy + pool.idle <= 4,
+                "over max: {pool:?}"
+            );
+            assert!(
+                rota_tests::children_of(agent.pid()).len() <= 4,
+                "more than 4 worker processes"
+            );
+            busiest = busiest.max(pool.busy);
+            if hb.running.is_empty() && hb.unreceipted == 0 && busiest > 0 {
+                let done = sys
+                    .client
+                    .call(&RpcRequest::List {
+                        state: Some(JobState::Succeeded),
+                        limit: Some(100),
+                    })
+                    .await;
+                if matches!(done, Ok(RpcReply::Jobs { jobs }) if jobs.len() == ids.len()) {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(busiest, 4, "the pool grew to its max under load");
 }
