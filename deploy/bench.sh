@@ -3,7 +3,8 @@
 # local RabbitMQ (namespace rota-bench, data in a temporary folder), pushes N no-op jobs
 # through them with `scheduler bench`, prints the figures, and stops everything.
 #
-#   deploy/bench.sh [--jobs 10000] [--via direct|rpc] [--concurrency 256]   (POOL_MAX=16 by default)
+#   deploy/bench.sh [--jobs 10000] [--via direct|rpc] [--concurrency 256] [--rate N]
+#   LOCATION=thread|process POOL_MAX=16 AGENT_FLAGS="--worker-max-jobs 1" deploy/bench.sh …
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 deploy/setup.sh
@@ -20,7 +21,9 @@ trap cleanup EXIT
 bin=target/release
 "$bin/scheduler" run --data-dir "$data" --heartbeat-interval 1s >"$data/scheduler.log" 2>&1 &
 pids+=($!)
-"$bin/pool-agent" run --id bench --data-dir "$data" --pool-max-size "${POOL_MAX:-16}" --heartbeat-interval 1s >"$data/agent.log" 2>&1 &
+# shellcheck disable=SC2086 # AGENT_FLAGS is a list of flags
+"$bin/pool-agent" run --id bench --data-dir "$data" --worker-location "${LOCATION:-local}" \
+  --pool-max-size "${POOL_MAX:-16}" --heartbeat-interval 1s ${AGENT_FLAGS:-} >"$data/agent.log" 2>&1 &
 pids+=($!)
 echo "scheduler and pool agent started (logs in $data); benchmarking..." >&2
 "$bin/scheduler" bench "$@"
