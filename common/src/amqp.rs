@@ -275,13 +275,10 @@ impl Props {
 #[derive(Debug)]
 pub struct Delivery {
     pub body: Vec<u8>,
-    pub redelivered: bool,
-    pub exchange: String,
     pub routing_key: String,
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
-    pub priority: Option<u8>,
     /// The headers whose values are strings.
     pub headers: BTreeMap<String, String>,
     acker: lapin::Acker,
@@ -302,13 +299,10 @@ impl Delivery {
             }
         }
         Self {
-            redelivered: d.redelivered,
-            exchange: d.exchange.as_str().to_owned(),
             routing_key: d.routing_key.as_str().to_owned(),
             message_id: p.message_id().as_ref().map(|s| s.as_str().to_owned()),
             correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
             reply_to: p.reply_to().as_ref().map(|s| s.as_str().to_owned()),
-            priority: *p.priority(),
             headers,
             body: d.data,
             acker: d.acker,

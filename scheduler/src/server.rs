@@ -320,15 +320,13 @@ impl Scheduler {
     async fn on_started(&self, d: Delivery) {
         match serde_json::from_slice::<Event>(&d.body) {
             Ok(event) => {
-                if let Err(e) = self.store.started(&event) {
-                    error!(job_id = %event.uuid, error = %e, "cannot note a started job");
-                }
-                let cancel = self
-                    .store
-                    .get(event.uuid)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| r.cancel_requested && !r.state.is_final());
+                let cancel = match self.store.started(&event) {
+                    Ok(record) => record.is_some_and(|r| r.cancel_requested && !r.state.is_final()),
+                    Err(e) => {
+                        error!(job_id = %event.uuid, error = %e, "cannot note a started job");
+                        false
+                    }
+                };
                 if cancel && let Err(e) = self.tell_agents_to_cancel(event.uuid).await {
                     warn!(job_id = %event.uuid, error = %e, "cannot repeat a cancel request");
                 }

@@ -184,9 +184,11 @@ impl Store {
     }
 
     /// Notes that a run started (from a `job.started` event). Creates the record of a job
-    /// published straight to RabbitMQ; never moves a finished job back.
-    pub fn started(&self, event: &Event) -> anyhow::Result<()> {
-        let Some(job) = &event.job else { return Ok(()) };
+    /// published straight to RabbitMQ; never moves a finished job back. Returns the record.
+    pub fn started(&self, event: &Event) -> anyhow::Result<Option<JobRecord>> {
+        let Some(job) = &event.job else {
+            return Ok(None);
+        };
         let fresh = self.new_record(job.clone(), event.uuid, JobState::Running);
         self.update(event.uuid, &fresh, |record| {
             if record.state.is_final() || record.attempts.iter().any(|a| a.attempt == event.attempt)
@@ -206,8 +208,8 @@ impl Store {
                 log_lines: 0,
             });
             true
-        })?;
-        Ok(())
+        })
+        .map(Some)
     }
 
     /// Records a result once: a run already recorded is a [`Recorded::Duplicate`]. Not

@@ -368,6 +368,22 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The next event about job `uuid` (others are skipped), within a minute.
+pub async fn event_of(
+    events: &mut rota_common::client::Events,
+    uuid: JobId,
+) -> rota_common::wire::Event {
+    within(Duration::from_secs(60), "an event of the job", async {
+        loop {
+            let e = events.next().await.expect("events keep coming");
+            if e.uuid == uuid {
+                return e;
+            }
+        }
+    })
+    .await
+}
+
 /// Runs `f` with a deadline, so a stuck test fails with a message instead of hanging.
 pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
     match tokio::time::timeout(limit, f).await {

@@ -236,10 +236,7 @@ async fn a_dying_worker_process_is_reported_crashed_and_workers_are_recycled() {
         .args(["-KILL", &workers[0].to_string()])
         .status()
         .expect("kill runs");
-    within(Duration::from_secs(60), "the crash recorded", async {
-        while finished.next().await.expect("events").uuid != uuid {}
-    })
-    .await;
+    rota_tests::event_of(&mut finished, uuid).await;
     let record = sys.client.status(uuid).await.expect("status");
     assert_eq!(record.state, JobState::Crashed);
     let error = &record.attempts[0].error.as_ref().expect("error").message;

@@ -265,16 +265,8 @@ async fn invalid_jobs_are_dead_lettered_with_a_reason_and_the_agent_survives() {
     job.uuid = Some(JobId::random());
     let uuid = job.uuid.expect("set");
     sys.client.submit(job).await.expect("submits");
-    within(MINUTE, "a good job after the bad ones", async {
-        loop {
-            let e = finished.next().await.expect("events");
-            if e.uuid == uuid {
-                assert_eq!(e.status, Some(Status::Succeeded));
-                break;
-            }
-        }
-    })
-    .await;
+    let e = rota_tests::event_of(&mut finished, uuid).await;
+    assert_eq!(e.status, Some(Status::Succeeded));
     assert!(
         agent.output().contains("refusing a job"),
         "the agent logs its refusals"
@@ -445,15 +437,7 @@ async fn other_services_can_submit_over_rpc_with_direct_reply_to() {
         .expect("uuid")
         .parse()
         .expect("a uuid");
-    within(MINUTE, "the job finished", async {
-        loop {
-            let e = finished.next().await.expect("events");
-            if e.uuid == uuid {
-                assert_eq!(e.status, Some(Status::Succeeded));
-                break;
-            }
-        }
-    })
-    .await;
+    let e = rota_tests::event_of(&mut finished, uuid).await;
+    assert_eq!(e.status, Some(Status::Succeeded));
     let _ = conn.close(200, "bye".into()).await;
 }
