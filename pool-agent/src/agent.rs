@@ -3,7 +3,7 @@
 //! ack → send the result; the scheduler's receipt then removes it from the outbox.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Location};
+use crate::container::{DockerSpec, Engine};
 use crate::intake::{self, Admitted, Limits, Refusal};
 use crate::outbox::Outbox;
 use crate::pool::{Pool, WorkerSpec};
@@ -83,6 +84,15 @@ pub async fn run(
         other => other?,
     };
 
+    let work_root = dir.join("work");
+    std::fs::create_dir_all(&work_root)
+        .with_context(|| format!("cannot create the folder {}", work_root.display()))?;
+    let engine = match cfg.worker_location {
+        Location::Docker => Some(Arc::new(
+            docker_engine(&cfg, &names, &id, &aliases, &work_root).await?,
+        )),
+        _ => None,
+    };
     let spec = WorkerSpec {
         location: cfg.worker_location,
         process: ProcessSpec {
@@ -90,6 +100,7 @@ pub async fn run(
             aliases: (*aliases).clone(),
             kill_grace: cfg.kill_grace,
         },
+        engine: engine.clone(),
         max_jobs: cfg.worker_max_jobs,
         max_memory: cfg.worker_max_memory_mib * 1024 * 1024,
     };
@@ -104,7 +115,11 @@ pub async fn run(
     let agent = Arc::new(Agent {
         id: id.clone(),
         agent_queue,
-        work_root: dir.join("work"),
+        work_root,
+        job_dir_owner: match engine {
+            Some(_) if nix::unistd::geteuid().is_root() => Some(cfg.docker.uid_gid()?),
+            _ => None,
+        },
         names: names.clone(),
         broker: broker.clone(),
         outbox,
@@ -161,6 +176,9 @@ pub async fn run(
         }
     }
     agent.stop(&mut jobs, &tracker).await;
+    if let Some(engine) = &engine {
+        engine.remove_all().await?;
+    }
     background.cancel();
     broker.close().await;
     bg.close();
@@ -169,10 +187,49 @@ pub async fn run(
     Ok(())
 }
 
+/// Connects to the Docker engine for `docker` workers, and removes the containers that a
+/// previous run of this agent left behind.
+async fn docker_engine(
+    cfg: &AgentConfig,
+    names: &Names,
+    id: &AgentId,
+    aliases: &Aliases,
+    work_root: &Path,
+) -> anyhow::Result<Engine> {
+    const MIB: u64 = 1024 * 1024;
+    let d = &cfg.docker;
+    let mut mounts: Vec<PathBuf> = aliases.iter().map(|(_, dir)| dir.to_path_buf()).collect();
+    mounts.push(work_root.to_owned());
+    let engine = Engine::connect(DockerSpec {
+        image: d.image.clone(),
+        network: d.network,
+        user: d.user.clone(),
+        memory: d.memory_mib * MIB,
+        cpus: d.cpus,
+        pids: d.pids_limit,
+        tmp_size: d.tmp_mib * MIB,
+        mounts,
+        owner: format!("{}/{id}", names.namespace()),
+        name_prefix: format!("{}-{id}", names.namespace()),
+    })
+    .await?;
+    let left = engine.remove_all().await?;
+    if left > 0 {
+        info!(
+            containers = left,
+            "removed worker containers left by a previous run"
+        );
+    }
+    Ok(engine)
+}
+
 struct Agent {
     id: AgentId,
     agent_queue: String,
+    /// Where each job's working folder is made.
     work_root: PathBuf,
+    /// Who gets each job's folder (`docker` workers run as another user).
+    job_dir_owner: Option<(u32, u32)>,
     names: Names,
     broker: Broker,
     outbox: Outbox,
@@ -258,7 +315,14 @@ impl Agent {
         let work_dir = self.work_root.join(uuid.to_string());
         let sink = Arc::new(self.progress_sink(&job, uuid));
         let started_at = Utc::now();
-        let outcome = match tokio::fs::create_dir_all(&work_dir).await {
+        let made =
+            tokio::fs::create_dir_all(&work_dir)
+                .await
+                .and_then(|()| match self.job_dir_owner {
+                    Some((uid, gid)) => std::os::unix::fs::chown(&work_dir, Some(uid), Some(gid)),
+                    None => Ok(()),
+                });
+        let outcome = match made {
             Ok(()) => {
                 let ctx = Context::new(
                     job.clone(),

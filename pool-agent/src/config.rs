@@ -6,6 +6,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use rota_common::config::parse_duration;
 
+pub use crate::container::Network;
+
 /// Where a pool's Workers run (see the README's isolation table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Location {
@@ -17,6 +19,10 @@ pub enum Location {
     /// A `worker-runtime` child process per worker, reused for many jobs: a timeout or cancel
     /// ends its whole process group (SIGTERM, then SIGKILL).
     Process,
+    /// That process inside a container per worker (hardened: no network, non-root, no
+    /// capabilities, read-only root, memory/CPU/pids limits); a timeout or cancel kills and
+    /// removes the container.
+    Docker,
 }
 
 impl Location {
@@ -25,6 +31,7 @@ impl Location {
             Location::Local => "local",
             Location::Thread => "thread",
             Location::Process => "process",
+            Location::Docker => "docker",
         }
     }
 }
@@ -110,6 +117,92 @@ pub struct AgentConfig {
     /// Keep each job's working folder after the scheduler's receipt (default: remove it).
     #[arg(long, env = "ROTA_KEEP_WORK_DIRS")]
     pub keep_work_dirs: bool,
+
+    #[command(flatten)]
+    pub docker: DockerConfig,
+}
+
+/// The containers of `docker` workers. The defaults are the hardened ones.
+#[derive(Debug, Clone, Args)]
+pub struct DockerConfig {
+    /// The worker image (built by deploy/images/worker/build.sh); its entrypoint is a worker runtime.
+    #[arg(
+        long = "docker-image",
+        env = "ROTA_DOCKER_IMAGE",
+        default_value = "rota-worker:latest"
+    )]
+    pub image: String,
+
+    /// The containers' network: none, or the host's (to reach services or pages).
+    #[arg(long = "docker-network", env = "ROTA_DOCKER_NETWORK", value_enum, default_value_t = Network::None)]
+    pub network: Network,
+
+    /// The user the runtime runs as in the container (uid:gid). When the agent runs as root
+    /// it gives each job's folder to this user; alias folders must be writable by it.
+    #[arg(
+        long = "docker-user",
+        env = "ROTA_DOCKER_USER",
+        default_value = "65534:65534"
+    )]
+    pub user: String,
+
+    /// Memory of a container in MiB, swap included (0: no limit).
+    #[arg(
+        long = "docker-memory-mib",
+        env = "ROTA_DOCKER_MEMORY_MIB",
+        default_value_t = 512
+    )]
+    pub memory_mib: u64,
+
+    /// CPUs a container may use, e.g. 0.5 or 2 (0: no limit).
+    #[arg(long = "docker-cpus", env = "ROTA_DOCKER_CPUS", default_value_t = 1.0)]
+    pub cpus: f64,
+
+    /// Processes and threads a container may have at once (0: no limit).
+    #[arg(
+        long = "docker-pids-limit",
+        env = "ROTA_DOCKER_PIDS_LIMIT",
+        default_value_t = 256
+    )]
+    pub pids_limit: u32,
+
+    /// Size of the container's writable /tmp (a tmpfs), in MiB.
+    #[arg(
+        long = "docker-tmp-mib",
+        env = "ROTA_DOCKER_TMP_MIB",
+        default_value_t = 64
+    )]
+    pub tmp_mib: u64,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            image: "rota-worker:latest".into(),
+            network: Network::None,
+            user: "65534:65534".into(),
+            memory_mib: 512,
+            cpus: 1.0,
+            pids_limit: 256,
+            tmp_mib: 64,
+        }
+    }
+}
+
+impl DockerConfig {
+    /// The uid and gid of `--docker-user`.
+    pub fn uid_gid(&self) -> anyhow::Result<(u32, u32)> {
+        let ids = self
+            .user
+            .split_once(':')
+            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
+        ids.ok_or_else(|| {
+            anyhow::anyhow!(
+                "--docker-user must be a numeric uid:gid (e.g. 65534:65534), not {:?}",
+                self.user
+            )
+        })
+    }
 }
 
 impl AgentConfig {
@@ -143,6 +236,9 @@ impl AgentConfig {
                 self.pool_min_size,
                 self.pool_max_size
             );
+        }
+        if self.worker_location == Location::Docker {
+            self.docker.uid_gid()?;
         }
         if self.default_timeout > self.max_job_timeout {
             anyhow::bail!("--default-timeout is longer than --max-job-timeout");

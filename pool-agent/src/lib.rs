@@ -8,6 +8,7 @@
 
 mod agent;
 pub mod config;
+pub mod container;
 mod intake;
 pub mod outbox;
 pub mod pool;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use rota_common::wire::{PoolStatus, Status};
 use rota_worker_runtime::{Context, Outcome, Registry};
@@ -13,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Location;
+use crate::container::Engine;
 use crate::process::{Process, ProcessSpec};
 
 /// How long a `thread` worker may overrun its job's timeout (or a cancel) before the agent
@@ -126,11 +128,13 @@ fn start_thread(
 }
 
 /// What the workers of a pool are and when they are replaced.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerSpec {
     pub location: Location,
-    /// For `process` workers.
+    /// For `process` and `docker` workers.
     pub process: ProcessSpec,
+    /// For `docker` workers.
+    pub engine: Option<Arc<Engine>>,
     /// Replace a worker after this many jobs (0: never).
     pub max_jobs: u64,
     /// Replace a `process` worker above this resident memory, in bytes (0: no limit).
@@ -156,6 +160,14 @@ impl managed::Manager for Manager {
             Location::Local => {}
             Location::Thread => thread = Some(start_thread(&id, self.registry.clone())?),
             Location::Process => process = Some(Process::start(&self.spec.process, &id).await?),
+            Location::Docker => {
+                let engine = self
+                    .spec
+                    .engine
+                    .as_ref()
+                    .context("docker workers need an engine")?;
+                process = Some(Process::start_in(engine, &self.spec.process, &id).await?);
+            }
         }
         tracing::debug!(worker = %id, "worker started");
         Ok(Worker {
@@ -223,7 +235,7 @@ impl Pool {
         };
         let inner = managed::Pool::builder(manager).max_size(max).build()?;
         // Worker processes run their runtime's types, which they name at start: ask one.
-        let warm_up = if location == Location::Process {
+        let warm_up = if matches!(location, Location::Process | Location::Docker) {
             min.max(1)
         } else {
             min

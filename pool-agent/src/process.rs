@@ -1,59 +1,143 @@
-//! `process` workers: a `worker-runtime serve` child per worker, in a process group of its
-//! own, spoken to over stdin/stdout (see `rota_worker_runtime::protocol`). Its stderr becomes
-//! the current job's log lines. A job that overruns its timeout, or is cancelled, ends the
-//! whole process group: SIGTERM, then SIGKILL after the grace period.
+//! Worker runtimes the agent talks to: a `worker-runtime serve` child per worker (`process`),
+//! leader of a process group of its own, or the same inside a container (`docker`, see
+//! [`crate::container`]). Either is spoken to over stdin/stdout (see
+//! `rota_worker_runtime::protocol`); its stderr becomes the current job's log lines. A job that
+//! overruns its timeout, or is cancelled, ends the runtime: SIGTERM, then SIGKILL after the
+//! grace period, to the whole process group, or to the container, which is then removed.
 
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use bytes::Bytes;
 use chrono::Utc;
+use futures::StreamExt;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use rota_common::wire::{Level, LogLine, Status};
 use rota_worker_runtime::protocol::{FromWorker, ToWorker};
 use rota_worker_runtime::{Aliases, Context, Outcome, Sink};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// How to start and bound the worker processes of a pool.
+use crate::container::{Container, Engine};
+
+/// How to start and bound the worker runtimes of a pool.
 #[derive(Debug, Clone)]
 pub struct ProcessSpec {
-    /// The `worker-runtime` binary.
+    /// The `worker-runtime` binary (for `process` workers; a `docker` image has its own).
     pub program: PathBuf,
     pub aliases: Aliases,
     /// Between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
 }
 
+impl ProcessSpec {
+    /// The arguments of `worker-runtime` for a worker.
+    fn serve_args(&self) -> Vec<String> {
+        let mut args = vec!["serve".to_owned()];
+        for (alias, dir) in self.aliases.iter() {
+            args.push("--alias".into());
+            args.push(format!("{alias}={}", dir.display()));
+        }
+        args
+    }
+}
+
 type CurrentSink = Arc<Mutex<Option<Arc<dyn Sink>>>>;
 
-/// One running `worker-runtime serve`.
+/// Where a worker runtime lives.
+enum Host {
+    /// A child process, leader of its own process group.
+    Child(Child),
+    /// A container of its own.
+    Container(Container),
+}
+
+/// One running worker runtime (`worker-runtime serve`), as a child process or in a container.
 pub struct Process {
-    child: Child,
-    pub pid: u32,
+    host: Host,
+    /// The runtime's pid on this host, when it can be seen from here.
+    pub pid: Option<u32>,
+    /// Names it in results and messages: `worker process 1234`, `worker container rota-a1-docker-0`.
+    what: String,
     /// The work types the runtime said it runs.
     pub types: Vec<String>,
-    stdin: ChildStdin,
+    stdin: Pin<Box<dyn AsyncWrite + Send>>,
     frames: mpsc::UnboundedReceiver<FromWorker>,
     /// The sink of the job in hand, where stderr lines go.
     current: CurrentSink,
     kill_grace: Duration,
 }
 
+/// Turns the runtime's output lines into protocol frames (stdout) and log lines of the job in
+/// hand (stderr).
+#[derive(Clone)]
+struct Lines {
+    frames: mpsc::UnboundedSender<FromWorker>,
+    current: CurrentSink,
+    worker: String,
+}
+
+impl Lines {
+    fn stdout(&self, line: String) {
+        let frame = serde_json::from_str(&line).unwrap_or_else(|_| FromWorker::Log {
+            line: LogLine {
+                time: Utc::now(),
+                level: Level::Info,
+                message: line,
+            },
+        });
+        let _ = self.frames.send(frame);
+    }
+
+    fn stderr(&self, line: String) {
+        let sink = self.current.lock().ok().and_then(|s| s.clone());
+        match sink {
+            Some(sink) => sink.log(LogLine {
+                time: Utc::now(),
+                level: Level::Warn,
+                message: line,
+            }),
+            None => tracing::info!(worker = %self.worker, "stderr: {line}"),
+        }
+    }
+
+    /// Reads a pipe line by line.
+    fn read(self, pipe: impl AsyncRead + Unpin + Send + 'static, to: fn(&Lines, String)) {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                to(&self, line);
+            }
+        });
+    }
+}
+
+/// Splits a stream of chunks into lines, keeping a partial line until its end arrives.
+#[derive(Default)]
+struct LineBuffer(Vec<u8>);
+
+impl LineBuffer {
+    fn push(&mut self, chunk: &Bytes, mut each: impl FnMut(String)) {
+        self.0.extend_from_slice(chunk);
+        while let Some(at) = self.0.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.0.drain(..=at).collect();
+            each(String::from_utf8_lossy(&line[..at]).into_owned());
+        }
+    }
+}
+
 impl Process {
     /// Starts a worker process and waits for its `ready`.
     pub async fn start(spec: &ProcessSpec, name: &str) -> anyhow::Result<Process> {
-        let mut cmd = Command::new(&spec.program);
-        cmd.arg("serve");
-        for (alias, dir) in spec.aliases.iter() {
-            cmd.arg("--alias").arg(format!("{alias}={}", dir.display()));
-        }
-        let mut child = cmd
+        let mut child = Command::new(&spec.program)
+            .args(spec.serve_args())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -72,53 +156,92 @@ impl Process {
                 (Some(i), Some(o), Some(e)) => (i, o, e),
                 _ => bail!("the worker process has no pipes"),
             };
+        let (lines, frames, current) = Self::channels(name);
+        lines.clone().read(stdout, Lines::stdout);
+        lines.read(stderr, Lines::stderr);
+        let what = format!("worker process {pid}");
+        Self::handshake(
+            Host::Child(child),
+            Some(pid),
+            what,
+            Box::pin(stdin),
+            frames,
+            current,
+            spec,
+        )
+        .await
+    }
+
+    /// Starts a worker runtime in a container of its own and waits for its `ready`.
+    pub async fn start_in(
+        engine: &Engine,
+        spec: &ProcessSpec,
+        name: &str,
+    ) -> anyhow::Result<Process> {
+        let attached = engine.start(name, spec.serve_args()).await?;
+        let (lines, frames, current) = Self::channels(name);
+        let mut output = attached.output;
+        tokio::spawn(async move {
+            let (mut out, mut err) = (LineBuffer::default(), LineBuffer::default());
+            while let Some(Ok(chunk)) = output.next().await {
+                match chunk {
+                    bollard::container::LogOutput::StdOut { message } => {
+                        out.push(&message, |l| lines.stdout(l))
+                    }
+                    bollard::container::LogOutput::StdErr { message } => {
+                        err.push(&message, |l| lines.stderr(l))
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let container = attached.container;
+        let pid = container.runtime_pid().await;
+        let what = format!("worker container {}", container.name);
+        Self::handshake(
+            Host::Container(container),
+            pid,
+            what,
+            attached.stdin,
+            frames,
+            current,
+            spec,
+        )
+        .await
+    }
+
+    fn channels(name: &str) -> (Lines, mpsc::UnboundedReceiver<FromWorker>, CurrentSink) {
         let current: CurrentSink = Arc::default();
-        let (tx, mut frames) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let frame = serde_json::from_str(&line).unwrap_or_else(|_| FromWorker::Log {
-                    line: LogLine {
-                        time: Utc::now(),
-                        level: Level::Info,
-                        message: line,
-                    },
-                });
-                if tx.send(frame).is_err() {
-                    break;
-                }
-            }
-        });
-        let to_logs = current.clone();
-        let worker = name.to_owned();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let sink = to_logs.lock().ok().and_then(|s| s.clone());
-                match sink {
-                    Some(sink) => sink.log(LogLine {
-                        time: Utc::now(),
-                        level: Level::Warn,
-                        message: line,
-                    }),
-                    None => tracing::info!(worker = %worker, "stderr: {line}"),
-                }
-            }
-        });
+        let (tx, frames) = mpsc::unbounded_channel();
+        let lines = Lines {
+            frames: tx,
+            current: current.clone(),
+            worker: name.to_owned(),
+        };
+        (lines, frames, current)
+    }
+
+    async fn handshake(
+        host: Host,
+        pid: Option<u32>,
+        what: String,
+        stdin: Pin<Box<dyn AsyncWrite + Send>>,
+        mut frames: mpsc::UnboundedReceiver<FromWorker>,
+        current: CurrentSink,
+        spec: &ProcessSpec,
+    ) -> anyhow::Result<Process> {
         let types = match tokio::time::timeout(Duration::from_secs(30), frames.recv()).await {
             Ok(Some(FromWorker::Ready { types, .. })) => types,
-            Ok(other) => bail!(
-                "the worker runtime {} did not say ready (it said {other:?})",
-                spec.program.display()
-            ),
-            Err(_) => bail!(
-                "the worker runtime {} did not say ready within 30 s",
-                spec.program.display()
-            ),
+            Ok(Some(other)) => bail!("the {what} did not say ready (it said {other:?})"),
+            Ok(None) => {
+                bail!("the {what} ended before it said ready; is it a Rota worker runtime?")
+            }
+            Err(_) => bail!("the {what} did not say ready within 30 s"),
         };
         Ok(Process {
-            child,
+            host,
             pid,
+            what,
             types,
             stdin,
             frames,
@@ -194,47 +317,58 @@ impl Process {
         Ok(())
     }
 
-    /// The outcome of a job whose process died under it: how it ended.
+    /// The outcome of a job whose runtime died under it: how it ended.
     async fn died(&mut self, what: &str) -> Outcome {
-        use std::os::unix::process::ExitStatusExt;
-        let status = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
-        let how = match status {
-            Ok(Ok(s)) => match (s.code(), s.signal()) {
-                (_, Some(sig)) => format!(
-                    "killed by signal {sig} ({})",
-                    Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("?")
-                ),
-                (Some(code), _) => format!("exit status {code}"),
-                _ => s.to_string(),
-            },
-            _ => "no exit status".to_owned(),
+        let how = match &mut self.host {
+            Host::Child(child) => {
+                use std::os::unix::process::ExitStatusExt;
+                match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                    Ok(Ok(s)) => match (s.code(), s.signal()) {
+                        (_, Some(sig)) => format!(
+                            "killed by signal {sig} ({})",
+                            Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("?")
+                        ),
+                        (Some(code), _) => format!("exit status {code}"),
+                        _ => s.to_string(),
+                    },
+                    _ => "no exit status".to_owned(),
+                }
+            }
+            Host::Container(c) => c.how_it_ended(Duration::from_secs(5)).await,
         };
         self.terminate().await;
         Outcome::error(
             Status::Crashed,
             "worker_died",
-            format!("the worker process {} {what}: {how}", self.pid),
+            format!("the {} {what}: {how}", self.what),
         )
     }
 
-    /// Ends the whole process group: SIGTERM, then SIGKILL after the grace period; reaps it.
+    /// Ends the runtime: SIGTERM, then SIGKILL after the grace period. A child's whole
+    /// process group is ended and reaped; a container is removed.
     pub async fn terminate(&mut self) {
-        let group = Pid::from_raw(self.pid as i32);
-        let _ = killpg(group, Signal::SIGTERM);
-        if tokio::time::timeout(self.kill_grace, self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = killpg(group, Signal::SIGKILL);
-            let _ = self.child.wait().await;
+        match &mut self.host {
+            Host::Child(child) => {
+                let Some(pid) = self.pid else { return };
+                let group = Pid::from_raw(pid as i32);
+                let _ = killpg(group, Signal::SIGTERM);
+                if tokio::time::timeout(self.kill_grace, child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = killpg(group, Signal::SIGKILL);
+                    let _ = child.wait().await;
+                }
+                // Anything of the group still alive after its leader exited.
+                let _ = killpg(group, Signal::SIGKILL);
+            }
+            Host::Container(c) => c.stop(self.kill_grace).await,
         }
-        // Anything of the group still alive after its leader exited.
-        let _ = killpg(group, Signal::SIGKILL);
     }
 
-    /// Resident memory of the worker process, in bytes.
+    /// Resident memory of the runtime process, in bytes.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid?)).ok()?;
         let kib: u64 = status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))?
@@ -248,7 +382,10 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        // kill_on_drop ends the leader; this ends whatever it started too.
-        let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        // A child: kill_on_drop ends the leader; this ends whatever it started too. A
+        // container removes itself when dropped.
+        if let (Host::Child(_), Some(pid)) = (&self.host, self.pid) {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
     }
 }

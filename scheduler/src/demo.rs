@@ -15,7 +15,7 @@ use rota_common::client::Client;
 use rota_common::config::{BrokerArgs, parse_duration};
 use rota_common::wire::{EventKind, Job, JobId, JobRecord, JobState};
 use rota_pool_agent::AgentConfig;
-use rota_pool_agent::config::Location;
+use rota_pool_agent::config::{DockerConfig, Location};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,9 @@ pub struct DemoArgs {
     /// Gives up when the jobs have not all finished by then.
     #[arg(long, value_parser = parse_duration, default_value = "2m")]
     pub timeout: Duration,
+    /// The containers of `--worker-location docker`.
+    #[command(flatten)]
+    pub docker: DockerConfig,
 }
 
 /// One demo job and how it should end.
@@ -107,7 +110,18 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         worker_max_jobs: 1000,
         worker_max_memory_mib: 1024,
         kill_grace: Duration::from_secs(5),
+        docker: args.docker.clone(),
     };
+    if args.worker_location == Location::Docker {
+        // The containers run as another user, who writes the demo's files.
+        let (uid, gid) = args.docker.uid_gid()?;
+        if let Err(e) = std::os::unix::fs::chown(&demodata, Some(uid), Some(gid)) {
+            eprintln!(
+                "note: cannot give {} to the containers' user {uid}:{gid} ({e}); the demo.write-file jobs will fail",
+                demodata.display()
+            );
+        }
+    }
     let scheduler = tokio::spawn({
         let (url, names, stop) = (broker.amqp_url.clone(), names.clone(), stop.clone());
         async move { crate::run(sched_cfg, &url, names, stop).await }
