@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Makes this Debian 12 host ready to run Rota, idempotently: RabbitMQ (with the management UI)
 # installed from Debian's packages and started, unless something already answers on the
-# configured AMQP URL. Safe to run again at any time; it reuses whatever is already running.
+# configured AMQP URL; and a Docker engine for `docker` workers (Debian's docker.io, started
+# without bridge networking when none answers). Safe to run again at any time; it reuses
+# whatever is already running.
 #
 #   deploy/setup.sh            # what the demo and the tests need
+#   deploy/setup.sh rabbitmq   # only RabbitMQ
 #
 # Environment: ROTA_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f).
 set -euo pipefail
@@ -63,4 +66,27 @@ setup_rabbitmq() {
   say "RabbitMQ is up on $host:$port (management UI on http://127.0.0.1:15672, guest/guest)"
 }
 
-setup_rabbitmq
+# A Docker engine: the one that answers (DOCKER_HOST or the local socket), else Debian's,
+# started without bridge networking (worker containers use network none or host only).
+setup_docker() {
+  if docker info >/dev/null 2>&1; then
+    say "a Docker engine answers: reusing it"
+    return 0
+  fi
+  [[ -z "${DOCKER_HOST:-}" ]] || die "no Docker engine answers at DOCKER_HOST=$DOCKER_HOST; start it, or unset DOCKER_HOST to run one on this host"
+  command -v dockerd >/dev/null || apt_install docker.io
+  say "starting the Docker engine (log: /var/log/rota-dockerd.log)"
+  as_root sh -c 'nohup dockerd --bridge=none --iptables=false --ip-masq=false >/var/log/rota-dockerd.log 2>&1 &'
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  docker info >/dev/null 2>&1 || die "the Docker engine did not start within a minute; see /var/log/rota-dockerd.log"
+  say "the Docker engine is up"
+}
+
+case "${1:-all}" in
+  rabbitmq) setup_rabbitmq ;;
+  all) setup_rabbitmq; setup_docker ;;
+  *) die "unknown part ${1}; say rabbitmq, or nothing for everything" ;;
+esac

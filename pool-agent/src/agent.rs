@@ -210,6 +210,7 @@ async fn docker_engine(
         tmp_size: d.tmp_mib * MIB,
         mounts,
         owner: format!("{}/{id}", names.namespace()),
+        namespace: names.namespace().to_owned(),
         name_prefix: format!("{}-{id}", names.namespace()),
     })
     .await?;

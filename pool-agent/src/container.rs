@@ -27,8 +27,10 @@ use clap::ValueEnum;
 use futures::StreamExt;
 use tokio::io::AsyncWrite;
 
-/// The label naming the agent that owns a container.
+/// The label naming the agent that owns a container: `<namespace>/<agent id>`.
 pub const OWNER_LABEL: &str = "rota.agent";
+/// The label naming the deployment (namespace) a container belongs to.
+pub const NAMESPACE_LABEL: &str = "rota.namespace";
 
 /// The network a worker container gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,6 +61,8 @@ pub struct DockerSpec {
     pub mounts: Vec<PathBuf>,
     /// The value of [`OWNER_LABEL`]: `<namespace>/<agent id>`.
     pub owner: String,
+    /// The value of [`NAMESPACE_LABEL`].
+    pub namespace: String,
     /// Container names are `<name_prefix>-<worker id>`.
     pub name_prefix: String,
 }
@@ -156,6 +160,7 @@ impl Engine {
             user: Some(spec.user.clone()),
             labels: Some(HashMap::from([
                 (OWNER_LABEL.into(), spec.owner.clone()),
+                (NAMESPACE_LABEL.into(), spec.namespace.clone()),
                 ("rota.worker".into(), worker.into()),
             ])),
             attach_stdin: Some(true),

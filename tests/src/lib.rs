@@ -255,6 +255,14 @@ impl Drop for System {
                 eprintln!("logs of the failed test's processes: {}", keep.display());
             }
         }
+        // Containers of agents that were killed before they could remove them.
+        let left = containers(self.names.namespace());
+        if !left.is_empty() {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f"])
+                .args(left.iter().map(|c| &c.id))
+                .output();
+        }
         let names = self.names.clone();
         let agents = self.agents.lock().map(|a| a.clone()).unwrap_or_default();
         // Drop cannot await: clean up on a thread with a runtime of its own.
@@ -333,6 +341,69 @@ impl Proc {
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// The image of `docker` workers in the tests: the `test-runtime` binary (the built-ins plus
+/// the `probe.*` works) in the image `deploy/images/worker/build.sh` makes. Built once per
+/// test binary, and reused while the runtime is unchanged.
+pub async fn worker_image() -> &'static str {
+    static IMAGE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    IMAGE
+        .get_or_init(|| async {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/worker/build.sh");
+            let out = tokio::process::Command::new(script)
+                .arg(bin("test-runtime"))
+                .arg("--name")
+                .arg("rota-test-worker")
+                .output()
+                .await
+                .expect("the image build script runs");
+            assert!(
+                out.status.success(),
+                "cannot build the worker image (is a Docker engine running? deploy/setup.sh starts one): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        })
+        .await
+}
+
+/// A Docker container, as `docker ps` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    pub id: String,
+    pub name: String,
+    /// `running`, `exited`, …
+    pub state: String,
+}
+
+/// The Docker containers of namespace `ns`, running or not.
+pub fn containers(ns: &str) -> Vec<Container> {
+    let Ok(out) = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--no-trunc",
+            "--format",
+            "{{.ID}} {{.Names}} {{.State}}",
+        ])
+        .arg("--filter")
+        .arg(format!("label=rota.namespace={ns}"))
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().map(str::to_owned);
+            Some(Container {
+                id: f.next()?,
+                name: f.next()?,
+                state: f.next()?,
+            })
+        })
+        .collect()
 }
 
 /// The processes whose parent is `pid` (from /proc).

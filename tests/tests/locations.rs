@@ -3,27 +3,28 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rota_tests::wire::{EventKind, Job, JobState, Role, RpcReply, RpcRequest, Status};
+use rota_tests::wire::{Attempt, EventKind, Job, JobState, Role, RpcReply, RpcRequest, Status};
 use rota_tests::{System, amqp_url, within};
 use serde_json::json;
+
+/// The flags of an agent whose workers are at `location` (for `docker`, in the tests' image).
+async fn at(location: &'static str) -> Vec<&'static str> {
+    let mut flags = vec!["--worker-location", location];
+    if location == "docker" {
+        flags.extend(["--docker-image", rota_tests::worker_image().await]);
+    }
+    flags
+}
 
 /// Runs `scheduler demo` with workers at `location`: every demo work ends as expected,
 /// including a panic (`crashed`) followed by jobs that succeed on the same pool; the folders
 /// and the files written through the alias are where the summary says.
-async fn demo_at(location: &str) {
+async fn demo_at(location: &'static str) {
     let sys = System::new().await;
     sys.owns_agent("demo");
     let out = tokio::process::Command::new(rota_tests::bin("scheduler"))
-        .args([
-            "demo",
-            "--clean",
-            "--jobs",
-            "12",
-            "--worker-location",
-            location,
-            "--pool-max-size",
-            "3",
-        ])
+        .args(["demo", "--clean", "--jobs", "12", "--pool-max-size", "3"])
+        .args(at(location).await)
         .current_dir(sys.dir.path())
         .env("ROTA_NAMESPACE", sys.names.namespace())
         .env("ROTA_AMQP_URL", amqp_url())
@@ -65,13 +66,12 @@ async fn local_workers_run_the_demo_works() {
 }
 
 /// A Work that sleeps past its timeout ends `timed_out`, and the pool serves the next job.
-async fn timeout_at(location: &str) {
+async fn timeout_at(location: &'static str) {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let _agent = sys.agent(
-        "loc",
-        &["--worker-location", location, "--pool-max-size", "1"],
-    );
+    let mut flags = at(location).await;
+    flags.extend(["--pool-max-size", "1"]);
+    let _agent = sys.agent("loc", &flags);
     let (code, record) = sys
         .submit_wait(&[
             "--type",
@@ -84,12 +84,23 @@ async fn timeout_at(location: &str) {
         .await;
     assert_eq!(code, Some(1), "a job that did not succeed exits 1");
     assert_eq!(record["state"], "timed_out");
+    let attempt: Attempt = serde_json::from_value(record["attempts"][0].clone()).expect("attempt");
+    let worker = attempt.worker.expect("worker");
+    assert!(worker.starts_with(location), "{worker}");
+    let ran = attempt.finished_at.expect("end") - attempt.started_at.expect("start");
     assert!(
-        record["attempts"][0]["worker"]
-            .as_str()
-            .expect("worker")
-            .starts_with(location)
+        ran < chrono::TimeDelta::seconds(1 + 5 + 2),
+        "ended within its timeout and the kill grace (5 s): ran {ran}"
     );
+    if location == "docker" {
+        let name = format!("{}-loc-{worker}", sys.names.namespace());
+        assert!(
+            !rota_tests::containers(sys.names.namespace())
+                .iter()
+                .any(|c| c.name == name),
+            "the container {name} that ran it is gone"
+        );
+    }
     let (_, record) = sys
         .submit_wait(&["--type", "demo.echo", "--payload", "1"])
         .await;
@@ -104,6 +115,48 @@ async fn thread_workers_run_the_demo_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_workers_run_the_demo_works() {
     demo_at("process").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_workers_run_the_demo_works() {
+    demo_at("docker").await;
+}
+
+/// What a `process` or `docker` Work writes to stderr becomes its job's log lines.
+async fn stderr_is_logged_at(location: &'static str) {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("err", &at(location).await);
+    let (_, record) = sys
+        .submit_wait(&[
+            "--type",
+            "demo.log",
+            "--payload",
+            r#"{"lines":3,"stderr":true}"#,
+        ])
+        .await;
+    assert_eq!(record["state"], "succeeded", "{record}");
+    let uuid = record["uuid"].as_str().expect("uuid");
+    let out = sys.cli(&["logs", uuid]).await;
+    let logs = String::from_utf8_lossy(&out.stdout);
+    for i in 1..=3 {
+        assert!(logs.contains(&format!("log line {i} of 3")), "{logs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_workers_log_their_stderr() {
+    stderr_is_logged_at("process").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_workers_log_their_stderr() {
+    stderr_is_logged_at("docker").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_workers_time_out_and_their_container_is_removed() {
+    timeout_at("docker").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,17 +337,11 @@ async fn a_process_pool_runs_the_work_types_of_its_own_runtime() {
 
 /// `scheduler cancel`: a running job ends `cancelled` (for process workers, its process is
 /// ended), a queued one is never run, and the pool serves the next job.
-async fn cancel_at(location: &str, busy_type: &str) {
+async fn cancel_at(location: &'static str, busy_type: &str) {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let flags = [
-        "--worker-location",
-        location,
-        "--pool-max-size",
-        "1",
-        "--kill-grace",
-        "1s",
-    ];
+    let mut flags = at(location).await;
+    flags.extend(["--pool-max-size", "1", "--kill-grace", "1s"]);
     let _agent = sys.agent("c1", &flags);
     sys.ready(true, &["c1"]).await;
     let mut started = sys
@@ -374,6 +421,11 @@ async fn thread_jobs_can_be_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_jobs_can_be_cancelled_even_when_they_never_yield() {
     cancel_at("process", "demo.spin").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_jobs_can_be_cancelled_even_when_they_never_yield() {
+    cancel_at("docker", "demo.spin").await;
 }
 
 /// A pool keeps `min` workers warm and never runs more than `max` at once, as its heartbeats

@@ -110,6 +110,10 @@ struct Log;
 struct LogPayload {
     #[serde(default = "one")]
     lines: u64,
+    /// Write the lines to stderr instead: `process` and `docker` workers capture them as the
+    /// job's log lines (`local` and `thread` ones leave them on the agent's stderr).
+    #[serde(default)]
+    stderr: bool,
 }
 
 fn one() -> u64 {
@@ -119,9 +123,14 @@ fn one() -> u64 {
 #[async_trait::async_trait]
 impl Work for Log {
     async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
-        let LogPayload { lines } = ctx.payload_as()?;
+        let LogPayload { lines, stderr } = ctx.payload_as()?;
         for i in 1..=lines {
-            ctx.info(format!("log line {i} of {lines}"));
+            let line = format!("log line {i} of {lines}");
+            if stderr {
+                eprintln!("{line}");
+            } else {
+                ctx.info(line);
+            }
         }
         Ok(json!({ "lines": lines }))
     }
