@@ -4,7 +4,7 @@
 # through them with `scheduler bench`, prints the figures, and stops everything.
 #
 #   deploy/bench.sh [--jobs 10000] [--via direct|rpc] [--concurrency 256] [--rate N]
-#   LOCATION=thread|process POOL_MAX=16 AGENT_FLAGS="--worker-max-jobs 1" deploy/bench.sh …
+#   LOCATION=thread|process|docker POOL_MAX=16 AGENT_FLAGS="--worker-max-jobs 1" deploy/bench.sh …
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 deploy/setup.sh
@@ -19,10 +19,15 @@ cleanup() {
 }
 trap cleanup EXIT
 bin=target/release
+location="${LOCATION:-local}"
+docker_flags=()
+if [[ "$location" == docker ]]; then
+  docker_flags=(--docker-image "$(deploy/images/worker/build.sh "$bin/worker-runtime")")
+fi
 "$bin/scheduler" run --data-dir "$data" --heartbeat-interval 1s >"$data/scheduler.log" 2>&1 &
 pids+=($!)
 # shellcheck disable=SC2086 # AGENT_FLAGS is a list of flags
-"$bin/pool-agent" run --id bench --data-dir "$data" --worker-location "${LOCATION:-local}" \
+"$bin/pool-agent" run --id bench --data-dir "$data" --worker-location "$location" "${docker_flags[@]}" \
   --pool-max-size "${POOL_MAX:-16}" --heartbeat-interval 1s ${AGENT_FLAGS:-} >"$data/agent.log" 2>&1 &
 pids+=($!)
 echo "scheduler and pool agent started (logs in $data); benchmarking..." >&2

@@ -4,9 +4,16 @@
 # through a scheduler and a pool agent and prints what happened to each job. Files land in
 # ./temp. Arguments go to the demo (see `scheduler demo --help`).
 #
-#   deploy/demo.sh [--worker-location local|thread|process] [--pool-min-size 1] [--pool-max-size 2] [--jobs 12]
+#   deploy/demo.sh [--worker-location local|thread|process|docker] [--pool-min-size 1] [--pool-max-size 2] [--jobs 12]
+#
+# With docker workers it first builds the worker image from the built worker-runtime
+# (deploy/images/worker/build.sh; reused while the binary is unchanged).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 deploy/setup.sh
-cargo build --locked --bins   # the demo starts worker-runtime for process workers
-exec target/debug/scheduler demo --clean "$@"
+cargo build --locked --bins   # the demo starts worker-runtime for process and docker workers
+image=()
+if [[ " $* " == *" docker "* || " $* " == *"=docker "* ]]; then
+  image=(--docker-image "$(deploy/images/worker/build.sh target/debug/worker-runtime)")
+fi
+exec target/debug/scheduler demo --clean "${image[@]}" "$@"
