@@ -196,18 +196,22 @@ impl Process {
             }
         });
         let container = attached.container;
-        let pid = container.runtime_pid().await;
         let what = format!("worker container {}", container.name);
-        Self::handshake(
+        let mut process = Self::handshake(
             Host::Container(container),
-            pid,
+            None,
             what,
             attached.stdin,
             frames,
             current,
             spec,
         )
-        .await
+        .await?;
+        // Once it said ready, the runtime surely runs: find it, for its memory.
+        if let Host::Container(c) = &process.host {
+            process.pid = c.runtime_pid().await;
+        }
+        Ok(process)
     }
 
     fn channels(name: &str) -> (Lines, mpsc::UnboundedReceiver<FromWorker>, CurrentSink) {
@@ -387,5 +391,21 @@ impl Drop for Process {
         if let (Host::Child(_), Some(pid)) = (&self.host, self.pid) {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_become_whole_lines() {
+        let mut buf = LineBuffer::default();
+        let mut lines = Vec::new();
+        for chunk in ["{\"a\":", "1}\nsecond", " line\n", "\nnot yet"] {
+            buf.push(&Bytes::from(chunk), |l| lines.push(l));
+        }
+        assert_eq!(lines, ["{\"a\":1}", "second line", ""]);
+        assert_eq!(buf.0, b"not yet");
     }
 }
