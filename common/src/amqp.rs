@@ -501,6 +501,15 @@ impl Broker {
         &self.inner.display_url
     }
 
+    /// Whether the connection is up now.
+    pub fn is_connected(&self) -> bool {
+        self.inner
+            .live
+            .borrow()
+            .as_ref()
+            .is_some_and(|l| !l.lost.is_cancelled())
+    }
+
     /// How many times the connection was lost and made again.
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(Ordering::Relaxed)

@@ -8,6 +8,8 @@ pub mod client;
 pub mod config;
 pub mod group_commit;
 pub mod heartbeat;
+pub mod http;
+pub mod metrics;
 pub mod names;
 pub mod shutdown;
 pub mod telemetry;

@@ -15,6 +15,7 @@ use rota_common::amqp::{
     Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology,
 };
 use rota_common::client::short_host;
+use rota_common::http::{self, Health};
 use rota_common::wire::{
     AgentId, AgentMessage, ErrorInfo, Event, EventKind, Heartbeat, Job, JobId, JobResult, Role,
     Status,
@@ -28,6 +29,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::config::{AgentConfig, Location};
 use crate::container::{DockerSpec, Engine};
 use crate::intake::{self, Admitted, Limits, Refusal};
+use crate::metrics::AgentMetrics;
 use crate::outbox::Outbox;
 use crate::pool::{Pool, WorkerSpec};
 use crate::process::ProcessSpec;
@@ -43,6 +45,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     cfg.check()?;
     let id = AgentId::new(&cfg.id).map_err(anyhow::Error::msg)?;
+    let health = Health::default();
+    let metrics = Arc::new(AgentMetrics::new());
+    let stop_http = CancellationToken::new();
+    let _stop_http = stop_http.clone().drop_guard();
+    if let Some(addr) = cfg.http_addr {
+        http::serve(addr, health.clone(), metrics.shared.clone(), stop_http).await?;
+    }
     let aliases = Arc::new(Aliases::parse(&cfg.aliases)?);
     let dir = cfg.agent_dir();
     std::fs::create_dir_all(&dir)
@@ -66,6 +75,8 @@ pub async fn run(
         b = Broker::connect(amqp_url, &conn_name, topology, Startup::Retry) => b?,
         _ = shutdown.cancelled() => return Ok(()),
     };
+    health.broker(&broker);
+    metrics.shared.broker(&broker);
     let tag = format!("pool-agent-{id}");
     let receipts = match broker
         .consume(ConsumeSpec {
@@ -129,6 +140,7 @@ pub async fn run(
         cancelled: Mutex::default(),
         sent: Mutex::default(),
         abandon: CancellationToken::new(),
+        metrics: metrics.clone(),
         cfg: cfg.clone(),
     });
 
@@ -162,6 +174,8 @@ pub async fn run(
         },
     ));
 
+    metrics.watch(agent.pool.clone(), agent.outbox.clone());
+    health.started(true);
     info!(agent = %id, queues = ?cfg.queues, location = cfg.worker_location.as_str(), min = cfg.pool_min_size,
         max = cfg.pool_max_size, data_dir = %dir.display(), "pool agent ready");
 
@@ -175,6 +189,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
         }
     }
+    health.started(false);
     agent.stop(&mut jobs, &tracker).await;
     if let Some(engine) = &engine {
         engine.remove_all().await?;
@@ -244,6 +259,7 @@ struct Agent {
     sent: Mutex<HashMap<(JobId, u32), Instant>>,
     /// Cancelled when the shutdown grace is over: running jobs stop and go back to RabbitMQ.
     abandon: CancellationToken,
+    metrics: Arc<AgentMetrics>,
     cfg: AgentConfig,
 }
 
@@ -372,6 +388,7 @@ impl Agent {
     /// Dead-letters a job that cannot run, and tells the scheduler when the job has a uuid.
     async fn refuse(&self, d: Delivery, refusal: Refusal) {
         warn!(reason = %refusal.reason, queue = %d.routing_key, "refusing a job: it goes to the dead-letter queue");
+        self.metrics.dead_lettered(refusal.kind);
         let headers = vec![
             ("x-rota-reason".to_owned(), refusal.reason.clone()),
             ("x-rota-agent".to_owned(), self.id.to_string()),
@@ -424,6 +441,7 @@ impl Agent {
         }
         d.ack().await;
         info!(status = %result.status, worker = %result.worker, "job finished");
+        self.metrics.shared.job(&result);
         self.send(&result).await;
     }
 

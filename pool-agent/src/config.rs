@@ -86,6 +86,10 @@ pub struct AgentConfig {
     #[arg(long, env = "ROTA_MAX_JOB_BYTES", default_value_t = 1024 * 1024)]
     pub max_job_bytes: usize,
 
+    /// Serve /healthz, /readyz and /metrics on this address (e.g. 0.0.0.0:9090); off unless set.
+    #[arg(long, env = "ROTA_HTTP_ADDR")]
+    pub http_addr: Option<std::net::SocketAddr>,
+
     /// How often to publish a heartbeat.
     #[arg(long, env = "ROTA_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub heartbeat_interval: Duration,

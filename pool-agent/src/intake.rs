@@ -21,6 +21,8 @@ pub struct Limits<'a> {
 /// A job that will not run here, and why.
 #[derive(Debug)]
 pub struct Refusal {
+    /// A short name for metrics: `too_large`, `unreadable`, `unknown_type`, `timeout_too_long`.
+    pub kind: &'static str,
     pub reason: String,
     /// The job as far as it could be read, with its uuid, when it has one: the scheduler gets
     /// a `rejected` result for it.
@@ -40,6 +42,7 @@ pub struct Admitted {
 pub fn admit(d: &Delivery, limits: &Limits<'_>) -> Result<Admitted, Refusal> {
     if d.body.len() > limits.max_bytes {
         return Err(Refusal {
+            kind: "too_large",
             reason: format!(
                 "the job is {} bytes, over this agent's limit of {} bytes (--max-job-bytes)",
                 d.body.len(),
@@ -52,6 +55,7 @@ pub fn admit(d: &Delivery, limits: &Limits<'_>) -> Result<Admitted, Refusal> {
         Ok(job) => job,
         Err(reason) => {
             return Err(Refusal {
+                kind: "unreadable",
                 reason,
                 job: salvage(&d.body).map(Box::new),
             });
@@ -66,6 +70,7 @@ pub fn admit(d: &Delivery, limits: &Limits<'_>) -> Result<Admitted, Refusal> {
     if !limits.types.contains(&job.work_type) {
         let known: Vec<&str> = limits.types.iter().map(String::as_str).collect();
         return Err(Refusal {
+            kind: "unknown_type",
             reason: format!(
                 "unknown work type {:?}: this pool runs {}",
                 job.work_type,
@@ -80,6 +85,7 @@ pub fn admit(d: &Delivery, limits: &Limits<'_>) -> Result<Admitted, Refusal> {
         .unwrap_or(limits.default_timeout);
     if timeout > limits.max_timeout {
         return Err(Refusal {
+            kind: "timeout_too_long",
             reason: format!(
                 "timeout_s {} is longer than this agent's limit of {} s (--max-job-timeout, kept below \
                  RabbitMQ's consumer_timeout so a long job is not delivered twice)",

@@ -10,6 +10,7 @@ mod agent;
 pub mod config;
 pub mod container;
 mod intake;
+mod metrics;
 pub mod outbox;
 pub mod pool;
 pub mod process;

@@ -96,6 +96,20 @@ impl Outbox {
             .collect()
     }
 
+    /// When the oldest stored result was finished (for the metrics).
+    pub fn oldest(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        #[derive(serde::Deserialize)]
+        struct Finished {
+            finished_at: chrono::DateTime<chrono::Utc>,
+        }
+        self.results
+            .iter()
+            .values()
+            .filter_map(|v| serde_json::from_slice::<Finished>(&v.ok()?).ok())
+            .map(|f| f.finished_at)
+            .min()
+    }
+
     /// Waits until every earlier write is on disk.
     pub async fn flush(&self) -> anyhow::Result<()> {
         self.durable

@@ -89,6 +89,7 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
     let sched_cfg = SchedulerConfig {
         data_dir: dir.clone(),
         heartbeat_interval: Duration::from_secs(2),
+        http_addr: None,
         results_prefetch: 256,
     };
     let agent_cfg = AgentConfig {
@@ -103,6 +104,7 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         max_job_timeout: Duration::from_secs(3600),
         max_job_bytes: 1024 * 1024,
         heartbeat_interval: Duration::from_secs(2),
+        http_addr: None,
         resend_interval: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(10),
         keep_work_dirs: true,

@@ -9,12 +9,15 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use chrono::Utc;
 use clap::Args;
+use prometheus_client::metrics::gauge::Gauge;
 use rota_common::Names;
 use rota_common::amqp::{
     Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology,
 };
 use rota_common::client::short_host;
 use rota_common::config::parse_duration;
+use rota_common::http::{self, Health};
+use rota_common::metrics::Metrics;
 use rota_common::names::DEFAULT_QUEUE;
 use rota_common::wire::{
     AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord, JobResult, Role,
@@ -33,6 +36,10 @@ pub struct SchedulerConfig {
     /// Root of the data folders; the scheduler uses `<data-dir>/scheduler` (store, job folders).
     #[arg(long, env = "ROTA_DATA_DIR", default_value = "rota-data")]
     pub data_dir: PathBuf,
+
+    /// Serve /healthz, /readyz and /metrics on this address (e.g. 0.0.0.0:9090); off unless set.
+    #[arg(long, env = "ROTA_HTTP_ADDR")]
+    pub http_addr: Option<std::net::SocketAddr>,
 
     /// How often to publish a heartbeat.
     #[arg(long, env = "ROTA_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
@@ -56,6 +63,15 @@ pub async fn run(
     names: Names,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let health = Health::default();
+    let metrics = Arc::new(Metrics::new(
+        "Jobs whose result the scheduler recorded, by work type and status",
+    ));
+    let stop_http = CancellationToken::new();
+    let _stop_http = stop_http.clone().drop_guard();
+    if let Some(addr) = cfg.http_addr {
+        http::serve(addr, health.clone(), metrics.clone(), stop_http).await?;
+    }
     let dir = cfg.scheduler_dir();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
@@ -85,6 +101,8 @@ pub async fn run(
         b = Broker::connect(amqp_url, &conn_name, topology, Startup::Retry) => b?,
         _ = shutdown.cancelled() => return Ok(()),
     };
+    health.broker(&broker);
+    metrics.broker(&broker);
     let results = match broker
         .consume(ConsumeSpec {
             queues: vec![names.results()],
@@ -106,6 +124,21 @@ pub async fn run(
         broker: broker.clone(),
         store,
         agents: Agents::default(),
+        metrics: metrics.clone(),
+    });
+    let alive = Gauge::<i64>::default();
+    metrics.register(
+        "agents_alive",
+        "Pool agents whose heartbeats arrive",
+        alive.clone(),
+    );
+    let seen = sched.clone();
+    metrics.before_scrape(move || {
+        let agents = seen.agents.list();
+        let alive_agents = agents
+            .iter()
+            .filter(|a| a.alive && a.heartbeat.role == Role::Agent);
+        alive.set(alive_agents.count() as i64);
     });
     // Before taking new submissions: what an earlier run recorded but could not queue.
     sched.publish_unpublished(Duration::ZERO).await;
@@ -150,9 +183,11 @@ pub async fn run(
         stop.clone(),
         |_| {},
     ));
+    health.started(true);
     info!(namespace = names.namespace(), data_dir = %dir.display(), jobs = sched.store.len(), "scheduler ready");
 
     shutdown.cancelled().await;
+    health.started(false);
     info!("scheduler stopping");
     stop.cancel();
     broker.close().await;
@@ -180,6 +215,7 @@ struct Scheduler {
     broker: Broker,
     store: Store,
     agents: Agents,
+    metrics: Arc<Metrics>,
 }
 
 impl Scheduler {
@@ -255,6 +291,7 @@ impl Scheduler {
                     error!(error = %e, "cannot write the job's folder (the result is recorded)");
                 }
                 info!(status = %result.status, agent = %result.agent, "result recorded");
+                self.metrics.job(&result);
                 d.ack().await;
                 self.receipt(&d, &result).await;
                 self.finished(&record, &result).await;

@@ -68,18 +68,15 @@ impl System {
 
     /// Starts `scheduler run` with fast heartbeats.
     pub fn scheduler(&self) -> Proc {
-        let data = self.data_dir();
-        Proc::start(
-            self,
-            "scheduler",
-            &[
-                "run",
-                "--heartbeat-interval",
-                "200ms",
-                "--data-dir",
-                &data.display().to_string(),
-            ],
-        )
+        self.scheduler_with(&[])
+    }
+
+    /// Starts `scheduler run` with fast heartbeats, plus `extra` flags.
+    pub fn scheduler_with(&self, extra: &[&str]) -> Proc {
+        let data = self.data_dir().display().to_string();
+        let mut args = vec!["run", "--heartbeat-interval", "200ms", "--data-dir", &data];
+        args.extend_from_slice(extra);
+        Proc::start(self, "scheduler", &args)
     }
 
     /// Starts `pool-agent run --id ID` with fast heartbeats and resends, plus `extra` flags.
@@ -404,6 +401,45 @@ pub fn containers(ns: &str) -> Vec<Container> {
             })
         })
         .collect()
+}
+
+/// A free local address for a daemon's `--http-addr`.
+pub fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").to_string()
+}
+
+/// `GET http://ADDR/PATH`: the status code and the body (`None` while nothing answers).
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// Polls `GET http://ADDR/PATH` (as a Kubernetes probe does) until it answers `status`.
+pub async fn probe_until(addr: &str, path: &str, status: u16) -> String {
+    within(
+        Duration::from_secs(60),
+        &format!("{path} answering {status}"),
+        async {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                if let Some((s, body)) = http_get(addr, path).await
+                    && s == status
+                {
+                    return body;
+                }
+            }
+        },
+    )
+    .await
 }
 
 /// The processes whose parent is `pid` (from /proc).

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use rota_tests::wire::{EventKind, Job, JobId, JobState, RpcReply, RpcRequest};
-use rota_tests::{System, within};
+use rota_tests::{System, free_addr, http_get, probe_until, within};
 use serde_json::json;
 
 fn rabbitmqctl(args: &[&str]) {
@@ -20,8 +20,9 @@ fn rabbitmqctl(args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
     let sys = System::new().await;
-    let _scheduler = sys.scheduler();
-    let _agent = sys.agent("r1", &["--pool-max-size", "8"]);
+    let (sched_addr, agent_addr) = (free_addr(), free_addr());
+    let _scheduler = sys.scheduler_with(&["--http-addr", &sched_addr]);
+    let _agent = sys.agent("r1", &["--pool-max-size", "8", "--http-addr", &agent_addr]);
     sys.ready(true, &["r1"]).await;
     let mut finished = sys
         .client
@@ -42,8 +43,19 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
     .await;
 
     rabbitmqctl(&["stop_app"]);
+    // Not ready while the broker is away (so Kubernetes takes them out of service), though
+    // alive (so it does not restart them)…
+    for addr in [&sched_addr, &agent_addr] {
+        let why = probe_until(addr, "/readyz", 503).await;
+        assert!(why.contains("RabbitMQ"), "{why}");
+        assert_eq!(http_get(addr, "/healthz").await.map(|r| r.0), Some(200));
+    }
     rabbitmqctl(&["start_app"]);
     rabbitmqctl(&["await_startup"]);
+    // …and ready again once they have reconnected.
+    for addr in [&sched_addr, &agent_addr] {
+        probe_until(addr, "/readyz", 200).await;
+    }
 
     // The test's own client reconnects too; the heartbeats prove the parts are back.
     sys.ready(true, &["r1"]).await;

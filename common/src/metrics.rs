@@ -1,0 +1,139 @@
+//! Prometheus metrics shared by the daemons: the registry behind `/metrics` (see
+//! [`crate::http`]), the job metrics both the scheduler and the agents keep, and the
+//! connection's reconnects. Each daemon adds its own (pool, outbox, agents, schedules).
+
+use std::sync::{Mutex, OnceLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::amqp::Broker;
+use crate::wire::JobResult;
+
+/// A job's work type and final status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeStatus {
+    pub r#type: String,
+    pub status: String,
+}
+
+/// A job's work type.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: String,
+}
+
+type Durations = Family<TypeLabel, Histogram, fn() -> Histogram>;
+
+/// A daemon's metrics: a registry, plus a hook that brings gauges up to date before each
+/// scrape.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    before_scrape: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    jobs: Family<TypeStatus, Counter>,
+    durations: Durations,
+    reconnects: Counter,
+    connected: Gauge,
+    broker: OnceLock<Broker>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// The registry with the shared metrics; `jobs_help` says which jobs `rota_jobs_total`
+    /// counts (those run by an agent, or those recorded by the scheduler).
+    pub fn new(jobs_help: &str) -> Self {
+        let mut registry = Registry::with_prefix("rota");
+        let jobs = Family::<TypeStatus, Counter>::default();
+        registry.register("jobs", jobs_help, jobs.clone());
+        // 5 ms to about 23 h.
+        let durations: Durations =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 4.0, 13)));
+        registry.register(
+            "job_run_seconds",
+            "How long Work ran (started to finished), by work type",
+            durations.clone(),
+        );
+        let reconnects = Counter::default();
+        registry.register(
+            "broker_reconnects",
+            "Times the connection to RabbitMQ was lost and made again",
+            reconnects.clone(),
+        );
+        let connected = Gauge::default();
+        registry.register(
+            "broker_connected",
+            "1 while connected to RabbitMQ",
+            connected.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            before_scrape: OnceLock::new(),
+            jobs,
+            durations,
+            reconnects,
+            connected,
+            broker: OnceLock::new(),
+        }
+    }
+
+    /// Adds a metric of the daemon's own.
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        if let Ok(mut r) = self.registry.lock() {
+            r.register(name, help, metric);
+        }
+    }
+
+    /// Runs `f` before each scrape (to set gauges from the daemon's state).
+    pub fn before_scrape(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.before_scrape.set(Box::new(f));
+    }
+
+    /// The connection whose reconnects are counted.
+    pub fn broker(&self, broker: &Broker) {
+        let _ = self.broker.set(broker.clone());
+    }
+
+    /// Counts a finished job and how long it ran.
+    pub fn job(&self, result: &JobResult) {
+        self.jobs
+            .get_or_create(&TypeStatus {
+                r#type: result.work_type.clone(),
+                status: result.status.as_str().to_owned(),
+            })
+            .inc();
+        let ran = (result.finished_at - result.started_at).as_seconds_f64();
+        self.durations
+            .get_or_create(&TypeLabel {
+                r#type: result.work_type.clone(),
+            })
+            .observe(ran.max(0.0));
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self, out: &mut String) -> std::fmt::Result {
+        if let Some(b) = self.broker.get() {
+            self.reconnects
+                .inc_by(b.reconnects().saturating_sub(self.reconnects.get()));
+            self.connected.set(i64::from(b.is_connected()));
+        }
+        if let Some(f) = self.before_scrape.get() {
+            f();
+        }
+        let registry = self.registry.lock().map_err(|_| std::fmt::Error)?;
+        prometheus_client::encoding::text::encode(out, &registry)
+    }
+}

@@ -1,0 +1,100 @@
+//! The pool agent's metrics on `/metrics` (with `--http-addr`): the shared job and connection
+//! metrics, plus the pool, the outbox and what was dead-lettered.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use rota_common::metrics::Metrics;
+
+use crate::outbox::Outbox;
+use crate::pool::Pool;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerState {
+    state: &'static str,
+}
+
+/// What the agent counts itself; the gauges are read at each scrape.
+pub struct AgentMetrics {
+    pub shared: Arc<Metrics>,
+    dead_lettered: Family<Reason, Counter>,
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        let shared = Arc::new(Metrics::new(
+            "Jobs this agent ran to a result, by work type and status",
+        ));
+        let dead_lettered = Family::<Reason, Counter>::default();
+        shared.register(
+            "dead_lettered",
+            "Jobs sent to the dead-letter queue, by reason",
+            dead_lettered.clone(),
+        );
+        Self {
+            shared,
+            dead_lettered,
+        }
+    }
+
+    pub fn dead_lettered(&self, reason: &str) {
+        self.dead_lettered
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Registers the gauges of the pool and the outbox, read at each scrape.
+    pub fn watch(&self, pool: Pool, outbox: Outbox) {
+        let workers = Family::<WorkerState, Gauge>::default();
+        let max = Gauge::<i64>::default();
+        let held = Gauge::<i64>::default();
+        let oldest = Gauge::<f64, AtomicU64>::default();
+        self.shared.register(
+            "pool_workers",
+            "Workers of the pool, busy or idle",
+            workers.clone(),
+        );
+        self.shared.register(
+            "pool_max_workers",
+            "The most workers the pool runs at once",
+            max.clone(),
+        );
+        self.shared.register(
+            "outbox_results",
+            "Results kept until the scheduler's receipt",
+            held.clone(),
+        );
+        self.shared.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest result waiting for its receipt (0 when none)",
+            oldest.clone(),
+        );
+        self.shared.before_scrape(move || {
+            let s = pool.status();
+            workers
+                .get_or_create(&WorkerState { state: "busy" })
+                .set(s.busy as i64);
+            workers
+                .get_or_create(&WorkerState { state: "idle" })
+                .set(s.idle as i64);
+            max.set(s.max as i64);
+            held.set(outbox.len() as i64);
+            let age = outbox
+                .oldest()
+                .map(|t| (chrono::Utc::now() - t).as_seconds_f64().max(0.0))
+                .unwrap_or(0.0);
+            oldest.set(age);
+        });
+    }
+}

@@ -1,0 +1,77 @@
+//! `--http-addr`: `/healthz`, `/readyz` and the Prometheus `/metrics` of the scheduler and a
+//! pool agent, read the way Kubernetes and Prometheus read them. (`/readyz` while the broker is
+//! down is in `broker_restart.rs`, which alone may stop the broker.)
+
+use rota_tests::wire::{EventKind, Job};
+use rota_tests::{System, free_addr, http_get, probe_until};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_serve_health_and_the_metrics_of_the_jobs_that_ran() {
+    let sys = System::new().await;
+    let (sched_addr, agent_addr) = (free_addr(), free_addr());
+    let _scheduler = sys.scheduler_with(&["--http-addr", &sched_addr]);
+    let _agent = sys.agent("m1", &["--http-addr", &agent_addr, "--pool-max-size", "3"]);
+    sys.ready(true, &["m1"]).await;
+    for addr in [&sched_addr, &agent_addr] {
+        assert_eq!(http_get(addr, "/healthz").await.map(|r| r.0), Some(200));
+        probe_until(addr, "/readyz", 200).await;
+    }
+
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
+    for (work_type, payload) in [("demo.echo", "1"), ("demo.echo", "2"), ("demo.fail", "{}")] {
+        sys.submit_wait(&["--type", work_type, "--payload", payload])
+            .await;
+    }
+    let unknown = sys
+        .client
+        .publish_job(Job::new("no.such.work", json!(null)))
+        .await
+        .expect("published");
+    rota_tests::event_of(&mut finished, unknown).await;
+
+    let (status, scheduler) = http_get(&sched_addr, "/metrics").await.expect("answers");
+    assert_eq!(status, 200);
+    let (_, agent) = http_get(&agent_addr, "/metrics").await.expect("answers");
+    for (text, who) in [(&scheduler, "scheduler"), (&agent, "agent")] {
+        for line in [
+            r#"rota_jobs_total{type="demo.echo",status="succeeded"} 2"#,
+            r#"rota_jobs_total{type="demo.fail",status="failed"} 1"#,
+            r#"rota_jobs_total{type="no.such.work",status="rejected"} 1"#,
+            r#"rota_job_run_seconds_count{type="demo.echo"} 2"#,
+            "rota_broker_connected 1",
+            "rota_broker_reconnects_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{who} lacks {line}:\n{text}"
+            );
+        }
+    }
+    for line in ["rota_agents_alive 1"] {
+        assert!(
+            scheduler.lines().any(|l| l == line),
+            "scheduler lacks {line}:\n{scheduler}"
+        );
+    }
+    for line in [
+        r#"rota_dead_lettered_total{reason="unknown_type"} 1"#,
+        r#"rota_pool_workers{state="busy"} 0"#,
+        "rota_pool_max_workers 3",
+        "rota_outbox_results 0",
+    ] {
+        assert!(
+            agent.lines().any(|l| l == line),
+            "agent lacks {line}:\n{agent}"
+        );
+    }
+    assert_eq!(
+        http_get(&agent_addr, "/nope").await.map(|r| r.0),
+        Some(404),
+        "an unknown path says so"
+    );
+}
