@@ -1,6 +1,8 @@
 //! Prometheus metrics shared by the daemons: the registry behind `/metrics` (see
-//! [`crate::http`]), the job metrics both the scheduler and the agents keep, and the
-//! connection's reconnects. Each daemon adds its own (pool, outbox, agents, schedules).
+//! [`crate::http`]) with the connection's metrics, and [`JobCounter`], the jobs by type and
+//! status that both the scheduler (`rota_jobs_recorded_total`) and the agents
+//! (`rota_jobs_run_total`, with `rota_job_run_seconds`) keep. Each daemon adds its own (pool,
+//! outbox, agents, schedules).
 
 use std::sync::{Mutex, OnceLock};
 
@@ -34,8 +36,6 @@ type Durations = Family<TypeLabel, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     registry: Mutex<Registry>,
     before_scrape: OnceLock<Box<dyn Fn() + Send + Sync>>,
-    jobs: Family<TypeStatus, Counter>,
-    durations: Durations,
     reconnects: Counter,
     connected: Gauge,
     broker: OnceLock<Broker>,
@@ -48,20 +48,9 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// The registry with the shared metrics; `jobs_help` says which jobs `rota_jobs_total`
-    /// counts (those run by an agent, or those recorded by the scheduler).
-    pub fn new(jobs_help: &str) -> Self {
+    /// A registry (every name prefixed `rota_`) with the connection's metrics.
+    pub fn new() -> Self {
         let mut registry = Registry::with_prefix("rota");
-        let jobs = Family::<TypeStatus, Counter>::default();
-        registry.register("jobs", jobs_help, jobs.clone());
-        // 5 ms to about 23 h.
-        let durations: Durations =
-            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 4.0, 13)));
-        registry.register(
-            "job_run_seconds",
-            "How long Work ran (started to finished), by work type",
-            durations.clone(),
-        );
         let reconnects = Counter::default();
         registry.register(
             "broker_reconnects",
@@ -77,8 +66,6 @@ impl Metrics {
         Self {
             registry: Mutex::new(registry),
             before_scrape: OnceLock::new(),
-            jobs,
-            durations,
             reconnects,
             connected,
             broker: OnceLock::new(),
@@ -107,22 +94,6 @@ impl Metrics {
         let _ = self.broker.set(broker.clone());
     }
 
-    /// Counts a finished job and how long it ran.
-    pub fn job(&self, result: &JobResult) {
-        self.jobs
-            .get_or_create(&TypeStatus {
-                r#type: result.work_type.clone(),
-                status: result.status.as_str().to_owned(),
-            })
-            .inc();
-        let ran = (result.finished_at - result.started_at).as_seconds_f64();
-        self.durations
-            .get_or_create(&TypeLabel {
-                r#type: result.work_type.clone(),
-            })
-            .observe(ran.max(0.0));
-    }
-
     /// The metrics in the OpenMetrics text format.
     pub fn encode(&self, out: &mut String) -> std::fmt::Result {
         if let Some(b) = self.broker.get() {
@@ -135,5 +106,55 @@ impl Metrics {
         }
         let registry = self.registry.lock().map_err(|_| std::fmt::Error)?;
         prometheus_client::encoding::text::encode(out, &registry)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Finished jobs by work type and status, and (for agents) how long they ran.
+pub struct JobCounter {
+    jobs: Family<TypeStatus, Counter>,
+    durations: Option<Durations>,
+}
+
+impl JobCounter {
+    /// Registers `rota_<name>_total` (and `rota_job_run_seconds` with `durations`).
+    pub fn register(metrics: &Metrics, name: &str, help: &str, durations: bool) -> Self {
+        let jobs = Family::<TypeStatus, Counter>::default();
+        metrics.register(name, help, jobs.clone());
+        let durations = durations.then(|| {
+            // 5 ms to about 23 h.
+            let d: Durations = Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 4.0, 13))
+            });
+            metrics.register(
+                "job_run_seconds",
+                "How long Work ran (started to finished), by work type",
+                d.clone(),
+            );
+            d
+        });
+        Self { jobs, durations }
+    }
+
+    /// Counts a finished job (and how long it ran).
+    pub fn count(&self, result: &JobResult) {
+        self.jobs
+            .get_or_create(&TypeStatus {
+                r#type: result.work_type.clone(),
+                status: result.status.as_str().to_owned(),
+            })
+            .inc();
+        if let Some(d) = &self.durations {
+            let ran = (result.finished_at - result.started_at).as_seconds_f64();
+            d.get_or_create(&TypeLabel {
+                r#type: result.work_type.clone(),
+            })
+            .observe(ran.max(0.0));
+        }
     }
 }

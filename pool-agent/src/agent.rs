@@ -441,7 +441,7 @@ impl Agent {
         }
         d.ack().await;
         info!(status = %result.status, worker = %result.worker, "job finished");
-        self.metrics.shared.job(&result);
+        self.metrics.jobs.count(&result);
         self.send(&result).await;
     }
 

@@ -8,7 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use rota_common::metrics::Metrics;
+use rota_common::metrics::{JobCounter, Metrics};
 
 use crate::outbox::Outbox;
 use crate::pool::Pool;
@@ -26,14 +26,19 @@ struct WorkerState {
 /// What the agent counts itself; the gauges are read at each scrape.
 pub struct AgentMetrics {
     pub shared: Arc<Metrics>,
+    pub jobs: JobCounter,
     dead_lettered: Family<Reason, Counter>,
 }
 
 impl AgentMetrics {
     pub fn new() -> Self {
-        let shared = Arc::new(Metrics::new(
-            "Jobs this agent ran to a result, by work type and status",
-        ));
+        let shared = Arc::new(Metrics::new());
+        let jobs = JobCounter::register(
+            &shared,
+            "jobs_run",
+            "Jobs this agent ran to a result (or refused), by work type and status",
+            true,
+        );
         let dead_lettered = Family::<Reason, Counter>::default();
         shared.register(
             "dead_lettered",
@@ -42,6 +47,7 @@ impl AgentMetrics {
         );
         Self {
             shared,
+            jobs,
             dead_lettered,
         }
     }

@@ -17,7 +17,7 @@ use rota_common::amqp::{
 use rota_common::client::short_host;
 use rota_common::config::parse_duration;
 use rota_common::http::{self, Health};
-use rota_common::metrics::Metrics;
+use rota_common::metrics::{JobCounter, Metrics};
 use rota_common::names::DEFAULT_QUEUE;
 use rota_common::wire::{
     AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord, JobResult, Role,
@@ -64,9 +64,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let health = Health::default();
-    let metrics = Arc::new(Metrics::new(
+    let metrics = Arc::new(Metrics::new());
+    let jobs = JobCounter::register(
+        &metrics,
+        "jobs_recorded",
         "Jobs whose result the scheduler recorded, by work type and status",
-    ));
+        false,
+    );
     let stop_http = CancellationToken::new();
     let _stop_http = stop_http.clone().drop_guard();
     if let Some(addr) = cfg.http_addr {
@@ -124,7 +128,7 @@ pub async fn run(
         broker: broker.clone(),
         store,
         agents: Agents::default(),
-        metrics: metrics.clone(),
+        jobs,
     });
     let alive = Gauge::<i64>::default();
     metrics.register(
@@ -215,7 +219,8 @@ struct Scheduler {
     broker: Broker,
     store: Store,
     agents: Agents,
-    metrics: Arc<Metrics>,
+    /// Recorded jobs, for the metrics.
+    jobs: JobCounter,
 }
 
 impl Scheduler {
@@ -291,7 +296,7 @@ impl Scheduler {
                     error!(error = %e, "cannot write the job's folder (the result is recorded)");
                 }
                 info!(status = %result.status, agent = %result.agent, "result recorded");
-                self.metrics.job(&result);
+                self.jobs.count(&result);
                 d.ack().await;
                 self.receipt(&d, &result).await;
                 self.finished(&record, &result).await;

@@ -38,13 +38,17 @@ async fn the_daemons_serve_health_and_the_metrics_of_the_jobs_that_ran() {
     assert_eq!(status, 200);
     let (_, agent) = http_get(&agent_addr, "/metrics").await.expect("answers");
     for (text, who) in [(&scheduler, "scheduler"), (&agent, "agent")] {
+        let jobs = if who == "agent" {
+            "rota_jobs_run_total"
+        } else {
+            "rota_jobs_recorded_total"
+        };
         for line in [
-            r#"rota_jobs_total{type="demo.echo",status="succeeded"} 2"#,
-            r#"rota_jobs_total{type="demo.fail",status="failed"} 1"#,
-            r#"rota_jobs_total{type="no.such.work",status="rejected"} 1"#,
-            r#"rota_job_run_seconds_count{type="demo.echo"} 2"#,
-            "rota_broker_connected 1",
-            "rota_broker_reconnects_total 0",
+            format!(r#"{jobs}{{type="demo.echo",status="succeeded"}} 2"#),
+            format!(r#"{jobs}{{type="demo.fail",status="failed"}} 1"#),
+            format!(r#"{jobs}{{type="no.such.work",status="rejected"}} 1"#),
+            "rota_broker_connected 1".into(),
+            "rota_broker_reconnects_total 0".into(),
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -57,6 +61,7 @@ async fn the_daemons_serve_health_and_the_metrics_of_the_jobs_that_ran() {
         "the scheduler counts the live agent:\n{scheduler}"
     );
     for line in [
+        r#"rota_job_run_seconds_count{type="demo.echo"} 2"#,
         r#"rota_dead_lettered_total{reason="unknown_type"} 1"#,
         r#"rota_pool_workers{state="busy"} 0"#,
         "rota_pool_max_workers 3",
