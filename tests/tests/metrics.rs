@@ -77,4 +77,28 @@ async fn the_daemons_serve_health_and_the_metrics_of_the_jobs_that_ran() {
         Some(404),
         "an unknown path says so"
     );
+    // Every metric the Grafana dashboard charts is one the daemons serve.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/rota.json"),
+    )
+    .expect("the dashboard");
+    let served = |name: &str| {
+        [&scheduler, &agent].iter().any(|text| {
+            text.lines().any(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+        })
+    };
+    let charted: Vec<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("rota_"))
+        .collect();
+    assert!(charted.len() > 10, "{charted:?}");
+    for name in charted {
+        assert!(
+            served(name),
+            "the dashboard charts {name}, which no daemon serves"
+        );
+    }
 }
