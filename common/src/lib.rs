@@ -11,6 +11,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod metrics;
 pub mod names;
+pub mod schema;
 pub mod shutdown;
 pub mod telemetry;
 pub mod wire;

@@ -7,6 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -17,7 +18,9 @@ use crate::names::{DEFAULT_QUEUE, check_name};
 pub const MAX_PRIORITY: u8 = 9;
 
 /// The identity of one job. It names the job's folders, so it must be a real UUID.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(transparent)]
 pub struct JobId(pub Uuid);
 
@@ -47,7 +50,9 @@ impl FromStr for JobId {
 }
 
 /// The identity of one pool agent; part of its queue name, so a valid name part.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(transparent)]
 pub struct AgentId(String);
 
@@ -68,7 +73,7 @@ impl fmt::Display for AgentId {
 }
 
 /// A piece of Work to run, as published to the jobs exchange.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Job {
     /// The registered work type that runs it; `classname` is accepted as an alias.
     #[serde(rename = "type", alias = "classname")]
@@ -162,7 +167,7 @@ impl Job {
 }
 
 /// How a run of a job ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Succeeded,
@@ -193,7 +198,7 @@ impl fmt::Display for Status {
 }
 
 /// Why a run did not succeed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorInfo {
     /// A short machine-readable class: `work`, `panic`, `timeout`, `invalid_job`, …
     pub kind: String,
@@ -209,7 +214,9 @@ impl ErrorInfo {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     Debug,
@@ -230,7 +237,7 @@ impl fmt::Display for Level {
 }
 
 /// One line a Work logged.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct LogLine {
     pub time: DateTime<Utc>,
     pub level: Level,
@@ -250,7 +257,7 @@ impl fmt::Display for LogLine {
 }
 
 /// The outcome of one run of a job, sent by the pool agent to the results queue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct JobResult {
     pub uuid: JobId,
     pub attempt: u32,
@@ -277,7 +284,7 @@ pub struct JobResult {
 }
 
 /// Messages to one pool agent on its own queue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AgentMessage {
     /// The scheduler recorded this result: the agent may forget it.
@@ -286,7 +293,7 @@ pub enum AgentMessage {
     Cancel { uuid: JobId },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     Started,
@@ -307,7 +314,7 @@ impl EventKind {
 /// A job event on the topic exchange, routing key `job.<event>.<type>`. `started` and
 /// `progress` come from the agent that runs the job; `finished` from the scheduler once it has
 /// recorded the outcome.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Event {
     pub event: EventKind,
     pub uuid: JobId,
@@ -334,7 +341,7 @@ impl Event {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Progress {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fraction: Option<f64>,
@@ -342,7 +349,7 @@ pub struct Progress {
     pub message: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Scheduler,
@@ -350,7 +357,7 @@ pub enum Role {
 }
 
 /// Sent by every part on the heartbeats fanout exchange every `interval_ms`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Heartbeat {
     pub role: Role,
     pub id: String,
@@ -371,7 +378,7 @@ pub struct Heartbeat {
 }
 
 /// The state of one worker pool, as reported in heartbeats.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PoolStatus {
     pub queues: Vec<String>,
     pub location: String,
@@ -382,7 +389,7 @@ pub struct PoolStatus {
 }
 
 /// Where a job stands, as the scheduler records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Recorded and published; waiting in RabbitMQ for a worker.
@@ -446,7 +453,7 @@ impl fmt::Display for JobState {
 }
 
 /// One run of a job, as the scheduler records it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Attempt {
     pub attempt: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -469,7 +476,7 @@ pub struct Attempt {
 }
 
 /// Everything the scheduler knows of one job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct JobRecord {
     pub uuid: JobId,
     pub state: JobState,
@@ -495,7 +502,7 @@ impl JobRecord {
 }
 
 /// A request to the scheduler on the RPC queue (`reply_to` and `correlation_id` set).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "method", rename_all = "snake_case")]
 pub enum RpcRequest {
     /// Record a job and queue it; replies with its record. Submitting a uuid that is already
@@ -523,7 +530,7 @@ pub enum RpcRequest {
 }
 
 /// The scheduler's reply to an [`RpcRequest`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum RpcReply {
     Job {
@@ -544,14 +551,14 @@ pub enum RpcReply {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AttemptLogs {
     pub attempt: u32,
     pub lines: Vec<LogLine>,
 }
 
 /// A part seen through its heartbeats.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AgentInfo {
     pub alive: bool,
     pub last_seen: DateTime<Utc>,
