@@ -158,8 +158,10 @@ class Rpc {
   }
 }
 
+// A queue of this connection's own, deleted with it. Not autoDelete: that would delete it
+// when waitFor cancels its consumer.
 async function privateQueue(channel) {
-  const { queue } = await channel.assertQueue('', { exclusive: true, autoDelete: true });
+  const { queue } = await channel.assertQueue('', { exclusive: true });
   return queue;
 }
 

@@ -130,7 +130,9 @@ class Rpc:
 
 
 def private_queue(channel):
-    return channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+    """A queue of this connection's own, deleted with it. Not auto-delete: that would delete
+    it when wait_for cancels its consumer."""
+    return channel.queue_declare("", exclusive=True).method.queue
 
 
 def bind(channel, queue, exchange, key, ns):
