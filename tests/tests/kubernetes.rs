@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rota_common::config::parse_duration;
 use rota_tests::wire::{EventKind, Job, Status};
-use rota_tests::{System, event_of, within};
+use rota_tests::{System, event_of, free_addr, probe_until, within};
 use serde_json::{Value, json};
 
 /// The Kubernetes versions whose schemas the manifests must pass: the oldest we support (the
@@ -578,10 +578,11 @@ fn every_pod_meets_the_restricted_pod_security_standard() {
 }
 
 /// The config files of the base's ConfigMap, as the pods get them, run the real binaries:
-/// every key is a flag they know, every value one they accept, and a job goes through. (The
-/// harness's flags and environment override the namespace and the data folder.)
+/// every key is a flag they know, every value one they accept, a job goes through, and the
+/// paths the pods' probes and Prometheus' annotations name answer. (The harness's flags and
+/// environment override the namespace and the data folder; the HTTP address is a free port.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_configmap_settings_run_a_job() {
+async fn the_configmap_settings_run_a_job_and_answer_the_probes() {
     let base = rendered("base");
     let sys = System::new().await;
     let mut paths = Vec::new();
@@ -591,9 +592,29 @@ async fn the_configmap_settings_run_a_job() {
         std::fs::write(&path, text).expect("writes the config");
         paths.push(path.display().to_string());
     }
-    let _scheduler = sys.scheduler_with(&["--config", &paths[0]]);
-    let _agent = sys.agent("pool-agent-0", &["--config", &paths[1]]);
+    let (sched_addr, agent_addr) = (free_addr(), free_addr());
+    let _scheduler = sys.scheduler_with(&["--config", &paths[0], "--http-addr", &sched_addr]);
+    let _agent = sys.agent(
+        "pool-agent-0",
+        &["--config", &paths[1], "--http-addr", &agent_addr],
+    );
     sys.ready(true, &["pool-agent-0"]).await;
+
+    for (name, addr) in [("scheduler", &sched_addr), ("pool-agent", &agent_addr)] {
+        let template = &base.statefulset(name)["spec"]["template"];
+        let container = &template["spec"]["containers"][0];
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            let path = container[probe]["httpGet"]["path"]
+                .as_str()
+                .expect("a path");
+            probe_until(addr, path, 200).await;
+        }
+        let metrics = template["metadata"]["annotations"]["prometheus.io/path"]
+            .as_str()
+            .expect("a metrics path");
+        let body = probe_until(addr, metrics, 200).await;
+        assert!(body.contains("rota_"), "{name}'s {metrics}: {body}");
+    }
 
     let mut events = sys
         .client
