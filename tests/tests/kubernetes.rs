@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rota_common::config::parse_duration;
 use rota_tests::wire::{EventKind, Job, Status};
-use rota_tests::{System, event_of, free_addr, probe_until, within};
+use rota_tests::{System, event_of, free_addr, probe_until, tool, within};
 use serde_json::{Value, json};
 
 /// The Kubernetes versions whose schemas the manifests must pass: the oldest we support (the
@@ -36,24 +36,6 @@ fn repo() -> PathBuf {
 
 fn kubernetes_dir() -> PathBuf {
     repo().join("deploy/kubernetes")
-}
-
-/// A command-line tool of the tests: the project's venv first, then the PATH.
-fn tool(name: &str) -> PathBuf {
-    let in_venv = repo().join(".venv/bin").join(name);
-    if in_venv.exists() {
-        return in_venv;
-    }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join(name))
-        .find(|p| p.exists());
-    on_path.unwrap_or_else(|| {
-        panic!(
-            "{name} is missing: run deploy/setup.sh tools (it installs the test tools into .venv)"
-        )
-    })
 }
 
 /// One kustomization directory and what `kubectl kustomize` made of it.

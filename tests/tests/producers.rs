@@ -25,13 +25,8 @@ impl Example {
     fn command(&self) -> tokio::process::Command {
         match self {
             Example::Python => {
-                let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-                assert!(
-                    venv.exists(),
-                    "{} is missing: run deploy/setup.sh tools (it installs pika there)",
-                    venv.display()
-                );
-                let mut c = tokio::process::Command::new(venv);
+                // The venv's python, which has pika (deploy/setup.sh tools).
+                let mut c = tokio::process::Command::new(rota_tests::tool("python"));
                 c.arg(examples().join("python/submit.py"));
                 c
             }
