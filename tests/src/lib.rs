@@ -498,3 +498,22 @@ pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<
         Err(_) => panic!("{what} did not happen within {limit:?}"),
     }
 }
+
+/// A command-line tool the tests run (kubectl, kubernetes-validate, hadolint, python): from the
+/// project's venv, which `deploy/setup.sh tools` fills, else from the PATH.
+pub fn tool(name: &str) -> PathBuf {
+    let in_venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.venv/bin")
+        .join(name);
+    if in_venv.exists() {
+        return in_venv;
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("{name} is missing: run deploy/setup.sh tools (it installs the test tools into .venv)")
+        })
+}
