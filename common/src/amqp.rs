@@ -79,6 +79,8 @@ pub struct QueueSpec {
     pub max_priority: Option<u8>,
     /// Keeps only the newest N messages (older ones are dropped).
     pub max_length: Option<u32>,
+    /// A replicated quorum queue instead of a classic one.
+    pub quorum: bool,
 }
 
 impl QueueSpec {
@@ -90,6 +92,7 @@ impl QueueSpec {
             dead_letter_exchange: None,
             max_priority: None,
             max_length: None,
+            quorum: false,
         }
     }
     pub fn private(name: String) -> Self {
@@ -100,6 +103,7 @@ impl QueueSpec {
             dead_letter_exchange: None,
             max_priority: None,
             max_length: None,
+            quorum: false,
         }
     }
 }
@@ -122,12 +126,14 @@ impl Topology {
     }
 
     /// Adds the durable queue of one named jobs queue, bound to the jobs exchange, with
-    /// dead-lettering and priorities.
+    /// dead-lettering, and priorities when it is a classic queue.
     pub fn jobs_queue(&mut self, names: &Names, queue: &str) -> &mut Self {
         let name = names.jobs_queue(queue);
+        let quorum = names.jobs_queue_type() == crate::names::QueueType::Quorum;
         let spec = QueueSpec {
             dead_letter_exchange: Some(names.dead()),
-            max_priority: Some(crate::wire::MAX_PRIORITY),
+            max_priority: (!quorum).then_some(crate::wire::MAX_PRIORITY),
+            quorum,
             ..QueueSpec::durable(name.clone())
         };
         self.queue(spec).bind(&name, &names.jobs_exchange(), queue)
@@ -201,6 +207,12 @@ impl Topology {
             }
             if let Some(n) = q.max_length {
                 args.insert("x-max-length".into(), AMQPValue::LongUInt(n));
+            }
+            if q.quorum {
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("quorum".into()),
+                );
             }
             let opts = QueueDeclareOptions {
                 durable: q.durable,

@@ -12,7 +12,13 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser};
 
 use crate::Names;
+use crate::names::QueueType;
 use crate::telemetry::LogFormat;
+
+/// Tables of the config file that are not flags: each is read by the part that owns it
+/// (`[[schedule]]`: the scheduler's schedules). Parts that do not own one ignore it, so one
+/// file can serve every part.
+pub const SECTIONS: &[&str] = &["schedule"];
 
 /// Where the broker is and which namespace to use: shared by every binary.
 #[derive(Debug, Clone, Args)]
@@ -33,12 +39,49 @@ pub struct BrokerArgs {
     /// Log lines as text or JSON (filter with RUST_LOG, e.g. RUST_LOG=info,rota_pool_agent=debug).
     #[arg(long, env = "ROTA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+
+    /// The kind of the jobs queues: classic (priorities 0-9) or quorum (replicated, no
+    /// priorities). Every part of a deployment must use the same.
+    #[arg(long, env = "ROTA_QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic, global = true)]
+    pub queue_type: QueueType,
 }
 
 impl BrokerArgs {
     pub fn names(&self) -> anyhow::Result<Names> {
-        Names::new(&self.namespace).map_err(anyhow::Error::msg)
+        Ok(Names::new(&self.namespace)
+            .map_err(anyhow::Error::msg)?
+            .with_jobs_queue_type(self.queue_type))
     }
+}
+
+/// The entries of section `name` (`[[name]]` tables) of a config file, each read as a `T`.
+pub fn section<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<Vec<T>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let Some(value) = table.get(name) else {
+        return Ok(Vec::new());
+    };
+    let toml::Value::Array(items) = value else {
+        bail!(
+            "in {}: `{name}` must be a list of tables, written [[{name}]]",
+            path.display()
+        );
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            item.clone().try_into().with_context(|| {
+                format!("in {}: [[{name}]] number {} is not valid", path.display(), i + 1)
+            })
+        })
+        .collect()
 }
 
 /// Parses a duration such as `500ms`, `5s`, `2m` or `6h` (for flags).
@@ -94,6 +137,9 @@ fn apply_defaults(command: clap::Command, table: &toml::Table) -> anyhow::Result
     let mut unknown: Vec<String> = Vec::new();
     let mut command = command;
     for (key, value) in table {
+        if SECTIONS.contains(&key.as_str()) {
+            continue;
+        }
         let long = key.replace('_', "-");
         let values = toml_values(key, value)?;
         let (next, found) = set_default(command, &long, &values);

@@ -4,10 +4,22 @@
 /// The queue a job goes to when it names none.
 pub const DEFAULT_QUEUE: &str = "default";
 
-/// Exchange and queue names of one namespace (`rota` by default).
+/// The kind of RabbitMQ queue that holds the jobs (see the README for what each gives up).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    /// One copy on one node; honours job priorities 0 to 9 (`x-max-priority`).
+    #[default]
+    Classic,
+    /// Replicated over the cluster's nodes (Raft); no 0-9 priorities.
+    Quorum,
+}
+
+/// Exchange and queue names of one namespace (`rota` by default), and the kind of its jobs
+/// queues, which every part that declares them must agree on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
     ns: String,
+    jobs_queue_type: QueueType,
 }
 
 impl Names {
@@ -16,7 +28,18 @@ impl Names {
         check_name("namespace", namespace)?;
         Ok(Self {
             ns: namespace.to_owned(),
+            jobs_queue_type: QueueType::default(),
         })
+    }
+
+    /// The same names, with jobs queues of kind `kind`.
+    pub fn with_jobs_queue_type(mut self, kind: QueueType) -> Self {
+        self.jobs_queue_type = kind;
+        self
+    }
+
+    pub fn jobs_queue_type(&self) -> QueueType {
+        self.jobs_queue_type
     }
 
     pub fn namespace(&self) -> &str {

@@ -28,6 +28,12 @@ impl JobId {
     pub fn random() -> Self {
         Self(Uuid::new_v4())
     }
+    /// The id of the `n`-th child job that run `attempt` of `parent` submits: the same each
+    /// time that run is repeated (a redelivery after an agent crash), so the scheduler records
+    /// the child once.
+    pub fn child_of(parent: JobId, attempt: u32, n: u32) -> Self {
+        Self(Uuid::new_v5(&parent.0, format!("child/{attempt}/{n}").as_bytes()))
+    }
     /// 16 bytes that sort like the id; used as a key in the stores.
     pub fn as_bytes(&self) -> &[u8; 16] {
         self.0.as_bytes()
@@ -108,6 +114,17 @@ pub struct Job {
     /// Free-form labels for people and dashboards.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// While a job with this key is scheduled, queued or running, submitting another one with
+    /// the same key returns that job instead (enforced by the scheduler's `submit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_key: Option<String>,
+    /// The delay before the first retry, in milliseconds; it doubles with each attempt
+    /// (the scheduler's default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
+    /// The schedule that fired this job (its `run_at` is the instant it fired for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
 }
 
 fn first_attempt() -> u32 {
@@ -129,6 +146,9 @@ impl Job {
             attempt: 1,
             parent: None,
             labels: BTreeMap::new(),
+            unique_key: None,
+            backoff_ms: None,
+            schedule: None,
         }
     }
 
@@ -157,6 +177,14 @@ impl Job {
         }
         if self.timeout_s == Some(0) {
             return Err("timeout_s must be 1 or more".into());
+        }
+        if self.max_attempts == Some(0) {
+            return Err("max_attempts must be 1 or more".into());
+        }
+        if let Some(key) = &self.unique_key
+            && (key.is_empty() || key.len() > 256)
+        {
+            return Err("unique_key must be 1 to 256 characters".into());
         }
         Ok(())
     }
@@ -324,9 +352,13 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentId>,
     pub time: DateTime<Utc>,
-    /// For `finished`: how the job ended.
+    /// For `finished`: how the run ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// For `finished`: the job's state once this run was recorded (`scheduled` when a retry
+    /// follows); the job is over when this state is final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobState>,
     /// For `progress`: a fraction from 0 to 1 and/or a message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
@@ -392,6 +424,8 @@ pub struct PoolStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
+    /// Held by the scheduler until its time: a delayed job, or a retry waiting for its backoff.
+    Scheduled,
     /// Recorded and published; waiting in RabbitMQ for a worker.
     Queued,
     Running,
@@ -401,14 +435,20 @@ pub enum JobState {
     TimedOut,
     Cancelled,
     Rejected,
+    /// Failed on every one of its `max_attempts` (more than one) attempts.
+    Dead,
 }
 
 impl JobState {
     pub fn is_final(self) -> bool {
-        !matches!(self, JobState::Queued | JobState::Running)
+        !matches!(
+            self,
+            JobState::Scheduled | JobState::Queued | JobState::Running
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {
+            JobState::Scheduled => "scheduled",
             JobState::Queued => "queued",
             JobState::Running => "running",
             JobState::Succeeded => "succeeded",
@@ -417,6 +457,7 @@ impl JobState {
             JobState::TimedOut => "timed_out",
             JobState::Cancelled => "cancelled",
             JobState::Rejected => "rejected",
+            JobState::Dead => "dead",
         }
     }
 }
@@ -439,8 +480,8 @@ impl FromStr for JobState {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(Value::String(s.to_owned())).map_err(|_| {
             format!(
-                "unknown job state {s:?}: use queued, running, succeeded, failed, crashed, \
-                 timed_out, cancelled or rejected"
+                "unknown job state {s:?}: use scheduled, queued, running, succeeded, failed, \
+                 crashed, timed_out, cancelled, rejected or dead"
             )
         })
     }
@@ -490,6 +531,12 @@ pub struct JobRecord {
     /// `scheduler cancel` was asked for while the job had not ended.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// While `scheduled`: when the scheduler queues it (its `run_at`, or its next retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run_at: Option<DateTime<Utc>>,
+    /// The jobs its Work submitted (filled in by `status`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<JobId>,
 }
 
 impl JobRecord {
@@ -523,9 +570,30 @@ pub enum RpcRequest {
         limit: Option<usize>,
     },
     Agents,
-    /// Stop a job: a running one ends `cancelled`, a queued one is not run.
+    /// Stop a job: a running one ends `cancelled`, a queued or scheduled one is not run.
     Cancel {
         uuid: JobId,
+    },
+    /// Run a job that ended without success once more (a new attempt).
+    Retry {
+        uuid: JobId,
+    },
+    ScheduleAdd {
+        schedule: ScheduleSpec,
+    },
+    ScheduleList,
+    SchedulePause {
+        name: String,
+    },
+    ScheduleResume {
+        name: String,
+    },
+    ScheduleRemove {
+        name: String,
+    },
+    /// Submit the schedule's job now (its fire times do not change).
+    ScheduleRunNow {
+        name: String,
     },
 }
 
@@ -546,6 +614,12 @@ pub enum RpcReply {
     Agents {
         agents: Vec<AgentInfo>,
     },
+    Schedule {
+        schedule: Box<ScheduleInfo>,
+    },
+    Schedules {
+        schedules: Vec<ScheduleInfo>,
+    },
     Error {
         message: String,
     },
@@ -563,6 +637,107 @@ pub struct AgentInfo {
     pub alive: bool,
     pub last_seen: DateTime<Utc>,
     pub heartbeat: Heartbeat,
+}
+
+/// What to do with the fire times a schedule missed while the scheduler was down (or more than
+/// its grace period late).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissedPolicy {
+    /// Missed fire times are dropped; the schedule goes on from now.
+    #[default]
+    Skip,
+    /// However many were missed, the job runs once, for the latest missed time.
+    RunOnce,
+}
+
+impl MissedPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MissedPolicy::Skip => "skip",
+            MissedPolicy::RunOnce => "run-once",
+        }
+    }
+}
+
+impl FromStr for MissedPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "skip" => Ok(MissedPolicy::Skip),
+            "run-once" | "run_once" => Ok(MissedPolicy::RunOnce),
+            _ => Err(format!("unknown missed-run policy {s:?}: use skip or run-once")),
+        }
+    }
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+/// A time-based schedule: fires a job of `type` at each time its cron expression names, in
+/// its time zone. Declared in the scheduler's config file (`[[schedule]]`) or over RPC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Its name: unique, a valid name part.
+    pub name: String,
+    /// Five fields (minute hour day-of-month month day-of-week), or six with seconds first.
+    pub cron: String,
+    /// An IANA time zone (`Europe/London`); `UTC` when absent.
+    #[serde(default = "utc")]
+    pub tz: String,
+    #[serde(default)]
+    pub missed: MissedPolicy,
+    /// The job each fire submits.
+    #[serde(rename = "type")]
+    pub work_type: String,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// A fire does not start another job while the previous one with this key is not over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_key: Option<String>,
+}
+
+impl ScheduleSpec {
+    /// The job one fire submits (without uuid and time).
+    pub fn job(&self) -> Job {
+        let mut job = Job::new(self.work_type.clone(), self.payload.clone());
+        job.queue = self.queue.clone();
+        job.priority = self.priority;
+        job.timeout_s = self.timeout_s;
+        job.max_attempts = self.max_attempts;
+        job.unique_key = self.unique_key.clone();
+        job.schedule = Some(self.name.clone());
+        job
+    }
+}
+
+/// A schedule and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleInfo {
+    pub spec: ScheduleSpec,
+    pub paused: bool,
+    /// Declared in the config file (which wins at each start) rather than over RPC.
+    #[serde(default)]
+    pub from_config: bool,
+    /// The last fire time handled (fired, or skipped as missed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fire: Option<DateTime<Utc>>,
+    /// The job of the last fire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_job: Option<JobId>,
+    /// The next fire time (none while paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_fire: Option<DateTime<Utc>>,
 }
 
 #[cfg(test)]

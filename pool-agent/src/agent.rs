@@ -559,6 +559,7 @@ impl Agent {
                 agent: Some(agent.clone()),
                 time: Utc::now(),
                 status: None,
+                state: None,
                 progress: Some(progress),
                 job: None,
             };
@@ -583,6 +584,7 @@ impl Agent {
             agent: Some(self.id.clone()),
             time: Utc::now(),
             status,
+            state: None,
             progress: None,
             job: with_job,
         };

@@ -91,6 +91,7 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         heartbeat_interval: Duration::from_secs(2),
         http_addr: None,
         results_prefetch: 256,
+        ..SchedulerConfig::default()
     };
     let agent_cfg = AgentConfig {
         id: "demo".into(),

@@ -6,7 +6,10 @@ mod agents;
 mod archive;
 pub mod bench;
 pub mod cli;
+pub mod cron;
 pub mod demo;
+pub mod retries;
+pub mod schedules;
 pub mod server;
 pub mod store;
 

@@ -1,6 +1,6 @@
 //! `scheduler run`: records results exactly once and receipts them, answers RPC, notes
 //! started jobs, tracks the other parts by their heartbeats, and publishes the jobs it was
-//! asked to run.
+//! asked to run: at once, or when their time comes (delayed jobs, retries, schedules).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,8 +20,8 @@ use rota_common::http::{self, Health};
 use rota_common::metrics::{JobCounter, Metrics};
 use rota_common::names::DEFAULT_QUEUE;
 use rota_common::wire::{
-    AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord, JobResult, Role,
-    RpcReply, RpcRequest,
+    AgentId, AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord,
+    JobResult, JobState, Role, RpcReply, RpcRequest, ScheduleInfo, ScheduleSpec, Status,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +29,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::agents::Agents;
 use crate::archive;
+use crate::cron::CronExpr;
+use crate::retries::RetryPolicy;
+use crate::schedules::{self, Plan};
 use crate::store::{Recorded, Store};
 
 #[derive(Debug, Clone, Args)]
@@ -48,11 +51,70 @@ pub struct SchedulerConfig {
     /// How many results to record at once.
     #[arg(long, env = "ROTA_RESULTS_PREFETCH", default_value_t = 256)]
     pub results_prefetch: u16,
+
+    /// Attempts of a job that does not say (`max_attempts`); 1 means no retries.
+    #[arg(long, env = "ROTA_DEFAULT_MAX_ATTEMPTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub default_max_attempts: u32,
+
+    /// The wait before the first retry of a job that does not say (`backoff_ms`); it doubles
+    /// with each retry, with jitter.
+    #[arg(long, env = "ROTA_DEFAULT_BACKOFF", value_parser = parse_duration, default_value = "1s")]
+    pub default_backoff: Duration,
+
+    /// The longest wait between two attempts.
+    #[arg(long, env = "ROTA_MAX_BACKOFF", value_parser = parse_duration, default_value = "1h")]
+    pub max_backoff: Duration,
+
+    /// How late a schedule's fire time may be and still run; older ones count as missed and
+    /// follow the schedule's `missed` policy (skip or run-once).
+    #[arg(long, env = "ROTA_SCHEDULE_GRACE", value_parser = parse_duration, default_value = "10s")]
+    pub schedule_grace: Duration,
+
+    /// Finished jobs (records, results, folders) are removed this long after they ended;
+    /// 0s keeps them for ever.
+    #[arg(long, env = "ROTA_RETENTION", value_parser = parse_duration, default_value = "30days")]
+    pub retention: Duration,
+
+    /// How often the removal of old finished jobs runs.
+    #[arg(long, env = "ROTA_PURGE_INTERVAL", value_parser = parse_duration, default_value = "1h")]
+    pub purge_interval: Duration,
+
+    /// The schedules of the config file (`[[schedule]]` tables); the file wins over what was
+    /// changed over RPC at each start.
+    #[arg(skip)]
+    pub schedules: Vec<ScheduleSpec>,
+}
+
+impl Default for SchedulerConfig {
+    /// The flags' defaults.
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("rota-data"),
+            heartbeat_interval: Duration::from_secs(5),
+            http_addr: None,
+            results_prefetch: 256,
+            default_max_attempts: 1,
+            default_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(3600),
+            schedule_grace: Duration::from_secs(10),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            purge_interval: Duration::from_secs(3600),
+            schedules: Vec::new(),
+        }
+    }
 }
 
 impl SchedulerConfig {
     pub fn scheduler_dir(&self) -> PathBuf {
         self.data_dir.join("scheduler")
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.default_max_attempts,
+            backoff: self.default_backoff,
+            max_backoff: self.max_backoff,
+        }
     }
 }
 
@@ -76,10 +138,13 @@ pub async fn run(
     if let Some(addr) = cfg.http_addr {
         http::serve(addr, health.clone(), metrics.clone(), stop_http).await?;
     }
+    for spec in &cfg.schedules {
+        schedules::check(spec).map_err(|e| anyhow::anyhow!("in the config file's schedules: {e}"))?;
+    }
     let dir = cfg.scheduler_dir();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
-    let store = Store::open(&dir)?;
+    let store = Store::open(&dir, cfg.retry_policy())?;
 
     let events_queue = names.scheduler_events();
     let beats_queue = names.private_queue(
@@ -129,6 +194,8 @@ pub async fn run(
         store,
         agents: Agents::default(),
         jobs,
+        clock: tokio::sync::Notify::new(),
+        grace: cfg.schedule_grace,
     });
     let alive = Gauge::<i64>::default();
     metrics.register(
@@ -144,6 +211,7 @@ pub async fn run(
             .filter(|a| a.alive && a.heartbeat.role == Role::Agent);
         alive.set(alive_agents.count() as i64);
     });
+    sched.declare_schedules(&cfg.schedules).await?;
     // Before taking new submissions: what an earlier run recorded but could not queue.
     sched.publish_unpublished(Duration::ZERO).await;
     let rpc = broker
@@ -178,7 +246,8 @@ pub async fn run(
     tasks.spawn(sched.clone().serve(rpc, work.clone(), Kind::Rpc));
     tasks.spawn(sched.clone().serve(started, work.clone(), Kind::Started));
     tasks.spawn(sched.clone().serve(beats, work.clone(), Kind::Heartbeat));
-    tasks.spawn(sched.clone().housekeeping(stop.clone()));
+    tasks.spawn(sched.clone().housekeeping(stop.clone(), cfg.retention, cfg.purge_interval));
+    tasks.spawn(sched.clone().clock(stop.clone()));
     let beat = Heartbeat::starting(Role::Scheduler, "scheduler", cfg.heartbeat_interval);
     tasks.spawn(rota_common::heartbeat::run(
         broker.clone(),
@@ -221,6 +290,10 @@ struct Scheduler {
     agents: Agents,
     /// Recorded jobs, for the metrics.
     jobs: JobCounter,
+    /// Wakes the clock: something was scheduled that may be due before its next wake-up.
+    clock: tokio::sync::Notify,
+    /// See `--schedule-grace`.
+    grace: Duration,
 }
 
 impl Scheduler {
@@ -295,11 +368,15 @@ impl Scheduler {
                 if let Err(e) = archive::write(&job_dir, &result).await {
                     error!(error = %e, "cannot write the job's folder (the result is recorded)");
                 }
-                info!(status = %result.status, agent = %result.agent, "result recorded");
+                info!(status = %result.status, agent = %result.agent, state = %record.state, "result recorded");
                 self.jobs.count(&result);
                 d.ack().await;
                 self.receipt(&d, &result).await;
-                self.finished(&record, &result).await;
+                if record.state == JobState::Scheduled {
+                    self.clock.notify_one(); // a retry
+                }
+                self.finished(&record, result.attempt, result.status, Some(result.agent.clone()))
+                    .await;
             }
             Recorded::Duplicate => {
                 // The folder of the first copy may be missing if the scheduler died after
@@ -336,15 +413,23 @@ impl Scheduler {
         self.broker.notify("", reply_to, &body, &props).await;
     }
 
-    async fn finished(&self, record: &JobRecord, result: &JobResult) {
+    /// Announces that a run ended (`job.finished`), with the job's state after it.
+    async fn finished(
+        &self,
+        record: &JobRecord,
+        attempt: u32,
+        status: Status,
+        agent: Option<AgentId>,
+    ) {
         let event = Event {
             event: EventKind::Finished,
             uuid: record.uuid,
-            attempt: result.attempt,
-            work_type: result.work_type.clone(),
-            agent: Some(result.agent.clone()),
+            attempt,
+            work_type: record.job.work_type.clone(),
+            agent,
             time: Utc::now(),
-            status: Some(result.status),
+            status: Some(status),
+            state: Some(record.state),
             progress: None,
             job: None,
         };
@@ -414,9 +499,13 @@ impl Scheduler {
             RpcRequest::Submit { job } => RpcReply::Job {
                 job: Box::new(self.submit(job).await?),
             },
-            RpcRequest::Status { uuid } => RpcReply::Job {
-                job: Box::new(self.record_of(uuid)?),
-            },
+            RpcRequest::Status { uuid } => {
+                let mut record = self.record_of(uuid)?;
+                record.children = self.store.children_of(uuid)?;
+                RpcReply::Job {
+                    job: Box::new(record),
+                }
+            }
             RpcRequest::Logs { uuid } => {
                 self.record_of(uuid)?;
                 let attempts = self
@@ -436,12 +525,265 @@ impl Scheduler {
             RpcRequest::Agents => RpcReply::Agents {
                 agents: self.agents.list(),
             },
+            RpcRequest::Retry { uuid } => {
+                let record = self.store.retry(uuid).await?;
+                self.publish(&record).await.with_context(|| {
+                    format!("job {uuid} is recorded for another attempt but not queued yet; the scheduler keeps trying")
+                })?;
+                info!(job_id = %uuid, attempt = record.job.attempt, "job retried by hand");
+                RpcReply::Job {
+                    job: Box::new(record),
+                }
+            }
+            RpcRequest::ScheduleAdd { schedule } => {
+                let expr = schedules::check(&schedule).map_err(anyhow::Error::msg)?;
+                let name = schedule.name.clone();
+                let info = self
+                    .store
+                    .update_schedule(&name, |old| match old {
+                        Some(_) => Err(format!(
+                            "a schedule named {name:?} exists already: remove it first \
+                             (scheduler schedule remove {name}) or choose another name"
+                        )),
+                        None => Ok(Some(schedules::new_info(
+                            schedule.clone(),
+                            &expr,
+                            Utc::now(),
+                            false,
+                        ))),
+                    })
+                    .await?;
+                self.clock.notify_one();
+                info!(schedule = %name, cron = %schedule.cron, tz = %schedule.tz, "schedule added");
+                self.schedule_reply(info)?
+            }
+            RpcRequest::ScheduleList => RpcReply::Schedules {
+                schedules: self
+                    .store
+                    .schedules()?
+                    .into_iter()
+                    .map(|info| self.with_next_fire(info))
+                    .collect(),
+            },
+            RpcRequest::SchedulePause { name } => {
+                let info = self
+                    .change_schedule(&name, |info| info.paused = true)
+                    .await?;
+                info!(schedule = %name, "schedule paused");
+                self.schedule_reply(info)?
+            }
+            RpcRequest::ScheduleResume { name } => {
+                // What came due while paused is not missed: the schedule goes on from now.
+                let now = Utc::now();
+                let info = self
+                    .change_schedule(&name, |info| {
+                        if info.paused {
+                            info.paused = false;
+                            info.last_fire = Some(info.last_fire.map_or(now, |t| t.max(now)));
+                        }
+                    })
+                    .await?;
+                self.clock.notify_one();
+                info!(schedule = %name, "schedule resumed");
+                self.schedule_reply(info)?
+            }
+            RpcRequest::ScheduleRemove { name } => {
+                let info = self.schedule_of(&name)?;
+                self.store.update_schedule(&name, |_| Ok(None)).await?;
+                info!(schedule = %name, "schedule removed");
+                RpcReply::Schedule {
+                    schedule: Box::new(ScheduleInfo {
+                        next_fire: None,
+                        ..info
+                    }),
+                }
+            }
+            RpcRequest::ScheduleRunNow { name } => {
+                let info = self.schedule_of(&name)?;
+                let record = self.submit(info.spec.job()).await?;
+                info!(schedule = %name, job_id = %record.uuid, "schedule run by hand");
+                RpcReply::Job {
+                    job: Box::new(record),
+                }
+            }
         })
+    }
+
+    fn schedule_of(&self, name: &str) -> anyhow::Result<ScheduleInfo> {
+        self.store.schedule(name)?.ok_or_else(|| {
+            anyhow::anyhow!("no schedule is named {name:?} (scheduler schedule list shows them)")
+        })
+    }
+
+    async fn change_schedule(
+        &self,
+        name: &str,
+        change: impl Fn(&mut ScheduleInfo),
+    ) -> anyhow::Result<Option<ScheduleInfo>> {
+        self.store
+            .update_schedule(name, |old| {
+                let mut info = old.ok_or_else(|| {
+                    format!("no schedule is named {name:?} (scheduler schedule list shows them)")
+                })?;
+                change(&mut info);
+                Ok(Some(info))
+            })
+            .await
+    }
+
+    fn schedule_reply(&self, info: Option<ScheduleInfo>) -> anyhow::Result<RpcReply> {
+        let info = info.context("the schedule vanished")?;
+        Ok(RpcReply::Schedule {
+            schedule: Box::new(self.with_next_fire(info)),
+        })
+    }
+
+    /// The schedule with its next fire time as of now (none while paused).
+    fn with_next_fire(&self, mut info: ScheduleInfo) -> ScheduleInfo {
+        info.next_fire = if info.paused {
+            None
+        } else {
+            CronExpr::parse(&info.spec.cron, &info.spec.tz)
+                .ok()
+                .and_then(|e| e.next_after(info.last_fire.unwrap_or_else(Utc::now)))
+        };
+        info
+    }
+
+    /// Brings the stored schedules in line with the config file's: those of the file are
+    /// added or updated (keeping their fire times), those the file no longer has are removed.
+    async fn declare_schedules(&self, specs: &[ScheduleSpec]) -> anyhow::Result<()> {
+        let now = Utc::now();
+        for spec in specs {
+            let expr = schedules::check(spec).map_err(anyhow::Error::msg)?;
+            self.store
+                .update_schedule(&spec.name, |old| {
+                    Ok(Some(match old {
+                        Some(info) => ScheduleInfo {
+                            spec: spec.clone(),
+                            from_config: true,
+                            ..info
+                        },
+                        None => schedules::new_info(spec.clone(), &expr, now, true),
+                    }))
+                })
+                .await?;
+        }
+        for info in self.store.schedules()? {
+            if info.from_config && !specs.iter().any(|s| s.name == info.spec.name) {
+                self.store.update_schedule(&info.spec.name, |_| Ok(None)).await?;
+                info!(schedule = %info.spec.name, "schedule removed: the config file no longer has it");
+            }
+        }
+        Ok(())
+    }
+
+    /// The scheduler's clock: queues held jobs whose time has come and fires schedules, then
+    /// sleeps until the next of them is due (or something new is scheduled).
+    async fn clock(self: Arc<Self>, stop: CancellationToken) {
+        const LONGEST_NAP: Duration = Duration::from_secs(60);
+        loop {
+            let now = Utc::now();
+            let mut wake = match self.release_due(now).await {
+                Ok(next) => next,
+                Err(e) => {
+                    error!(error = %e, "cannot queue the jobs whose time has come; trying again soon");
+                    Some(now + chrono::Duration::seconds(1))
+                }
+            };
+            if let Some(next) = self.fire_schedules(now).await {
+                wake = Some(wake.map_or(next, |w| w.min(next)));
+            }
+            let nap = wake
+                .and_then(|w| (w - Utc::now()).to_std().ok())
+                .map_or(LONGEST_NAP, |d| (d + Duration::from_millis(1)).min(LONGEST_NAP));
+            tokio::select! {
+                _ = tokio::time::sleep(nap) => {}
+                _ = self.clock.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Queues the held jobs that are due; returns when the next one is.
+    async fn release_due(&self, now: chrono::DateTime<Utc>) -> anyhow::Result<Option<chrono::DateTime<Utc>>> {
+        loop {
+            let due = self.store.due(now, 256)?;
+            if due.is_empty() {
+                return self.store.next_due();
+            }
+            for uuid in due {
+                if let Some(record) = self.store.release(uuid, now).await? {
+                    info!(job_id = %uuid, attempt = record.job.attempt, "its time has come: queueing it");
+                    if let Err(e) = self.publish(&record).await {
+                        warn!(job_id = %uuid, error = %e, "job not queued yet; trying again later");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fires the schedules that are due; returns the next fire time of any.
+    async fn fire_schedules(&self, now: chrono::DateTime<Utc>) -> Option<chrono::DateTime<Utc>> {
+        let all = match self.store.schedules() {
+            Ok(all) => all,
+            Err(e) => {
+                error!(error = %e, "cannot read the schedules");
+                return Some(now + chrono::Duration::seconds(1));
+            }
+        };
+        let mut earliest: Option<chrono::DateTime<Utc>> = None;
+        for info in all.into_iter().filter(|i| !i.paused) {
+            let name = info.spec.name.clone();
+            let expr = match CronExpr::parse(&info.spec.cron, &info.spec.tz) {
+                Ok(e) => e,
+                Err(e) => {
+                    error!(schedule = %name, error = %e, "a stored schedule cannot be read");
+                    continue;
+                }
+            };
+            let after = info.last_fire.unwrap_or(now);
+            let Plan { fire, missed, through, next } =
+                schedules::plan(&expr, info.spec.missed, after, now, self.grace);
+            if through > after {
+                if missed {
+                    warn!(schedule = %name, policy = info.spec.missed.as_str(), "fire times were missed (the scheduler was down or late)");
+                }
+                match self.store.fire(&name, &fire, through, next).await {
+                    Ok(records) => {
+                        for record in records {
+                            info!(schedule = %name, job_id = %record.uuid, fire_time = ?record.job.run_at, "schedule fired");
+                            if record.state == JobState::Queued
+                                && let Err(e) = self.publish(&record).await
+                            {
+                                warn!(job_id = %record.uuid, error = %e, "job not queued yet; trying again later");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        error!(schedule = %name, error = %e, "cannot fire the schedule; trying again soon");
+                        earliest = Some(now + chrono::Duration::seconds(1));
+                        continue;
+                    }
+                }
+            }
+            if let Some(next) = next {
+                earliest = Some(earliest.map_or(next, |e| e.min(next)));
+            }
+        }
+        earliest
     }
 
     /// Asks every agent to stop the job (or not to start it), and notes it: should the job
     /// start later somewhere that did not hear it, its `started` event repeats the request.
     async fn cancel(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
+        // Held by the scheduler: it never reaches an agent.
+        if let Some(record) = self.store.cancel_scheduled(uuid).await? {
+            info!(job_id = %uuid, "scheduled job cancelled");
+            self.finished(&record, record.job.attempt, Status::Cancelled, None)
+                .await;
+            return Ok(record);
+        }
         let record = self.record_of(uuid)?;
         if record.state.is_final() {
             bail!(
@@ -475,17 +817,16 @@ impl Scheduler {
             .ok_or_else(|| anyhow::anyhow!("no job {uuid} is recorded"))
     }
 
-    /// Records the job, then publishes it. A job already recorded is returned as it is.
+    /// Records the job, then publishes it (or holds it until its `run_at`). A job already
+    /// recorded, or an unfinished one with the same unique key, is returned as it is.
     async fn submit(&self, mut job: Job) -> anyhow::Result<JobRecord> {
         job.check().map_err(anyhow::Error::msg)?;
-        if job.run_at.is_some() {
-            bail!(
-                "run_at (delayed jobs) is not supported by this scheduler yet; submit without it"
-            );
-        }
         let uuid = *job.uuid.get_or_insert_with(JobId::random);
         let (record, new) = self.store.submit(job).await?;
-        if new {
+        if new && record.state == JobState::Scheduled {
+            info!(job_id = %uuid, r#type = %record.job.work_type, run_at = ?record.next_run_at, "job held until its time");
+            self.clock.notify_one();
+        } else if new {
             self.publish(&record).await.with_context(|| {
                 format!("job {uuid} is recorded but not queued yet; the scheduler keeps trying to queue it")
             })?;
@@ -538,17 +879,49 @@ impl Scheduler {
         }
     }
 
-    /// Every second: report lost parts; every 30 s and after a reconnect: queue what waits.
-    async fn housekeeping(self: Arc<Self>, stop: CancellationToken) {
+    /// Every second: report lost parts; every 30 s and after a reconnect: queue what waits;
+    /// every `purge_interval`: remove the jobs that ended longer than `retention` ago.
+    async fn housekeeping(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        retention: Duration,
+        purge_interval: Duration,
+    ) {
         let mut check = tokio::time::interval(Duration::from_secs(1));
         let mut requeue = tokio::time::interval(Duration::from_secs(30));
+        let mut purge = tokio::time::interval(purge_interval.max(Duration::from_millis(100)));
         loop {
             tokio::select! {
                 _ = check.tick() => self.agents.check(),
                 _ = requeue.tick() => self.publish_unpublished(IN_FLIGHT).await,
                 _ = self.broker.reconnected() => self.publish_unpublished(IN_FLIGHT).await,
+                _ = purge.tick(), if !retention.is_zero() => {
+                    if let Err(e) = self.purge(retention).await {
+                        error!(error = %e, "cannot remove old finished jobs; trying again at the next purge");
+                    }
+                }
                 _ = stop.cancelled() => return,
             }
+        }
+    }
+
+    /// Removes the jobs (records, results, folders) that ended longer than `retention` ago.
+    async fn purge(&self, retention: Duration) -> anyhow::Result<()> {
+        let cutoff = Utc::now() - chrono::Duration::from_std(retention)?;
+        loop {
+            let dirs = self.store.purge(cutoff, 1000)?;
+            if dirs.is_empty() {
+                return Ok(());
+            }
+            self.store.flush().await?;
+            for dir in &dirs {
+                match tokio::fs::remove_dir_all(dir).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => warn!(folder = %dir.display(), error = %e, "cannot remove a purged job's folder"),
+                }
+            }
+            info!(count = dirs.len(), "removed finished jobs past their retention");
         }
     }
 

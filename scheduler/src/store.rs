@@ -1,16 +1,22 @@
 //! The scheduler's sled store: every job's record, every result (with its logs), the jobs
-//! recorded but not yet confirmed by RabbitMQ, and an index by creation time for listing.
-//! Recording a result is one transaction that checks whether that run was recorded already,
-//! so whatever arrives twice is recorded once.
+//! recorded but not yet confirmed by RabbitMQ, an index by creation time for listing, and
+//! what the scheduler's clock needs: the schedules, the timers of held jobs (delayed jobs and
+//! retries), the unique keys of unfinished jobs and the children of each job.
+//! Recording a result checks whether that run was recorded already, so whatever arrives twice
+//! is recorded once; the other changes that span trees are sled transactions.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rota_common::group_commit::GroupCommit;
-use rota_common::wire::{Attempt, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine};
+use rota_common::wire::{
+    Attempt, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine, ScheduleInfo,
+};
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+
+use crate::retries::RetryPolicy;
 
 #[derive(Clone)]
 pub struct Store {
@@ -24,8 +30,95 @@ pub struct Store {
     unpublished: sled::Tree,
     /// created-at (ns, big-endian) + uuid → () for listing newest first
     by_time: sled::Tree,
+    /// due time (ns, big-endian) + uuid → () for jobs held in state `scheduled`
+    timers: sled::Tree,
+    /// unique key → uuid of the job that holds it (while that job is not over)
+    unique: sled::Tree,
+    /// parent uuid + child uuid → ()
+    children: sled::Tree,
+    /// name → ScheduleInfo
+    schedules: sled::Tree,
     /// Where each job's folder goes.
     work_root: PathBuf,
+    /// How failed jobs are retried.
+    policy: RetryPolicy,
+}
+
+/// The trees a new job goes into, inside a transaction.
+struct NewJobTx<'a> {
+    jobs: &'a TransactionalTree,
+    unpublished: &'a TransactionalTree,
+    by_time: &'a TransactionalTree,
+    unique: &'a TransactionalTree,
+    timers: &'a TransactionalTree,
+    children: &'a TransactionalTree,
+}
+
+impl NewJobTx<'_> {
+    /// Records `fresh` (queued, or scheduled when its `run_at` is still ahead) unless its uuid
+    /// is known or an unfinished job holds its unique key: then that job, and false.
+    fn insert(&self, mut fresh: JobRecord, now: DateTime<Utc>) -> Tx<(JobRecord, bool)> {
+        let uuid = fresh.uuid;
+        if let Some(old) = self.jobs.get(uuid.as_bytes())? {
+            return Ok((decode::<JobRecord>(&old)?, false));
+        }
+        if let Some(key) = &fresh.job.unique_key
+            && let Some(holder) = self.unique.get(key.as_bytes())?
+            && let Some(record) = self.jobs.get(&holder)?
+        {
+            let record: JobRecord = decode(&record)?;
+            if !record.state.is_final() {
+                return Ok((record, false));
+            }
+        }
+        match fresh.job.run_at {
+            Some(at) if at > now => {
+                fresh.state = JobState::Scheduled;
+                fresh.next_run_at = Some(at);
+                self.timers.insert(timer_key(at, uuid).as_slice(), &[])?;
+            }
+            _ => {
+                fresh.state = JobState::Queued;
+                self.unpublished.insert(uuid.as_bytes(), &[])?;
+            }
+        }
+        self.jobs.insert(uuid.as_bytes(), encode(&fresh)?)?;
+        self.by_time.insert(time_key(&fresh), &[])?;
+        if let Some(key) = &fresh.job.unique_key {
+            self.unique.insert(key.as_bytes(), uuid.as_bytes())?;
+        }
+        if let Some(parent) = fresh.job.parent {
+            self.children.insert(pair_key(parent, uuid).as_slice(), &[])?;
+        }
+        Ok((fresh, true))
+    }
+}
+
+type Tx<T> = Result<T, ConflictableTransactionError<anyhow::Error>>;
+
+/// A reason to refuse, from inside a transaction.
+fn refuse<T>(message: String) -> Tx<T> {
+    Err(ConflictableTransactionError::Abort(anyhow::anyhow!(
+        message
+    )))
+}
+
+fn timer_key(at: DateTime<Utc>, uuid: JobId) -> Vec<u8> {
+    let nanos = at.timestamp_nanos_opt().unwrap_or_default().max(0);
+    let mut k = nanos.to_be_bytes().to_vec();
+    k.extend_from_slice(uuid.as_bytes());
+    k
+}
+
+fn pair_key(a: JobId, b: JobId) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k[..16].copy_from_slice(a.as_bytes());
+    k[16..].copy_from_slice(b.as_bytes());
+    k
+}
+
+fn id_from(bytes: &[u8]) -> Option<JobId> {
+    uuid::Uuid::from_slice(bytes).ok().map(JobId)
 }
 
 /// What recording a result did.
@@ -73,7 +166,7 @@ fn flatten<T>(r: Result<T, TransactionError<anyhow::Error>>) -> anyhow::Result<T
 
 impl Store {
     /// Opens the store in `dir` (`dir/store`, job folders in `dir/work`).
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path, policy: RetryPolicy) -> anyhow::Result<Self> {
         let path = dir.join("store");
         // No background flusher: the group commit flushes what must be durable, and without that
         // thread the database closes (and unlocks) as soon as it is dropped.
@@ -88,7 +181,12 @@ impl Store {
             results: db.open_tree("results")?,
             unpublished: db.open_tree("unpublished")?,
             by_time: db.open_tree("by_time")?,
+            timers: db.open_tree("timers")?,
+            unique: db.open_tree("unique")?,
+            children: db.open_tree("children")?,
+            schedules: db.open_tree("schedules")?,
             work_root: dir.join("work"),
+            policy,
             durable: GroupCommit::start("store", move || {
                 db.flush().map(|_| ()).map_err(|e| e.to_string())
             })?,
@@ -111,30 +209,346 @@ impl Store {
             attempts: Vec::new(),
             dir: self.job_dir(uuid).display().to_string(),
             cancel_requested: false,
+            next_run_at: None,
+            children: Vec::new(),
         }
     }
 
-    /// Records a submitted job (its uuid set) as queued and not yet published. Returns the
-    /// existing record instead if the uuid is known, and whether it is new.
+    /// Records a submitted job (its uuid set): queued and not yet published, or scheduled
+    /// when its `run_at` is ahead. Returns the existing record instead if the uuid is known or
+    /// an unfinished job holds its unique key, and whether it is new.
     pub async fn submit(&self, job: Job) -> anyhow::Result<(JobRecord, bool)> {
         let uuid = job.uuid.context("a submitted job needs its uuid")?;
         let fresh = self.new_record(job, uuid, JobState::Queued);
-        let r = (&self.jobs, &self.unpublished, &self.by_time).transaction(
-            |(jobs, unpublished, by_time)| {
-                if let Some(old) = jobs.get(uuid.as_bytes())? {
-                    return Ok((decode::<JobRecord>(&old)?, false));
-                }
-                jobs.insert(uuid.as_bytes(), encode(&fresh)?)?;
-                unpublished.insert(uuid.as_bytes(), &[])?;
-                by_time.insert(time_key(&fresh), &[])?;
-                Ok((fresh.clone(), true))
-            },
-        );
+        let now = Utc::now();
+        let r = (
+            &self.jobs,
+            &self.unpublished,
+            &self.by_time,
+            &self.unique,
+            &self.timers,
+            &self.children,
+        )
+            .transaction(|(jobs, unpublished, by_time, unique, timers, children)| {
+                let tx = NewJobTx {
+                    jobs,
+                    unpublished,
+                    by_time,
+                    unique,
+                    timers,
+                    children,
+                };
+                tx.insert(fresh.clone(), now)
+            });
         let out = flatten(r)?;
         if out.1 {
             self.flush().await?;
         }
         Ok(out)
+    }
+
+    /// Records the jobs of a schedule's fire times `instants` (those after its last fire
+    /// time), and moves the schedule on to `through` and `next`, in one transaction: a fire
+    /// time is handled once, whatever crashes or runs twice. Returns the new jobs' records.
+    pub async fn fire(
+        &self,
+        name: &str,
+        instants: &[DateTime<Utc>],
+        through: DateTime<Utc>,
+        next: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<Vec<JobRecord>> {
+        let now = Utc::now();
+        let fresh: Vec<(DateTime<Utc>, JobId)> =
+            instants.iter().map(|at| (*at, JobId::random())).collect();
+        let r = (
+            &self.schedules,
+            &self.jobs,
+            &self.unpublished,
+            &self.by_time,
+            &self.unique,
+            &self.timers,
+            &self.children,
+        )
+            .transaction(
+                |(schedules, jobs, unpublished, by_time, unique, timers, children)| {
+                    let Some(bytes) = schedules.get(name.as_bytes())? else {
+                        return Ok(Vec::new()); // removed meanwhile
+                    };
+                    let mut info: ScheduleInfo = decode(&bytes)?;
+                    if info.last_fire.is_some_and(|last| last >= through) {
+                        return Ok(Vec::new()); // handled already
+                    }
+                    let tx = NewJobTx {
+                        jobs,
+                        unpublished,
+                        by_time,
+                        unique,
+                        timers,
+                        children,
+                    };
+                    let mut out = Vec::new();
+                    for (at, uuid) in &fresh {
+                        if info.last_fire.is_some_and(|last| last >= *at) {
+                            continue;
+                        }
+                        let mut job = info.spec.job();
+                        job.uuid = Some(*uuid);
+                        job.run_at = Some(*at);
+                        let (record, new) =
+                            tx.insert(self.new_record(job, *uuid, JobState::Queued), now)?;
+                        info.last_job = Some(record.uuid);
+                        if new {
+                            out.push(record);
+                        }
+                    }
+                    info.last_fire = Some(through);
+                    info.next_fire = next;
+                    schedules.insert(name.as_bytes(), encode(&info)?)?;
+                    Ok(out)
+                },
+            );
+        let out = flatten(r)?;
+        self.flush().await?;
+        Ok(out)
+    }
+
+    /// The held jobs whose time has come (at most `limit`), oldest first.
+    pub fn due(&self, now: DateTime<Utc>, limit: usize) -> anyhow::Result<Vec<JobId>> {
+        let end = timer_key(now, JobId(uuid::Uuid::max()));
+        let mut out = Vec::new();
+        for key in self.timers.range(..=end).keys().take(limit) {
+            let key = key?;
+            out.extend(id_from(&key[8..]));
+        }
+        Ok(out)
+    }
+
+    /// When the next held job is due.
+    pub fn next_due(&self) -> anyhow::Result<Option<DateTime<Utc>>> {
+        Ok(self.timers.first()?.map(|(key, _)| {
+            let mut nanos = [0u8; 8];
+            nanos.copy_from_slice(&key[..8]);
+            DateTime::from_timestamp_nanos(i64::from_be_bytes(nanos))
+        }))
+    }
+
+    /// Moves a held job whose time has come to `queued` (to publish) and drops its timers.
+    /// Returns its record if it is to be published now.
+    pub async fn release(
+        &self,
+        uuid: JobId,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Option<JobRecord>> {
+        let r = (&self.jobs, &self.unpublished).transaction(|(jobs, unpublished)| {
+            let Some(bytes) = jobs.get(uuid.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut record: JobRecord = decode(&bytes)?;
+            let due = record.state == JobState::Scheduled
+                && record.next_run_at.is_some_and(|at| at <= now);
+            if !due {
+                return Ok(None);
+            }
+            record.state = JobState::Queued;
+            record.next_run_at = None;
+            record.updated_at = now;
+            jobs.insert(uuid.as_bytes(), encode(&record)?)?;
+            unpublished.insert(uuid.as_bytes(), &[])?;
+            Ok(Some(record))
+        });
+        let out = flatten(r)?;
+        // The job's due timers go (a job held for later keeps its later one).
+        let end = timer_key(now, JobId(uuid::Uuid::max()));
+        let due: Vec<_> = self
+            .timers
+            .range(..=end)
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| id_from(&k[8..]) == Some(uuid))
+            .collect();
+        for key in due {
+            self.timers.remove(key)?;
+        }
+        self.flush().await?;
+        Ok(out)
+    }
+
+    /// Cancels a job held in `scheduled`: it ends `cancelled` without running. Returns None
+    /// if the job is not held (then agents must be told).
+    pub async fn cancel_scheduled(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
+        let r = (&self.jobs, &self.timers, &self.unique).transaction(|(jobs, timers, unique)| {
+            let Some(bytes) = jobs.get(uuid.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut record: JobRecord = decode(&bytes)?;
+            if record.state != JobState::Scheduled {
+                return Ok(None);
+            }
+            if let Some(at) = record.next_run_at.take() {
+                timers.remove(timer_key(at, uuid).as_slice())?;
+            }
+            record.state = JobState::Cancelled;
+            record.cancel_requested = true;
+            record.updated_at = Utc::now();
+            if let Some(key) = &record.job.unique_key
+                && unique.get(key.as_bytes())?.as_deref() == Some(uuid.as_bytes().as_slice())
+            {
+                unique.remove(key.as_bytes())?;
+            }
+            jobs.insert(uuid.as_bytes(), encode(&record)?)?;
+            Ok(Some(record))
+        });
+        let out = flatten(r)?;
+        if out.is_some() {
+            self.flush().await?;
+        }
+        Ok(out)
+    }
+
+    /// Queues a job that ended without success once more, as its next attempt.
+    pub async fn retry(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
+        let r = (&self.jobs, &self.unpublished, &self.unique).transaction(
+            |(jobs, unpublished, unique)| {
+                let Some(bytes) = jobs.get(uuid.as_bytes())? else {
+                    return refuse(format!("no job {uuid} is recorded"));
+                };
+                let mut record: JobRecord = decode(&bytes)?;
+                if !record.state.is_final() {
+                    return refuse(format!(
+                        "job {uuid} is {}, not over: there is nothing to retry yet",
+                        record.state
+                    ));
+                }
+                if record.state == JobState::Succeeded {
+                    return refuse(format!(
+                        "job {uuid} succeeded: there is nothing to retry (submit it again instead)"
+                    ));
+                }
+                let last = record.attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
+                record.job.attempt = last.max(record.job.attempt) + 1;
+                record.state = JobState::Queued;
+                record.cancel_requested = false;
+                record.next_run_at = None;
+                record.updated_at = Utc::now();
+                if let Some(key) = &record.job.unique_key {
+                    let free = match unique.get(key.as_bytes())? {
+                        None => true,
+                        Some(holder) => match jobs.get(&holder)? {
+                            Some(b) => decode::<JobRecord>(&b)?.state.is_final(),
+                            None => true,
+                        },
+                    };
+                    if free {
+                        unique.insert(key.as_bytes(), uuid.as_bytes())?;
+                    }
+                }
+                jobs.insert(uuid.as_bytes(), encode(&record)?)?;
+                unpublished.insert(uuid.as_bytes(), &[])?;
+                Ok(record)
+            },
+        );
+        let out = flatten(r)?;
+        self.flush().await?;
+        Ok(out)
+    }
+
+    /// The jobs that `parent`'s Work submitted.
+    pub fn children_of(&self, parent: JobId) -> anyhow::Result<Vec<JobId>> {
+        let mut out = Vec::new();
+        for key in self.children.scan_prefix(parent.as_bytes()).keys() {
+            out.extend(id_from(&key?[16..]));
+        }
+        Ok(out)
+    }
+
+    /// Every schedule, by name.
+    pub fn schedules(&self) -> anyhow::Result<Vec<ScheduleInfo>> {
+        self.schedules
+            .iter()
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    pub fn schedule(&self, name: &str) -> anyhow::Result<Option<ScheduleInfo>> {
+        match self.schedules.get(name.as_bytes())? {
+            Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces schedule `name` with what `change` makes of it (None removes it), atomically;
+    /// `change` may refuse with a message.
+    pub async fn update_schedule(
+        &self,
+        name: &str,
+        change: impl Fn(Option<ScheduleInfo>) -> Result<Option<ScheduleInfo>, String>,
+    ) -> anyhow::Result<Option<ScheduleInfo>> {
+        let r = self.schedules.transaction(|schedules| {
+            let old = match schedules.get(name.as_bytes())? {
+                Some(b) => Some(decode::<ScheduleInfo>(&b)?),
+                None => None,
+            };
+            match change(old) {
+                Ok(Some(info)) => {
+                    schedules.insert(name.as_bytes(), encode(&info)?)?;
+                    Ok(Some(info))
+                }
+                Ok(None) => {
+                    schedules.remove(name.as_bytes())?;
+                    Ok(None)
+                }
+                Err(message) => refuse(message),
+            }
+        });
+        let out = flatten(r)?;
+        self.flush().await?;
+        Ok(out)
+    }
+
+    /// Removes the finished jobs last changed before `cutoff`: their records, results and
+    /// index entries (at most `limit` jobs). Returns their folders, to delete once the store
+    /// is flushed. Nothing that is not over is touched.
+    pub fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> anyhow::Result<Vec<PathBuf>> {
+        // Created before the cutoff is necessary (a record changes only after it is created).
+        let end = timer_key(cutoff, JobId(uuid::Uuid::nil()));
+        let mut dirs = Vec::new();
+        for key in self.by_time.range(..end).keys() {
+            if dirs.len() >= limit {
+                break;
+            }
+            let key = key?;
+            let Some(uuid) = id_from(&key[8..]) else {
+                continue;
+            };
+            if let Some(record) = self.get(uuid)? {
+                if !record.state.is_final() || record.updated_at >= cutoff {
+                    continue;
+                }
+                for k in self.results.scan_prefix(uuid.as_bytes()).keys() {
+                    self.results.remove(k?)?;
+                }
+                for k in self.children.scan_prefix(uuid.as_bytes()).keys() {
+                    self.children.remove(k?)?;
+                }
+                if let Some(parent) = record.job.parent {
+                    self.children.remove(pair_key(parent, uuid))?;
+                }
+                if let Some(unique) = &record.job.unique_key {
+                    let _ = self.unique.compare_and_swap(
+                        unique.as_bytes(),
+                        Some(uuid.as_bytes().as_slice()),
+                        None as Option<&[u8]>,
+                    )?;
+                }
+                self.unpublished.remove(uuid.as_bytes())?;
+                self.jobs.remove(uuid.as_bytes())?;
+            }
+            // Last, so that a purge cut short by a crash is found and finished next time.
+            self.by_time.remove(&key)?;
+            dirs.push(self.job_dir(uuid));
+        }
+        Ok(dirs)
     }
 
     /// The broker confirmed the job: it no longer needs publishing.
@@ -191,7 +605,10 @@ impl Store {
         };
         let fresh = self.new_record(job.clone(), event.uuid, JobState::Running);
         self.update(event.uuid, &fresh, |record| {
-            if record.state.is_final() || record.attempts.iter().any(|a| a.attempt == event.attempt)
+            // Over, already noted, or an older attempt than the one the record waits for.
+            if record.state.is_final()
+                || event.attempt < record.job.attempt
+                || record.attempts.iter().any(|a| a.attempt == event.attempt)
             {
                 return false;
             }
@@ -260,11 +677,15 @@ impl Store {
                 }
             }
             // A late result of an older attempt is kept but does not change the state.
-            if record.attempts.iter().all(|a| a.attempt <= winner.attempt) {
-                record.state = winner.status.into();
+            if winner.attempt >= record.job.attempt
+                && record.attempts.iter().all(|a| a.attempt <= winner.attempt)
+            {
+                record.job.attempt = winner.attempt;
+                self.policy.settle(record, winner.status, Utc::now());
             }
             true
         })?;
+        self.keep_indexes_in_line(&record)?;
         // It ran, so it was published, whatever the broker's confirm said.
         self.unpublished.remove(result.uuid.as_bytes())?;
         Ok(if won {
@@ -272,6 +693,27 @@ impl Store {
         } else {
             Recorded::Duplicate
         })
+    }
+
+    /// The indexes that follow a record's state: a held job has its timer; a job that is over
+    /// gives back its unique key. Idempotent, so a crash between the record and its indexes is
+    /// mended when the result comes again.
+    fn keep_indexes_in_line(&self, record: &JobRecord) -> anyhow::Result<()> {
+        if record.state == JobState::Scheduled
+            && let Some(at) = record.next_run_at
+        {
+            self.timers.insert(timer_key(at, record.uuid), &[])?;
+        }
+        if record.state.is_final()
+            && let Some(key) = &record.job.unique_key
+        {
+            let _ = self.unique.compare_and_swap(
+                key.as_bytes(),
+                Some(record.uuid.as_bytes().as_slice()),
+                None as Option<&[u8]>,
+            )?;
+        }
+        Ok(())
     }
 
     /// Marks a job as to be cancelled; returns its record.
@@ -377,7 +819,7 @@ mod tests {
     #[tokio::test]
     async fn a_result_is_recorded_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("opens");
+        let store = Store::open(dir.path(), RetryPolicy::default()).expect("opens");
         let mut job = Job::new("demo.echo", Value::Null);
         job.uuid = Some(JobId::random());
         let (rec, new) = store.submit(job.clone()).await.expect("submits");
@@ -416,7 +858,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_seen_only_through_events_and_results_is_recorded() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("opens");
+        let store = Store::open(dir.path(), RetryPolicy::default()).expect("opens");
         let mut job = Job::new("demo.echo", Value::Null);
         job.uuid = Some(JobId::random());
         let uuid = job.uuid.expect("uuid");
@@ -431,6 +873,7 @@ mod tests {
             agent: None,
             time: Utc::now(),
             status: None,
+            state: None,
             progress: None,
             job: Some(job.clone()),
         };
