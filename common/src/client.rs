@@ -32,12 +32,18 @@ pub struct Client {
 impl Client {
     /// Connects, failing at once with a clear message if the broker does not answer.
     pub async fn connect(url: &str, names: Names, who: &str) -> anyhow::Result<Client> {
+        let name = format!("rota {who} {}", short_host());
+        let broker = Broker::connect(url, &name, Topology::core(&names), Startup::FailFast).await?;
+        Client::attach(broker, names, who).await
+    }
+
+    /// A client on a connection the caller already has (a pool agent submitting child jobs).
+    pub async fn attach(broker: Broker, names: Names, who: &str) -> anyhow::Result<Client> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let reply_queue = names.private_queue("reply", &id);
-        let mut topology = Topology::core(&names);
+        let mut topology = Topology::default();
         topology.queue(QueueSpec::private(reply_queue.clone()));
-        let name = format!("rota {who} {}", short_host());
-        let broker = Broker::connect(url, &name, topology, Startup::FailFast).await?;
+        broker.declare(topology).await?;
         let replies = broker
             .consume(ConsumeSpec {
                 queues: vec![reply_queue.clone()],

@@ -78,7 +78,11 @@ pub fn section<T: serde::de::DeserializeOwned>(
         .enumerate()
         .map(|(i, item)| {
             item.clone().try_into().with_context(|| {
-                format!("in {}: [[{name}]] number {} is not valid", path.display(), i + 1)
+                format!(
+                    "in {}: [[{name}]] number {} is not valid",
+                    path.display(),
+                    i + 1
+                )
             })
         })
         .collect()

@@ -32,7 +32,10 @@ impl JobId {
     /// time that run is repeated (a redelivery after an agent crash), so the scheduler records
     /// the child once.
     pub fn child_of(parent: JobId, attempt: u32, n: u32) -> Self {
-        Self(Uuid::new_v5(&parent.0, format!("child/{attempt}/{n}").as_bytes()))
+        Self(Uuid::new_v5(
+            &parent.0,
+            format!("child/{attempt}/{n}").as_bytes(),
+        ))
     }
     /// 16 bytes that sort like the id; used as a key in the stores.
     pub fn as_bytes(&self) -> &[u8; 16] {
@@ -666,7 +669,9 @@ impl FromStr for MissedPolicy {
         match s {
             "skip" => Ok(MissedPolicy::Skip),
             "run-once" | "run_once" => Ok(MissedPolicy::RunOnce),
-            _ => Err(format!("unknown missed-run policy {s:?}: use skip or run-once")),
+            _ => Err(format!(
+                "unknown missed-run policy {s:?}: use skip or run-once"
+            )),
         }
     }
 }

@@ -14,7 +14,7 @@ use rota_common::Names;
 use rota_common::amqp::{
     Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology,
 };
-use rota_common::client::short_host;
+use rota_common::client::{Client, short_host};
 use rota_common::http::{self, Health};
 use rota_common::wire::{
     AgentId, AgentMessage, ErrorInfo, Event, EventKind, Heartbeat, Job, JobId, JobResult, Role,
@@ -104,6 +104,9 @@ pub async fn run(
         )),
         _ => None,
     };
+    // Child jobs that Work submits go to the scheduler over RPC, on this connection.
+    let scheduler =
+        Client::attach(broker.clone(), names.clone(), &format!("pool-agent-{id}")).await?;
     let spec = WorkerSpec {
         location: cfg.worker_location,
         process: ProcessSpec {
@@ -142,6 +145,7 @@ pub async fn run(
         abandon: CancellationToken::new(),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
+        scheduler: Arc::new(scheduler),
     });
 
     // Results left from an earlier run go out first.
@@ -261,6 +265,8 @@ struct Agent {
     abandon: CancellationToken,
     metrics: Arc<AgentMetrics>,
     cfg: AgentConfig,
+    /// Where the child jobs of Work go (the scheduler records them before they run).
+    scheduler: Arc<Client>,
 }
 
 impl Agent {
@@ -541,8 +547,25 @@ impl Agent {
         }
     }
 
-    /// A log buffer whose progress reports become `job.progress` events.
+    /// A log buffer whose progress reports become `job.progress` events and whose child
+    /// jobs are submitted to the scheduler.
     fn progress_sink(&self, job: &Job, uuid: JobId) -> BufferSink {
+        let scheduler = self.scheduler.clone();
+        // A `thread` worker runs its Work on a runtime of its own: submit on the agent's.
+        let runtime = tokio::runtime::Handle::current();
+        let submit = move |child: Job| -> rota_worker_runtime::context::Submission {
+            let scheduler = scheduler.clone();
+            let submitted = runtime.spawn(async move {
+                let record = scheduler.submit(child).await?;
+                info!(child = %record.uuid, r#type = %record.job.work_type, "child job submitted");
+                Ok(record.uuid)
+            });
+            Box::pin(async move {
+                submitted
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the submission was lost: {e}"))?
+            })
+        };
         let (broker, names, agent, attempt, work_type) = (
             self.broker.clone(),
             self.names.clone(),
@@ -566,6 +589,7 @@ impl Agent {
             let (broker, names) = (broker.clone(), names.clone());
             tokio::spawn(async move { publish_event(&broker, &names, &event).await });
         })
+        .with_submit(submit)
     }
 
     async fn event(

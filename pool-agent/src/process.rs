@@ -291,11 +291,29 @@ impl Process {
         }
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        // Answers to the Work's child jobs, as the scheduler gives them.
+        let (answers_tx, mut answers) = mpsc::unbounded_channel::<ToWorker>();
         loop {
             tokio::select! {
+                Some(answer) = answers.recv() => {
+                    if let Err(e) = self.send(&answer).await {
+                        return (self.died(&format!("could not answer it: {e}")).await, false);
+                    }
+                }
                 frame = self.frames.recv() => match frame {
                     Some(FromWorker::Log { line }) => sink.log(line),
                     Some(FromWorker::Progress { progress }) => sink.progress(progress),
+                    Some(FromWorker::Submit { id, job }) => {
+                        let submission = sink.submit(*job);
+                        let answers = answers_tx.clone();
+                        tokio::spawn(async move {
+                            let (uuid, error) = match submission.await {
+                                Ok(uuid) => (Some(uuid), None),
+                                Err(e) => (None, Some(format!("{e:#}"))),
+                            };
+                            let _ = answers.send(ToWorker::Submitted { id, uuid, error });
+                        });
+                    }
                     Some(FromWorker::Result { outcome }) => return (outcome, true),
                     Some(FromWorker::Ready { .. }) => {}
                     None => return (self.died("it exited while running the job").await, false),

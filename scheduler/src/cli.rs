@@ -5,11 +5,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::bail;
+use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use rota_common::client::Client;
 use rota_common::config::{BrokerArgs, parse_duration};
 use rota_common::wire::{
-    AgentInfo, EventKind, Job, JobId, JobRecord, JobState, Role, RpcReply, RpcRequest, Status,
+    AgentInfo, EventKind, Job, JobId, JobRecord, JobState, MissedPolicy, Role, RpcReply,
+    RpcRequest, ScheduleInfo, ScheduleSpec, Status,
 };
 use serde_json::Value;
 
@@ -51,7 +53,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Cancels a job: a running one is stopped (`cancelled`), a queued one is not run.
+    /// Cancels a job: a running one is stopped (`cancelled`), a queued or scheduled one is
+    /// not run.
     Cancel {
         uuid: JobId,
         #[arg(long)]
@@ -79,6 +82,86 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Runs a job that ended without success (dead, failed, …) once more, as a new attempt.
+    Retry {
+        uuid: JobId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time-based schedules: add, list, pause, resume, remove, run-now.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Adds a schedule that submits a job at each time its cron expression names.
+    Add(ScheduleAddArgs),
+    /// Lists the schedules with their last and next fire times.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stops firing the schedule until it is resumed.
+    Pause {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fires the schedule again from now on (what came due while paused does not run).
+    Resume {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes the schedule (one of the config file comes back at the next start, unless it is
+    /// removed from the file too).
+    Remove {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submits the schedule's job now; prints its uuid.
+    RunNow {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ScheduleAddArgs {
+    /// The schedule's name.
+    pub name: String,
+    /// Five fields (minute hour day-of-month month day-of-week), or six with seconds first,
+    /// e.g. "0 5 * * Mon-Fri".
+    #[arg(long)]
+    pub cron: String,
+    /// The time zone the expression is read in (an IANA name).
+    #[arg(long, default_value = "UTC")]
+    pub tz: String,
+    /// The work type of the jobs it submits.
+    #[arg(long = "type")]
+    pub work_type: String,
+    /// The jobs' payload, as JSON.
+    #[arg(long)]
+    pub payload: Option<String>,
+    #[arg(long)]
+    pub queue: Option<String>,
+    #[arg(long)]
+    pub priority: Option<u8>,
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Fire times missed while the scheduler was down: skip them, or run-once for them all.
+    #[arg(long, default_value = "skip")]
+    pub missed: MissedPolicy,
+    /// Do not start a job while the previous one with this key is not over.
+    #[arg(long)]
+    pub unique_key: Option<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -101,7 +184,25 @@ pub struct SubmitArgs {
     /// How long the Work may run, in seconds (default: the agent's).
     #[arg(long)]
     pub timeout_s: Option<u64>,
-    /// Waits until the result is recorded and prints it; exits non-zero unless it succeeded.
+    /// Runs it this long from now (the scheduler holds it as `scheduled` until then).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "at")]
+    pub delay: Option<Duration>,
+    /// Runs it at this time (RFC 3339, e.g. 2026-11-23T05:00:00Z or 2026-11-23T06:00:00+01:00).
+    #[arg(long, value_parser = parse_time)]
+    pub at: Option<DateTime<Utc>>,
+    /// Attempts in all: a run that fails, crashes or times out is retried until then
+    /// (default: the scheduler's).
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// The wait before the first retry; it doubles with each one (default: the scheduler's).
+    #[arg(long, value_parser = parse_duration)]
+    pub backoff: Option<Duration>,
+    /// While a job with this key is scheduled, queued or running, returns that job instead of
+    /// submitting another.
+    #[arg(long)]
+    pub unique_key: Option<String>,
+    /// Waits until the job is over (retries included) and prints it; exits non-zero unless it
+    /// succeeded.
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits.
@@ -167,6 +268,16 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
             print(json, &agents, || print_agents(&agents))?;
             ExitCode::SUCCESS
         }
+        Command::Retry { uuid, json } => {
+            let RpcReply::Job { job } = client.call(&RpcRequest::Retry { uuid }).await? else {
+                bail!("unexpected reply from the scheduler");
+            };
+            print(json, &job, || {
+                println!("job {uuid} queued again as attempt {}", job.job.attempt)
+            })?;
+            ExitCode::SUCCESS
+        }
+        Command::Schedule(command) => schedule(&client, command).await?,
         Command::Run(_) | Command::Demo(_) | Command::Bench(_) => {
             unreachable!("not a client command")
         }
@@ -187,6 +298,13 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     job.queue = args.queue;
     job.priority = args.priority;
     job.timeout_s = args.timeout_s;
+    job.max_attempts = args.max_attempts;
+    job.backoff_ms = args.backoff.map(|b| b.as_millis() as u64);
+    job.unique_key = args.unique_key;
+    job.run_at = match (args.delay, args.at) {
+        (Some(delay), _) => Some(Utc::now() + chrono::Duration::from_std(delay)?),
+        (None, at) => at,
+    };
     // Listen before submitting, so the finished event cannot slip past.
     let mut events = if args.wait {
         Some(client.watch(&[EventKind::Finished]).await?)
@@ -194,12 +312,15 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let mut record = client.submit(job).await?;
+    // A unique key may have returned another job: follow that one.
+    let uuid = record.uuid;
     if let Some(events) = events.as_mut()
         && !record.state.is_final()
     {
         let wait = async {
             while let Some(event) = events.next().await {
-                if event.uuid == uuid {
+                // Over unless a retry follows (`state` is absent from older schedulers).
+                if event.uuid == uuid && event.state.is_none_or(JobState::is_final) {
                     return true;
                 }
             }
@@ -227,6 +348,85 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+async fn schedule(client: &Client, command: ScheduleCommand) -> anyhow::Result<ExitCode> {
+    let (request, json) = match command {
+        ScheduleCommand::Add(args) => {
+            let payload = match &args.payload {
+                Some(text) => serde_json::from_str(text)
+                    .map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))?,
+                None => Value::Null,
+            };
+            let spec = ScheduleSpec {
+                name: args.name,
+                cron: args.cron,
+                tz: args.tz,
+                missed: args.missed,
+                work_type: args.work_type,
+                payload,
+                queue: args.queue,
+                priority: args.priority,
+                timeout_s: args.timeout_s,
+                max_attempts: args.max_attempts,
+                unique_key: args.unique_key,
+            };
+            (RpcRequest::ScheduleAdd { schedule: spec }, args.json)
+        }
+        ScheduleCommand::List { json } => (RpcRequest::ScheduleList, json),
+        ScheduleCommand::Pause { name, json } => (RpcRequest::SchedulePause { name }, json),
+        ScheduleCommand::Resume { name, json } => (RpcRequest::ScheduleResume { name }, json),
+        ScheduleCommand::Remove { name, json } => (RpcRequest::ScheduleRemove { name }, json),
+        ScheduleCommand::RunNow { name, json } => (RpcRequest::ScheduleRunNow { name }, json),
+    };
+    let removing = matches!(request, RpcRequest::ScheduleRemove { .. });
+    match client.call(&request).await? {
+        RpcReply::Schedules { schedules } => {
+            print(json, &schedules, || print_schedules(&schedules))?
+        }
+        RpcReply::Schedule { schedule } if removing => print(json, &schedule, || {
+            println!("schedule {} removed", schedule.spec.name)
+        })?,
+        RpcReply::Schedule { schedule } => print(json, &schedule, || {
+            print_schedules(std::slice::from_ref(&schedule))
+        })?,
+        RpcReply::Job { job } => print(json, &job, || println!("{}", job.uuid))?,
+        other => bail!("unexpected reply from the scheduler: {other:?}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses an RFC 3339 time for `--at`.
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text.trim())
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            format!("{e}: write the time as RFC 3339, e.g. 2026-11-23T05:00:00Z or 2026-11-23T06:00:00+01:00")
+        })
+}
+
+fn print_schedules(schedules: &[ScheduleInfo]) {
+    println!(
+        "{:<20}  {:<18}  {:<16}  {:<18}  {:<8}  {:<8}  {:<20}  NEXT FIRE",
+        "NAME", "CRON", "TZ", "TYPE", "MISSED", "STATE", "LAST FIRE"
+    );
+    let time = |t: Option<DateTime<Utc>>| {
+        t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    for s in schedules {
+        println!(
+            "{:<20}  {:<18}  {:<16}  {:<18}  {:<8}  {:<8}  {:<20}  {}",
+            s.spec.name,
+            s.spec.cron,
+            s.spec.tz,
+            s.spec.work_type,
+            s.spec.missed.as_str(),
+            if s.paused { "paused" } else { "active" },
+            time(s.last_job.and(s.last_fire)),
+            time(s.next_fire)
+        );
+    }
+}
+
 fn print<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce()) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(value)?);
@@ -239,11 +439,28 @@ fn print<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce()) -> an
 fn print_record(r: &JobRecord) {
     println!("job {}  {}  {}", r.uuid, r.job.work_type, r.state);
     println!(
-        "  queue {}, created {}, {} attempt(s)",
+        "  queue {}, priority {}, created {}, {} attempt(s) of {}",
         r.job.queue_name(),
+        r.job.priority.unwrap_or(0),
         r.created_at.format("%Y-%m-%d %H:%M:%S%.3f"),
-        r.attempts.len()
+        r.attempts.len(),
+        r.job
+            .max_attempts
+            .map_or_else(|| "the default".to_owned(), |m| m.to_string())
     );
+    if let Some(at) = r.next_run_at {
+        println!("  runs at {}", at.format("%Y-%m-%d %H:%M:%S%.3f UTC"));
+    }
+    if let Some(schedule) = &r.job.schedule {
+        let at = r.job.run_at.map(|t| t.to_rfc3339()).unwrap_or_default();
+        println!("  fired by schedule {schedule} for {at}");
+    }
+    if let Some(parent) = r.job.parent {
+        println!("  parent: {parent}");
+    }
+    if let Some(key) = &r.job.unique_key {
+        println!("  unique key: {key}");
+    }
     for a in &r.attempts {
         let status = a.status.map(Status::as_str).unwrap_or("running");
         let took = match (a.started_at, a.finished_at) {
@@ -262,6 +479,12 @@ fn print_record(r: &JobRecord) {
         }
         if !a.output.is_null() {
             println!("    output: {}", a.output);
+        }
+    }
+    if !r.children.is_empty() {
+        println!("  children ({}):", r.children.len());
+        for c in &r.children {
+            println!("    {c}");
         }
     }
     println!("  folder: {}", r.dir);

@@ -111,7 +111,11 @@ mod tests {
         // 29 March 2026: 01:00 GMT jumps to 02:00 BST, so 01:30 does not exist that day.
         let spring = fires(&e, utc(2026, 3, 28, 12, 0, 0), utc(2026, 3, 30, 12, 0, 0));
         assert_eq!(spring.len(), 2, "{spring:?}");
-        assert_eq!(spring[0], utc(2026, 3, 29, 1, 0, 0), "02:00 BST, right after the gap");
+        assert_eq!(
+            spring[0],
+            utc(2026, 3, 29, 1, 0, 0),
+            "02:00 BST, right after the gap"
+        );
         assert_eq!(spring[1], utc(2026, 3, 30, 0, 30, 0), "01:30 BST");
         // 25 October 2026: 01:00-02:00 happens twice; 01:30 fires once, on its first pass.
         let autumn = fires(&e, utc(2026, 10, 24, 12, 0, 0), utc(2026, 10, 26, 12, 0, 0));

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
     let broker = cli.broker;
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run(config) => {
+            Command::Run(mut config) => {
+                if let Some(path) = &cli.config {
+                    config.schedules = rota_common::config::section(path, "schedule")?;
+                }
                 let shutdown = rota_common::shutdown::on_signals();
                 rota_scheduler::run(config, &broker.amqp_url, broker.names()?, shutdown).await?;
                 Ok(ExitCode::SUCCESS)

@@ -98,7 +98,10 @@ mod tests {
             assert_eq!(policy.ceiling(&job, attempt), ceiling);
             for _ in 0..50 {
                 let d = policy.delay(&job, attempt);
-                assert!(d >= ceiling / 2 && d <= ceiling, "{d:?} for attempt {attempt}");
+                assert!(
+                    d >= ceiling / 2 && d <= ceiling,
+                    "{d:?} for attempt {attempt}"
+                );
             }
         }
         let mut own = job.clone();
@@ -140,7 +143,11 @@ mod tests {
 
         let mut once = record(None, 1);
         policy.settle(&mut once, Status::Failed, now);
-        assert_eq!(once.state, JobState::Failed, "one attempt allowed: no retry, not dead");
+        assert_eq!(
+            once.state,
+            JobState::Failed,
+            "one attempt allowed: no retry, not dead"
+        );
 
         let mut ok = record(Some(3), 1);
         policy.settle(&mut ok, Status::Succeeded, now);

@@ -130,8 +130,7 @@ mod tests {
             }
         }
         fn now(&self) -> DateTime<Utc> {
-            self.base
-                + chrono::Duration::from_std(self.start.elapsed()).expect("a short test")
+            self.base + chrono::Duration::from_std(self.start.elapsed()).expect("a short test")
         }
     }
 
@@ -257,7 +256,11 @@ mod tests {
         };
         assert!(check(&spec).is_ok());
         spec.name = "a b".into();
-        assert!(check(&spec).expect_err("bad name").contains("schedule name"));
+        assert!(
+            check(&spec)
+                .expect_err("bad name")
+                .contains("schedule name")
+        );
         spec.name = "nightly".into();
         spec.priority = Some(10);
         assert!(check(&spec).expect_err("bad priority").contains("priority"));

@@ -139,7 +139,8 @@ pub async fn run(
         http::serve(addr, health.clone(), metrics.clone(), stop_http).await?;
     }
     for spec in &cfg.schedules {
-        schedules::check(spec).map_err(|e| anyhow::anyhow!("in the config file's schedules: {e}"))?;
+        schedules::check(spec)
+            .map_err(|e| anyhow::anyhow!("in the config file's schedules: {e}"))?;
     }
     let dir = cfg.scheduler_dir();
     std::fs::create_dir_all(&dir)
@@ -246,7 +247,11 @@ pub async fn run(
     tasks.spawn(sched.clone().serve(rpc, work.clone(), Kind::Rpc));
     tasks.spawn(sched.clone().serve(started, work.clone(), Kind::Started));
     tasks.spawn(sched.clone().serve(beats, work.clone(), Kind::Heartbeat));
-    tasks.spawn(sched.clone().housekeeping(stop.clone(), cfg.retention, cfg.purge_interval));
+    tasks.spawn(
+        sched
+            .clone()
+            .housekeeping(stop.clone(), cfg.retention, cfg.purge_interval),
+    );
     tasks.spawn(sched.clone().clock(stop.clone()));
     let beat = Heartbeat::starting(Role::Scheduler, "scheduler", cfg.heartbeat_interval);
     tasks.spawn(rota_common::heartbeat::run(
@@ -375,8 +380,13 @@ impl Scheduler {
                 if record.state == JobState::Scheduled {
                     self.clock.notify_one(); // a retry
                 }
-                self.finished(&record, result.attempt, result.status, Some(result.agent.clone()))
-                    .await;
+                self.finished(
+                    &record,
+                    result.attempt,
+                    result.status,
+                    Some(result.agent.clone()),
+                )
+                .await;
             }
             Recorded::Duplicate => {
                 // The folder of the first copy may be missing if the scheduler died after
@@ -671,7 +681,9 @@ impl Scheduler {
         }
         for info in self.store.schedules()? {
             if info.from_config && !specs.iter().any(|s| s.name == info.spec.name) {
-                self.store.update_schedule(&info.spec.name, |_| Ok(None)).await?;
+                self.store
+                    .update_schedule(&info.spec.name, |_| Ok(None))
+                    .await?;
                 info!(schedule = %info.spec.name, "schedule removed: the config file no longer has it");
             }
         }
@@ -696,7 +708,9 @@ impl Scheduler {
             }
             let nap = wake
                 .and_then(|w| (w - Utc::now()).to_std().ok())
-                .map_or(LONGEST_NAP, |d| (d + Duration::from_millis(1)).min(LONGEST_NAP));
+                .map_or(LONGEST_NAP, |d| {
+                    (d + Duration::from_millis(1)).min(LONGEST_NAP)
+                });
             tokio::select! {
                 _ = tokio::time::sleep(nap) => {}
                 _ = self.clock.notified() => {}
@@ -706,7 +720,10 @@ impl Scheduler {
     }
 
     /// Queues the held jobs that are due; returns when the next one is.
-    async fn release_due(&self, now: chrono::DateTime<Utc>) -> anyhow::Result<Option<chrono::DateTime<Utc>>> {
+    async fn release_due(
+        &self,
+        now: chrono::DateTime<Utc>,
+    ) -> anyhow::Result<Option<chrono::DateTime<Utc>>> {
         loop {
             let due = self.store.due(now, 256)?;
             if due.is_empty() {
@@ -743,8 +760,12 @@ impl Scheduler {
                 }
             };
             let after = info.last_fire.unwrap_or(now);
-            let Plan { fire, missed, through, next } =
-                schedules::plan(&expr, info.spec.missed, after, now, self.grace);
+            let Plan {
+                fire,
+                missed,
+                through,
+                next,
+            } = schedules::plan(&expr, info.spec.missed, after, now, self.grace);
             if through > after {
                 if missed {
                     warn!(schedule = %name, policy = info.spec.missed.as_str(), "fire times were missed (the scheduler was down or late)");
@@ -918,10 +939,15 @@ impl Scheduler {
                 match tokio::fs::remove_dir_all(dir).await {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => warn!(folder = %dir.display(), error = %e, "cannot remove a purged job's folder"),
+                    Err(e) => {
+                        warn!(folder = %dir.display(), error = %e, "cannot remove a purged job's folder")
+                    }
                 }
             }
-            info!(count = dirs.len(), "removed finished jobs past their retention");
+            info!(
+                count = dirs.len(),
+                "removed finished jobs past their retention"
+            );
         }
     }
 

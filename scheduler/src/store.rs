@@ -88,7 +88,8 @@ impl NewJobTx<'_> {
             self.unique.insert(key.as_bytes(), uuid.as_bytes())?;
         }
         if let Some(parent) = fresh.job.parent {
-            self.children.insert(pair_key(parent, uuid).as_slice(), &[])?;
+            self.children
+                .insert(pair_key(parent, uuid).as_slice(), &[])?;
         }
         Ok((fresh, true))
     }

@@ -1,7 +1,11 @@
 //! What a running Work can reach: its job, a logger, a progress reporter, its own working
-//! directory, the pool's path aliases and a cancellation signal.
+//! directory, the pool's path aliases, a cancellation signal, and the scheduler (to submit
+//! child jobs).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
@@ -19,12 +23,24 @@ use crate::paths::Aliases;
 pub trait Sink: Send + Sync {
     fn log(&self, line: LogLine);
     fn progress(&self, progress: Progress);
+    /// Submits a child job (uuid and parent set) to the scheduler; resolves once the
+    /// scheduler has recorded it.
+    fn submit(&self, job: Job) -> Submission {
+        let _ = job;
+        Box::pin(async { anyhow::bail!("this worker cannot submit child jobs") })
+    }
 }
+
+/// A child job on its way to the scheduler: its uuid once recorded.
+pub type Submission = Pin<Box<dyn Future<Output = anyhow::Result<JobId>> + Send + 'static>>;
+
+type SubmitFn = Box<dyn Fn(Job) -> Submission + Send + Sync>;
 
 /// A sink that keeps log lines in a capped buffer and forwards progress to a callback.
 pub struct BufferSink {
     pub logs: Mutex<LogBuffer>,
     on_progress: Box<dyn Fn(Progress) + Send + Sync>,
+    on_submit: Option<SubmitFn>,
 }
 
 impl BufferSink {
@@ -32,7 +48,17 @@ impl BufferSink {
         Self {
             logs: Mutex::new(LogBuffer::default()),
             on_progress: Box::new(on_progress),
+            on_submit: None,
         }
+    }
+
+    /// Child jobs go to `on_submit`.
+    pub fn with_submit(
+        mut self,
+        on_submit: impl Fn(Job) -> Submission + Send + Sync + 'static,
+    ) -> Self {
+        self.on_submit = Some(Box::new(on_submit));
+        self
     }
 
     /// The lines kept and the number dropped.
@@ -55,6 +81,12 @@ impl Sink for BufferSink {
     fn progress(&self, progress: Progress) {
         (self.on_progress)(progress);
     }
+    fn submit(&self, job: Job) -> Submission {
+        match &self.on_submit {
+            Some(f) => f(job),
+            None => Box::pin(async { anyhow::bail!("this worker cannot submit child jobs") }),
+        }
+    }
 }
 
 /// The handle a Work gets on its job and its surroundings.
@@ -66,6 +98,8 @@ pub struct Context {
     aliases: Arc<Aliases>,
     sink: Arc<dyn Sink>,
     cancel: CancellationToken,
+    /// Child jobs submitted so far (their ids count on it).
+    children: Arc<AtomicU32>,
 }
 
 impl Context {
@@ -85,6 +119,7 @@ impl Context {
             aliases,
             sink,
             cancel,
+            children: Arc::default(),
         }
     }
 
@@ -145,6 +180,26 @@ impl Context {
             fraction,
             message: message.map(str::to_owned),
         });
+    }
+
+    /// Submits a child job to the scheduler, which records it with this job as its parent
+    /// (`scheduler status` of this job lists it) and queues it (or holds it, if it has a
+    /// `run_at`). Returns the child's uuid once it is recorded. Unless the job carries a
+    /// uuid, the n-th child of a run gets the same uuid each time that run is repeated (a
+    /// redelivery after an agent crash), so it is recorded and run once.
+    pub async fn submit(&self, mut job: Job) -> anyhow::Result<JobId> {
+        let n = self.children.fetch_add(1, Ordering::Relaxed);
+        let uuid = *job
+            .uuid
+            .get_or_insert_with(|| JobId::child_of(self.uuid, self.attempt(), n));
+        job.parent = Some(self.uuid);
+        job.attempt = 1;
+        job.check()
+            .map_err(|e| anyhow::anyhow!("invalid child job: {e}"))?;
+        self.sink
+            .submit(job)
+            .await
+            .with_context(|| format!("cannot submit child job {uuid}"))
     }
 
     /// This job's own folder, empty at start, for scratch files.

@@ -1,5 +1,6 @@
 //! The built-in demo work types, one per thing a Work can do or suffer: return data, take
-//! time, fail, panic, log, write a file through an alias.
+//! time, fail, panic, log, write a file through an alias, fail only at first, submit
+//! child jobs.
 
 use std::time::Duration;
 
@@ -15,7 +16,9 @@ pub fn register(r: &mut Registry) {
         .register("demo.fail", Fail)
         .register("demo.panic", Panic)
         .register("demo.log", Log)
-        .register("demo.write-file", WriteFile);
+        .register("demo.write-file", WriteFile)
+        .register("demo.flaky", Flaky)
+        .register("demo.spawn", Spawn);
 }
 
 /// Returns its payload.
@@ -156,5 +159,49 @@ impl Work for WriteFile {
         tokio::fs::write(&real, text.as_bytes()).await?;
         ctx.info(format!("wrote {} bytes to {path}", text.len()));
         Ok(json!({ "path": path, "bytes": text.len() }))
+    }
+}
+
+/// Fails on its first `fail_times` attempts, then succeeds: a job that retries mend.
+struct Flaky;
+
+#[derive(Deserialize)]
+struct FlakyPayload {
+    fail_times: u32,
+}
+
+#[async_trait::async_trait]
+impl Work for Flaky {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        let FlakyPayload { fail_times } = ctx.payload_as()?;
+        let attempt = ctx.attempt();
+        if attempt <= fail_times {
+            anyhow::bail!("attempt {attempt} fails, as asked (the first {fail_times} do)");
+        }
+        ctx.info(format!("attempt {attempt} succeeds"));
+        Ok(json!({ "attempt": attempt }))
+    }
+}
+
+/// Submits each job of `children` as a child job and returns their uuids.
+struct Spawn;
+
+#[derive(Deserialize)]
+struct SpawnPayload {
+    children: Vec<rota_common::wire::Job>,
+}
+
+#[async_trait::async_trait]
+impl Work for Spawn {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        let SpawnPayload { children } = ctx.payload_as()?;
+        let mut ids = Vec::new();
+        for child in children {
+            let work_type = child.work_type.clone();
+            let uuid = ctx.submit(child).await?;
+            ctx.info(format!("submitted child {uuid} ({work_type})"));
+            ids.push(uuid);
+        }
+        Ok(json!({ "children": ids }))
     }
 }
