@@ -887,4 +887,173 @@ mod tests {
             0
         );
     }
+
+    fn open(dir: &tempfile::TempDir) -> Store {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        Store::open(dir.path(), policy).expect("opens")
+    }
+
+    fn job_with_id(work_type: &str) -> Job {
+        let mut job = Job::new(work_type, Value::Null);
+        job.uuid = Some(JobId::random());
+        job
+    }
+
+    #[tokio::test]
+    async fn a_late_result_of_an_older_attempt_is_recorded_but_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let job = job_with_id("demo.fail");
+        let uuid = job.uuid.expect("uuid");
+        store.submit(job.clone()).await.expect("submits");
+        store
+            .record(&result_of(&job, 1, Status::Failed))
+            .expect("records");
+        let held = store.get(uuid).expect("reads").expect("exists");
+        assert_eq!((held.state, held.job.attempt), (JobState::Scheduled, 2));
+        assert_eq!(
+            store
+                .due(Utc::now() + chrono::Duration::hours(2), 10)
+                .expect("due"),
+            [uuid]
+        );
+        let later = Utc::now() + chrono::Duration::hours(2);
+        let queued = store
+            .release(uuid, later)
+            .await
+            .expect("releases")
+            .expect("due");
+        assert_eq!(queued.state, JobState::Queued);
+        assert!(store.next_due().expect("reads").is_none());
+        let mut second = job.clone();
+        second.attempt = 2;
+        store
+            .record(&result_of(&second, 2, Status::Succeeded))
+            .expect("records");
+        // Attempt 1's result comes again, late: kept once, and the job stays succeeded.
+        assert!(matches!(
+            store
+                .record(&result_of(&job, 1, Status::Crashed))
+                .expect("records"),
+            Recorded::Duplicate
+        ));
+        let rec = store.get(uuid).expect("reads").expect("exists");
+        assert_eq!(rec.state, JobState::Succeeded);
+        assert_eq!(rec.attempts.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_delayed_job_is_held_then_released_and_a_unique_key_makes_one_job() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let mut job = job_with_id("demo.echo");
+        job.run_at = Some(Utc::now() + chrono::Duration::hours(1));
+        job.unique_key = Some("report-42".into());
+        let (rec, new) = store.submit(job.clone()).await.expect("submits");
+        assert!(new);
+        assert_eq!(rec.state, JobState::Scheduled);
+        assert!(
+            store.unpublished().expect("reads").is_empty(),
+            "not queued yet"
+        );
+        assert!(store.due(Utc::now(), 10).expect("reads").is_empty());
+
+        let mut twin = job_with_id("demo.echo");
+        twin.unique_key = Some("report-42".into());
+        let (same, new) = store.submit(twin.clone()).await.expect("submits");
+        assert!(!new);
+        assert_eq!(
+            same.uuid, rec.uuid,
+            "the unfinished job with the key is returned"
+        );
+
+        let cancelled = store
+            .cancel_scheduled(rec.uuid)
+            .await
+            .expect("cancels")
+            .expect("was held");
+        assert_eq!(cancelled.state, JobState::Cancelled);
+        assert!(store.next_due().expect("reads").is_none());
+        let (other, new) = store.submit(twin).await.expect("submits");
+        assert!(new, "the key is free once its job is over");
+        assert_ne!(other.uuid, rec.uuid);
+    }
+
+    #[tokio::test]
+    async fn the_purge_removes_old_finished_jobs_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let done = job_with_id("demo.echo");
+        store.submit(done.clone()).await.expect("submits");
+        store
+            .record(&result_of(&done, 1, Status::Succeeded))
+            .expect("records");
+        let waiting = job_with_id("demo.echo");
+        store.submit(waiting.clone()).await.expect("submits");
+        let mut child = job_with_id("demo.echo");
+        child.parent = done.uuid;
+        store.submit(child.clone()).await.expect("submits");
+        assert_eq!(
+            store.children_of(done.uuid.expect("uuid")).expect("reads"),
+            [child.uuid.expect("uuid")]
+        );
+
+        assert!(
+            store
+                .purge(Utc::now() - chrono::Duration::hours(1), 100)
+                .expect("purges")
+                .is_empty()
+        );
+        let dirs = store
+            .purge(Utc::now() + chrono::Duration::seconds(1), 100)
+            .expect("purges");
+        assert_eq!(dirs, [store.job_dir(done.uuid.expect("uuid"))]);
+        assert!(
+            store
+                .get(done.uuid.expect("uuid"))
+                .expect("reads")
+                .is_none()
+        );
+        assert!(
+            store
+                .logs(done.uuid.expect("uuid"))
+                .expect("reads")
+                .is_empty()
+        );
+        assert!(
+            store
+                .get(waiting.uuid.expect("uuid"))
+                .expect("reads")
+                .is_some()
+        );
+        assert_eq!(store.list(None, 10).expect("lists").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_dead_job_can_be_retried_by_hand_but_a_succeeded_one_cannot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let mut job = job_with_id("demo.fail");
+        job.max_attempts = Some(1);
+        let uuid = job.uuid.expect("uuid");
+        store.submit(job.clone()).await.expect("submits");
+        let err = store.retry(uuid).await.expect_err("still queued");
+        assert!(err.to_string().contains("not over"), "{err}");
+        store
+            .record(&result_of(&job, 1, Status::Failed))
+            .expect("records");
+        let again = store.retry(uuid).await.expect("retries");
+        assert_eq!((again.state, again.job.attempt), (JobState::Queued, 2));
+        assert_eq!(store.unpublished().expect("reads").len(), 1);
+        let mut second = job.clone();
+        second.attempt = 2;
+        store
+            .record(&result_of(&second, 2, Status::Succeeded))
+            .expect("records");
+        let err = store.retry(uuid).await.expect_err("succeeded");
+        assert!(err.to_string().contains("succeeded"), "{err}");
+    }
 }
