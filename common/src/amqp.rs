@@ -358,6 +358,9 @@ pub struct ConsumeSpec {
 
 struct Subscription {
     spec: ConsumeSpec,
+    /// The prefetch is shared among the queues (RabbitMQ's global QoS), which quorum queues
+    /// do not support: with one of those each queue gets the whole prefetch.
+    shared_prefetch: bool,
     tx: mpsc::Sender<Delivery>,
     /// Set by [`Consumer::stop`]: do not restore, and an ending stream is not a failure.
     stopped: AtomicBool,
@@ -578,7 +581,13 @@ impl Broker {
     pub async fn consume(&self, spec: ConsumeSpec) -> Result<Consumer, BrokerError> {
         let capacity = usize::from(spec.prefetch.max(1)) * spec.queues.len().max(1);
         let (tx, rx) = mpsc::channel(capacity);
+        let quorum = self.inner.topology.lock().is_ok_and(|t| {
+            t.queues
+                .iter()
+                .any(|q| q.quorum && spec.queues.contains(&q.name))
+        });
         let sub = Arc::new(Subscription {
+            shared_prefetch: spec.queues.len() > 1 && !quorum,
             spec,
             tx,
             stopped: AtomicBool::new(false),
@@ -787,7 +796,8 @@ impl Broker {
 async fn start_consumer(live: &Arc<Live>, sub: &Arc<Subscription>) -> Result<(), BrokerError> {
     let ch = live.conn.create_channel().await?;
     // global = true: RabbitMQ then shares the prefetch among all consumers of the channel.
-    ch.basic_qos(sub.spec.prefetch, BasicQosOptions { global: true })
+    let global = sub.shared_prefetch;
+    ch.basic_qos(sub.spec.prefetch, BasicQosOptions { global })
         .await?;
     for queue in &sub.spec.queues {
         let opts = BasicConsumeOptions {

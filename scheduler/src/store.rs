@@ -276,8 +276,8 @@ impl Store {
                         return Ok(Vec::new()); // removed meanwhile
                     };
                     let mut info: ScheduleInfo = decode(&bytes)?;
-                    if info.last_fire.is_some_and(|last| last >= through) {
-                        return Ok(Vec::new()); // handled already
+                    if info.paused || info.last_fire.is_some_and(|last| last >= through) {
+                        return Ok(Vec::new()); // paused meanwhile, or handled already
                     }
                     let tx = NewJobTx {
                         jobs,
