@@ -242,6 +242,26 @@ mod tests {
     }
 
     #[test]
+    fn sections_are_left_to_their_owner_and_read_as_tables() {
+        let text = "pool_max_size = 2\n[[schedule]]\nname = \"a\"\n[[schedule]]\nname = \"b\"\n";
+        let cli = run(text, &[]).expect("a section is not a flag");
+        assert_eq!(cli.pool_max_size, 2);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rota.toml");
+        std::fs::write(&path, text).expect("writes");
+        #[derive(Debug, serde::Deserialize)]
+        struct Named {
+            name: String,
+        }
+        let named: Vec<Named> = section(&path, "schedule").expect("reads");
+        let names: Vec<&str> = named.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        std::fs::write(&path, "schedule = 3").expect("writes");
+        let err = section::<Named>(&path, "schedule").expect_err("not tables");
+        assert!(format!("{err:#}").contains("[[schedule]]"), "{err:#}");
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = run("pool_max_sise = 7", &[]).expect_err("typo must fail");
         assert!(format!("{err:#}").contains("pool_max_sise"), "{err:#}");
