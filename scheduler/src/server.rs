@@ -9,6 +9,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use chrono::Utc;
 use clap::Args;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use rota_common::Names;
 use rota_common::amqp::{
@@ -133,6 +136,12 @@ pub async fn run(
         "Jobs whose result the scheduler recorded, by work type and status",
         false,
     );
+    let fires = Family::<ScheduleLabel, Counter>::default();
+    metrics.register(
+        "schedule_fires",
+        "Jobs submitted by each cron schedule",
+        fires.clone(),
+    );
     let stop_http = CancellationToken::new();
     let _stop_http = stop_http.clone().drop_guard();
     if let Some(addr) = cfg.http_addr {
@@ -195,6 +204,7 @@ pub async fn run(
         store,
         agents: Agents::default(),
         jobs,
+        fires,
         clock: tokio::sync::Notify::new(),
         grace: cfg.schedule_grace,
     });
@@ -278,6 +288,12 @@ pub async fn run(
     Ok(())
 }
 
+/// The label of `rota_schedule_fires_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScheduleLabel {
+    schedule: String,
+}
+
 /// How long a submission may take to be confirmed before the periodic pass queues it again.
 const IN_FLIGHT: Duration = Duration::from_secs(30);
 
@@ -295,6 +311,8 @@ struct Scheduler {
     agents: Agents,
     /// Recorded jobs, for the metrics.
     jobs: JobCounter,
+    /// Jobs submitted by each schedule, for the metrics.
+    fires: Family<ScheduleLabel, Counter>,
     /// Wakes the clock: something was scheduled that may be due before its next wake-up.
     clock: tokio::sync::Notify,
     /// See `--schedule-grace`.
@@ -774,6 +792,11 @@ impl Scheduler {
                     Ok(records) => {
                         for record in records {
                             info!(schedule = %name, job_id = %record.uuid, fire_time = ?record.job.run_at, "schedule fired");
+                            self.fires
+                                .get_or_create(&ScheduleLabel {
+                                    schedule: name.clone(),
+                                })
+                                .inc();
                             if record.state == JobState::Queued
                                 && let Err(e) = self.publish(&record).await
                             {

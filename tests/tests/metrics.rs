@@ -3,7 +3,7 @@
 //! down is in `broker_restart.rs`, which alone may stop the broker.)
 
 use rota_tests::wire::{EventKind, Job};
-use rota_tests::{System, free_addr, http_get, probe_until};
+use rota_tests::{System, free_addr, http_get, probe_until, within};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,6 +33,32 @@ async fn the_daemons_serve_health_and_the_metrics_of_the_jobs_that_ran() {
         .await
         .expect("published");
     rota_tests::event_of(&mut finished, unknown).await;
+    // A schedule that fires every second, removed after its first job.
+    let out = sys
+        .cli(&[
+            "schedule",
+            "add",
+            "tick",
+            "--cron",
+            "* * * * * *",
+            "--type",
+            "demo.sleep",
+            "--payload",
+            r#"{"ms":1}"#,
+        ])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    within(
+        std::time::Duration::from_secs(30),
+        "the schedule's first job",
+        async { while finished.next().await.expect("events").work_type != "demo.sleep" {} },
+    )
+    .await;
+    sys.cli(&["schedule", "remove", "tick"]).await;
 
     let (status, scheduler) = http_get(&sched_addr, "/metrics").await.expect("answers");
     assert_eq!(status, 200);
@@ -60,16 +86,28 @@ async fn the_daemons_serve_health_and_the_metrics_of_the_jobs_that_ran() {
         scheduler.lines().any(|l| l == "rota_agents_alive 1"),
         "the scheduler counts the live agent:\n{scheduler}"
     );
+    assert!(
+        scheduler
+            .lines()
+            .any(|l| l.starts_with(r#"rota_schedule_fires_total{schedule="tick"} "#)),
+        "the scheduler counts the schedule's fires:\n{scheduler}"
+    );
     for line in [
         r#"rota_job_run_seconds_count{type="demo.echo"} 2"#,
         r#"rota_dead_lettered_total{reason="unknown_type"} 1"#,
-        r#"rota_pool_workers{state="busy"} 0"#,
         "rota_pool_max_workers 3",
         "rota_outbox_results 0",
     ] {
         assert!(
             agent.lines().any(|l| l == line),
             "agent lacks {line}:\n{agent}"
+        );
+    }
+    for state in ["busy", "idle"] {
+        let gauge = format!(r#"rota_pool_workers{{state="{state}"}} "#);
+        assert!(
+            agent.lines().any(|l| l.starts_with(&gauge)),
+            "agent lacks {gauge}:\n{agent}"
         );
     }
     assert_eq!(
