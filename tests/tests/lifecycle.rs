@@ -240,10 +240,11 @@ async fn higher_priority_jobs_queued_behind_lower_ones_run_first() {
 async fn a_work_submits_two_children(location: &str) {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let _agent = sys.agent(
-        "c1",
-        &["--worker-location", location, "--pool-max-size", "2"],
-    );
+    let mut flags = vec!["--worker-location", location, "--pool-max-size", "2"];
+    if location == "docker" {
+        flags.extend(["--docker-image", rota_tests::worker_image().await]);
+    }
+    let _agent = sys.agent("c1", &flags);
     sys.ready(true, &["c1"]).await;
     let mut events = sys
         .client
@@ -307,6 +308,11 @@ async fn a_thread_work_submits_two_children_that_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_work_submits_two_children_that_run() {
     a_work_submits_two_children("process").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_work_submits_two_children_that_run() {
+    a_work_submits_two_children("docker").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
