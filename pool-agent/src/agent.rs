@@ -113,8 +113,10 @@ pub async fn run(
             program: cfg.worker_runtime_path(),
             aliases: (*aliases).clone(),
             kill_grace: cfg.kill_grace,
+            chromium_args: cfg.chromium.to_args(),
         },
         engine: engine.clone(),
+        chromium: cfg.chromium.clone(),
         max_jobs: cfg.worker_max_jobs,
         max_memory: cfg.worker_max_memory_mib * 1024 * 1024,
     };
@@ -195,6 +197,8 @@ pub async fn run(
     }
     health.started(false);
     agent.stop(&mut jobs, &tracker).await;
+    // Workers end what they started (processes, browsers) before the agent exits.
+    agent.pool.close().await;
     if let Some(engine) = &engine {
         engine.remove_all().await?;
     }

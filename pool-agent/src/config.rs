@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use rota_common::config::parse_duration;
+use rota_worker_runtime::chromium::ChromiumArgs;
 
 pub use crate::container::Network;
 
@@ -121,6 +122,10 @@ pub struct AgentConfig {
     /// Keep each job's working folder after the scheduler's receipt (default: remove it).
     #[arg(long, env = "ROTA_KEEP_WORK_DIRS")]
     pub keep_work_dirs: bool,
+
+    /// Where the workers' Chromium lives (passed on to worker processes and containers).
+    #[command(flatten)]
+    pub chromium: ChromiumArgs,
 
     #[command(flatten)]
     pub docker: DockerConfig,
@@ -247,6 +252,6 @@ impl AgentConfig {
         if self.default_timeout > self.max_job_timeout {
             anyhow::bail!("--default-timeout is longer than --max-job-timeout");
         }
-        Ok(())
+        self.chromium.check()
     }
 }

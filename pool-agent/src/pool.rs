@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use rota_common::wire::{PoolStatus, Status};
+use rota_worker_runtime::chromium::{Chromium, ChromiumArgs};
 use rota_worker_runtime::{Context, Outcome, Registry};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,8 @@ pub struct Worker {
     thread: Option<mpsc::UnboundedSender<Request>>,
     /// The worker's own process, for the `process` location.
     process: Option<Process>,
+    /// The worker's browser, for in-process locations (a worker process has its own).
+    chromium: Option<Arc<Chromium>>,
     /// Jobs run so far (workers are recycled after a number of jobs).
     jobs: u64,
     /// Set when the worker cannot be trusted with another job: the pool replaces it.
@@ -53,6 +56,10 @@ impl Worker {
         cancel: CancellationToken,
     ) -> Outcome {
         self.jobs += 1;
+        let ctx = match &self.chromium {
+            Some(chromium) => ctx.with_chromium(chromium.clone()),
+            None => ctx,
+        };
         if let Some(process) = &mut self.process {
             let (outcome, reusable) = process.execute(ctx, timeout, cancel).await;
             self.broken |= !reusable;
@@ -101,6 +108,16 @@ impl Worker {
             }
         }
     }
+
+    /// Ends what the worker started: its process (whole group), its browser.
+    async fn shut_down(&mut self) {
+        if let Some(p) = self.process.as_mut() {
+            p.terminate().await;
+        }
+        if let Some(chromium) = &self.chromium {
+            chromium.shutdown().await;
+        }
+    }
 }
 
 /// Starts a worker thread with a runtime of its own, serving requests until its worker is
@@ -139,6 +156,8 @@ pub struct WorkerSpec {
     pub max_jobs: u64,
     /// Replace a `process` worker above this resident memory, in bytes (0: no limit).
     pub max_memory: u64,
+    /// Where in-process workers' Chromium lives.
+    pub chromium: ChromiumArgs,
 }
 
 /// Makes and checks workers for deadpool.
@@ -156,10 +175,17 @@ impl managed::Manager for Manager {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", self.spec.location.as_str());
         let (mut thread, mut process) = (None, None);
-        match self.spec.location {
-            Location::Local => {}
-            Location::Thread => thread = Some(start_thread(&id, self.registry.clone())?),
-            Location::Process => process = Some(Process::start(&self.spec.process, &id).await?),
+        let in_process = || Some(Arc::new(Chromium::new(self.spec.chromium.clone())));
+        let chromium = match self.spec.location {
+            Location::Local => in_process(),
+            Location::Thread => {
+                thread = Some(start_thread(&id, self.registry.clone())?);
+                in_process()
+            }
+            Location::Process => {
+                process = Some(Process::start(&self.spec.process, &id).await?);
+                None
+            }
             Location::Docker => {
                 let engine = self
                     .spec
@@ -167,14 +193,16 @@ impl managed::Manager for Manager {
                     .as_ref()
                     .context("docker workers need an engine")?;
                 process = Some(Process::start_in(engine, &self.spec.process, &id).await?);
+                None
             }
-        }
+        };
         tracing::debug!(worker = %id, "worker started");
         Ok(Worker {
             id,
             registry: self.registry.clone(),
             thread,
             process,
+            chromium,
             jobs: 0,
             broken: false,
         })
@@ -191,9 +219,7 @@ impl managed::Manager for Manager {
         if worker.broken || worn_out || too_big {
             tracing::info!(worker = %worker.id, jobs = worker.jobs, broken = worker.broken, worn_out, too_big,
                 "replacing a worker");
-            if let Some(p) = worker.process.as_mut() {
-                p.terminate().await;
-            }
+            worker.shut_down().await;
             return Err(RecycleError::message(format!(
                 "worker {} is replaced",
                 worker.id
@@ -260,6 +286,16 @@ impl Pool {
     /// The work types this pool's workers run.
     pub fn types(&self) -> &BTreeSet<String> {
         &self.types
+    }
+
+    /// Stops lending workers and shuts down the idle ones (all of them once every job has
+    /// ended), so that their processes, browsers and containers end with the agent.
+    pub async fn close(&self) {
+        let idle = self.inner.retain(|_, _| false).removed;
+        self.inner.close();
+        for mut worker in idle {
+            worker.shut_down().await;
+        }
     }
 
     /// Waits for a free worker.

@@ -35,6 +35,8 @@ pub struct ProcessSpec {
     pub aliases: Aliases,
     /// Between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// More `serve` arguments: the Chromium settings.
+    pub chromium_args: Vec<String>,
 }
 
 impl ProcessSpec {
@@ -45,6 +47,7 @@ impl ProcessSpec {
             args.push("--alias".into());
             args.push(format!("{alias}={}", dir.display()));
         }
+        args.extend(self.chromium_args.iter().cloned());
         args
     }
 }

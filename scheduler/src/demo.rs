@@ -2,7 +2,9 @@
 //! through RabbitMQ as it would across machines. It pushes a mix of the demo works, shows each
 //! as it finishes, and prints a summary. Everything it writes goes under `./temp`: the
 //! scheduler's folder, the pool's folder (with a folder per Work while it runs, kept
-//! afterwards here), and `demodata`, the alias the `demo.write-file` jobs write to.
+//! afterwards here), and `demodata`, the alias the `demo.write-file` jobs write to. With
+//! `--chromium` it also serves a report page on 127.0.0.1 and has the pool render it to
+//! `demodata/report.pdf` and `demodata/report.png` once the page says it is ready.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,6 +18,7 @@ use rota_common::config::{BrokerArgs, parse_duration};
 use rota_common::wire::{EventKind, Job, JobId, JobRecord, JobState};
 use rota_pool_agent::AgentConfig;
 use rota_pool_agent::config::{DockerConfig, Location};
+use rota_worker_runtime::chromium::ChromiumArgs;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -45,14 +48,112 @@ pub struct DemoArgs {
     /// The containers of `--worker-location docker`.
     #[command(flatten)]
     pub docker: DockerConfig,
+    /// Also render a report page to PDF and PNG with Chromium (where Chromium lives: the
+    /// --chromium-* settings).
+    #[arg(long)]
+    pub chromium: bool,
+    #[command(flatten)]
+    pub chromium_settings: ChromiumArgs,
+}
+
+/// The demo's report page: its content is built by JavaScript after a delay (as a report
+/// that queries its data would), then it calls `window.rotaReady`.
+const REPORT_PAGE: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>Rota demo report</title>
+<style>body { font-family: sans-serif; margin: 2em } td, th { border: 1px solid #999; padding: 4px 12px }
+table { border-collapse: collapse }</style></head>
+<body><h1>Rota demo report</h1><p id="status">Running the report...</p><table id="rows"></table>
+<script>
+setTimeout(() => {
+  const rows = [["North", 120], ["South", 95], ["East", 143], ["West", 88]];
+  document.getElementById("rows").innerHTML = "<tr><th>Region</th><th>Orders</th></tr>" +
+    rows.map(([region, n]) => `<tr><td>${region}</td><td>${n}</td></tr>`).join("");
+  const total = rows.reduce((sum, [, n]) => sum + n, 0);
+  document.getElementById("status").textContent =
+    `Report complete: ${total} orders in ${rows.length} regions.`;
+  window.rotaReady({ regions: rows.length, orders: total });
+}, 500);
+</script></body></html>"#;
+
+/// Serves `html` to every request on 127.0.0.1 (a port of its own) for as long as the demo
+/// runs; returns the page's URL.
+fn serve_page(html: &'static str) -> anyhow::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("http://{}/report.html", listener.local_addr()?);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(&stream);
+                let mut line = String::new();
+                // The request head ends with an empty line.
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let _ = write!(
+                    &stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                    html.len()
+                );
+            });
+        }
+    });
+    Ok(url)
 }
 
 /// One demo job and how it should end.
 struct Planned {
     job: Job,
     expect: JobState,
-    /// For `demo.write-file`: the file that must exist afterwards, with its text.
-    file: Option<(PathBuf, String)>,
+    /// A file that must exist afterwards, and what it must hold.
+    file: Option<(PathBuf, Holds)>,
+}
+
+/// What a file written by a demo job must hold.
+enum Holds {
+    Text(String),
+    /// A file that starts with these bytes (a PDF, a PNG).
+    Magic(&'static [u8]),
+}
+
+impl Holds {
+    fn found_in(&self, path: &std::path::Path) -> bool {
+        let Ok(bytes) = std::fs::read(path) else {
+            return false;
+        };
+        match self {
+            Holds::Text(text) => bytes == text.as_bytes(),
+            Holds::Magic(magic) => bytes.starts_with(magic),
+        }
+    }
+}
+
+/// The Chromium jobs: the report page as a PDF and as a PNG, each once it says it is ready.
+fn plan_chromium(url: &str, demodata: &std::path::Path) -> Vec<Planned> {
+    let pdf = json!({"url": url, "output": "demodata/report.pdf", "wait_for_ready": true});
+    let png = json!({"url": url, "output": "demodata/report.png", "wait_for_ready": true,
+        "width": 800, "height": 600});
+    [
+        ("chromium.pdf", pdf, "report.pdf", Holds::Magic(b"%PDF-")),
+        (
+            "chromium.screenshot",
+            png,
+            "report.png",
+            Holds::Magic(b"\x89PNG"),
+        ),
+    ]
+    .into_iter()
+    .map(|(work_type, payload, file, holds)| {
+        let mut job = Job::new(work_type, payload);
+        job.uuid = Some(JobId::random());
+        job.labels.insert("source".into(), "demo".into());
+        Planned {
+            job,
+            expect: JobState::Succeeded,
+            file: Some((demodata.join(file), holds)),
+        }
+    })
+    .collect()
 }
 
 fn plan(n: usize, demodata: &std::path::Path) -> Vec<Planned> {
@@ -66,7 +167,7 @@ fn plan(n: usize, demodata: &std::path::Path) -> Vec<Planned> {
                 4 => ("demo.fail", json!({"message": format!("job {i} fails on purpose")}), JobState::Failed),
                 _ => ("demo.panic", json!({"message": format!("job {i} panics on purpose")}), JobState::Crashed),
             };
-            let file = (work_type == "demo.write-file").then(|| (demodata.join(format!("hello-{i}.txt")), format!("hello from job {i}\n")));
+            let file = (work_type == "demo.write-file").then(|| (demodata.join(format!("hello-{i}.txt")), Holds::Text(format!("hello from job {i}\n"))));
             let mut job = Job::new(work_type, payload);
             job.uuid = Some(JobId::random());
             job.labels.insert("source".into(), "demo".into());
@@ -114,6 +215,7 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         worker_max_memory_mib: 1024,
         kill_grace: Duration::from_secs(5),
         docker: args.docker.clone(),
+        chromium: args.chromium_settings.clone(),
     };
     if args.worker_location == Location::Docker {
         // The containers run as another user, who writes the demo's files.
@@ -159,7 +261,11 @@ async fn drive(
     dir: &std::path::Path,
 ) -> anyhow::Result<ExitCode> {
     let client = Client::connect(&broker.amqp_url, broker.names()?, "demo").await?;
-    let planned = plan(args.jobs, demodata);
+    let mut planned = plan(args.jobs, demodata);
+    if args.chromium {
+        let url = serve_page(REPORT_PAGE).context("cannot serve the demo's report page")?;
+        planned.extend(plan_chromium(&url, demodata));
+    }
     println!(
         "Rota demo: {} jobs through RabbitMQ at {} (namespace {:?}), pool of {}..{} {} workers; files under {}",
         planned.len(),
@@ -191,7 +297,7 @@ async fn drive(
                 let Some(event) = event else { bail!("lost the connection to RabbitMQ") };
                 if let Some(p) = pending.remove(&event.uuid) {
                     let status = event.status.map(|s| s.as_str()).unwrap_or("?");
-                    println!("[{:>3}/{total}] {:<16} {:<10} on {}", total - pending.len(), p.job.work_type, status,
+                    println!("[{:>3}/{total}] {:<19} {:<10} on {}", total - pending.len(), p.job.work_type, status,
                         event.agent.map(|a| a.to_string()).unwrap_or_default());
                 }
             }
@@ -208,17 +314,15 @@ async fn drive(
 
     println!();
     println!(
-        "{:<8}  {:<16}  {:<10}  {:<8}  {:>8}  {:<9}  FOLDER",
+        "{:<8}  {:<19}  {:<10}  {:<8}  {:>8}  {:<9}  FOLDER",
         "JOB", "TYPE", "STATUS", "EXPECTED", "SECONDS", "WORKER"
     );
     let mut ok = true;
     for (p, r) in &records {
-        let file_ok = match &p.file {
-            Some((path, text)) => std::fs::read_to_string(path)
-                .map(|t| &t == text)
-                .unwrap_or(false),
-            None => true,
-        };
+        let file_ok = p
+            .file
+            .as_ref()
+            .is_none_or(|(path, holds)| holds.found_in(path));
         let as_expected = r.state == p.expect && file_ok;
         ok &= as_expected;
         let worker = r
@@ -227,7 +331,7 @@ async fn drive(
             .and_then(|a| a.worker.clone())
             .unwrap_or_default();
         println!(
-            "{:<8}  {:<16}  {:<10}  {:<8}  {:>8}  {:<9}  {}",
+            "{:<8}  {:<19}  {:<10}  {:<8}  {:>8}  {:<9}  {}",
             &r.uuid.to_string()[..8],
             r.job.work_type,
             r.state.as_str(),
@@ -247,6 +351,14 @@ async fn drive(
         dir.join("agent-demo").join("work").display(),
         demodata.display()
     );
+    if args.chromium {
+        println!(
+            "Chromium ({}) rendered the report page to {} and {}",
+            args.chromium_settings.chromium_mode.as_str(),
+            demodata.join("report.pdf").display(),
+            demodata.join("report.png").display()
+        );
+    }
     if ok {
         println!("Every job ended as expected.");
         Ok(ExitCode::SUCCESS)

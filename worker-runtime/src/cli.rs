@@ -10,6 +10,7 @@ use rota_common::wire::{Job, JobId};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::chromium::{Chromium, ChromiumArgs};
 use crate::context::BufferSink;
 use crate::{Aliases, Context, Registry, run};
 
@@ -30,6 +31,8 @@ enum Command {
         /// Path alias NAME=DIR (repeatable).
         #[arg(long)]
         alias: Vec<String>,
+        #[command(flatten)]
+        chromium: ChromiumArgs,
     },
     /// Runs one Work here, without a broker, and prints its result as JSON (for trying out
     /// and debugging a work type). Exits non-zero unless it succeeded.
@@ -49,6 +52,8 @@ enum Command {
         /// The Work's working directory (default: a new temporary one).
         #[arg(long)]
         work_dir: Option<PathBuf>,
+        #[command(flatten)]
+        chromium: ChromiumArgs,
     },
 }
 
@@ -65,7 +70,10 @@ pub fn main(registry: Registry) -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match runtime.block_on(execute(cli, registry)) {
+    let result = runtime.block_on(execute(cli, registry));
+    // A blocking read of stdin may still be waiting (after SIGTERM): do not wait for it.
+    runtime.shutdown_background();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("worker-runtime: {e:#}");
@@ -82,8 +90,10 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<std::process::E
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Serve { alias } => {
-            crate::protocol::serve(registry, Aliases::parse(&alias)?).await?;
+        Command::Serve { alias, chromium } => {
+            chromium.check()?;
+            let chromium = Arc::new(Chromium::new(chromium));
+            crate::protocol::serve(registry, Aliases::parse(&alias)?, chromium).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Run {
@@ -92,7 +102,10 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<std::process::E
             alias,
             timeout_s,
             work_dir,
+            chromium,
         } => {
+            chromium.check()?;
+            let chromium = Arc::new(Chromium::new(chromium));
             let payload: Value = serde_json::from_str(&payload)
                 .map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?;
             let aliases = Aliases::parse(&alias)?;
@@ -114,7 +127,8 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<std::process::E
                 Arc::new(aliases),
                 sink.clone(),
                 CancellationToken::new(),
-            );
+            )
+            .with_chromium(chromium.clone());
             let outcome = run(
                 &registry,
                 ctx,
@@ -122,6 +136,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<std::process::E
                 CancellationToken::new(),
             )
             .await;
+            chromium.shutdown().await;
             let (logs, _) = sink.take_logs();
             let report = json!({ "status": outcome.status, "output": outcome.output, "error": outcome.error, "logs": logs });
             println!("{}", serde_json::to_string_pretty(&report)?);

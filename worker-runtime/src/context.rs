@@ -1,6 +1,6 @@
 //! What a running Work can reach: its job, a logger, a progress reporter, its own working
-//! directory, the pool's path aliases, a cancellation signal, and the scheduler (to submit
-//! child jobs).
+//! directory, the pool's path aliases, a cancellation signal, the scheduler (to submit
+//! child jobs) and its worker's Chromium.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::chromium::{Browser, Chromium};
 use crate::logs::LogBuffer;
 use crate::paths::Aliases;
 
@@ -100,6 +101,8 @@ pub struct Context {
     cancel: CancellationToken,
     /// Child jobs submitted so far (their ids count on it).
     children: Arc<AtomicU32>,
+    /// The worker's browser slot (none where the Work runs without a worker, e.g. in tests).
+    chromium: Option<Arc<Chromium>>,
 }
 
 impl Context {
@@ -120,7 +123,29 @@ impl Context {
             sink,
             cancel,
             children: Arc::default(),
+            chromium: None,
         }
+    }
+
+    /// The same context with its worker's Chromium.
+    pub fn with_chromium(mut self, chromium: Arc<Chromium>) -> Self {
+        self.chromium = Some(chromium);
+        self
+    }
+
+    /// The worker's Chromium slot, if it has one.
+    pub fn chromium(&self) -> Option<&Arc<Chromium>> {
+        self.chromium.as_ref()
+    }
+
+    /// A browser for this job, connected over the DevTools protocol: the worker's own,
+    /// started on first use where the pool's settings say Chromium lives, reused by its later
+    /// jobs. Pages opened in it are closed when the job ends.
+    pub async fn browser(&self) -> anyhow::Result<Browser> {
+        let chromium = self.chromium.as_ref().context(
+            "this Work runs without a worker's Chromium (it was not started by a pool or worker-runtime)",
+        )?;
+        chromium.browser().await
     }
 
     /// Where this Work's log lines and progress go.

@@ -1,10 +1,12 @@
 //! What a Work is and how one runs: the [`Work`] trait, the [`Registry`] of work types by name,
-//! the [`Context`] a Work gets (its job, logs, progress, working directory, path aliases), and
+//! the [`Context`] a Work gets (its job, logs, progress, working directory, path aliases, the
+//! worker's [`chromium`]), and
 //! [`run`], which executes one Work and turns whatever happens into an [`Outcome`].
 //!
 //! The pool agent calls [`run`] directly for `local` workers; the `worker-runtime` binary is
 //! the same code in a process of its own.
 
+pub mod chromium;
 pub mod cli;
 pub mod context;
 pub mod demo;

@@ -13,7 +13,9 @@
 //! agent:  {"op":"cancel"}  (the job in hand stops at its next await point)
 //! agent:  {"op":"shutdown"} (or closes stdin): the worker exits
 //! ```
-//! Timeouts are the agent's: it ends an overrunning worker with SIGTERM, then SIGKILL.
+//! Timeouts are the agent's: it ends an overrunning worker with SIGTERM, then SIGKILL. On
+//! SIGTERM, as at the end of stdin, the worker ends its Chromium (process and profile folder,
+//! or container) before it exits.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,6 +29,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::chromium::Chromium;
 use crate::context::Submission;
 use crate::{Aliases, Context, Outcome, Registry, Sink};
 
@@ -112,8 +115,14 @@ impl Sink for FrameSink {
     }
 }
 
-/// Serves the protocol on stdin/stdout until `shutdown` or the end of stdin.
-pub async fn serve(registry: Registry, aliases: Aliases) -> anyhow::Result<()> {
+/// Serves the protocol on stdin/stdout until `shutdown`, the end of stdin or SIGTERM; every
+/// job gets the worker's `chromium`, which is shut down at the end.
+pub async fn serve(
+    registry: Registry,
+    aliases: Aliases,
+    chromium: Arc<Chromium>,
+) -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<FromWorker>();
     let writer = tokio::spawn(async move {
         let mut stdout = tokio::io::stdout();
@@ -139,7 +148,14 @@ pub async fn serve(registry: Registry, aliases: Aliases) -> anyhow::Result<()> {
     let mut current: Option<CancellationToken> = None;
     let waiting: Waiting = Arc::default();
     let next_id = Arc::new(AtomicU64::new(1));
-    while let Some(line) = lines.next_line().await? {
+    loop {
+        let line = tokio::select! {
+            line = lines.next_line() => match line? {
+                Some(line) => line,
+                None => break,
+            },
+            _ = terminate.recv() => break,
+        };
         match serde_json::from_str::<ToWorker>(&line) {
             Ok(ToWorker::Execute { job, work_dir }) => {
                 let job = *job;
@@ -150,7 +166,8 @@ pub async fn serve(registry: Registry, aliases: Aliases) -> anyhow::Result<()> {
                     waiting: waiting.clone(),
                     next_id: next_id.clone(),
                 });
-                let ctx = Context::new(job, work_dir, aliases.clone(), sink, cancel.clone());
+                let ctx = Context::new(job, work_dir, aliases.clone(), sink, cancel.clone())
+                    .with_chromium(chromium.clone());
                 let (registry, out) = (registry.clone(), out_tx.clone());
                 tokio::spawn(async move {
                     // The agent enforces the timeout (hard); this one only bounds a lost agent.
@@ -178,6 +195,10 @@ pub async fn serve(registry: Registry, aliases: Aliases) -> anyhow::Result<()> {
             Err(e) => eprintln!("worker-runtime: ignoring an unreadable message: {e}"),
         }
     }
+    if let Some(c) = &current {
+        c.cancel();
+    }
+    chromium.shutdown().await;
     drop(out_tx);
     let _ = writer.await;
     Ok(())

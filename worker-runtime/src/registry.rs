@@ -23,10 +23,11 @@ impl Registry {
         Self::default()
     }
 
-    /// The built-in work types (`demo.*`).
+    /// The built-in work types (`demo.*`, `chromium.*`).
     pub fn with_builtins() -> Self {
         let mut r = Self::new();
         crate::demo::register(&mut r);
+        crate::chromium::works::register(&mut r);
         r
     }
 

@@ -54,7 +54,7 @@ pub async fn run(
         );
     };
     let execute = AssertUnwindSafe(work.execute(&ctx)).catch_unwind();
-    tokio::select! {
+    let outcome = tokio::select! {
         result = execute => match result {
             Ok(Ok(output)) => Outcome::succeeded(output),
             // A Work that gives up because it was told to stop was cancelled, not failed.
@@ -66,7 +66,12 @@ pub async fn run(
             Outcome::error(Status::TimedOut, "timeout", format!("ran longer than its timeout of {} s", timeout.as_secs_f64()))
         }
         _ = cancel.cancelled() => Outcome::error(Status::Cancelled, "cancelled", "cancelled"),
+    };
+    // Whatever happened, the job's pages are closed; its browser serves the next job.
+    if let Some(chromium) = ctx.chromium() {
+        chromium.end_job().await;
     }
+    outcome
 }
 
 /// The text of a panic payload.

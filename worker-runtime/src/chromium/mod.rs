@@ -1,0 +1,280 @@
+//! Headless Chromium for Work, over the DevTools protocol (chromiumoxide). Each worker owns a
+//! [`Chromium`]: its browser, started on first use wherever the settings say it lives
+//! ([`Mode`]: a local process, a container of its own, or an endpoint already running),
+//! reused for the worker's later jobs, and started again when it has died or stopped
+//! answering. A Work asks its context for a [`Browser`] and opens [`Page`]s in it; each job's
+//! pages live in a browser context of their own (no cookies or storage shared between jobs),
+//! which is closed, with every page in it, when the job ends.
+//!
+//! Pages get `window.rotaReady(value)`: a page calls it when its content is complete
+//! (see [`Ready`]). The built-in works `chromium.pdf` and `chromium.screenshot` are in
+//! [`works`].
+
+mod docker;
+mod local;
+mod page;
+mod settings;
+pub mod works;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chromiumoxide::cdp::browser_protocol::browser::BrowserContextId;
+use chromiumoxide::cdp::browser_protocol::target::CreateBrowserContextParams;
+use chromiumoxide::error::CdpError;
+use chromiumoxide::handler::HandlerConfig;
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+
+use docker::DockerChromium;
+use local::LocalChromium;
+pub use page::{NotReady, Page, PdfOptions, Ready, ScreenshotOptions};
+pub use settings::{ChromiumArgs, Mode};
+
+/// How long a browser may take to answer a health check or a housekeeping command before it
+/// is taken for hung.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A worker's browser slot: empty until a Work first asks for a browser.
+pub struct Chromium {
+    settings: ChromiumArgs,
+    running: tokio::sync::Mutex<Option<Arc<Running>>>,
+    /// The browser contexts opened by the job in hand, closed when it ends.
+    job_contexts: std::sync::Mutex<Vec<(Arc<Running>, BrowserContextId)>>,
+}
+
+impl std::fmt::Debug for Chromium {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chromium")
+            .field("mode", &self.settings.chromium_mode)
+            .finish()
+    }
+}
+
+/// A browser that is connected, and what to end when it is no longer wanted.
+struct Running {
+    browser: chromiumoxide::Browser,
+    /// Drives the DevTools connection; it ends when the connection does.
+    handler: JoinHandle<()>,
+    host: tokio::sync::Mutex<Host>,
+}
+
+/// Where a running browser lives.
+enum Host {
+    Local(LocalChromium),
+    Docker(DockerChromium),
+    /// Someone else's: never closed by us (closing a connected browser would end it).
+    Endpoint,
+}
+
+impl Chromium {
+    pub fn new(settings: ChromiumArgs) -> Self {
+        Self {
+            settings,
+            running: tokio::sync::Mutex::new(None),
+            job_contexts: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn settings(&self) -> &ChromiumArgs {
+        &self.settings
+    }
+
+    /// A browser for the job in hand: the worker's running one if it still answers, else a
+    /// new one. Pages opened through it are closed when the job ends ([`Chromium::end_job`]).
+    pub async fn browser(&self) -> anyhow::Result<Browser> {
+        let running = {
+            let mut slot = self.running.lock().await;
+            let alive = match slot.as_ref() {
+                Some(r) => r.answers().await,
+                None => false,
+            };
+            if !alive {
+                if let Some(dead) = slot.take() {
+                    tracing::warn!(
+                        mode = self.settings.chromium_mode.as_str(),
+                        "the worker's Chromium stopped answering; starting a new one"
+                    );
+                    dead.stop().await;
+                }
+                *slot = Some(Arc::new(self.start().await?));
+            }
+            slot.clone().context("a browser was just started")?
+        };
+        let context = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            running
+                .browser
+                .create_browser_context(CreateBrowserContextParams::default()),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("Chromium did not open a browser context within {ANSWER_TIMEOUT:?}")
+        })?
+        .context("Chromium cannot open a browser context")?;
+        if let Ok(mut contexts) = self.job_contexts.lock() {
+            contexts.push((running.clone(), context.clone()));
+        }
+        Ok(Browser { running, context })
+    }
+
+    /// Closes the pages of the job that just ended (its browser contexts). Called by
+    /// [`crate::run`] whatever the outcome.
+    pub async fn end_job(&self) {
+        let contexts = self
+            .job_contexts
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        for (running, context) in contexts {
+            let closed = tokio::time::timeout(
+                ANSWER_TIMEOUT,
+                running.browser.dispose_browser_context(context),
+            )
+            .await;
+            if !matches!(closed, Ok(Ok(()))) {
+                // The next job's health check decides whether it must be replaced.
+                tracing::warn!("could not close a job's pages in Chromium");
+            }
+        }
+    }
+
+    /// Ends the browser (the worker is replaced or stops): the local process and its profile
+    /// folder, or the container, are removed; an endpoint given by URL is only disconnected.
+    pub async fn shutdown(&self) {
+        self.end_job().await;
+        if let Some(running) = self.running.lock().await.take() {
+            running.stop().await;
+        }
+    }
+
+    async fn start(&self) -> anyhow::Result<Running> {
+        let s = &self.settings;
+        let (host, url) = match s.chromium_mode {
+            Mode::Local => {
+                let (local, url) = LocalChromium::start(s).await?;
+                (Host::Local(local), url)
+            }
+            Mode::Docker => {
+                let (container, url) = DockerChromium::start(s).await?;
+                (Host::Docker(container), url)
+            }
+            Mode::Url => {
+                s.check()?;
+                (Host::Endpoint, s.chromium_url.clone().unwrap_or_default())
+            }
+        };
+        let config = HandlerConfig {
+            // Pages keep Chromium's own window size unless a Work sets one.
+            viewport: None,
+            ..HandlerConfig::default()
+        };
+        let connected = tokio::time::timeout(
+            s.chromium_start_timeout,
+            chromiumoxide::Browser::connect_with_config(url.clone(), config),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))
+        .and_then(|r| r.map_err(anyhow::Error::from));
+        let (browser, mut handler) = match connected {
+            Ok(pair) => pair,
+            Err(e) => {
+                let running_host = tokio::sync::Mutex::new(host);
+                stop_host(&running_host).await;
+                anyhow::bail!(
+                    "cannot connect to Chromium's DevTools endpoint {url}: {e:#}{}",
+                    if s.chromium_mode == Mode::Url {
+                        "; is Chromium running there with --remote-debugging-port, and is --chromium-url (ROTA_CHROMIUM_URL) right?"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        };
+        let handler = tokio::spawn(async move {
+            while let Some(event) = handler.next().await {
+                match event {
+                    Ok(()) => {}
+                    Err(CdpError::Ws(e)) => {
+                        tracing::debug!(error = %e, "the DevTools connection ended");
+                        break;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "DevTools"),
+                }
+            }
+        });
+        tracing::info!(
+            mode = s.chromium_mode.as_str(),
+            endpoint = %url,
+            "Chromium started"
+        );
+        Ok(Running {
+            browser,
+            handler,
+            host: tokio::sync::Mutex::new(host),
+        })
+    }
+}
+
+impl Running {
+    /// Whether the browser is there and answers a command in time.
+    async fn answers(&self) -> bool {
+        if self.handler.is_finished() {
+            return false;
+        }
+        if let Host::Local(local) = &mut *self.host.lock().await
+            && local.exited()
+        {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(ANSWER_TIMEOUT, self.browser.version()).await,
+            Ok(Ok(_))
+        )
+    }
+
+    async fn stop(&self) {
+        if let Host::Local(_) = &*self.host.lock().await {
+            // Ask first: Chromium then ends its helper processes itself.
+            let _ = tokio::time::timeout(
+                ANSWER_TIMEOUT,
+                self.browser
+                    .execute(chromiumoxide::cdp::browser_protocol::browser::CloseParams::default()),
+            )
+            .await;
+        }
+        self.handler.abort();
+        stop_host(&self.host).await;
+    }
+}
+
+async fn stop_host(host: &tokio::sync::Mutex<Host>) {
+    match &mut *host.lock().await {
+        Host::Local(local) => local.stop().await,
+        Host::Docker(container) => container.remove().await,
+        Host::Endpoint => {}
+    }
+}
+
+/// The browser as one job sees it: pages opened here belong to the job and are closed when
+/// it ends.
+pub struct Browser {
+    running: Arc<Running>,
+    context: BrowserContextId,
+}
+
+impl Browser {
+    /// Opens `url` in a new page and waits until it has loaded (at most `limit`). The page
+    /// has `window.rotaReady`; wait for it with [`Page::wait_ready`].
+    pub async fn open(&self, url: &str, limit: Duration) -> anyhow::Result<Page> {
+        let page = Page::blank(&self.running.browser, &self.context).await?;
+        page.goto(url, limit).await?;
+        Ok(page)
+    }
+
+    /// A new, empty page (`about:blank`) with `window.rotaReady`.
+    pub async fn new_page(&self) -> anyhow::Result<Page> {
+        Page::blank(&self.running.browser, &self.context).await
+    }
+}
