@@ -69,7 +69,11 @@ impl LocalChromium {
         cmd.args(FLAGS)
             .arg(format!("--user-data-dir={}", profile.display()))
             .args(settings.chromium_args.iter().map(|a| format!("--{a}")));
-        if running_as_root() {
+        if in_container() {
+            // The container is the sandbox (Chromium's own needs privileges it lacks there),
+            // and its /dev/shm is small.
+            cmd.args(["--no-sandbox", "--disable-dev-shm-usage"]);
+        } else if running_as_root() {
             // Chromium refuses to run its sandbox as root.
             cmd.arg("--no-sandbox");
         }
@@ -209,6 +213,11 @@ pub(super) fn process_alive(pid: u32) -> bool {
                 .and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s != "Z"))
         })
         .unwrap_or(false)
+}
+
+/// Whether this process runs in a Docker container (a `docker` worker's).
+fn in_container() -> bool {
+    Path::new("/.dockerenv").exists()
 }
 
 fn running_as_root() -> bool {

@@ -1,0 +1,518 @@
+//! Chromium for Work, for real: each way Chromium can live (a local process, a container of
+//! its own, the endpoint of a Chromium already running, beside the runtime in a `docker`
+//! worker's container) renders a page that writes its text with JavaScript only after a
+//! delay; the PDF's text (pdftotext) proves that Rota waited for the page. Also: pages that
+//! never get ready or do not answer, a Chromium killed between jobs, a screenshot's size, and
+//! that nothing (process, profile folder, container) is left behind.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rota_tests::{Proc, System, alive, bin, containers, within};
+use serde_json::{Value, json};
+
+/// The text the report page writes 700 ms after it has loaded.
+const LATE_TEXT: &str = "Revenue grew by 42 percent";
+
+/// Serves the test pages on 127.0.0.1 for as long as the test binary runs; returns the base
+/// URL. `/report` calls `rotaReady({"rows": 3})` once its text is there; `/plain` only sets
+/// `window.reportDone`; `/never` never gets ready.
+fn serve_pages() -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let base = format!("http://{}", listener.local_addr().expect("an address"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(&stream);
+                let mut head = String::new();
+                let _ = reader.read_line(&mut head);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let (status, body) = match path.as_str() {
+                    "/report" => ("200 OK", page(LATE_TEXT, "window.rotaReady({rows: 3});")),
+                    "/plain" => ("200 OK", page(LATE_TEXT, "window.reportDone = true;")),
+                    "/never" => ("200 OK", page("never ready", "")),
+                    _ => ("404 Not Found", "no such page".to_owned()),
+                };
+                let _ = write!(
+                    &stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    base
+}
+
+/// A page whose content is written by JavaScript 700 ms after loading, then runs `then`.
+fn page(text: &str, then: &str) -> String {
+    format!(
+        r#"<!doctype html><html><head><title>Test report</title></head><body><h1>Report</h1>
+<p id="out">loading</p><script>
+setTimeout(() => {{ document.getElementById("out").textContent = "{text}"; {then} }}, 700);
+</script></body></html>"#
+    )
+}
+
+fn pages() -> &'static str {
+    static BASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BASE.get_or_init(serve_pages)
+}
+
+/// Submits a job of `work_type` and waits for its record.
+async fn submit(sys: &System, work_type: &str, payload: Value) -> Value {
+    let payload = payload.to_string();
+    sys.submit_wait(&["--type", work_type, "--payload", &payload])
+        .await
+        .1
+}
+
+/// Renders `/report` to `out/<name>.pdf`, waiting for `rotaReady`; asserts it succeeded and
+/// that the PDF holds the text written after the delay. Returns the job's output.
+async fn report_pdf(sys: &System, name: &str) -> Value {
+    let record = submit(
+        sys,
+        "chromium.pdf",
+        json!({"url": format!("{}/report", pages()), "output": format!("out/{name}.pdf"),
+               "wait_for_ready": true}),
+    )
+    .await;
+    assert_eq!(record["state"], "succeeded", "{record:#}");
+    let output = record["attempts"][0]["output"].clone();
+    assert_eq!(output["ready"], json!({"rows": 3}), "rotaReady's value");
+    assert_eq!(output["title"], "Test report");
+    let file = PathBuf::from(output["file"].as_str().expect("a file"));
+    assert_eq!(
+        output["bytes"].as_u64(),
+        std::fs::metadata(&file).ok().map(|m| m.len())
+    );
+    let text = pdf_text(&file);
+    assert!(text.contains(LATE_TEXT), "the PDF says: {text}");
+    output
+}
+
+fn pdf_text(file: &Path) -> String {
+    let out = std::process::Command::new("pdftotext")
+        .arg(file)
+        .arg("-")
+        .output()
+        .expect("pdftotext runs (apt-get install poppler-utils)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A folder for the `out` alias that any user may write (docker workers are not root).
+fn out_folder(sys: &System) -> (PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = sys.dir.path().join("out");
+    std::fs::create_dir_all(&dir).expect("folder");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let alias = format!("out={}", dir.display());
+    (dir, alias)
+}
+
+/// The folder for the agent's Chromium profiles, so the test can see them.
+fn profiles(sys: &System) -> String {
+    sys.dir.path().join("profiles").display().to_string()
+}
+
+/// The main processes (not helpers) of the Chromiums whose profiles are under `root`.
+fn browsers_under(root: &str) -> Vec<u32> {
+    processes_with(&format!("--user-data-dir={root}"))
+        .into_iter()
+        .filter(|(_, cmdline)| !cmdline.contains("--type="))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Live processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            (cmdline.contains(needle) && alive(pid)).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
+/// Stops `agent` with SIGTERM (it ends its workers and their browsers on the way out).
+async fn stop(agent: &mut Proc) {
+    let status = agent.terminate().await.expect("the agent stops");
+    assert!(status.success(), "{}", agent.output());
+}
+
+/// Asserts that no Chromium of `root` runs (helpers included) and that its profile folders
+/// are gone.
+fn nothing_left_under(root: &str) {
+    let running = processes_with(&format!("--user-data-dir={root}"));
+    assert!(
+        running.is_empty(),
+        "Chromium processes left behind: {running:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "profile folders left behind: {left:?}");
+}
+
+/// The width and height of a PNG, from its header.
+fn png_size(bytes: &[u8]) -> (u32, u32) {
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    let be =
+        |at: usize| u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    (be(16), be(20))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_chromium_renders_once_the_page_is_ready_and_leaves_nothing_behind() {
+    let sys = System::new().await;
+    let (out, alias) = out_folder(&sys);
+    let root = profiles(&sys);
+    let _scheduler = sys.scheduler();
+    let mut agent = sys.agent(
+        "local-chromium",
+        &[
+            "--worker-location",
+            "process",
+            "--pool-max-size",
+            "1",
+            "--alias",
+            &alias,
+            "--chromium-mode",
+            "local",
+            "--chromium-profile-root",
+            &root,
+        ],
+    );
+    report_pdf(&sys, "signal").await;
+
+    // The same, with a JavaScript condition instead of the signal.
+    let record = submit(
+        &sys,
+        "chromium.pdf",
+        json!({"url": format!("{}/plain", pages()), "output": "out/expression.pdf",
+               "ready_expression": "window.reportDone === true", "paper": "Letter", "landscape": true}),
+    )
+    .await;
+    assert_eq!(record["state"], "succeeded", "{record:#}");
+    assert!(pdf_text(&out.join("expression.pdf")).contains(LATE_TEXT));
+
+    let record = submit(
+        &sys,
+        "chromium.screenshot",
+        json!({"url": format!("{}/report", pages()), "output": "out/shot.png",
+               "wait_for_ready": true, "width": 640, "height": 360}),
+    )
+    .await;
+    assert_eq!(record["state"], "succeeded", "{record:#}");
+    let png = std::fs::read(out.join("shot.png")).expect("the PNG was written");
+    assert_eq!(png_size(&png), (640, 360));
+
+    assert_eq!(
+        browsers_under(&root).len(),
+        1,
+        "one browser served the worker's three jobs"
+    );
+    stop(&mut agent).await;
+    nothing_left_under(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_never_gets_ready_or_does_not_answer_fails_and_the_browser_serves_the_next_job()
+{
+    let sys = System::new().await;
+    let (_, alias) = out_folder(&sys);
+    let root = profiles(&sys);
+    let _scheduler = sys.scheduler();
+    let mut agent = sys.agent(
+        "failing-pages",
+        &[
+            "--worker-location",
+            "thread",
+            "--pool-max-size",
+            "1",
+            "--alias",
+            &alias,
+            "--chromium-profile-root",
+            &root,
+        ],
+    );
+    report_pdf(&sys, "first").await;
+    let browser = browsers_under(&root);
+    assert_eq!(browser.len(), 1);
+
+    let record = submit(
+        &sys,
+        "chromium.pdf",
+        json!({"url": format!("{}/never", pages()), "output": "out/never.pdf",
+               "wait_for_ready": true, "timeout_s": 2}),
+    )
+    .await;
+    assert_eq!(record["state"], "failed");
+    let error = record["attempts"][0]["error"]["message"]
+        .as_str()
+        .expect("an error");
+    assert!(
+        error.contains("did not call window.rotaReady()") && error.contains("timeout_s = 2"),
+        "{error}"
+    );
+
+    // A port that nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("http://127.0.0.1:{closed}/report");
+    let record = submit(
+        &sys,
+        "chromium.pdf",
+        json!({"url": url, "output": "out/refused.pdf"}),
+    )
+    .await;
+    assert_eq!(record["state"], "failed");
+    let error = record["attempts"][0]["error"]["message"]
+        .as_str()
+        .expect("an error");
+    assert!(
+        error.contains(&format!("cannot load {url}")) && error.contains("ERR_CONNECTION_REFUSED"),
+        "{error}"
+    );
+
+    report_pdf(&sys, "after").await;
+    assert_eq!(
+        browsers_under(&root),
+        browser,
+        "the same browser served every job"
+    );
+    stop(&mut agent).await;
+    nothing_left_under(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chromium_killed_between_jobs_is_replaced_for_the_next_job() {
+    let sys = System::new().await;
+    let (_, alias) = out_folder(&sys);
+    let root = profiles(&sys);
+    let _scheduler = sys.scheduler();
+    let mut agent = sys.agent(
+        "killed-chromium",
+        &[
+            "--worker-location",
+            "local",
+            "--pool-max-size",
+            "1",
+            "--alias",
+            &alias,
+            "--chromium-profile-root",
+            &root,
+        ],
+    );
+    report_pdf(&sys, "before").await;
+    let first = browsers_under(&root);
+    assert_eq!(first.len(), 1);
+    // Once SIGKILL is sent, that browser never answers again.
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &first[0].to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+
+    report_pdf(&sys, "after").await;
+    let second = browsers_under(&root);
+    assert_eq!(second.len(), 1, "one browser again: {second:?}");
+    assert_ne!(second, first, "a new browser");
+    stop(&mut agent).await;
+    nothing_left_under(&root);
+}
+
+/// The Chromium image, built once per test binary (reused while its inputs are unchanged).
+async fn chromium_image(worker: bool) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/chromium/build.sh");
+    let mut cmd = tokio::process::Command::new(script);
+    if worker {
+        cmd.arg("--worker").arg(bin("worker-runtime"));
+    }
+    let out = cmd.output().await.expect("the image build script runs");
+    assert!(
+        out.status.success(),
+        "cannot build the Chromium image (is a Docker engine running? deploy/setup.sh starts one): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// One build at a time: both images share the base image.
+static IMAGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The Chromium containers that the process `owner` started.
+fn chromium_containers_of(owner: u32) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+        .arg(format!("label=rota.owner-pid={owner}"))
+        .args(["--filter", "label=rota.role=chromium"])
+        .output()
+        .expect("docker runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_in_a_container_of_its_own_renders_and_is_removed_with_its_worker() {
+    let image = {
+        let _one = IMAGES.lock().await;
+        chromium_image(false).await
+    };
+    let sys = System::new().await;
+    let (_, alias) = out_folder(&sys);
+    let _scheduler = sys.scheduler();
+    // The debugging set-up: scheduler, pool and Work in one process each, Chromium in Docker.
+    let mut agent = sys.agent(
+        "docker-chromium",
+        &[
+            "--worker-location",
+            "local",
+            "--pool-max-size",
+            "1",
+            "--alias",
+            &alias,
+            "--chromium-mode",
+            "docker",
+            "--chromium-image",
+            &image,
+        ],
+    );
+    report_pdf(&sys, "first").await;
+    report_pdf(&sys, "second").await;
+    let pid = agent.pid();
+    assert_eq!(
+        chromium_containers_of(pid).len(),
+        1,
+        "one container served both jobs"
+    );
+    stop(&mut agent).await;
+    assert_eq!(chromium_containers_of(pid), Vec::<String>::new(), "removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_already_running_is_used_through_its_url_and_left_running() {
+    let sys = System::new().await;
+    let (_, alias) = out_folder(&sys);
+    let profile = sys.dir.path().join("own-chromium");
+    let mut chromium = tokio::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("chromium starts (deploy/setup.sh installs it)");
+    let endpoint = {
+        use tokio::io::AsyncBufReadExt;
+        let stderr = chromium.stderr.take().expect("stderr");
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        within(
+            Duration::from_secs(30),
+            "Chromium's DevTools endpoint",
+            async {
+                loop {
+                    let line = lines.next_line().await.expect("reads").expect("a line");
+                    if let Some(ws) = line.split("DevTools listening on ").nth(1) {
+                        // ws://127.0.0.1:PORT/devtools/browser/… → http://127.0.0.1:PORT
+                        let host = ws.trim().trim_start_matches("ws://");
+                        let port = host.split('/').next().expect("host:port");
+                        break format!("http://{port}");
+                    }
+                }
+            },
+        )
+        .await
+    };
+    let _scheduler = sys.scheduler();
+    let mut agent = sys.agent(
+        "url-chromium",
+        &[
+            "--worker-location",
+            "process",
+            "--alias",
+            &alias,
+            "--chromium-mode",
+            "url",
+            "--chromium-url",
+            &endpoint,
+        ],
+    );
+    report_pdf(&sys, "remote").await;
+    stop(&mut agent).await;
+    let pid = chromium.id().expect("a pid");
+    assert!(
+        alive(pid),
+        "the agent leaves a Chromium it did not start alone"
+    );
+    let _ = chromium.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_beside_the_runtime_in_a_docker_workers_container() {
+    let image = {
+        let _one = IMAGES.lock().await;
+        chromium_image(true).await
+    };
+    let sys = System::new().await;
+    let (_, alias) = out_folder(&sys);
+    let _scheduler = sys.scheduler();
+    let mut agent = sys.agent(
+        "worker-with-chromium",
+        &[
+            "--worker-location",
+            "docker",
+            "--docker-image",
+            &image,
+            // Chromium reaches the test's pages on 127.0.0.1, and needs more than the defaults.
+            "--docker-network",
+            "host",
+            "--docker-memory-mib",
+            "1024",
+            "--docker-pids-limit",
+            "1024",
+            "--docker-tmp-mib",
+            "256",
+            "--pool-max-size",
+            "1",
+            "--alias",
+            &alias,
+            "--chromium-mode",
+            "local",
+        ],
+    );
+    let output = report_pdf(&sys, "in-worker").await;
+    assert!(
+        output["file"]
+            .as_str()
+            .expect("a path")
+            .ends_with("in-worker.pdf")
+    );
+    stop(&mut agent).await;
+    assert_eq!(containers(sys.names.namespace()), Vec::new(), "removed");
+}
