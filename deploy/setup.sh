@@ -2,12 +2,15 @@
 # Makes this Debian 12 host ready to run Rota, idempotently: RabbitMQ (with the management UI)
 # installed from Debian's packages and started, unless something already answers on the
 # configured AMQP URL; and a Docker engine for `docker` workers (Debian's docker.io, started
-# without bridge networking when none answers); and the tools the tests run (a Python venv in
-# ./.venv with kubernetes-validate, hadolint and pika; the Node example's amqplib). Safe to run
-# again at any time; it reuses whatever is already running or installed.
+# without bridge networking when none answers); Debian's chromium (for `--chromium-mode
+# local`), debootstrap (to build the Chromium images) and poppler-utils (pdftotext, which the
+# Chromium tests read PDFs with); and the tools the tests run (a Python venv in ./.venv with
+# kubernetes-validate, hadolint and pika; the Node example's amqplib). Safe to run again at
+# any time; it reuses whatever is already running or installed.
 #
 #   deploy/setup.sh            # what the demo and the tests need
 #   deploy/setup.sh rabbitmq   # only RabbitMQ
+#   deploy/setup.sh chromium   # only Chromium and the tools around it
 #   deploy/setup.sh tools      # only the test tools and the examples' libraries
 #
 # Environment: ROTA_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f).
@@ -124,9 +127,16 @@ setup_tools() {
   say "test tools ready in $venv"
 }
 
+# Chromium for Work that renders pages, and the tools its image build and tests use.
+setup_chromium() {
+  apt_install chromium fonts-dejavu-core fonts-liberation2 poppler-utils debootstrap
+  say "Chromium is installed ($(chromium --version 2>/dev/null || echo '?'))"
+}
+
 case "${1:-all}" in
   rabbitmq) setup_rabbitmq ;;
   tools) setup_tools ;;
-  all) setup_rabbitmq; setup_docker; setup_tools ;;
-  *) die "unknown part ${1}; say rabbitmq or tools, or nothing for everything" ;;
+  chromium) setup_chromium ;;
+  all) setup_rabbitmq; setup_docker; setup_chromium; setup_tools ;;
+  *) die "unknown part ${1}; say rabbitmq, chromium or tools, or nothing for everything" ;;
 esac

@@ -1,6 +1,7 @@
 //! Chromium in a container of its own (`--chromium-mode docker`), started through bollard:
 //! the configured image, network `host` (so it reaches the pages the Work names, and the
-//! worker reaches its DevTools port), the endpoint read from the container's log. The
+//! worker reaches its DevTools port), unprivileged on a read-only root, the endpoint read
+//! from the container's log. The
 //! container is removed when its browser ends; containers whose owner process is gone are
 //! removed by the next one that starts on this host.
 
@@ -28,6 +29,8 @@ const HOST_LABEL: &str = "rota.owner-host";
 pub(super) struct DockerChromium {
     docker: Docker,
     pub name: String,
+    /// Set once removed, so that dropping it does not try again.
+    removed: std::sync::atomic::AtomicBool,
 }
 
 impl DockerChromium {
@@ -64,8 +67,18 @@ impl DockerChromium {
             image: Some(settings.chromium_image.clone()),
             cmd: Some(cmd),
             labels: Some(labels),
+            // Unprivileged, on a read-only root with a writable /tmp (profile, shared memory).
+            user: Some("65534:65534".into()),
+            env: Some(vec!["HOME=/tmp".into()]),
             host_config: Some(HostConfig {
                 network_mode: Some("host".into()),
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                readonly_rootfs: Some(true),
+                tmpfs: Some(HashMap::from([(
+                    "/tmp".to_owned(),
+                    "rw,nosuid,nodev,size=512m".to_owned(),
+                )])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -84,7 +97,11 @@ impl DockerChromium {
                     settings.chromium_image
                 )
             })?;
-        let container = DockerChromium { docker, name };
+        let container = DockerChromium {
+            docker,
+            name,
+            removed: Default::default(),
+        };
         match container.open(settings).await {
             Ok(url) => Ok((container, url)),
             Err(e) => {
@@ -142,6 +159,7 @@ impl DockerChromium {
 
     /// Removes the container (killing Chromium if it still runs).
     pub async fn remove(&self) {
+        self.removed.store(true, Ordering::Relaxed);
         if let Err(e) = self
             .docker
             .remove_container(&self.name, Some(force()))
@@ -156,6 +174,9 @@ impl Drop for DockerChromium {
     fn drop(&mut self) {
         // Dropped without `remove` (a worker dropped at once): remove it in the background
         // while the runtime still runs; otherwise the next container started here does.
+        if self.removed.load(Ordering::Relaxed) {
+            return;
+        }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (docker, name) = (self.docker.clone(), self.name.clone());
             runtime.spawn(async move {

@@ -1,0 +1,182 @@
+//! How much Rota's `chromium.pdf` costs over the floor: the same page rendered to PDF by a
+//! bare chromiumoxide program, then by Rota's Work on a worker's browser (the code a `local`
+//! worker runs, without the broker). For each: the first PDF, browser start included, and
+//! then the PDF of a warm browser.
+//!
+//!   cargo run --release -p rota-worker-runtime --example chromium_bench -- [PDFS]
+//!
+//! The page builds a table with JavaScript and calls `window.rotaReady()` at once, so the
+//! figures are rendering and overhead, not waiting.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chromiumoxide::cdp::browser_protocol::page::{
+    AddScriptToEvaluateOnNewDocumentParams, PrintToPdfParams,
+};
+use chromiumoxide::{Browser, BrowserConfig};
+use futures::StreamExt;
+use rota_common::wire::{Job, JobId, Status};
+use rota_worker_runtime::chromium::{Chromium, ChromiumArgs};
+use rota_worker_runtime::context::BufferSink;
+use rota_worker_runtime::{Aliases, Context, Registry};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const PAGE: &str = r#"<!doctype html><html><head><title>Bench report</title></head><body>
+<h1>Bench report</h1><table id="t"></table><script>
+const rows = Array.from({length: 50}, (_, i) => `<tr><td>row ${i}</td><td>${i * i}</td></tr>`);
+document.getElementById("t").innerHTML = rows.join("");
+setTimeout(() => window.rotaReady({rows: rows.length}), 0);
+</script></body></html>"#;
+
+const READY_SCRIPT: &str = r#"(() => { let r; const p = new Promise((x) => { r = x; });
+Object.defineProperty(window, "__ready", { value: p }); window.rotaReady = (v) => r(v ?? null); })();"#;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let pdfs: usize = std::env::args()
+        .nth(1)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(20);
+    let url = serve(PAGE)?;
+    let dir = tempfile::tempdir()?;
+    println!("{pdfs} PDFs of {url} each way; Chromium: {}", version());
+
+    let times = bare(&url, pdfs, dir.path()).await?;
+    report("bare chromiumoxide", &times);
+    let times = rota(&url, pdfs, dir.path()).await?;
+    report("Rota chromium.pdf", &times);
+    Ok(())
+}
+
+/// The floor: launch, then per PDF a page, the ready promise, the PDF, the file, close.
+async fn bare(url: &str, pdfs: usize, dir: &std::path::Path) -> anyhow::Result<Vec<Duration>> {
+    let profile = dir.join("bare-profile");
+    let start = Instant::now();
+    let config = BrowserConfig::builder()
+        .chrome_executable(on_path("chromium")?)
+        .no_sandbox()
+        .user_data_dir(&profile)
+        .args([
+            "--disable-gpu",
+            "--disable-quic",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .build()
+        .map_err(anyhow::Error::msg)?;
+    let (mut browser, mut handler) = Browser::launch(config).await?;
+    let driver = tokio::spawn(async move { while handler.next().await.is_some() {} });
+    let mut times = Vec::new();
+    let mut from = start;
+    for i in 0..pdfs {
+        let page = browser.new_page("about:blank").await?;
+        page.execute(AddScriptToEvaluateOnNewDocumentParams::new(READY_SCRIPT))
+            .await?;
+        page.goto(url).await?;
+        page.evaluate("window.__ready").await?;
+        let pdf = page.pdf(PrintToPdfParams::default()).await?;
+        tokio::fs::write(dir.join(format!("bare-{i}.pdf")), pdf).await?;
+        page.close().await?;
+        times.push(from.elapsed());
+        from = Instant::now();
+    }
+    browser.close().await?;
+    browser.wait().await?;
+    driver.abort();
+    Ok(times)
+}
+
+/// Rota's Work, as a `local` worker runs it: the worker's browser slot, a context per job.
+async fn rota(url: &str, pdfs: usize, dir: &std::path::Path) -> anyhow::Result<Vec<Duration>> {
+    let settings = ChromiumArgs {
+        chromium_profile_root: Some(dir.to_owned()),
+        ..ChromiumArgs::default()
+    };
+    let chromium = Arc::new(Chromium::new(settings));
+    let registry = Registry::with_builtins();
+    let aliases = Arc::new(Aliases::parse(&[format!("out={}", dir.display())])?);
+    let mut times = Vec::new();
+    for i in 0..pdfs {
+        let start = Instant::now();
+        let mut job = Job::new(
+            "chromium.pdf",
+            json!({"url": url, "output": format!("out/rota-{i}.pdf"), "wait_for_ready": true}),
+        );
+        job.uuid = Some(JobId::random());
+        let sink = Arc::new(BufferSink::new(|_| {}));
+        let ctx = Context::new(
+            job,
+            dir.to_owned(),
+            aliases.clone(),
+            sink,
+            CancellationToken::new(),
+        )
+        .with_chromium(chromium.clone());
+        let outcome = rota_worker_runtime::run(
+            &registry,
+            ctx,
+            Duration::from_secs(60),
+            CancellationToken::new(),
+        )
+        .await;
+        anyhow::ensure!(outcome.status == Status::Succeeded, "{outcome:?}");
+        times.push(start.elapsed());
+    }
+    chromium.shutdown().await;
+    Ok(times)
+}
+
+fn report(what: &str, times: &[Duration]) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut warm: Vec<f64> = times.iter().skip(1).map(|d| ms(*d)).collect();
+    warm.sort_by(f64::total_cmp);
+    let mean = warm.iter().sum::<f64>() / warm.len().max(1) as f64;
+    let median = warm.get(warm.len() / 2).copied().unwrap_or(0.0);
+    println!(
+        "{what:<20} first PDF (cold browser) {:>7.0} ms   warm: median {median:>5.1} ms, mean {mean:>5.1} ms",
+        times.first().map(|d| ms(*d)).unwrap_or(0.0)
+    );
+}
+
+/// The full path of `program`, found on PATH (chromiumoxide wants one).
+fn on_path(program: &str) -> anyhow::Result<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow::anyhow!("{program} is not on PATH (deploy/setup.sh installs it)"))
+}
+
+fn version() -> String {
+    std::process::Command::new("chromium")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Serves `html` on 127.0.0.1 for as long as the program runs.
+fn serve(html: &'static str) -> anyhow::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("http://{}/report.html", listener.local_addr()?);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(&stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let _ = write!(
+                    &stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                    html.len()
+                );
+            });
+        }
+    });
+    Ok(url)
+}
