@@ -1,9 +1,12 @@
 //! How much Rota's `chromium.pdf` costs over the floor: the same page rendered to PDF by a
 //! bare chromiumoxide program, then by Rota's Work on a worker's browser (the code a `local`
-//! worker runs, without the broker). For each: the first PDF, browser start included, and
-//! then the PDF of a warm browser.
+//! worker runs, without the broker), then (with `--through ALIAS_DIR`) end to end: submitted
+//! to a running scheduler and agent through RabbitMQ (ROTA_AMQP_URL, ROTA_NAMESPACE), one
+//! job at a time, each timed from submit to its `job.finished` event. For each: the first PDF,
+//! browser start included, and then the PDF of a warm browser. `deploy/bench-chromium.sh`
+//! runs all three.
 //!
-//!   cargo run --release -p rota-worker-runtime --example chromium_bench -- [PDFS]
+//!   cargo run --release -p rota-worker-runtime --example chromium_bench -- [PDFS] [--through DIR]
 //!
 //! The page builds a table with JavaScript and calls `window.rotaReady()` at once, so the
 //! figures are rendering and overhead, not waiting.
@@ -16,7 +19,7 @@ use chromiumoxide::cdp::browser_protocol::page::{
 };
 use chromiumoxide::{Browser, BrowserConfig};
 use futures::StreamExt;
-use rota_common::wire::{Job, JobId, Status};
+use rota_common::wire::{EventKind, Job, JobId, Role, Status};
 use rota_worker_runtime::chromium::{Chromium, ChromiumArgs};
 use rota_worker_runtime::context::BufferSink;
 use rota_worker_runtime::{Aliases, Context, Registry};
@@ -35,20 +38,77 @@ Object.defineProperty(window, "__ready", { value: p }); window.rotaReady = (v) =
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let pdfs: usize = std::env::args()
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(20);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let pdfs: usize = args.first().map(|n| n.parse()).transpose()?.unwrap_or(20);
+    let through = args
+        .iter()
+        .position(|a| a == "--through")
+        .and_then(|i| args.get(i + 1));
     let url = serve(PAGE)?;
     let dir = tempfile::tempdir()?;
-    println!("{pdfs} PDFs of {url} each way; Chromium: {}", version());
+    println!("{pdfs} PDFs of {url} each way; {}", version());
 
-    let times = bare(&url, pdfs, dir.path()).await?;
-    report("bare chromiumoxide", &times);
-    let times = rota(&url, pdfs, dir.path()).await?;
-    report("Rota chromium.pdf", &times);
+    match through {
+        Some(alias_dir) => {
+            let times = broker(&url, pdfs, alias_dir).await?;
+            report("Rota end to end", &times);
+        }
+        None => {
+            let times = bare(&url, pdfs, dir.path()).await?;
+            report("bare chromiumoxide", &times);
+            let times = rota(&url, pdfs, dir.path()).await?;
+            report("Rota chromium.pdf", &times);
+        }
+    }
     Ok(())
+}
+
+/// Through a running scheduler and agent (whose `out` alias is `alias_dir`): one job at a
+/// time, from submit to the scheduler's `job.finished` event.
+async fn broker(url: &str, pdfs: usize, _alias_dir: &str) -> anyhow::Result<Vec<Duration>> {
+    let amqp = std::env::var("ROTA_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let ns = std::env::var("ROTA_NAMESPACE").unwrap_or_else(|_| "rota".into());
+    let names = rota_common::Names::new(&ns).map_err(anyhow::Error::msg)?;
+    let client = rota_common::client::Client::connect(&amqp, names, "chromium-bench").await?;
+    let mut events = client.watch(&[EventKind::Finished]).await?;
+    // An agent's heartbeat: it is connected and its worker is warm (its browser is not).
+    let mut beats = client.heartbeats().await?;
+    while beats
+        .next()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("lost the broker"))?
+        .role
+        != Role::Agent
+    {}
+    let mut times = Vec::new();
+    for i in 0..pdfs {
+        let mut job = Job::new(
+            "chromium.pdf",
+            json!({"url": url, "output": format!("out/e2e-{i}.pdf"), "wait_for_ready": true}),
+        );
+        let uuid = JobId::random();
+        job.uuid = Some(uuid);
+        let start = Instant::now();
+        client.submit(job).await?;
+        loop {
+            let event = events
+                .next()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("lost the broker"))?;
+            if event.uuid == uuid {
+                anyhow::ensure!(
+                    event.status == Some(Status::Succeeded),
+                    "job {uuid}: {:?}",
+                    event.status
+                );
+                break;
+            }
+        }
+        times.push(start.elapsed());
+    }
+    client.close().await;
+    Ok(times)
 }
 
 /// The floor: launch, then per PDF a page, the ready promise, the PDF, the file, close.

@@ -2,9 +2,11 @@
 //! [`Chromium`]: its browser, started on first use wherever the settings say it lives
 //! ([`Mode`]: a local process, a container of its own, or an endpoint already running),
 //! reused for the worker's later jobs, and started again when it has died or stopped
-//! answering. A Work asks its context for a [`Browser`] and opens [`Page`]s in it; each job's
-//! pages live in a browser context of their own (no cookies or storage shared between jobs),
-//! which is closed, with every page in it, when the job ends.
+//! answering. A Work asks its context for a [`Browser`] and opens [`Page`]s in it; the pages a
+//! job opened are closed when it ends, and the browser's cookies cleared (not those of a
+//! browser given by URL, which others may share). Pages live in the browser's default
+//! context: a fresh context per job would cost a new renderer process, about 250 ms a page
+//! here.
 //!
 //! Pages get `window.rotaReady(value)`: a page calls it when its content is complete
 //! (see [`Ready`]). The built-in works `chromium.pdf` and `chromium.screenshot` are in
@@ -20,8 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chromiumoxide::cdp::browser_protocol::browser::BrowserContextId;
-use chromiumoxide::cdp::browser_protocol::target::CreateBrowserContextParams;
+use chromiumoxide::cdp::browser_protocol::target::CloseTargetParams;
 use chromiumoxide::error::CdpError;
 use chromiumoxide::handler::HandlerConfig;
 use futures::StreamExt;
@@ -40,9 +41,12 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Chromium {
     settings: ChromiumArgs,
     running: tokio::sync::Mutex<Option<Arc<Running>>>,
-    /// The browser contexts opened by the job in hand, closed when it ends.
-    job_contexts: std::sync::Mutex<Vec<(Arc<Running>, BrowserContextId)>>,
+    /// The pages opened by the job in hand, closed when it ends.
+    job_pages: JobPages,
 }
+
+/// The pages a job opened, with the browser each is in.
+type JobPages = Arc<std::sync::Mutex<Vec<(Arc<Running>, chromiumoxide::Page)>>>;
 
 impl std::fmt::Debug for Chromium {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,7 +77,7 @@ impl Chromium {
         Self {
             settings,
             running: tokio::sync::Mutex::new(None),
-            job_contexts: std::sync::Mutex::new(Vec::new()),
+            job_pages: JobPages::default(),
         }
     }
 
@@ -102,41 +106,33 @@ impl Chromium {
             }
             slot.clone().context("a browser was just started")?
         };
-        let context = tokio::time::timeout(
-            ANSWER_TIMEOUT,
-            running
-                .browser
-                .create_browser_context(CreateBrowserContextParams::default()),
-        )
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!("Chromium did not open a browser context within {ANSWER_TIMEOUT:?}")
-        })?
-        .context("Chromium cannot open a browser context")?;
-        if let Ok(mut contexts) = self.job_contexts.lock() {
-            contexts.push((running.clone(), context.clone()));
-        }
-        Ok(Browser { running, context })
+        Ok(Browser {
+            running,
+            pages: self.job_pages.clone(),
+        })
     }
 
-    /// Closes the pages of the job that just ended (its browser contexts). Called by
+    /// Closes the pages of the job that just ended and clears the cookies it left. Called by
     /// [`crate::run`] whatever the outcome.
     pub async fn end_job(&self) {
-        let contexts = self
-            .job_contexts
+        let pages = self
+            .job_pages
             .lock()
-            .map(|mut c| std::mem::take(&mut *c))
+            .map(|mut p| std::mem::take(&mut *p))
             .unwrap_or_default();
-        for (running, context) in contexts {
-            let closed = tokio::time::timeout(
-                ANSWER_TIMEOUT,
-                running.browser.dispose_browser_context(context),
-            )
-            .await;
-            if !matches!(closed, Ok(Ok(()))) {
-                // The next job's health check decides whether it must be replaced.
-                tracing::warn!("could not close a job's pages in Chromium");
+        let Some(running) = pages.first().map(|(r, _)| r.clone()) else {
+            return;
+        };
+        for (running, page) in &pages {
+            let close = CloseTargetParams::new(page.target_id().clone());
+            let closed = tokio::time::timeout(ANSWER_TIMEOUT, running.browser.execute(close)).await;
+            if !matches!(closed, Ok(Ok(_))) {
+                // The next job's health check decides whether the browser must be replaced.
+                tracing::warn!("could not close a job's page in Chromium");
             }
+        }
+        if !matches!(&*running.host.lock().await, Host::Endpoint) {
+            let _ = tokio::time::timeout(ANSWER_TIMEOUT, running.browser.clear_cookies()).await;
         }
     }
 
@@ -261,20 +257,24 @@ async fn stop_host(host: &tokio::sync::Mutex<Host>) {
 /// it ends.
 pub struct Browser {
     running: Arc<Running>,
-    context: BrowserContextId,
+    pages: JobPages,
 }
 
 impl Browser {
     /// Opens `url` in a new page and waits until it has loaded (at most `limit`). The page
     /// has `window.rotaReady`; wait for it with [`Page::wait_ready`].
     pub async fn open(&self, url: &str, limit: Duration) -> anyhow::Result<Page> {
-        let page = Page::blank(&self.running.browser, &self.context).await?;
+        let page = self.new_page().await?;
         page.goto(url, limit).await?;
         Ok(page)
     }
 
     /// A new, empty page (`about:blank`) with `window.rotaReady`.
     pub async fn new_page(&self) -> anyhow::Result<Page> {
-        Page::blank(&self.running.browser, &self.context).await
+        let page = Page::blank(&self.running.browser).await?;
+        if let Ok(mut pages) = self.pages.lock() {
+            pages.push((self.running.clone(), page.cdp().clone()));
+        }
+        Ok(page)
     }
 }

@@ -5,12 +5,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use chromiumoxide::cdp::browser_protocol::browser::BrowserContextId;
 use chromiumoxide::cdp::browser_protocol::emulation::SetDeviceMetricsOverrideParams;
 use chromiumoxide::cdp::browser_protocol::page::{
     AddScriptToEvaluateOnNewDocumentParams, CaptureScreenshotFormat, PrintToPdfParams,
 };
-use chromiumoxide::cdp::browser_protocol::target::CreateTargetParams;
 use chromiumoxide::cdp::js_protocol::runtime::EvaluateParams;
 use chromiumoxide::error::CdpError;
 use chromiumoxide::page::ScreenshotParams;
@@ -54,22 +52,14 @@ pub enum NotReady {
     Failed(anyhow::Error),
 }
 
-/// A page in a job's browser context; closed with the context when the job ends.
+/// A page of a job; closed when the job ends.
 pub struct Page {
     inner: chromiumoxide::Page,
 }
 
 impl Page {
-    pub(super) async fn blank(
-        browser: &chromiumoxide::Browser,
-        context: &BrowserContextId,
-    ) -> anyhow::Result<Page> {
-        let params = CreateTargetParams::builder()
-            .url("about:blank")
-            .browser_context_id(context.clone())
-            .build()
-            .map_err(anyhow::Error::msg)?;
-        let inner = tokio::time::timeout(ANSWER_TIMEOUT * 2, browser.new_page(params))
+    pub(super) async fn blank(browser: &chromiumoxide::Browser) -> anyhow::Result<Page> {
+        let inner = tokio::time::timeout(ANSWER_TIMEOUT * 2, browser.new_page("about:blank"))
             .await
             .map_err(|_| {
                 anyhow::anyhow!(
