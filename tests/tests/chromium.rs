@@ -463,7 +463,10 @@ async fn chromium_already_running_is_used_through_its_url_and_left_running() {
             &endpoint,
         ],
     );
+    let before = page_targets(&endpoint);
     report_pdf(&sys, "remote").await;
+    report_pdf(&sys, "remote-again").await;
+    assert_eq!(page_targets(&endpoint), before, "the jobs' pages were closed");
     stop(&mut agent).await;
     let pid = chromium.id().expect("a pid");
     assert!(
@@ -471,6 +474,23 @@ async fn chromium_already_running_is_used_through_its_url_and_left_running() {
         "the agent leaves a Chromium it did not start alone"
     );
     let _ = chromium.kill().await;
+}
+
+/// The pages open in the Chromium at `endpoint` (`http://host:port`), from its /json/list.
+fn page_targets(endpoint: &str) -> Vec<String> {
+    use std::io::{Read, Write};
+    let host = endpoint.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(host).expect("DevTools answers");
+    write!(stream, "GET /json/list HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("[]");
+    let targets: Vec<Value> = serde_json::from_str(body).expect("a JSON list");
+    targets
+        .iter()
+        .filter(|t| t["type"] == "page")
+        .map(|t| t["id"].as_str().unwrap_or_default().to_owned())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

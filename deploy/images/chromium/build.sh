@@ -27,7 +27,8 @@ docker info >/dev/null 2>&1 || { echo "build.sh: no Docker engine answers; run d
 packages="chromium fonts-dejavu-core fonts-liberation2"
 
 # --- the Chromium image -------------------------------------------------------------------
-base_tag="$( (cat "${BASH_SOURCE[0]}"; echo "$packages") | sha256sum | cut -c1-12)"
+# The recipe is this part of the script (up to the worker image's part) and the packages.
+base_tag="$( (sed '/^# --- the worker image/,$d' "${BASH_SOURCE[0]}"; echo "$packages") | sha256sum | cut -c1-12)"
 base="rota-chromium:$base_tag"
 if ! docker image inspect "$base" >/dev/null 2>&1; then
   command -v debootstrap >/dev/null || { echo "build.sh: debootstrap is missing: apt-get install debootstrap" >&2; exit 1; }
@@ -78,4 +79,7 @@ if ! docker image inspect "$image" >/dev/null 2>&1; then
   echo "build.sh: built $image from $worker" >&2
 fi
 docker tag "$image" rota-worker-chromium:latest
+# Earlier builds of the worker image (an older runtime) only take space.
+docker images --format '{{.Repository}}:{{.Tag}}' rota-worker-chromium \
+  | grep -vxF -e "$image" -e rota-worker-chromium:latest | xargs -r docker rmi >/dev/null 2>&1 || true
 echo "$image"
