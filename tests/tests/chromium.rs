@@ -466,7 +466,11 @@ async fn chromium_already_running_is_used_through_its_url_and_left_running() {
     let before = page_targets(&endpoint);
     report_pdf(&sys, "remote").await;
     report_pdf(&sys, "remote-again").await;
-    assert_eq!(page_targets(&endpoint), before, "the jobs' pages were closed");
+    assert_eq!(
+        page_targets(&endpoint),
+        before,
+        "the jobs' pages were closed"
+    );
     stop(&mut agent).await;
     let pid = chromium.id().expect("a pid");
     assert!(
