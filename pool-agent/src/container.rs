@@ -251,10 +251,20 @@ impl Container {
             .wait_container(&self.id, None::<WaitContainerOptions>);
         // A non-zero exit arrives as an error value: the state below tells it either way.
         let _ = tokio::time::timeout(within, wait.next()).await;
-        let Ok(info) = self.docker.inspect_container(&self.id, None).await else {
-            return "no exit status (the container is gone)".into();
+        // The engine may learn of an out-of-memory kill just after the exit itself.
+        let mut tries = 0;
+        let (info, state) = loop {
+            let Ok(info) = self.docker.inspect_container(&self.id, None).await else {
+                return "no exit status (the container is gone)".into();
+            };
+            let state = info.state.clone().unwrap_or_default();
+            tries += 1;
+            let killed = state.exit_code == Some(128 + 9);
+            if state.oom_killed == Some(true) || !killed || tries == 10 {
+                break (info, state);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let state = info.state.unwrap_or_default();
         let limit = info
             .host_config
             .and_then(|h| h.memory)

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use rota_common::wire::{Level, LogLine, Status};
-use rota_worker_runtime::protocol::{FromWorker, ToWorker};
+use rota_worker_runtime::protocol::{END_OF_JOB, FromWorker, ToWorker};
 use rota_worker_runtime::{Aliases, Context, Outcome, Sink};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -72,10 +72,16 @@ pub struct Process {
     /// The work types the runtime said it runs.
     pub types: Vec<String>,
     stdin: Pin<Box<dyn AsyncWrite + Send>>,
+    inbox: Inbox,
+    kill_grace: Duration,
+}
+
+/// What the runtime's output brings: the [`Lines`] of its pipes, read.
+struct Inbox {
     frames: mpsc::UnboundedReceiver<FromWorker>,
+    ends: mpsc::UnboundedReceiver<()>,
     /// The sink of the job in hand, where stderr lines go.
     current: CurrentSink,
-    kill_grace: Duration,
 }
 
 /// Turns the runtime's output lines into protocol frames (stdout) and log lines of the job in
@@ -83,6 +89,8 @@ pub struct Process {
 #[derive(Clone)]
 struct Lines {
     frames: mpsc::UnboundedSender<FromWorker>,
+    /// Each job's end, as seen on stderr.
+    ends: mpsc::UnboundedSender<()>,
     current: CurrentSink,
     worker: String,
 }
@@ -100,6 +108,10 @@ impl Lines {
     }
 
     fn stderr(&self, line: String) {
+        if line == END_OF_JOB {
+            let _ = self.ends.send(());
+            return;
+        }
         let sink = self.current.lock().ok().and_then(|s| s.clone());
         match sink {
             Some(sink) => sink.log(LogLine {
@@ -159,7 +171,7 @@ impl Process {
                 (Some(i), Some(o), Some(e)) => (i, o, e),
                 _ => bail!("the worker process has no pipes"),
             };
-        let (lines, frames, current) = Self::channels(name);
+        let (lines, inbox) = Self::channels(name);
         lines.clone().read(stdout, Lines::stdout);
         lines.read(stderr, Lines::stderr);
         let what = format!("worker process {pid}");
@@ -168,8 +180,7 @@ impl Process {
             Some(pid),
             what,
             Box::pin(stdin),
-            frames,
-            current,
+            inbox,
             spec,
         )
         .await
@@ -182,7 +193,7 @@ impl Process {
         name: &str,
     ) -> anyhow::Result<Process> {
         let attached = engine.start(name, spec.serve_args()).await?;
-        let (lines, frames, current) = Self::channels(name);
+        let (lines, inbox) = Self::channels(name);
         let mut output = attached.output;
         tokio::spawn(async move {
             let (mut out, mut err) = (LineBuffer::default(), LineBuffer::default());
@@ -205,8 +216,7 @@ impl Process {
             None,
             what,
             attached.stdin,
-            frames,
-            current,
+            inbox,
             spec,
         )
         .await?;
@@ -217,15 +227,22 @@ impl Process {
         Ok(process)
     }
 
-    fn channels(name: &str) -> (Lines, mpsc::UnboundedReceiver<FromWorker>, CurrentSink) {
+    fn channels(name: &str) -> (Lines, Inbox) {
         let current: CurrentSink = Arc::default();
-        let (tx, frames) = mpsc::unbounded_channel();
+        let (frames_tx, frames) = mpsc::unbounded_channel();
+        let (ends_tx, ends) = mpsc::unbounded_channel();
         let lines = Lines {
-            frames: tx,
+            frames: frames_tx,
+            ends: ends_tx,
             current: current.clone(),
             worker: name.to_owned(),
         };
-        (lines, frames, current)
+        let inbox = Inbox {
+            frames,
+            ends,
+            current,
+        };
+        (lines, inbox)
     }
 
     async fn handshake(
@@ -233,11 +250,10 @@ impl Process {
         pid: Option<u32>,
         what: String,
         stdin: Pin<Box<dyn AsyncWrite + Send>>,
-        mut frames: mpsc::UnboundedReceiver<FromWorker>,
-        current: CurrentSink,
+        mut inbox: Inbox,
         spec: &ProcessSpec,
     ) -> anyhow::Result<Process> {
-        let types = match tokio::time::timeout(Duration::from_secs(30), frames.recv()).await {
+        let types = match tokio::time::timeout(Duration::from_secs(30), inbox.frames.recv()).await {
             Ok(Some(FromWorker::Ready { types, .. })) => types,
             Ok(Some(other)) => bail!("the {what} did not say ready (it said {other:?})"),
             Ok(None) => {
@@ -251,8 +267,7 @@ impl Process {
             what,
             types,
             stdin,
-            frames,
-            current,
+            inbox,
             kill_grace: spec.kill_grace,
         })
     }
@@ -265,11 +280,11 @@ impl Process {
         cancel: CancellationToken,
     ) -> (Outcome, bool) {
         let sink = ctx.sink();
-        if let Ok(mut c) = self.current.lock() {
+        if let Ok(mut c) = self.inbox.current.lock() {
             *c = Some(sink.clone());
         }
         let out = self.exchange(&ctx, sink, timeout, cancel).await;
-        if let Ok(mut c) = self.current.lock() {
+        if let Ok(mut c) = self.inbox.current.lock() {
             *c = None;
         }
         out
@@ -282,6 +297,8 @@ impl Process {
         timeout: Duration,
         cancel: CancellationToken,
     ) -> (Outcome, bool) {
+        // An end that came too late for its own job is not this one's.
+        while self.inbox.ends.try_recv().is_ok() {}
         let request = ToWorker::Execute {
             job: Box::new(ctx.job().clone()),
             work_dir: ctx.work_dir().to_owned(),
@@ -303,7 +320,7 @@ impl Process {
                         return (self.died(&format!("could not answer it: {e}")).await, false);
                     }
                 }
-                frame = self.frames.recv() => match frame {
+                frame = self.inbox.frames.recv() => match frame {
                     Some(FromWorker::Log { line }) => sink.log(line),
                     Some(FromWorker::Progress { progress }) => sink.progress(progress),
                     Some(FromWorker::Submit { id, job }) => {
@@ -317,7 +334,11 @@ impl Process {
                             let _ = answers.send(ToWorker::Submitted { id, uuid, error });
                         });
                     }
-                    Some(FromWorker::Result { outcome }) => return (outcome, true),
+                    Some(FromWorker::Result { outcome }) => {
+                        // Its stderr lines are the job's logs: read them up to the job's end.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), self.inbox.ends.recv()).await;
+                        return (outcome, true);
+                    }
                     Some(FromWorker::Ready { .. }) => {}
                     None => return (self.died("it exited while running the job").await, false),
                 },

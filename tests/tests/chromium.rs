@@ -428,27 +428,32 @@ async fn chromium_already_running_is_used_through_its_url_and_left_running() {
         .kill_on_drop(true)
         .spawn()
         .expect("chromium starts (deploy/setup.sh installs it)");
-    let endpoint = {
+    // Chromium says where its DevTools listen on stderr, and goes on writing there: keep
+    // reading it, or a closed pipe ends it.
+    let (tx, endpoint) = tokio::sync::oneshot::channel();
+    let stderr = chromium.stderr.take().expect("stderr");
+    tokio::spawn(async move {
         use tokio::io::AsyncBufReadExt;
-        let stderr = chromium.stderr.take().expect("stderr");
         let mut lines = tokio::io::BufReader::new(stderr).lines();
-        within(
-            Duration::from_secs(30),
-            "Chromium's DevTools endpoint",
-            async {
-                loop {
-                    let line = lines.next_line().await.expect("reads").expect("a line");
-                    if let Some(ws) = line.split("DevTools listening on ").nth(1) {
-                        // ws://127.0.0.1:PORT/devtools/browser/… → http://127.0.0.1:PORT
-                        let host = ws.trim().trim_start_matches("ws://");
-                        let port = host.split('/').next().expect("host:port");
-                        break format!("http://{port}");
-                    }
+        let mut tx = Some(tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(ws) = line.split("DevTools listening on ").nth(1) {
+                // ws://127.0.0.1:PORT/devtools/browser/… → http://127.0.0.1:PORT
+                let host = ws.trim().trim_start_matches("ws://");
+                let port = host.split('/').next().unwrap_or_default();
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(format!("http://{port}"));
                 }
-            },
-        )
-        .await
-    };
+            }
+        }
+    });
+    let endpoint = within(
+        Duration::from_secs(30),
+        "Chromium's DevTools endpoint",
+        endpoint,
+    )
+    .await
+    .expect("Chromium said where it listens");
     let _scheduler = sys.scheduler();
     let mut agent = sys.agent(
         "url-chromium",

@@ -34,6 +34,11 @@ use crate::context::Submission;
 use crate::{Aliases, Context, Outcome, Registry, Sink};
 
 /// A message from the agent to a worker process.
+/// The line a runtime writes to stderr after a job, before its `result`: stdout and stderr
+/// are separate pipes, so the agent reads stderr up to this line to have all of the job's
+/// log lines.
+pub const END_OF_JOB: &str = "\u{1e}rota:end-of-job";
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ToWorker {
@@ -174,6 +179,9 @@ pub async fn serve(
                     let outcome =
                         crate::run(&registry, ctx, Duration::from_secs(7 * 24 * 3600), cancel)
                             .await;
+                    // After whatever the Work wrote to stderr: the agent waits for this line
+                    // before it closes the job's logs.
+                    eprintln!("{END_OF_JOB}");
                     let _ = out.send(FromWorker::Result { outcome });
                 });
             }

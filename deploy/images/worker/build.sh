@@ -54,5 +54,8 @@ tar -C "$root" -c . | docker import \
   --change "LABEL org.opencontainers.image.title=rota-worker rota.runtime=$(basename "$runtime")" \
   - "$image" >/dev/null
 docker tag "$image" "$name:latest"
+# Older builds of this image are not needed any more (containers still running keep theirs).
+docker images --format '{{.Repository}}:{{.Tag}}' "$name" \
+  | grep -vxF -e "$image" -e "$name:latest" | xargs -r docker rmi >/dev/null 2>&1 || true
 echo "built $image from $runtime" >&2
 echo "$image"
