@@ -489,10 +489,18 @@ async fn chromium_already_running_is_used_through_its_url_and_left_running() {
 fn page_targets(endpoint: &str) -> Vec<String> {
     use std::io::{Read, Write};
     let host = endpoint.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(host).expect("DevTools answers");
-    write!(stream, "GET /json/list HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
+    let get = || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect(host)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET /json/list HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    };
+    // DevTools' HTTP server now and then drops a connection while the browser is busy.
+    let response = (0..5)
+        .find_map(|_| get().ok())
+        .expect("DevTools answers /json/list");
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("[]");
     let targets: Vec<Value> = serde_json::from_str(body).expect("a JSON list");
     targets
