@@ -315,6 +315,38 @@ async fn a_dying_worker_process_is_reported_crashed_and_workers_are_recycled() {
     );
 }
 
+/// A Work that aborts its worker process: `crashed` with the signal, and a new process runs
+/// the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_that_aborts_its_process_is_crashed_and_the_pool_recovers() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let runtime = rota_tests::bin("test-runtime").display().to_string();
+    let flags = [
+        "--worker-location",
+        "process",
+        "--worker-runtime",
+        &runtime,
+        "--pool-max-size",
+        "1",
+    ];
+    let _agent = sys.agent("abort", &flags);
+    let (_, record) = sys.submit_wait(&["--type", "probe.abort"]).await;
+    assert_eq!(record["state"], "crashed", "{record}");
+    let error = record["attempts"][0]["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("signal 6 (SIGABRT)"), "{error}");
+    let (_, record) = sys
+        .submit_wait(&["--type", "demo.echo", "--payload", "1"])
+        .await;
+    assert_eq!(record["state"], "succeeded");
+    assert_eq!(
+        record["attempts"][0]["worker"], "process-1",
+        "a new process"
+    );
+}
+
 /// A pool of process workers runs the work types of the runtime it starts (here the
 /// `custom_runtime` example: the built-ins plus `text.upper`), learnt from its handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
