@@ -205,11 +205,15 @@ impl System {
     }
 
     async fn cleanup(names: Names, agents: Vec<String>) -> anyhow::Result<()> {
-        let client = Client::connect(&amqp_url(), names.clone(), "test-cleanup").await?;
-        let b = client.broker();
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        // A plain connection: a Rota client would first declare the topology, which fails
+        // where a test made its queues of another type (quorum).
+        let conn =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
         let mut queues = vec![
             names.jobs_queue(DEFAULT_QUEUE),
             names.jobs_queue("other"),
+            names.jobs_queue("hostnet"),
             names.dead(),
             names.results(),
             names.rpc(),
@@ -217,7 +221,11 @@ impl System {
         ];
         queues.extend(agents.iter().map(|a| names.agent_queue(a)));
         for q in queues {
-            let _ = b.delete_queue(&q).await;
+            // A channel each: a failed delete closes its channel.
+            let ch = conn.create_channel().await?;
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
         }
         for e in [
             names.jobs_exchange(),
@@ -226,9 +234,12 @@ impl System {
             names.events(),
             names.control(),
         ] {
-            let _ = b.delete_exchange(&e).await;
+            let ch = conn.create_channel().await?;
+            let _ = ch
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
         }
-        client.close().await;
+        let _ = conn.close(200, "done".into()).await;
         Ok(())
     }
 }
