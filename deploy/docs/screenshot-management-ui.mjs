@@ -24,7 +24,7 @@ const chromium = spawn(process.env.CHROMIUM ?? "/usr/bin/chromium", [
   "--window-size=1400,1000", "--remote-debugging-port=0", `--user-data-dir=${profile}`, "about:blank",
 ], { stdio: ["ignore", "ignore", "pipe"] });
 const done = (code) => {
-  chromium.once("exit", () => { rmSync(profile, { recursive: true, force: true }); process.exit(code); });
+  chromium.once("exit", () => { rmSync(profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 }); process.exit(code); });
   chromium.kill();
 };
 
@@ -57,7 +57,8 @@ const send = (method, params = {}) => new Promise((resolve, reject) => {
 const js = async (expression) => (await send("Runtime.evaluate", { expression, awaitPromise: true, returnByValue: true })).result.value;
 const until = async (expression, what) => {
   for (let i = 0; i < 200; i++) {
-    if (await js(expression)) return;
+    // The page may be navigating (after the login): ask again.
+    if (await js(expression).catch(() => false)) return;
     await new Promise((r) => setTimeout(r, 100));
   }
   throw new Error(`timed out waiting for ${what}`);
@@ -66,12 +67,12 @@ const until = async (expression, what) => {
 try {
   await send("Page.navigate", { url: `${ui}/` });
   await until(`!!document.querySelector('input[name=username]')`, "the login form");
-  await js(`(() => {
+  await js(`setTimeout(() => {
     document.querySelector('input[name=username]').value = ${JSON.stringify(user)};
     document.querySelector('input[name=password]').value = ${JSON.stringify(password)};
     document.querySelector('form').dispatchEvent(new Event('submit', { cancelable: true, bubbles: true }));
     document.querySelector('input[type=submit]').click();
-  })()`);
+  })`);
   await until(`!!document.querySelector('#logout')`, "the login (wrong user or password?)");
   await send("Page.navigate", { url: `${ui}/#/${page}` });
   await until(`!!document.querySelector('#main table.list')`, `the ${page} list`);
