@@ -385,6 +385,15 @@ pub struct Container {
     pub state: String,
 }
 
+/// The flags of an agent whose workers are at `location` (for `docker`, in the tests' image).
+pub async fn worker_location_flags(location: &'static str) -> Vec<&'static str> {
+    let mut flags = vec!["--worker-location", location];
+    if location == "docker" {
+        flags.extend(["--docker-image", worker_image().await]);
+    }
+    flags
+}
+
 /// The Docker containers of namespace `ns`, running or not.
 pub fn containers(ns: &str) -> Vec<Container> {
     let Ok(out) = std::process::Command::new("docker")

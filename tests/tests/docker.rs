@@ -148,45 +148,6 @@ async fn memory_and_process_limits_hold_and_the_pool_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_runtime_that_aborts_is_crashed_and_its_container_replaced() {
-    let sys = System::new().await;
-    let image = worker_image().await;
-    let _scheduler = sys.scheduler();
-    let _agent = sys.agent(
-        "abort",
-        &[
-            "--worker-location",
-            "docker",
-            "--docker-image",
-            image,
-            "--pool-max-size",
-            "1",
-        ],
-    );
-    let record = run(&sys, "probe.abort", json!(null), "default").await;
-    assert_eq!(record["state"], "crashed", "{record}");
-    let error = record["attempts"][0]["error"]["message"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(error.contains("signal 6 (SIGABRT)"), "{error}");
-    let record = run(&sys, "demo.echo", json!(1), "default").await;
-    assert_eq!(record["state"], "succeeded");
-    assert_eq!(
-        record["attempts"][0]["worker"], "docker-1",
-        "a new container"
-    );
-    let names: Vec<String> = containers(sys.names.namespace())
-        .into_iter()
-        .map(|c| c.name)
-        .collect();
-    assert_eq!(
-        names,
-        [format!("{}-abort-docker-1", sys.names.namespace())],
-        "the crashed one is removed"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_removes_its_containers_when_it_stops_and_those_a_killed_run_left() {
     let sys = System::new().await;
     let image = worker_image().await;

@@ -237,13 +237,11 @@ async fn higher_priority_jobs_queued_behind_lower_ones_run_first() {
     assert_eq!(ran, [9, 9, 9, 9, 0, 0, 0, 0]);
 }
 
-async fn a_work_submits_two_children(location: &str) {
+async fn a_work_submits_two_children(location: &'static str) {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let mut flags = vec!["--worker-location", location, "--pool-max-size", "2"];
-    if location == "docker" {
-        flags.extend(["--docker-image", rota_tests::worker_image().await]);
-    }
+    let mut flags = rota_tests::worker_location_flags(location).await;
+    flags.extend(["--pool-max-size", "2"]);
     let _agent = sys.agent("c1", &flags);
     sys.ready(true, &["c1"]).await;
     let mut events = sys

@@ -4,17 +4,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use rota_tests::wire::{Attempt, EventKind, Job, JobState, Role, RpcReply, RpcRequest, Status};
-use rota_tests::{System, amqp_url, within};
+use rota_tests::{System, amqp_url, within, worker_location_flags};
 use serde_json::json;
-
-/// The flags of an agent whose workers are at `location` (for `docker`, in the tests' image).
-async fn at(location: &'static str) -> Vec<&'static str> {
-    let mut flags = vec!["--worker-location", location];
-    if location == "docker" {
-        flags.extend(["--docker-image", rota_tests::worker_image().await]);
-    }
-    flags
-}
 
 /// Runs `scheduler demo` with workers at `location`: every demo work ends as expected,
 /// including a panic (`crashed`) followed by jobs that succeed on the same pool; the folders
@@ -24,7 +15,7 @@ async fn demo_at(location: &'static str) {
     sys.owns_agent("demo");
     let out = tokio::process::Command::new(rota_tests::bin("scheduler"))
         .args(["demo", "--clean", "--jobs", "12", "--pool-max-size", "3"])
-        .args(at(location).await)
+        .args(worker_location_flags(location).await)
         .current_dir(sys.dir.path())
         .env("ROTA_NAMESPACE", sys.names.namespace())
         .env("ROTA_AMQP_URL", amqp_url())
@@ -69,7 +60,7 @@ async fn local_workers_run_the_demo_works() {
 async fn timeout_at(location: &'static str) {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let mut flags = at(location).await;
+    let mut flags = worker_location_flags(location).await;
     flags.extend(["--pool-max-size", "1"]);
     let _agent = sys.agent("loc", &flags);
     let (code, record) = sys
@@ -126,7 +117,7 @@ async fn docker_workers_run_the_demo_works() {
 async fn stderr_is_logged_at(location: &'static str) {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let _agent = sys.agent("err", &at(location).await);
+    let _agent = sys.agent("err", &worker_location_flags(location).await);
     let (_, record) = sys
         .submit_wait(&[
             "--type",
@@ -315,21 +306,15 @@ async fn a_dying_worker_process_is_reported_crashed_and_workers_are_recycled() {
     );
 }
 
-/// A Work that aborts its worker process: `crashed` with the signal, and a new process runs
-/// the next job.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_work_that_aborts_its_process_is_crashed_and_the_pool_recovers() {
+/// A Work that aborts its worker runtime: `crashed` with the signal, and a new worker (a new
+/// process, or a new container with the old one removed) runs the next job.
+async fn abort_at(location: &'static str) {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
+    // `probe.abort` is a work type of the tests' runtime (in the docker image already).
     let runtime = rota_tests::bin("test-runtime").display().to_string();
-    let flags = [
-        "--worker-location",
-        "process",
-        "--worker-runtime",
-        &runtime,
-        "--pool-max-size",
-        "1",
-    ];
+    let mut flags = worker_location_flags(location).await;
+    flags.extend(["--worker-runtime", &runtime, "--pool-max-size", "1"]);
     let _agent = sys.agent("abort", &flags);
     let (_, record) = sys.submit_wait(&["--type", "probe.abort"]).await;
     assert_eq!(record["state"], "crashed", "{record}");
@@ -342,9 +327,31 @@ async fn a_work_that_aborts_its_process_is_crashed_and_the_pool_recovers() {
         .await;
     assert_eq!(record["state"], "succeeded");
     assert_eq!(
-        record["attempts"][0]["worker"], "process-1",
-        "a new process"
+        record["attempts"][0]["worker"],
+        format!("{location}-1"),
+        "a new worker"
     );
+    if location == "docker" {
+        let names: Vec<String> = rota_tests::containers(sys.names.namespace())
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(
+            names,
+            [format!("{}-abort-docker-1", sys.names.namespace())],
+            "the crashed one is removed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_that_aborts_its_process_is_crashed_and_the_pool_recovers() {
+    abort_at("process").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_that_aborts_its_container_is_crashed_and_the_container_replaced() {
+    abort_at("docker").await;
 }
 
 /// A pool of process workers runs the work types of the runtime it starts (here the
@@ -372,7 +379,7 @@ async fn a_process_pool_runs_the_work_types_of_its_own_runtime() {
 async fn cancel_at(location: &'static str, busy_type: &str) {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let mut flags = at(location).await;
+    let mut flags = worker_location_flags(location).await;
     flags.extend(["--pool-max-size", "1", "--kill-grace", "1s"]);
     let _agent = sys.agent("c1", &flags);
     sys.ready(true, &["c1"]).await;
