@@ -29,7 +29,7 @@ struct HealthInner {
 }
 
 impl Health {
-    /// The connection whose state `/readyz` reports.
+    /// The connection whose state `/readyz` reports (and `/metrics` counts the reconnects of).
     pub fn broker(&self, broker: &Broker) {
         let _ = self.0.broker.set(broker.clone());
     }
@@ -108,7 +108,7 @@ fn respond<B>(req: &Request<B>, health: &Health, metrics: &Metrics) -> Response<
         },
         "/metrics" => {
             let mut body = String::new();
-            match metrics.encode(&mut body) {
+            match metrics.encode(&mut body, health.0.broker.get()) {
                 Ok(()) => {
                     let mut r = text(StatusCode::OK, body);
                     r.headers_mut().insert(

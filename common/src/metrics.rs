@@ -38,7 +38,6 @@ pub struct Metrics {
     before_scrape: OnceLock<Box<dyn Fn() + Send + Sync>>,
     reconnects: Counter,
     connected: Gauge,
-    broker: OnceLock<Broker>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -68,7 +67,6 @@ impl Metrics {
             before_scrape: OnceLock::new(),
             reconnects,
             connected,
-            broker: OnceLock::new(),
         }
     }
 
@@ -89,14 +87,10 @@ impl Metrics {
         let _ = self.before_scrape.set(Box::new(f));
     }
 
-    /// The connection whose reconnects are counted.
-    pub fn broker(&self, broker: &Broker) {
-        let _ = self.broker.set(broker.clone());
-    }
-
-    /// The metrics in the OpenMetrics text format.
-    pub fn encode(&self, out: &mut String) -> std::fmt::Result {
-        if let Some(b) = self.broker.get() {
+    /// The metrics in the OpenMetrics text format; `broker` is the daemon's connection, once
+    /// it has one.
+    pub fn encode(&self, out: &mut String, broker: Option<&Broker>) -> std::fmt::Result {
+        if let Some(b) = broker {
             self.reconnects
                 .inc_by(b.reconnects().saturating_sub(self.reconnects.get()));
             self.connected.set(i64::from(b.is_connected()));

@@ -76,7 +76,6 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
     health.broker(&broker);
-    metrics.shared.broker(&broker);
     let tag = format!("pool-agent-{id}");
     let receipts = match broker
         .consume(ConsumeSpec {

@@ -181,7 +181,6 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
     health.broker(&broker);
-    metrics.broker(&broker);
     let results = match broker
         .consume(ConsumeSpec {
             queues: vec![names.results()],
