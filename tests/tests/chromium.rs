@@ -497,10 +497,22 @@ fn page_targets(endpoint: &str) -> Vec<String> {
         stream.read_to_string(&mut response)?;
         Ok(response)
     };
-    // DevTools' HTTP server now and then drops a connection while the browser is busy.
-    let response = (0..5)
-        .find_map(|_| get().ok())
-        .expect("DevTools answers /json/list");
+    // DevTools' HTTP server now and then drops a connection while the browser is busy: ask
+    // again for a while, as a probe would.
+    let mut last = None;
+    let mut response = None;
+    for _ in 0..50 {
+        match get() {
+            Ok(r) => {
+                response = Some(r);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let response =
+        response.unwrap_or_else(|| panic!("DevTools does not answer /json/list: {last:?}"));
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("[]");
     let targets: Vec<Value> = serde_json::from_str(body).expect("a JSON list");
     targets
