@@ -424,6 +424,8 @@ struct Live {
     plain: lapin::Channel,
     /// Cancelled when the connection fails; the supervisor then reconnects.
     lost: CancellationToken,
+    /// The broker's own: cancelled by [`Broker::close`], which ends every consumer pump.
+    closing: CancellationToken,
 }
 
 struct Inner {
@@ -665,7 +667,17 @@ impl Broker {
         }
         let live = self.inner.live.send_replace(None);
         if let Some(live) = live {
-            let _ = live.conn.close(200, "bye".into()).await;
+            // RabbitMQ answers a close at once; if it does not, dropping the socket is as
+            // good (unacked deliveries go back to their queues either way).
+            let close = live.conn.close(200, "bye".into());
+            if tokio::time::timeout(Duration::from_secs(5), close)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "RabbitMQ did not confirm the close within 5 s; dropping the connection"
+                );
+            }
         }
     }
 
@@ -733,6 +745,7 @@ impl Broker {
             confirm,
             plain,
             lost,
+            closing: self.inner.closing.clone(),
         });
         let subs: Vec<Arc<Subscription>> = self
             .inner
@@ -828,19 +841,31 @@ async fn start_consumer(live: &Arc<Live>, sub: &Arc<Subscription>) -> Result<(),
             })?;
         let sub = sub.clone();
         let lost = live.lost.clone();
+        // The pump ends when the broker closes, whatever lapin's stream does then: it holds a
+        // sender, and the Consumer ends only when every sender is gone. A delivery dropped
+        // here goes back to its queue when the connection closes.
+        let closing = live.closing.clone();
         tokio::spawn(async move {
             let mut consumer = consumer;
-            while let Some(item) = consumer.next().await {
+            loop {
+                let item = tokio::select! {
+                    item = consumer.next() => item,
+                    _ = closing.cancelled() => return,
+                };
                 match item {
-                    Ok(d) => {
-                        if sub.tx.send(Delivery::from_lapin(d)).await.is_err() {
-                            return; // the owner is gone; the channel closes with the connection
+                    Some(Ok(d)) => {
+                        tokio::select! {
+                            sent = sub.tx.send(Delivery::from_lapin(d)) => if sent.is_err() {
+                                return; // the owner is gone; the channel closes with the connection
+                            },
+                            _ = closing.cancelled() => return,
                         }
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         tracing::debug!(error = %e, "consumer stream failed");
                         break;
                     }
+                    None => break,
                 }
             }
             if !sub.stopped.load(Ordering::SeqCst) {

@@ -198,11 +198,13 @@ pub async fn run(
     agent.stop(&mut jobs, &tracker).await;
     // Workers end what they started (processes, browsers) before the agent exits.
     agent.pool.close().await;
+    info!("stopping: workers ended");
     if let Some(engine) = &engine {
         engine.remove_all().await?;
     }
     background.cancel();
     broker.close().await;
+    info!("stopping: connection closed");
     bg.close();
     bg.wait().await;
     info!(agent = %id, "pool agent stopped");
