@@ -3,7 +3,7 @@
 //! worker runs, without the broker), then (with `--through ALIAS_DIR`) end to end: submitted
 //! to a running scheduler and agent through RabbitMQ (ROTA_AMQP_URL, ROTA_NAMESPACE), one
 //! job at a time, each timed from submit to its `job.finished` event. For each: the first PDF,
-//! browser start included, and then the PDF of a warm browser. `deploy/bench-chromium.sh`
+//! browser start included, and then the PDF of a warm browser. `deploy/bench.sh chromium`
 //! runs all three.
 //!
 //!   cargo run --release -p rota-worker-runtime --example chromium_bench -- [PDFS] [--through DIR]
