@@ -661,10 +661,6 @@ impl Broker {
     /// Closes the connection: consumers end, unacked deliveries return to their queues.
     pub async fn close(&self) {
         self.inner.closing.cancel();
-        // Dropping the subscriptions lets every Consumer end once its pump has stopped.
-        if let Ok(mut subs) = self.inner.subs.lock() {
-            subs.clear();
-        }
         let live = self.inner.live.send_replace(None);
         if let Some(live) = live {
             // RabbitMQ answers a close at once; if it does not, dropping the socket is as
@@ -678,6 +674,11 @@ impl Broker {
                     "RabbitMQ did not confirm the close within 5 s; dropping the connection"
                 );
             }
+        }
+        // Dropping the subscriptions (after the connection, so that their channels do not
+        // race it with closes of their own) lets every Consumer end: the pumps have stopped.
+        if let Ok(mut subs) = self.inner.subs.lock() {
+            subs.clear();
         }
     }
 
