@@ -61,23 +61,23 @@ async fn a_delayed_job_is_scheduled_and_runs_no_earlier_than_its_time() {
         .await
         .expect("watch");
 
-    let at = (Utc::now() + chrono::Duration::seconds(3)).to_rfc3339();
+    let at = (Utc::now() + chrono::Duration::seconds(5)).to_rfc3339();
     let (code, by_delay) =
         cli_json(&sys, &["submit", "--type", "demo.echo", "--delay", "2s"]).await;
     assert_eq!(code, Some(0));
     let (_, by_time) = cli_json(&sys, &["submit", "--type", "demo.echo", "--at", &at]).await;
-    for submitted in [record(by_delay), record(by_time)] {
-        assert_eq!(submitted.state, JobState::Scheduled);
-        let run_at = submitted.next_run_at.expect("held until a time");
+    let submitted = [record(by_delay), record(by_time)];
+    // Both checked before waiting for either, while their times are surely still ahead.
+    for s in &submitted {
+        assert_eq!(s.state, JobState::Scheduled);
         assert_eq!(
-            sys.client
-                .status(submitted.uuid)
-                .await
-                .expect("status")
-                .state,
+            sys.client.status(s.uuid).await.expect("status").state,
             JobState::Scheduled,
             "it shows as scheduled until then"
         );
+    }
+    for submitted in submitted {
+        let run_at = submitted.next_run_at.expect("held until a time");
         let done = within(
             MINUTE,
             "the delayed job",
@@ -364,7 +364,7 @@ async fn a_scheduled_job_can_be_cancelled_and_then_never_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_and_their_folders_are_purged_after_the_retention_and_held_ones_stay() {
     let sys = System::new().await;
-    let _scheduler = sys.scheduler_with(&["--retention", "1s", "--purge-interval", "200ms"]);
+    let _scheduler = sys.scheduler_with(&["--retention", "5s", "--purge-interval", "200ms"]);
     let _agent = sys.agent("g1", &[]);
     let (_, held) = cli_json(&sys, &["submit", "--type", "demo.echo", "--delay", "1h"]).await;
     let held = record(held);
