@@ -151,18 +151,32 @@ async fn stop(agent: &mut Proc) {
     assert!(status.success(), "{}", agent.output());
 }
 
-/// Asserts that no Chromium of `root` runs (helpers included) and that its profile folders
-/// are gone.
-fn nothing_left_under(root: &str) {
-    let running = processes_with(&format!("--user-data-dir={root}"));
-    assert!(
-        running.is_empty(),
-        "Chromium processes left behind: {running:?}"
-    );
-    let left: Vec<_> = std::fs::read_dir(root)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "profile folders left behind: {left:?}");
+/// Waits (at most 15 s) until no Chromium of `root` runs (helpers included: they die
+/// asynchronously) and its profile folders are gone; says what is left if they never are.
+async fn nothing_left_under(root: &str) {
+    let left = || {
+        let running = processes_with(&format!("--user-data-dir={root}"));
+        let folders: Vec<_> = std::fs::read_dir(root)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        (running, folders)
+    };
+    let polled = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let (running, folders) = left();
+            if running.is_empty() && folders.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if polled.is_err() {
+        let (running, folders) = left();
+        panic!(
+            "left behind 15 s after the agent stopped: Chromium processes {running:?}, profile folders {folders:?}"
+        );
+    }
 }
 
 /// The width and height of a PNG, from its header.
@@ -224,7 +238,7 @@ async fn a_local_chromium_renders_once_the_page_is_ready_and_leaves_nothing_behi
         "one browser served the worker's three jobs"
     );
     stop(&mut agent).await;
-    nothing_left_under(&root);
+    nothing_left_under(&root).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +269,7 @@ async fn a_page_that_never_gets_ready_or_does_not_answer_fails_and_the_browser_s
         &sys,
         "chromium.pdf",
         json!({"url": format!("{}/never", pages()), "output": "out/never.pdf",
-               "wait_for_ready": true, "timeout_s": 2}),
+               "wait_for_ready": true, "timeout_s": 5}),
     )
     .await;
     assert_eq!(record["state"], "failed");
@@ -263,7 +277,7 @@ async fn a_page_that_never_gets_ready_or_does_not_answer_fails_and_the_browser_s
         .as_str()
         .expect("an error");
     assert!(
-        error.contains("did not call window.rotaReady()") && error.contains("timeout_s = 2"),
+        error.contains("did not call window.rotaReady()") && error.contains("timeout_s = 5"),
         "{error}"
     );
 
@@ -295,7 +309,7 @@ async fn a_page_that_never_gets_ready_or_does_not_answer_fails_and_the_browser_s
         "the same browser served every job"
     );
     stop(&mut agent).await;
-    nothing_left_under(&root);
+    nothing_left_under(&root).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +346,7 @@ async fn a_chromium_killed_between_jobs_is_replaced_for_the_next_job() {
     assert_eq!(second.len(), 1, "one browser again: {second:?}");
     assert_ne!(second, first, "a new browser");
     stop(&mut agent).await;
-    nothing_left_under(&root);
+    nothing_left_under(&root).await;
 }
 
 /// The Chromium image, built once per test binary (reused while its inputs are unchanged).
@@ -468,13 +482,12 @@ async fn chromium_already_running_is_used_through_its_url_and_left_running() {
             &endpoint,
         ],
     );
-    let before = page_targets(&endpoint);
     report_pdf(&sys, "remote").await;
     report_pdf(&sys, "remote-again").await;
-    assert_eq!(
-        page_targets(&endpoint),
-        before,
-        "the jobs' pages were closed"
+    let open = page_targets(&endpoint);
+    assert!(
+        !open.iter().any(|url| url.starts_with(pages())),
+        "the jobs' pages were closed: {open:?}"
     );
     stop(&mut agent).await;
     let pid = chromium.id().expect("a pid");
@@ -485,7 +498,8 @@ async fn chromium_already_running_is_used_through_its_url_and_left_running() {
     let _ = chromium.kill().await;
 }
 
-/// The pages open in the Chromium at `endpoint` (`http://host:port`), from its /json/list.
+/// The URLs of the pages open in the Chromium at `endpoint` (`http://host:port`), from its
+/// /json/list.
 fn page_targets(endpoint: &str) -> Vec<String> {
     use std::io::{Read, Write};
     let host = endpoint.trim_start_matches("http://");
@@ -518,7 +532,7 @@ fn page_targets(endpoint: &str) -> Vec<String> {
     targets
         .iter()
         .filter(|t| t["type"] == "page")
-        .map(|t| t["id"].as_str().unwrap_or_default().to_owned())
+        .map(|t| t["url"].as_str().unwrap_or_default().to_owned())
         .collect()
 }
 

@@ -1,7 +1,8 @@
 //! A Chromium process started by the worker (`--chromium-mode local`): the configured binary,
 //! a fresh profile folder per browser, the DevTools endpoint read from its stderr. Ending it
-//! kills the process and removes the folder; folders left by owners that were killed are
-//! removed by the next browser that starts under the same root.
+//! kills the process and its helpers, waits until they are gone, and removes the folder;
+//! folders left by owners that were killed are removed by the next browser that starts under
+//! the same root.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -155,25 +156,85 @@ impl LocalChromium {
         !matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Kills the browser (if still running), waits for it, and removes its profile folder.
+    /// Kills the browser (if still running) and its helper processes, waits until they are
+    /// gone, and removes its profile folder.
     pub async fn stop(&mut self) {
         let _ = self.child.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        // The helpers (zygotes, renderers, GPU…) die asynchronously once the browser is gone,
+        // and may still write to the profile meanwhile: end them and wait for it.
+        let gone = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let helpers = kill_helpers(&self.profile);
+                if helpers.is_empty() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if gone.is_err() {
+            tracing::warn!(
+                profile = %self.profile.display(),
+                helpers = ?kill_helpers(&self.profile),
+                "Chromium's helper processes did not end within 10 s of SIGKILL"
+            );
+        }
         remove_profile(&self.profile);
     }
 }
 
 impl Drop for LocalChromium {
     fn drop(&mut self) {
-        // kill_on_drop ends the process; the folder goes too (a renderer that is still
-        // writing may leave a file, which the next sweep removes).
+        // kill_on_drop ends the process; its helpers are killed too, and the folder goes (a
+        // helper that is still writing may leave a file, which the next sweep removes).
         let _ = self.child.start_kill();
+        kill_helpers(&self.profile);
         remove_profile(&self.profile);
     }
 }
 
+/// Sends SIGKILL to each live process of the Chromium whose profile is `profile` (each one
+/// has `--user-data-dir=<profile>` on its command line); returns their pids. They stay in
+/// the group of the process that started Chromium, so an agent ending a worker's process
+/// group ends its Chromium too.
+fn kill_helpers(profile: &Path) -> Vec<u32> {
+    use nix::sys::signal::{Signal, kill};
+    let flag = format!("--user-data-dir={}", profile.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let pids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|raw| has_arg(&raw, flag.as_bytes()))
+                && process_alive(*pid)
+        })
+        .collect();
+    for pid in &pids {
+        if let Ok(pid) = i32::try_from(*pid) {
+            let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    pids
+}
+
+/// Whether the command line `raw` (/proc/PID/cmdline) holds the argument `arg`. Chromium's
+/// helpers rewrite theirs into one string of arguments separated by spaces, so an argument
+/// ends at a NUL, a space or the end.
+fn has_arg(raw: &[u8], arg: &[u8]) -> bool {
+    let bound = |b: Option<&u8>| b.is_none_or(|b| *b == 0 || *b == b' ');
+    (0..raw.len().saturating_sub(arg.len()) + 1).any(|at| {
+        raw[at..].starts_with(arg)
+            && bound(at.checked_sub(1).and_then(|i| raw.get(i)))
+            && bound(raw.get(at + arg.len()))
+    })
+}
+
 fn remove_profile(profile: &Path) {
-    // Chromium's helper processes may still be writing for a moment after the browser exits.
+    // A helper may still have created a file while the folder was being removed.
     for _ in 0..3 {
         match std::fs::remove_dir_all(profile) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => continue,
@@ -233,5 +294,32 @@ pub(super) fn tail(lines: &[String]) -> String {
         "nothing".into()
     } else {
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_arg;
+
+    #[test]
+    fn an_argument_is_found_in_the_browsers_and_the_helpers_command_lines() {
+        let arg = b"--user-data-dir=/tmp/p/rota-chromium-7-1";
+        // The browser's: one argument per NUL.
+        assert!(has_arg(
+            b"chromium\0--headless\0--user-data-dir=/tmp/p/rota-chromium-7-1\0about:blank\0",
+            arg
+        ));
+        // A helper's: rewritten into one string, separated by spaces.
+        assert!(has_arg(
+            b"/usr/lib/chromium/chromium --type=renderer --user-data-dir=/tmp/p/rota-chromium-7-1 --lang=en\0",
+            arg
+        ));
+        assert!(has_arg(b"--user-data-dir=/tmp/p/rota-chromium-7-1", arg));
+        // Another browser's profile, whose name only starts the same.
+        assert!(!has_arg(
+            b"chromium\0--user-data-dir=/tmp/p/rota-chromium-7-10\0",
+            arg
+        ));
+        assert!(!has_arg(b"chromium\0", arg));
     }
 }
