@@ -423,10 +423,14 @@ pub fn containers(ns: &str) -> Vec<Container> {
         .collect()
 }
 
-/// A free local address for a daemon's `--http-addr`.
-pub fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("its address").to_string()
+/// `N` distinct free local addresses for daemons' `--http-addr`: each port stays bound until
+/// all are taken, so two cannot be the same.
+pub fn free_addrs<const N: usize>() -> [String; N] {
+    let listeners: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"));
+    listeners
+        .each_ref()
+        .map(|l| l.local_addr().expect("its address").to_string())
 }
 
 /// `GET http://ADDR/PATH`: the status code and the body (`None` while nothing answers).

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use rota_tests::wire::{EventKind, Job, JobId, JobState, RpcReply, RpcRequest};
-use rota_tests::{System, free_addr, http_get, probe_until, within};
+use rota_tests::{System, free_addrs, http_get, probe_until, within};
 use serde_json::json;
 
 fn rabbitmqctl(args: &[&str]) {
@@ -20,7 +20,7 @@ fn rabbitmqctl(args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
     let sys = System::new().await;
-    let (sched_addr, agent_addr) = (free_addr(), free_addr());
+    let [sched_addr, agent_addr] = free_addrs();
     let _scheduler = sys.scheduler_with(&["--http-addr", &sched_addr]);
     let _agent = sys.agent("r1", &["--pool-max-size", "8", "--http-addr", &agent_addr]);
     sys.ready(true, &["r1"]).await;

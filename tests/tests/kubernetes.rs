@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rota_common::config::parse_duration;
 use rota_tests::wire::{EventKind, Job, Status};
-use rota_tests::{System, event_of, free_addr, probe_until, tool, within};
+use rota_tests::{System, event_of, free_addrs, probe_until, tool, within};
 use serde_json::{Value, json};
 
 /// The Kubernetes versions whose schemas the manifests must pass: the oldest we support (the
@@ -574,7 +574,7 @@ async fn the_configmap_settings_run_a_job_and_answer_the_probes() {
         std::fs::write(&path, text).expect("writes the config");
         paths.push(path.display().to_string());
     }
-    let (sched_addr, agent_addr) = (free_addr(), free_addr());
+    let [sched_addr, agent_addr] = free_addrs();
     let _scheduler = sys.scheduler_with(&["--config", &paths[0], "--http-addr", &sched_addr]);
     let _agent = sys.agent(
         "pool-agent-0",

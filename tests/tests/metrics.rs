@@ -3,13 +3,13 @@
 //! down is in `broker_restart.rs`, which alone may stop the broker.)
 
 use rota_tests::wire::{EventKind, Job};
-use rota_tests::{System, free_addr, http_get, probe_until, within};
+use rota_tests::{System, free_addrs, http_get, probe_until, within};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemons_serve_health_and_the_metrics_of_the_jobs_that_ran() {
     let sys = System::new().await;
-    let (sched_addr, agent_addr) = (free_addr(), free_addr());
+    let [sched_addr, agent_addr] = free_addrs();
     let _scheduler = sys.scheduler_with(&["--http-addr", &sched_addr]);
     let _agent = sys.agent("m1", &["--http-addr", &agent_addr, "--pool-max-size", "3"]);
     sys.ready(true, &["m1"]).await;
