@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rota_tests::wire::{EventKind, Job, JobId, JobState, RpcReply, RpcRequest};
+use rota_tests::wire::{EventKind, Job, JobId, JobState, Role, RpcReply, RpcRequest};
 use rota_tests::{System, free_addrs, http_get, probe_until, within};
 use serde_json::json;
 
@@ -29,9 +29,11 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
         .watch(&[EventKind::Finished])
         .await
         .expect("watch");
+    let mut beats = sys.heartbeats().await;
     let mut ids = HashSet::new();
-    for _ in 0..300 {
-        let mut job = Job::new("demo.sleep", json!({ "ms": 20 }));
+    // 10 s of work for 8 workers, so that jobs surely run while the broker stops (1-3 s).
+    for _ in 0..200 {
+        let mut job = Job::new("demo.sleep", json!({ "ms": 400 }));
         job.uuid = Some(JobId::random());
         ids.insert(sys.client.publish_job(job).await.expect("published"));
     }
@@ -41,6 +43,13 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
         }
     })
     .await;
+    within(
+        Duration::from_secs(60),
+        "a heartbeat with jobs running",
+        sys.heartbeat_where(&mut beats, Role::Agent, "r1", |hb| !hb.running.is_empty()),
+    )
+    .await;
+    drop(beats);
 
     rabbitmqctl(&["stop_app"]);
     // Not ready while the broker is away (so Kubernetes takes them out of service), though

@@ -77,7 +77,9 @@ async fn an_agent_killed_mid_run_and_restarted_loses_nothing() {
         .watch(&[EventKind::Finished])
         .await
         .expect("watch");
-    let ids = publish_sleepers(&sys, 300, 20).await;
+    let mut beats = sys.heartbeats().await;
+    // 2.5 s of work for 8 workers: plenty is left once 50 are done.
+    let ids = publish_sleepers(&sys, 200, 100).await;
 
     // Kill it with jobs running, results in flight, receipts pending.
     within(MINUTE, "50 jobs finished", async {
@@ -86,10 +88,15 @@ async fn an_agent_killed_mid_run_and_restarted_loses_nothing() {
         }
     })
     .await;
+    within(
+        MINUTE,
+        "a heartbeat with jobs running",
+        sys.heartbeat_where(&mut beats, Role::Agent, "k1", |hb| !hb.running.is_empty()),
+    )
+    .await;
     agent.kill().await;
     let _agent = sys.agent("k1", &["--pool-max-size", "8"]);
 
-    let mut beats = sys.heartbeats().await;
     within(
         2 * MINUTE,
         "every job run and recorded",
