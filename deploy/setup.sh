@@ -52,10 +52,16 @@ setup_rabbitmq() {
     127.*|localhost|::1) ;;
     *) die "nothing answers on $host:$port (from ROTA_AMQP_URL); start RabbitMQ there, or unset ROTA_AMQP_URL to run one on this host" ;;
   esac
-  apt_install rabbitmq-server
+  # Rota's settings go in before the package: on a machine with systemd, the package starts
+  # the node as soon as it is installed, and a node reads rabbitmq.conf and enabled_plugins
+  # only when it starts (neither file is one of the package's conffiles).
+  as_root mkdir -p /etc/rabbitmq
   if ! cmp -s "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf; then
     as_root install -m 0644 "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf
   fi
+  [[ -e /etc/rabbitmq/enabled_plugins ]] ||
+    echo '[rabbitmq_management].' | as_root tee /etc/rabbitmq/enabled_plugins >/dev/null
+  apt_install rabbitmq-server
   as_root rabbitmq-plugins enable --offline rabbitmq_management >/dev/null
   if ! answers "$host" "$port"; then
     say "starting RabbitMQ"
@@ -79,6 +85,8 @@ setup_docker() {
     return 0
   fi
   [[ -z "${DOCKER_HOST:-}" ]] || die "no Docker engine answers at DOCKER_HOST=$DOCKER_HOST; start it, or unset DOCKER_HOST to run one on this host"
+  # (On a machine with systemd the package starts its own engine, with bridge networking:
+  # that one answers then, and is as good, since worker containers use network none or host.)
   command -v dockerd >/dev/null || apt_install docker.io
   say "starting the Docker engine (log: /var/log/rota-dockerd.log)"
   as_root sh -c 'nohup dockerd --bridge=none --iptables=false --ip-masq=false >/var/log/rota-dockerd.log 2>&1 &'
@@ -104,7 +112,8 @@ setup_tools() {
   want="$want $kubectl_pkg"
   if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
     command -v python3 >/dev/null || apt_install python3
-    [[ -x "$venv/bin/pip" ]] || python3 -m venv "$venv" 2>/dev/null || {
+    # (Debian's python3 without python3-venv fails here, with a message on stdout.)
+    [[ -x "$venv/bin/pip" ]] || python3 -m venv "$venv" >/dev/null 2>&1 || {
       apt_install python3-venv
       rm -rf "$venv"
       python3 -m venv "$venv"
