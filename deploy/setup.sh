@@ -85,9 +85,13 @@ setup_docker() {
     return 0
   fi
   [[ -z "${DOCKER_HOST:-}" ]] || die "no Docker engine answers at DOCKER_HOST=$DOCKER_HOST; start it, or unset DOCKER_HOST to run one on this host"
-  # (On a machine with systemd the package starts its own engine, with bridge networking:
-  # that one answers then, and is as good, since worker containers use network none or host.)
   command -v dockerd >/dev/null || apt_install docker.io
+  # On a machine with systemd the package starts an engine of its own (with bridge
+  # networking, which does no harm: worker containers use network none or host).
+  if docker info >/dev/null 2>&1; then
+    say "the Docker engine the package started answers: using it"
+    return 0
+  fi
   say "starting the Docker engine (log: /var/log/rota-dockerd.log)"
   as_root sh -c 'nohup dockerd --bridge=none --iptables=false --ip-masq=false >/var/log/rota-dockerd.log 2>&1 &'
   for _ in $(seq 1 60); do
