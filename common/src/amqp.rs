@@ -432,7 +432,10 @@ struct Inner {
     url: String,
     display_url: String,
     name: String,
+    /// What is declared, and declared again on every new connection.
     topology: Mutex<Topology>,
+    /// Held while declaring more: a caller that needs the same must wait for it to exist.
+    declaring: tokio::sync::Mutex<()>,
     live: watch::Sender<Option<Arc<Live>>>,
     subs: Mutex<Vec<Arc<Subscription>>>,
     closing: CancellationToken,
@@ -480,6 +483,7 @@ impl Broker {
             display_url: redact(url),
             name: name.to_owned(),
             topology: Mutex::new(topology),
+            declaring: tokio::sync::Mutex::new(()),
             live,
             subs: Mutex::new(Vec::new()),
             closing: CancellationToken::new(),
@@ -547,17 +551,25 @@ impl Broker {
     /// Declares more topology now, and again after every reconnect. What this broker
     /// declared already costs nothing, so callers need not remember what they declared.
     pub async fn declare(&self, extra: Topology) -> Result<(), BrokerError> {
-        if let Ok(mut t) = self.inner.topology.lock() {
-            if t.covers(&extra) {
-                return Ok(());
-            }
-            t.merge(&extra);
+        let covered = || self.inner.topology.lock().is_ok_and(|t| t.covers(&extra));
+        if covered() {
+            return Ok(());
+        }
+        // Only what RabbitMQ has confirmed counts as declared: a publisher that finds its
+        // queue "covered" must be able to route to it at once.
+        let _declaring = self.inner.declaring.lock().await;
+        if covered() {
+            return Ok(());
         }
         let live = self.wait_live().await?;
         extra.declare(&live.plain).await.map_err(|e| {
             live.lost.cancel();
-            e.into()
-        })
+            BrokerError::from(e)
+        })?;
+        if let Ok(mut t) = self.inner.topology.lock() {
+            t.merge(&extra);
+        }
+        Ok(())
     }
 
     /// Deletes a queue (tests and tools clean up with it).

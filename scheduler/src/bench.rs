@@ -91,16 +91,24 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
     let mut latencies: Vec<Duration> = Vec::with_capacity(args.jobs);
     let mut failed = 0usize;
     let wait = async {
+        // A job that could not be submitted never finishes: stop at the first such error.
+        let mut submitter = Some(submitter);
         while latencies.len() < args.jobs {
-            let Some(event) = events.next().await else {
-                bail!("lost the connection to RabbitMQ")
-            };
-            let Some(t0) = sent.lock().ok().and_then(|mut s| s.remove(&event.uuid)) else {
-                continue;
-            };
-            latencies.push(t0.elapsed());
-            if event.status != Some(Status::Succeeded) {
-                failed += 1;
+            tokio::select! {
+                event = events.next() => {
+                    let Some(event) = event else { bail!("lost the connection to RabbitMQ") };
+                    let Some(t0) = sent.lock().ok().and_then(|mut s| s.remove(&event.uuid)) else {
+                        continue;
+                    };
+                    latencies.push(t0.elapsed());
+                    if event.status != Some(Status::Succeeded) {
+                        failed += 1;
+                    }
+                }
+                done = async { submitter.as_mut().expect("checked").await }, if submitter.is_some() => {
+                    submitter = None;
+                    done.context("the submitter panicked")?.context("a job could not be submitted")?;
+                }
             }
         }
         Ok(())
@@ -109,7 +117,6 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
         .await
         .with_context(|| format!("not every job finished within {:?}", args.timeout))??;
     let elapsed = start.elapsed();
-    submitter.await.context("the submitter failed")??;
 
     latencies.sort();
     let pct = |p: f64| {

@@ -4,7 +4,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rota_tests::wire::{EventKind, Job, JobId, JobState, RpcReply, RpcRequest, Status};
@@ -98,6 +100,71 @@ async fn a_thousand_jobs_are_each_recorded_exactly_once_with_their_logs() {
         .map(|l| l.message.as_str())
         .collect();
     assert_eq!(lines, ["log line 1 of 2", "log line 2 of 2"]);
+}
+
+/// Many producers publishing at once to a queue that does not exist yet: every job lands
+/// (the first publish declares the queue; the others wait for that, not fail as unroutable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_publishes_to_a_new_queue_all_land() {
+    let sys = System::new().await;
+    let publishes = (0..200).map(|i| {
+        let mut job = Job::new("demo.echo", json!({ "i": i }));
+        job.queue = Some("other".into());
+        sys.client.publish_job(job)
+    });
+    let results = futures::future::join_all(publishes).await;
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 200 publishes failed, the first with: {}",
+        failed.len(),
+        failed[0]
+    );
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    let queue = ch
+        .queue_declare(
+            sys.names.jobs_queue("other").as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the queue exists");
+    assert_eq!(queue.message_count(), 200);
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// `scheduler bench`, which the README's figures come from, runs through and prints them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_prints_throughput_latency_and_memory() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("b1", &["--pool-max-size", "8"]);
+    sys.ready(true, &["b1"]).await;
+    let out = sys
+        .cli(&["bench", "--jobs", "300", "--timeout", "60s"])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("jobs:        300 via Direct (0 failed)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("jobs/s end to end"), "{stdout}");
+    assert!(stdout.contains("latency:     p50"), "{stdout}");
+    assert_eq!(stdout.matches("peak RSS:").count(), 2, "{stdout}");
 }
 
 /// A producer in any language: plain AMQP, no Rota code, no uuid, the seed's `classname`.
