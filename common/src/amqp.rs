@@ -282,6 +282,10 @@ impl Props {
     }
 }
 
+/// How long an ack or a requeue may take: RabbitMQ does not answer either, so this is only
+/// the time to hand it to the connection.
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
+
 /// One message received by a [`Consumer`]. Ack it once it is safe to forget; if it is never
 /// acked, RabbitMQ delivers it again after this connection ends.
 #[derive(Debug)]
@@ -324,12 +328,15 @@ impl Delivery {
     /// Tells the broker the message is handled. False if the channel it came on is gone (the
     /// broker will deliver it again).
     pub async fn ack(&self) -> bool {
-        match self.acker.ack(BasicAckOptions::default()).await {
-            Ok(_) => true,
-            Err(e) => {
+        // Bounded: on a connection that is going away, lapin may never settle it.
+        let acked = tokio::time::timeout(SETTLE_WAIT, self.acker.ack(BasicAckOptions::default()));
+        match acked.await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "ack failed; the message will be delivered again");
                 false
             }
+            Err(_) => false,
         }
     }
 
@@ -339,7 +346,8 @@ impl Delivery {
             requeue: true,
             multiple: false,
         };
-        self.acker.nack(opts).await.is_ok()
+        let nacked = tokio::time::timeout(SETTLE_WAIT, self.acker.nack(opts));
+        matches!(nacked.await, Ok(Ok(_)))
     }
 }
 
@@ -635,7 +643,15 @@ impl Broker {
                 .await?
                 .await
         };
-        let confirm = sent.await.inspect_err(|_| {
+        // Closing abandons a publish in flight (lapin may never settle it once the connection
+        // is gone): the caller keeps what it could not publish.
+        let sent = tokio::select! {
+            sent = sent => sent,
+            _ = self.inner.closing.cancelled() => {
+                return Err(BrokerError::NotConnected(self.inner.display_url.clone()));
+            }
+        };
+        let confirm = sent.inspect_err(|_| {
             if !live.confirm.status().connected() {
                 live.lost.cancel(); // the channel is gone: make a new connection
             }
@@ -661,12 +677,14 @@ impl Broker {
         let live = self.inner.live.borrow().clone();
         let Some(live) = live else { return };
         let opts = BasicPublishOptions::default();
-        if let Err(e) = live
-            .plain
-            .basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp())
-            .await
-        {
-            tracing::debug!(exchange, key, error = %e, "notification not sent");
+        let sent =
+            live.plain
+                .basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp());
+        tokio::select! {
+            sent = sent => if let Err(e) = sent {
+                tracing::debug!(exchange, key, error = %e, "notification not sent");
+            },
+            _ = self.inner.closing.cancelled() => {}
         }
     }
 

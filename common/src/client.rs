@@ -247,11 +247,16 @@ pub type Events = Messages<Event>;
 pub type Heartbeats = Messages<Heartbeat>;
 
 impl<T: DeserializeOwned> Messages<T> {
+    /// The next message. Cancel-safe, so it can race other futures in `select!`: once
+    /// received, a message is returned, not lost with a dropped future.
     pub async fn next(&mut self) -> Option<T> {
         loop {
             let d = self.consumer.recv().await?;
-            d.ack().await;
-            match serde_json::from_slice(&d.body) {
+            let parsed = serde_json::from_slice(&d.body);
+            // Acked on the side: an await here would be a point where a dropped future
+            // loses the message.
+            tokio::spawn(async move { d.ack().await });
+            match parsed {
                 Ok(message) => return Some(message),
                 Err(e) => tracing::debug!(error = %e, "skipping an unreadable message"),
             }

@@ -206,7 +206,14 @@ pub async fn run(
     broker.close().await;
     info!("stopping: connection closed");
     bg.close();
-    bg.wait().await;
+    // They end with the broker (receipts) or the token (heartbeats, resends); a wait that
+    // long means one is stuck, which must not keep the process from exiting.
+    if tokio::time::timeout(Duration::from_secs(10), bg.wait())
+        .await
+        .is_err()
+    {
+        warn!("stopping: a background task did not end within 10 s; exiting without it");
+    }
     info!(agent = %id, "pool agent stopped");
     Ok(())
 }

@@ -113,9 +113,22 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
         }
         Ok(())
     };
-    tokio::time::timeout(args.timeout, wait)
-        .await
-        .with_context(|| format!("not every job finished within {:?}", args.timeout))??;
+    if let Ok(waited) = tokio::time::timeout(args.timeout, wait).await {
+        waited?;
+    } else {
+        let missing: Vec<String> = sent
+            .lock()
+            .map(|s| s.keys().take(3).map(|id| id.to_string()).collect())
+            .unwrap_or_default();
+        bail!(
+            "{} of {} jobs did not finish within {:?} (for example {}); `scheduler status UUID` \
+             tells where one is",
+            sent.lock().map(|s| s.len()).unwrap_or(0),
+            args.jobs,
+            args.timeout,
+            missing.join(", ")
+        );
+    }
     let elapsed = start.elapsed();
 
     latencies.sort();

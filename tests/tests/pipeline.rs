@@ -167,6 +167,35 @@ async fn the_benchmark_prints_throughput_latency_and_memory() {
     assert_eq!(stdout.matches("peak RSS:").count(), 2, "{stdout}");
 }
 
+/// A watch can race other futures in `select!` without losing an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_watched_in_a_select_loop_are_all_seen() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("w1", &["--pool-max-size", "8"]);
+    sys.ready(true, &["w1"]).await;
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
+    let mut ids = HashSet::new();
+    for i in 0..500 {
+        let job = Job::new("demo.echo", json!({ "i": i }));
+        ids.insert(sys.client.publish_job(job).await.expect("published"));
+    }
+    let mut tick = tokio::time::interval(Duration::from_micros(50));
+    within(MINUTE, "a finished event for every job", async {
+        while !ids.is_empty() {
+            tokio::select! {
+                event = finished.next() => { ids.remove(&event.expect("events").uuid); }
+                _ = tick.tick() => {}
+            }
+        }
+    })
+    .await;
+}
+
 /// A producer in any language: plain AMQP, no Rota code, no uuid, the seed's `classname`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_published_with_plain_amqp_are_run_and_recorded() {
