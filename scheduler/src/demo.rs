@@ -75,32 +75,6 @@ setTimeout(() => {
 }, 500);
 </script></body></html>"#;
 
-/// Serves `html` to every request on 127.0.0.1 (a port of its own) for as long as the demo
-/// runs; returns the page's URL.
-fn serve_page(html: &'static str) -> anyhow::Result<String> {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let url = format!("http://{}/report.html", listener.local_addr()?);
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(&stream);
-                let mut line = String::new();
-                // The request head ends with an empty line.
-                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-                    line.clear();
-                }
-                let _ = write!(
-                    &stream,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
-                    html.len()
-                );
-            });
-        }
-    });
-    Ok(url)
-}
-
 /// One demo job and how it should end.
 struct Planned {
     job: Job,
@@ -263,7 +237,8 @@ async fn drive(
     let client = Client::connect(&broker.amqp_url, broker.names()?, "demo").await?;
     let mut planned = plan(args.jobs, demodata);
     if args.chromium {
-        let url = serve_page(REPORT_PAGE).context("cannot serve the demo's report page")?;
+        let url = rota_worker_runtime::demo::serve_page(REPORT_PAGE)
+            .context("cannot serve the demo's report page")?;
         planned.extend(plan_chromium(&url, demodata));
     }
     println!(

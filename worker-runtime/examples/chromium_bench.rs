@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .position(|a| a == "--through")
         .and_then(|i| args.get(i + 1));
-    let url = serve(PAGE)?;
+    let url = rota_worker_runtime::demo::serve_page(PAGE)?;
     let dir = tempfile::tempdir()?;
     println!("{pdfs} PDFs of {url} each way; {}", version());
 
@@ -215,28 +215,4 @@ fn version() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
-}
-
-/// Serves `html` on 127.0.0.1 for as long as the program runs.
-fn serve(html: &'static str) -> anyhow::Result<String> {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let url = format!("http://{}/report.html", listener.local_addr()?);
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(&stream);
-                let mut line = String::new();
-                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-                    line.clear();
-                }
-                let _ = write!(
-                    &stream,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
-                    html.len()
-                );
-            });
-        }
-    });
-    Ok(url)
 }

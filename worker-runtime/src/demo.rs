@@ -205,3 +205,29 @@ impl Work for Spawn {
         Ok(json!({ "children": ids }))
     }
 }
+
+/// Serves `html` to every request on 127.0.0.1 (a port of its own) for as long as the program
+/// runs; returns the page's URL. The page that the Chromium demo and benchmark render.
+pub fn serve_page(html: &'static str) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("http://{}/report.html", listener.local_addr()?);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(&stream);
+                let mut line = String::new();
+                // The request head ends with an empty line.
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let _ = write!(
+                    &stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                    html.len()
+                );
+            });
+        }
+    });
+    Ok(url)
+}
