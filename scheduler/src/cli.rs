@@ -287,12 +287,7 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
 }
 
 async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let payload: Value = match &args.payload {
-        Some(text) => serde_json::from_str(text)
-            .map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))?,
-        None => Value::Null,
-    };
-    let mut job = Job::new(args.work_type, payload);
+    let mut job = Job::new(args.work_type, payload(args.payload.as_deref())?);
     let uuid = args.uuid.unwrap_or_else(JobId::random);
     job.uuid = Some(uuid);
     job.queue = args.queue;
@@ -348,21 +343,23 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The `--payload` of a job or schedule: JSON, or null when not given.
+fn payload(text: Option<&str>) -> anyhow::Result<Value> {
+    text.map_or(Ok(Value::Null), |text| {
+        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))
+    })
+}
+
 async fn schedule(client: &Client, command: ScheduleCommand) -> anyhow::Result<ExitCode> {
     let (request, json) = match command {
         ScheduleCommand::Add(args) => {
-            let payload = match &args.payload {
-                Some(text) => serde_json::from_str(text)
-                    .map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))?,
-                None => Value::Null,
-            };
             let spec = ScheduleSpec {
                 name: args.name,
                 cron: args.cron,
                 tz: args.tz,
                 missed: args.missed,
                 work_type: args.work_type,
-                payload,
+                payload: payload(args.payload.as_deref())?,
                 queue: args.queue,
                 priority: args.priority,
                 timeout_s: args.timeout_s,
