@@ -38,6 +38,15 @@ pub enum BrokerError {
     /// The broker refused to take the message (for example, a full queue).
     #[error("RabbitMQ refused the message sent to exchange {exchange:?}")]
     Nacked { exchange: String },
+    /// The broker closed the channel over this message (for example, one larger than its
+    /// `max_message_size`). The channel is opened again; sending the same message again
+    /// will most likely be refused again.
+    #[error("RabbitMQ refused a {bytes}-byte message sent to exchange {exchange:?}: {reason}")]
+    Refused {
+        exchange: String,
+        bytes: usize,
+        reason: String,
+    },
     /// Someone else holds an exclusive consumer on this queue.
     #[error("queue {queue:?} is already consumed exclusively by another connection")]
     Locked { queue: String },
@@ -331,7 +340,8 @@ impl Delivery {
         // Bounded: on a connection that is going away, lapin may never settle it.
         let acked = tokio::time::timeout(SETTLE_WAIT, self.acker.ack(BasicAckOptions::default()));
         match acked.await {
-            Ok(Ok(_)) => true,
+            // lapin answers false for an acker whose channel is gone: never on a new channel.
+            Ok(Ok(acked)) => acked,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "ack failed; the message will be delivered again");
                 false
@@ -347,7 +357,7 @@ impl Delivery {
             multiple: false,
         };
         let nacked = tokio::time::timeout(SETTLE_WAIT, self.acker.nack(opts));
-        matches!(nacked.await, Ok(Ok(_)))
+        matches!(nacked.await, Ok(Ok(true)))
     }
 }
 
@@ -428,12 +438,89 @@ fn consumer_tag(tag: &str, queue: &str) -> String {
 /// Everything one connection attempt built.
 struct Live {
     conn: Connection,
-    confirm: lapin::Channel,
-    plain: lapin::Channel,
+    /// Publishes with confirms ([`Broker::publish`]).
+    confirm: Reopening,
+    /// Declares, and publishes without confirms ([`Broker::notify`]).
+    plain: Reopening,
     /// Cancelled when the connection fails; the supervisor then reconnects.
     lost: CancellationToken,
     /// The broker's own: cancelled by [`Broker::close`], which ends every consumer pump.
     closing: CancellationToken,
+}
+
+/// A channel that is opened again on the same connection when the broker closes it: one
+/// refused message (too large, a declare with other arguments) must not end the
+/// connection, nor leave the channel dead while everything that shares it fails quietly.
+struct Reopening {
+    channel: Mutex<lapin::Channel>,
+    confirms: bool,
+    /// Held while reopening, so that callers who saw the same broken channel make one new one.
+    reopening: tokio::sync::Mutex<()>,
+}
+
+impl Reopening {
+    async fn open(conn: &Connection, confirms: bool) -> Result<Self, lapin::Error> {
+        Ok(Self {
+            channel: Mutex::new(Self::new_channel(conn, confirms).await?),
+            confirms,
+            reopening: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    async fn new_channel(conn: &Connection, confirms: bool) -> Result<lapin::Channel, lapin::Error> {
+        let ch = conn.create_channel().await?;
+        if confirms {
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        }
+        Ok(ch)
+    }
+
+    /// The channel to use now.
+    fn get(&self) -> Option<lapin::Channel> {
+        self.channel.lock().ok().map(|c| c.clone())
+    }
+
+    fn is_open(&self) -> bool {
+        self.get().is_some_and(|c| c.status().connected())
+    }
+
+    /// Opens a new channel if the current one is closed (a no-op when another caller did).
+    async fn heal(&self, conn: &Connection) -> Result<(), lapin::Error> {
+        let _one_at_a_time = self.reopening.lock().await;
+        if self.is_open() || !conn.status().connected() {
+            return Ok(());
+        }
+        let fresh = Self::new_channel(conn, self.confirms).await?;
+        tracing::info!(
+            confirms = self.confirms,
+            "RabbitMQ closed a channel; opened a new one on the same connection"
+        );
+        if let Ok(mut slot) = self.channel.lock() {
+            *slot = fresh;
+        }
+        Ok(())
+    }
+}
+
+impl Live {
+    /// After an error on one of the shared channels: a new channel when only the channel was
+    /// closed, a new connection when the connection is gone or the channel cannot be reopened.
+    async fn heal(&self, which: &Reopening) {
+        if !self.conn.status().connected() {
+            self.lost.cancel();
+            return;
+        }
+        if let Err(e) = which.heal(&self.conn).await {
+            tracing::warn!(error = %e, "cannot open a new channel; reconnecting");
+            self.lost.cancel();
+        }
+    }
+
+    fn plain(&self) -> Result<lapin::Channel, BrokerError> {
+        self.plain
+            .get()
+            .ok_or_else(|| BrokerError::Protocol("the channel is unusable".into()))
+    }
 }
 
 struct Inner {
@@ -530,13 +617,11 @@ impl Broker {
         &self.inner.display_url
     }
 
-    /// Whether the connection is up now.
+    /// Whether the connection and its shared channels are up now.
     pub fn is_connected(&self) -> bool {
-        self.inner
-            .live
-            .borrow()
-            .as_ref()
-            .is_some_and(|l| !l.lost.is_cancelled())
+        self.inner.live.borrow().as_ref().is_some_and(|l| {
+            !l.lost.is_cancelled() && l.plain.is_open() && l.confirm.is_open()
+        })
     }
 
     /// How many times the connection was lost and made again.
@@ -570,10 +655,10 @@ impl Broker {
             return Ok(());
         }
         let live = self.wait_live().await?;
-        extra.declare(&live.plain).await.map_err(|e| {
-            live.lost.cancel();
-            BrokerError::from(e)
-        })?;
+        if let Err(e) = extra.declare(&live.plain()?).await {
+            live.heal(&live.plain).await;
+            return Err(e.into());
+        }
         if let Ok(mut t) = self.inner.topology.lock() {
             t.merge(&extra);
         }
@@ -583,16 +668,36 @@ impl Broker {
     /// Deletes a queue (tests and tools clean up with it).
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         let live = self.wait_live().await?;
-        live.plain
+        live.plain()?
             .queue_delete(name.into(), QueueDeleteOptions::default())
             .await?;
         Ok(())
     }
 
+    /// How many consumers `queue` has now (a passive declare): whether anyone reads it.
+    pub async fn consumers(&self, queue: &str) -> Result<u32, BrokerError> {
+        let live = self.wait_live().await?;
+        let opts = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match live
+            .plain()?
+            .queue_declare(queue.into(), opts, FieldTable::default())
+            .await
+        {
+            Ok(q) => Ok(q.consumer_count()),
+            Err(e) => {
+                live.heal(&live.plain).await;
+                Err(e.into())
+            }
+        }
+    }
+
     /// Deletes an exchange.
     pub async fn delete_exchange(&self, name: &str) -> Result<(), BrokerError> {
         let live = self.wait_live().await?;
-        live.plain
+        live.plain()?
             .exchange_delete(name.into(), ExchangeDeleteOptions::default())
             .await?;
         Ok(())
@@ -637,8 +742,12 @@ impl Broker {
             mandatory: true,
             immediate: false,
         };
+        let channel = live
+            .confirm
+            .get()
+            .ok_or_else(|| BrokerError::Protocol("the channel is unusable".into()))?;
         let sent = async {
-            live.confirm
+            channel
                 .basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp())
                 .await?
                 .await
@@ -651,11 +760,20 @@ impl Broker {
                 return Err(BrokerError::NotConnected(self.inner.display_url.clone()));
             }
         };
-        let confirm = sent.inspect_err(|_| {
-            if !live.confirm.status().connected() {
-                live.lost.cancel(); // the channel is gone: make a new connection
+        let confirm = match sent {
+            Ok(confirm) => confirm,
+            Err(e) => {
+                live.heal(&live.confirm).await;
+                return Err(match channel_error_text(&e) {
+                    Some(reason) => BrokerError::Refused {
+                        exchange: exchange.into(),
+                        bytes: body.len(),
+                        reason,
+                    },
+                    None => e.into(),
+                });
             }
-        })?;
+        };
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
@@ -672,19 +790,25 @@ impl Broker {
     }
 
     /// Publishes without waiting for a confirm, and drops the message when not connected:
-    /// for events, heartbeats and replies, which are notifications, not records.
+    /// for events, heartbeats and replies, which are notifications, not records. A channel
+    /// the broker closed over one of them is opened again.
     pub async fn notify(&self, exchange: &str, key: &str, body: &[u8], props: &Props) {
         let live = self.inner.live.borrow().clone();
         let Some(live) = live else { return };
+        let Some(channel) = live.plain.get() else {
+            return;
+        };
         let opts = BasicPublishOptions::default();
-        let sent =
-            live.plain
-                .basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp());
-        tokio::select! {
-            sent = sent => if let Err(e) = sent {
-                tracing::debug!(exchange, key, error = %e, "notification not sent");
-            },
-            _ = self.inner.closing.cancelled() => {}
+        let sent = channel.basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp());
+        let failed = tokio::select! {
+            sent = sent => sent.err(),
+            _ = self.inner.closing.cancelled() => None,
+        };
+        if let Some(e) = failed {
+            tracing::debug!(exchange, key, error = %e, "notification not sent");
+        }
+        if !channel.status().connected() && !self.inner.closing.is_cancelled() {
+            live.heal(&live.plain).await;
         }
     }
 
@@ -759,18 +883,17 @@ impl Broker {
             }
             on_loss.cancel();
         });
-        let plain = conn.create_channel().await?;
+        let plain = Reopening::open(&conn, false).await?;
         let topology = self
             .inner
             .topology
             .lock()
             .map(|t| t.clone())
             .unwrap_or_default();
-        topology.declare(&plain).await?;
-        let confirm = conn.create_channel().await?;
-        confirm
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        if let Some(ch) = plain.get() {
+            topology.declare(&ch).await?;
+        }
+        let confirm = Reopening::open(&conn, true).await?;
         let live = Arc::new(Live {
             conn,
             confirm,
@@ -913,7 +1036,19 @@ async fn start_consumer(live: &Arc<Live>, sub: &Arc<Subscription>) -> Result<(),
 
 /// A broker error that closed one channel (a "soft" error), not the connection.
 fn is_channel_error(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
+    channel_error_text(e).is_some()
+}
+
+/// What the broker said when it closed a channel over a message (a "soft" error).
+fn channel_error_text(e: &lapin::Error) -> Option<String> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p)
+            if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(_)) =>
+        {
+            Some(p.get_message().to_string())
+        }
+        _ => None,
+    }
 }
 
 /// Adds `heartbeat=10` to the URL unless it names one: the broker then notices a dead peer

@@ -1,8 +1,15 @@
 //! Group commit: many tasks ask for their writes to be made durable; one thread flushes once
 //! for all who asked before it started. This is how the stores flush sled, whose own
 //! `flush_async` deadlocks when called concurrently (sled issue #1308, in 0.34.7).
+//!
+//! sled's `flush` writes its log with `sync_file_range`, which survives a process crash but
+//! not a power loss: neither the file's size nor the data reach the journal, and large
+//! values ("blobs", over about 128 KiB) are written to files of their own without any sync.
+//! [`FileSync`] finishes the job with `fdatasync`/`fsync`, once per group.
 
-use std::sync::{Arc, mpsc};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
 
 use tokio::sync::oneshot;
 
@@ -69,6 +76,73 @@ impl GroupCommit {
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
+}
+
+/// Makes a sled database folder durable after `Db::flush`: `fdatasync` of the log file `db`,
+/// `fsync` of every blob file written since the last call, and of the folders whose entries
+/// changed. One call costs one `fdatasync` when no blob was written.
+pub struct FileSync {
+    dir: PathBuf,
+    log: Mutex<Option<std::fs::File>>,
+    /// Blob files already made durable (sled never rewrites one; it removes old ones).
+    synced_blobs: Mutex<HashSet<std::ffi::OsString>>,
+}
+
+impl FileSync {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            log: Mutex::new(None),
+            synced_blobs: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Syncs what sled's flush left in the page cache.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let mut log = self.log.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        if log.is_none() {
+            // First call: the files and the folder entries sled created come with it.
+            *log = Some(std::fs::File::open(self.dir.join("db"))?);
+            sync_dir(&self.dir)?;
+        }
+        if let Some(f) = log.as_ref() {
+            f.sync_data()?;
+        }
+        drop(log);
+        let blobs = self.dir.join("blobs");
+        let Ok(entries) = std::fs::read_dir(&blobs) else {
+            return Ok(()); // no blob written yet
+        };
+        let mut synced = self
+            .synced_blobs
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        let mut present = HashSet::new();
+        let mut new = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match std::fs::File::open(entry.path()) {
+                    Ok(f) => f.sync_all()?,
+                    // Removed by sled's own clean-up since it was listed.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            sync_dir(&blobs)?;
+        }
+        *synced = present;
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

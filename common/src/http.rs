@@ -26,6 +26,8 @@ pub struct Health(Arc<HealthInner>);
 struct HealthInner {
     broker: OnceLock<Broker>,
     started: AtomicBool,
+    /// Why the daemon takes no work now although it is connected (e.g. its store cannot write).
+    blocked: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
@@ -39,13 +41,25 @@ impl Health {
         self.0.started.store(started, Ordering::Relaxed);
     }
 
+    /// Says why the daemon takes no work now (`None`: it does again). `/readyz` shows it.
+    pub fn blocked(&self, why: Option<String>) {
+        if let Ok(mut b) = self.0.blocked.lock() {
+            *b = why;
+        }
+    }
+
     /// Ready, or what is missing.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub fn check(&self) -> Result<(), String> {
+        let blocked = self.0.blocked.lock().ok().and_then(|b| b.clone());
         match self.0.broker.get() {
-            None => Err("not connected to RabbitMQ yet"),
-            Some(b) if !b.is_connected() => Err("the connection to RabbitMQ is down; reconnecting"),
-            Some(_) if !self.0.started.load(Ordering::Relaxed) => Err("starting or stopping"),
-            Some(_) => Ok(()),
+            None => Err("not connected to RabbitMQ yet".into()),
+            Some(b) if !b.is_connected() => {
+                Err("the connection to RabbitMQ is down; reconnecting".into())
+            }
+            Some(_) if !self.0.started.load(Ordering::Relaxed) => {
+                Err("starting or stopping".into())
+            }
+            Some(_) => blocked.map_or(Ok(()), Err),
         }
     }
 }

@@ -28,6 +28,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::{AgentConfig, Location};
 use crate::container::{DockerSpec, Engine};
+use crate::fit;
 use crate::intake::{self, Admitted, Limits, Refusal};
 use crate::metrics::AgentMetrics;
 use crate::outbox::Outbox;
@@ -142,7 +143,9 @@ pub async fn run(
         aliases,
         running: Mutex::default(),
         cancelled: Mutex::default(),
-        sent: Mutex::default(),
+        confirmed: Mutex::default(),
+        refusals: Mutex::default(),
+        store_problem: tokio::sync::watch::Sender::new(None),
         abandon: CancellationToken::new(),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
@@ -150,21 +153,20 @@ pub async fn run(
     });
 
     // Results left from an earlier run go out first.
-    agent.resend_due(Duration::ZERO).await;
+    agent.resend_due(false).await;
     let background = CancellationToken::new();
     let bg = TaskTracker::new();
     bg.spawn(agent.clone().receive_receipts(receipts));
     bg.spawn(agent.clone().resend_loop(background.clone()));
     let queues: Vec<String> = cfg.queues.iter().map(|q| names.jobs_queue(q)).collect();
     let prefetch = u16::try_from(cfg.pool_max_size).unwrap_or(u16::MAX);
-    let mut jobs = broker
-        .consume(ConsumeSpec {
-            queues,
-            tag,
-            prefetch,
-            exclusive: false,
-        })
-        .await?;
+    let jobs_spec = ConsumeSpec {
+        queues,
+        tag,
+        prefetch,
+        exclusive: false,
+    };
+    let mut jobs = broker.consume(jobs_spec.clone()).await?;
     let beat = Heartbeat::starting(Role::Agent, id.as_str(), cfg.heartbeat_interval);
     let hb_agent = agent.clone();
     bg.spawn(rota_common::heartbeat::run(
@@ -185,12 +187,29 @@ pub async fn run(
         max = cfg.pool_max_size, data_dir = %dir.display(), "pool agent ready");
 
     let tracker = TaskTracker::new();
+    let mut store_problem = agent.store_problem.subscribe();
     loop {
+        let problem = store_problem.borrow_and_update().clone();
+        if let Some(why) = problem {
+            // The outbox cannot be written: take no more jobs (other agents can), until it can.
+            health.blocked(Some(why));
+            jobs.stop().await;
+            requeue_all(jobs.drain()).await;
+            tokio::select! {
+                _ = store_problem.wait_for(Option::is_none) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            jobs = broker.consume(jobs_spec.clone()).await?;
+            health.blocked(None);
+            info!("the outbox can be written again: taking jobs again");
+            continue;
+        }
         tokio::select! {
             d = jobs.recv() => match d {
                 Some(d) => { tracker.spawn(agent.clone().handle(d)); }
                 None => break,
             },
+            _ = store_problem.changed() => {}
             _ = shutdown.cancelled() => break,
         }
     }
@@ -267,12 +286,17 @@ struct Agent {
     outbox: Outbox,
     pool: Pool,
     aliases: Arc<Aliases>,
-    /// Jobs held now (received, not yet acked), with the token that cancels each.
-    running: Mutex<HashMap<JobId, CancellationToken>>,
+    /// Jobs held now (received, not yet acked), by job id and attempt.
+    running: Mutex<HashMap<(JobId, u32), Running>>,
     /// Jobs cancelled before they arrived here (the newest few thousand).
     cancelled: Mutex<Cancelled>,
-    /// When each stored result was last sent, to resend those without a receipt.
-    sent: Mutex<HashMap<(JobId, u32), Instant>>,
+    /// Stored results RabbitMQ confirmed, with when to send each again if no receipt comes.
+    /// A stored result missing here was never confirmed: the resend timer tries it again.
+    confirmed: Mutex<HashMap<(JobId, u32), Resend>>,
+    /// How many times RabbitMQ refused each stored result.
+    refusals: Mutex<HashMap<(JobId, u32), u32>>,
+    /// Why the outbox cannot be written now; the agent takes no jobs while this is set.
+    store_problem: tokio::sync::watch::Sender<Option<String>>,
     /// Cancelled when the shutdown grace is over: running jobs stop and go back to RabbitMQ.
     abandon: CancellationToken,
     metrics: Arc<AgentMetrics>,
@@ -280,6 +304,36 @@ struct Agent {
     /// Where the child jobs of Work go (the scheduler records them before they run).
     scheduler: Arc<Client>,
 }
+
+/// One job held by this agent.
+struct Running {
+    cancel: CancellationToken,
+    /// Deliveries of the same job and attempt that came while it ran (RabbitMQ gave it back
+    /// after a reconnect): settled with this run's result, never run a second time.
+    redelivered: Vec<Delivery>,
+}
+
+/// When a confirmed result is sent again without a receipt.
+#[derive(Clone, Copy)]
+struct Resend {
+    at: Instant,
+    wait: Duration,
+}
+
+/// What happens to a job's delivery once its run is over.
+enum Disposition {
+    /// Store this result, then ack and send it.
+    Store(JobResult),
+    /// The result is stored already: ack and send it again.
+    Resend(JobResult),
+    /// Hand the job back to RabbitMQ, to run later (here or elsewhere).
+    Requeue,
+}
+
+/// A refused result is tried this many times before it is replaced by a failed one.
+const MAX_REFUSALS: u32 = 3;
+/// How many stored results the resend pass reads at a time.
+const RESEND_PAGE: usize = 256;
 
 impl Agent {
     async fn handle(self: Arc<Self>, d: Delivery) {
@@ -292,35 +346,78 @@ impl Agent {
         match intake::admit(&d, &limits) {
             Ok(admitted) => {
                 let span = info_span!("job", job_id = %admitted.uuid, r#type = %admitted.job.work_type, attempt = admitted.job.attempt);
-                self.run_job(d, admitted).instrument(span).await
+                async {
+                    let key = (admitted.uuid, admitted.job.attempt);
+                    let Some(held) = self.hold(key, d) else {
+                        return info!(
+                            "RabbitMQ delivered this job again while it runs here (after a reconnect): \
+                             it is settled with this run's result, not run twice"
+                        );
+                    };
+                    let disposition = self.run_job(&held, admitted).await;
+                    self.settle(held, disposition).await
+                }
+                .instrument(span)
+                .await
             }
             Err(refusal) => self.refuse(d, refusal).await,
         }
     }
 
-    async fn run_job(&self, d: Delivery, Admitted { job, uuid, timeout }: Admitted) {
+    /// Takes hold of a job, or, when the same job and attempt already runs here, adds the
+    /// delivery to that run (None).
+    fn hold(&self, key: (JobId, u32), d: Delivery) -> Option<Held> {
+        let mut running = self.running.lock().ok()?;
+        if let Some(run) = running.get_mut(&key) {
+            run.redelivered.push(d);
+            return None;
+        }
         let cancel = self.abandon.child_token();
-        let _held = Held::new(self, uuid, cancel.clone());
+        running.insert(
+            key,
+            Running {
+                cancel: cancel.clone(),
+                redelivered: Vec::new(),
+            },
+        );
+        Some(Held {
+            key,
+            delivery: d,
+            cancel,
+        })
+    }
+
+    /// Lets go of a job: it no longer counts as running, and every delivery of it is returned.
+    fn release(&self, held: Held) -> Vec<Delivery> {
+        let mut all = vec![held.delivery];
+        if let Ok(mut running) = self.running.lock()
+            && let Some(run) = running.remove(&held.key)
+        {
+            all.extend(run.redelivered);
+        }
+        all
+    }
+
+    async fn run_job(&self, held: &Held, Admitted { job, uuid, timeout }: Admitted) -> Disposition {
+        let cancel = held.cancel.clone();
         match self.outbox.get(uuid, job.attempt) {
             Ok(Some(stored)) => {
                 info!(
                     "this run already finished here; resending its stored result instead of running it again"
                 );
-                d.ack().await;
-                self.send(&stored).await;
-                return;
+                return Disposition::Resend(stored);
             }
             Ok(None) => {}
             Err(e) => {
                 error!(error = %e, "cannot read the outbox; handing the job back to RabbitMQ");
-                d.requeue().await;
-                return;
+                self.store_failed(&e);
+                return Disposition::Requeue;
             }
         }
         if self.cancelled.lock().is_ok_and(|c| c.contains(&uuid)) {
             info!("cancelled before it started: not running it");
             let now = Utc::now();
-            let result = JobResult {
+            return Disposition::Store(JobResult {
                 uuid,
                 attempt: job.attempt,
                 work_type: job.work_type.clone(),
@@ -334,15 +431,13 @@ impl Agent {
                 started_at: now,
                 finished_at: now,
                 job,
-            };
-            return self.keep_and_send(d, result).await;
+            });
         }
         let mut worker = match self.pool.get().await {
             Ok(w) => w,
             Err(e) => {
                 error!(error = %e, "no worker available; handing the job back to RabbitMQ");
-                d.requeue().await;
-                return;
+                return Disposition::Requeue;
             }
         };
         self.event(EventKind::Started, &job, uuid, None, Some(job.clone()))
@@ -381,11 +476,10 @@ impl Agent {
         drop(worker);
         if self.abandon.is_cancelled() && outcome.status != Status::Succeeded {
             info!("shutdown grace is over; handing the unfinished job back to RabbitMQ");
-            d.requeue().await;
-            return;
+            return Disposition::Requeue;
         }
         let (logs, logs_dropped) = sink.take_logs();
-        let result = JobResult {
+        Disposition::Store(JobResult {
             uuid,
             attempt: job.attempt,
             work_type: job.work_type.clone(),
@@ -399,8 +493,73 @@ impl Agent {
             started_at,
             finished_at: Utc::now(),
             job,
-        };
-        self.keep_and_send(d, result).await;
+        })
+    }
+
+    /// Carries out a disposition for every delivery of the job. A result is stored before
+    /// the job stops counting as running here, so that a redelivery finds it either joined
+    /// to the run or stored (and is acked with the stored result).
+    async fn settle(&self, held: Held, disposition: Disposition) {
+        match disposition {
+            Disposition::Store(result) => {
+                let result = fit::fit(result, self.cfg.max_result_bytes);
+                if !self.store(&result).await {
+                    info!("shutdown grace is over before the result could be stored; handing the job back to RabbitMQ");
+                    return requeue_all(self.release(held)).await;
+                }
+                ack_all(self.release(held)).await;
+                info!(status = %result.status, worker = %result.worker, "job finished");
+                self.metrics.jobs.count(&result);
+                self.send(&result).await;
+            }
+            Disposition::Resend(stored) => {
+                ack_all(self.release(held)).await;
+                self.send(&stored).await;
+            }
+            Disposition::Requeue => requeue_all(self.release(held)).await,
+        }
+    }
+
+    /// Stores a result, waiting while the outbox cannot be written (a full disk): the agent
+    /// then takes no jobs and says why on `/readyz`, and reopens the outbox until a write
+    /// succeeds. False if the shutdown grace ended first.
+    async fn store(&self, result: &JobResult) -> bool {
+        let mut backoff = rota_common::backoff::Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+        );
+        loop {
+            match self.outbox.put(result).await {
+                Ok(()) => {
+                    self.store_problem.send_if_modified(|p| p.take().is_some());
+                    return true;
+                }
+                Err(e) => self.store_failed(&e),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = self.abandon.cancelled() => return false,
+            }
+            if let Err(e) = self.outbox.reopen() {
+                tracing::debug!(error = %e, "the outbox cannot be reopened yet");
+            }
+        }
+    }
+
+    fn store_failed(&self, e: &anyhow::Error) {
+        let why = format!(
+            "cannot write the outbox ({e:#}); taking no jobs until it can. Free space in {} \
+             (is the disk full?); the agent resumes by itself",
+            self.cfg.agent_dir().display()
+        );
+        self.store_problem.send_if_modified(|p| {
+            if p.is_some() {
+                return false;
+            }
+            error!(reason = %why, "the outbox cannot be written: no more jobs until it can");
+            *p = Some(why);
+            true
+        });
     }
 
     /// Dead-letters a job that cannot run, and tells the scheduler when the job has a uuid.
@@ -446,26 +605,21 @@ impl Agent {
             finished_at: now,
             job: *job,
         };
-        self.keep_and_send(d, result).await;
-    }
-
-    /// Stores the result, acks the job, and sends the result: in that order, so that a crash
-    /// at any point loses nothing.
-    async fn keep_and_send(&self, d: Delivery, result: JobResult) {
-        if let Err(e) = self.outbox.put(&result).await {
-            error!(error = %e, "cannot store the result; handing the job back to RabbitMQ");
+        let result = fit::fit(result, self.cfg.max_result_bytes);
+        if !self.store(&result).await {
             d.requeue().await;
             return;
         }
         d.ack().await;
-        info!(status = %result.status, worker = %result.worker, "job finished");
         self.metrics.jobs.count(&result);
         self.send(&result).await;
     }
 
-    /// Publishes a stored result to the results queue (confirmed). On failure it stays in
-    /// the outbox and the resend loop tries again.
+    /// Publishes a stored result to the results queue (confirmed). When it is not confirmed
+    /// it stays in the outbox and the resend timer tries again; a result RabbitMQ refuses
+    /// [`MAX_REFUSALS`] times is replaced by a failed one that says why.
     async fn send(&self, result: &JobResult) {
+        let key = (result.uuid, result.attempt);
         let body = match serde_json::to_vec(result) {
             Ok(b) => b,
             Err(e) => return error!(error = %e, "cannot encode a result"),
@@ -475,59 +629,97 @@ impl Agent {
             reply_to: Some(self.agent_queue.clone()),
             ..Props::default()
         };
-        match self
+        let sent = self
             .broker
             .publish("", &self.names.results(), &body, &props)
-            .await
-        {
+            .await;
+        let e = match sent {
             Ok(()) => {
-                if let Ok(mut sent) = self.sent.lock() {
-                    sent.insert((result.uuid, result.attempt), Instant::now());
+                let wait = self.cfg.receipt_timeout;
+                if let Ok(mut c) = self.confirmed.lock() {
+                    let next = c.get(&key).map_or(wait, |r| r.wait.saturating_mul(2));
+                    c.insert(key, Resend { at: Instant::now(), wait: next.min(MAX_RECEIPT_WAIT) });
                 }
+                if let Ok(mut r) = self.refusals.lock() {
+                    r.remove(&key);
+                }
+                return;
             }
+            Err(e @ (BrokerError::Refused { .. } | BrokerError::Nacked { .. })) => e,
             Err(e) => {
-                warn!(job_id = %result.uuid, error = %e, "result not sent yet; it stays in the outbox and is resent")
+                return warn!(job_id = %result.uuid, error = %e, "result not sent yet; it stays in the outbox and is resent");
             }
+        };
+        let refusals = self.refusals.lock().map_or(MAX_REFUSALS, |mut r| {
+            let n = r.entry(key).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        });
+        let replaced = result.error.as_ref().is_some_and(|e| e.kind == fit::TOO_LARGE)
+            && result.output.is_null()
+            && result.logs.is_empty();
+        if refusals < MAX_REFUSALS || replaced {
+            return warn!(job_id = %result.uuid, error = %e, refusals, "RabbitMQ refused the result; it stays in the outbox and is sent again");
+        }
+        error!(job_id = %result.uuid, error = %e, refusals, "RabbitMQ refused the result again and again; replacing it with a failed result that says why");
+        let failed = fit::refused(result.clone(), &e.to_string());
+        if self.store(&failed).await {
+            Box::pin(self.send(&failed)).await;
         }
     }
 
-    /// Sends again every stored result not sent within `age`.
-    async fn resend_due(&self, age: Duration) {
-        let due: Vec<JobResult> = {
-            let sent = self.sent.lock().map(|s| s.clone()).unwrap_or_default();
-            self.outbox
-                .all()
-                .into_iter()
-                .filter(|r| {
-                    sent.get(&(r.uuid, r.attempt))
-                        .is_none_or(|t| t.elapsed() >= age)
+    /// Sends again the stored results that may have no copy in RabbitMQ: those never
+    /// confirmed, and (`with_overdue`) confirmed ones whose receipt is overdue while the
+    /// scheduler consumes results. Reads the outbox a page at a time.
+    async fn resend_due(&self, with_overdue: bool) {
+        let overdue = with_overdue
+            && match self.broker.consumers(&self.names.results()).await {
+                Ok(n) => n > 0,
+                Err(_) => false,
+            };
+        let mut after = None;
+        let mut count = 0usize;
+        loop {
+            let (keys, next) = self.outbox.keys(after, RESEND_PAGE);
+            let due: Vec<(JobId, u32)> = {
+                let confirmed = self.confirmed.lock().map(|c| c.clone()).unwrap_or_default();
+                keys.into_iter()
+                    .filter(|k| match confirmed.get(k) {
+                        None => true,
+                        Some(r) => overdue && r.at.elapsed() >= r.wait,
+                    })
+                    .collect()
+            };
+            count += due.len();
+            futures::stream::iter(due)
+                .for_each_concurrent(64, |(uuid, attempt)| async move {
+                    if let Ok(Some(r)) = self.outbox.get(uuid, attempt) {
+                        self.send(&r).await;
+                    }
                 })
-                .collect()
-        };
-        if due.is_empty() {
-            return;
+                .await;
+            match next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
         }
-        info!(
-            count = due.len(),
-            "resending results that have no receipt yet"
-        );
-        futures::stream::iter(due.iter())
-            .for_each_concurrent(64, |r| self.send(r))
-            .await;
+        if count > 0 {
+            info!(count, "sent again results that may have no copy in RabbitMQ");
+        }
     }
 
     async fn resend_loop(self: Arc<Self>, stop: CancellationToken) {
         let every = self.cfg.resend_interval;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => self.resend_due(every).await,
-                _ = self.broker.reconnected() => self.resend_due(Duration::ZERO).await,
+                _ = tokio::time::sleep(every) => self.resend_due(true).await,
+                _ = self.broker.reconnected() => self.resend_due(false).await,
                 _ = stop.cancelled() => return,
             }
         }
     }
 
-    /// Applies the scheduler's receipts (and, later, control messages) from this agent's queue.
+    /// Applies the scheduler's receipts and control messages from this agent's queue.
     async fn receive_receipts(self: Arc<Self>, mut receipts: Consumer) {
         while let Some(d) = receipts.recv().await {
             match serde_json::from_slice::<AgentMessage>(&d.body) {
@@ -535,17 +727,27 @@ impl Agent {
                     if let Err(e) = self.outbox.remove(uuid, attempt) {
                         error!(job_id = %uuid, error = %e, "cannot remove a receipted result from the outbox");
                     }
-                    if let Ok(mut sent) = self.sent.lock() {
-                        sent.remove(&(uuid, attempt));
+                    if let Ok(mut c) = self.confirmed.lock() {
+                        c.remove(&(uuid, attempt));
                     }
-                    if !self.cfg.keep_work_dirs {
+                    // Another attempt of the same job may be running here, in the same folder.
+                    if !self.cfg.keep_work_dirs && !self.runs(uuid) {
                         let _ =
                             tokio::fs::remove_dir_all(self.work_root.join(uuid.to_string())).await;
                     }
                 }
                 Ok(AgentMessage::Cancel { uuid }) => {
-                    let token = self.running.lock().ok().and_then(|r| r.get(&uuid).cloned());
-                    if let Some(token) = token {
+                    let tokens: Vec<CancellationToken> = self
+                        .running
+                        .lock()
+                        .map(|r| {
+                            r.iter()
+                                .filter(|((id, _), _)| *id == uuid)
+                                .map(|(_, run)| run.cancel.clone())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for token in tokens {
                         info!(job_id = %uuid, "cancelling a running job");
                         token.cancel();
                     }
@@ -553,10 +755,20 @@ impl Agent {
                         c.insert(uuid);
                     }
                 }
-                Err(e) => warn!(error = %e, "ignoring an unreadable message on the agent's queue"),
+                Err(e) => {
+                    self.metrics.dropped("agent_queue", "unreadable");
+                    warn!(error = %e, "ignoring an unreadable message on the agent's queue")
+                }
             }
             d.ack().await;
         }
+    }
+
+    /// Whether some attempt of `uuid` is held here now.
+    fn runs(&self, uuid: JobId) -> bool {
+        self.running
+            .lock()
+            .is_ok_and(|r| r.keys().any(|(id, _)| *id == uuid))
     }
 
     /// A log buffer whose progress reports become `job.progress` events and whose child
@@ -630,7 +842,7 @@ impl Agent {
     fn running_ids(&self) -> Vec<JobId> {
         self.running
             .lock()
-            .map(|r| r.keys().copied().collect())
+            .map(|r| r.keys().map(|(id, _)| *id).collect())
             .unwrap_or_default()
     }
 
@@ -643,9 +855,7 @@ impl Agent {
             "stopping: taking no more jobs"
         );
         jobs.stop().await;
-        for d in jobs.drain() {
-            d.requeue().await;
-        }
+        requeue_all(jobs.drain()).await;
         tracker.close();
         if tokio::time::timeout(self.cfg.shutdown_grace, tracker.wait())
             .await
@@ -658,10 +868,25 @@ impl Agent {
             self.abandon.cancel();
             tracker.wait().await;
         }
-        self.resend_due(self.cfg.resend_interval).await;
+        self.resend_due(false).await;
         if let Err(e) = self.outbox.flush().await {
             error!(error = %e, "cannot flush the outbox");
         }
+    }
+}
+
+/// The longest wait for a receipt before a confirmed result is sent again.
+const MAX_RECEIPT_WAIT: Duration = Duration::from_secs(6 * 3600);
+
+async fn ack_all(deliveries: Vec<Delivery>) {
+    for d in deliveries {
+        d.ack().await;
+    }
+}
+
+async fn requeue_all(deliveries: Vec<Delivery>) {
+    for d in deliveries {
+        d.requeue().await;
     }
 }
 
@@ -691,27 +916,11 @@ impl Cancelled {
     }
 }
 
-/// Marks a job as held by this agent from its delivery until its ack (see heartbeats).
-struct Held<'a> {
-    agent: &'a Agent,
-    uuid: JobId,
-}
-
-impl<'a> Held<'a> {
-    fn new(agent: &'a Agent, uuid: JobId, cancel: CancellationToken) -> Self {
-        if let Ok(mut running) = agent.running.lock() {
-            running.insert(uuid, cancel);
-        }
-        Held { agent, uuid }
-    }
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut running) = self.agent.running.lock() {
-            running.remove(&self.uuid);
-        }
-    }
+/// A job this agent holds, from its delivery until [`Agent::release`].
+struct Held {
+    key: (JobId, u32),
+    delivery: Delivery,
+    cancel: CancellationToken,
 }
 
 async fn publish_event(broker: &Broker, names: &Names, event: &Event) {

@@ -95,9 +95,22 @@ pub struct AgentConfig {
     #[arg(long, env = "ROTA_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub heartbeat_interval: Duration,
 
-    /// Resend a stored result when no receipt came within this time.
+    /// How often to try again to send a result RabbitMQ has not confirmed yet (it was down,
+    /// or refused it). A confirmed result is not sent again on this timer.
     #[arg(long, env = "ROTA_RESEND_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     pub resend_interval: Duration,
+
+    /// A confirmed result with no receipt after this long is sent again, but only while the
+    /// scheduler consumes results (while it is down, the copy waits in the results queue);
+    /// the wait doubles with each resend.
+    #[arg(long, env = "ROTA_RECEIPT_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
+    pub receipt_timeout: Duration,
+
+    /// The largest result sent, in bytes, kept below RabbitMQ's max_message_size (16 MiB by
+    /// default on 4.x): logs are cut to fit, and a larger output fails the job with the error
+    /// kind `result_too_large`.
+    #[arg(long, env = "ROTA_MAX_RESULT_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_result_bytes: usize,
 
     /// On SIGTERM, how long running jobs may finish before they are handed back to RabbitMQ.
     #[arg(long, env = "ROTA_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "30s")]

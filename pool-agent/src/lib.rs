@@ -9,6 +9,7 @@
 mod agent;
 pub mod config;
 pub mod container;
+mod fit;
 mod intake;
 mod metrics;
 pub mod outbox;

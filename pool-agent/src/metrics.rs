@@ -28,6 +28,13 @@ pub struct AgentMetrics {
     pub shared: Arc<Metrics>,
     pub jobs: JobCounter,
     dead_lettered: Family<Reason, Counter>,
+    dropped: Family<Dropped, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Dropped {
+    input: &'static str,
+    reason: &'static str,
 }
 
 impl AgentMetrics {
@@ -45,11 +52,22 @@ impl AgentMetrics {
             "Jobs sent to the dead-letter queue, by reason",
             dead_lettered.clone(),
         );
+        let dropped = Family::<Dropped, Counter>::default();
+        shared.register(
+            "dropped",
+            "Messages this agent received and could not use (logged, then dropped), by input and reason",
+            dropped.clone(),
+        );
         Self {
             shared,
             jobs,
             dead_lettered,
+            dropped,
         }
+    }
+
+    pub fn dropped(&self, input: &'static str, reason: &'static str) {
+        self.dropped.get_or_create(&Dropped { input, reason }).inc();
     }
 
     pub fn dead_lettered(&self, reason: &str) {

@@ -1,16 +1,28 @@
-//! The outbox: every result, flushed to sled before its job is acked, kept until the
-//! scheduler's receipt. A crash or a broker outage therefore never loses a finished result;
-//! it is sent again after a restart or a reconnect.
+//! The outbox: every result, made durable in sled (flushed and fdatasynced, see
+//! [`rota_common::group_commit`]) before its job is acked, kept until the scheduler's receipt.
+//! A crash, a power loss or a broker outage therefore never loses a finished result; it is
+//! sent again after a restart or a reconnect.
+//!
+//! A failed write (a full disk) leaves sled refusing every later write until it is opened
+//! again, so [`Outbox::reopen`] does that once the agent has stopped taking jobs.
 
-use std::path::Path;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
-use rota_common::group_commit::GroupCommit;
+use rota_common::group_commit::{FileSync, GroupCommit};
 use rota_common::wire::{JobId, JobResult};
 
 /// Results not yet receipted, keyed by job id and attempt.
 #[derive(Clone)]
 pub struct Outbox {
+    dir: PathBuf,
+    open: Arc<RwLock<Option<Arc<Open>>>>,
+}
+
+/// The database while it is open.
+struct Open {
     results: sled::Tree,
     durable: GroupCommit,
 }
@@ -22,9 +34,11 @@ fn key(uuid: JobId, attempt: u32) -> [u8; 20] {
     k
 }
 
-impl Outbox {
-    /// Opens (or creates) the outbox in `dir`. Fails if another process has it open.
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+/// Where a page of [`Outbox::page`] starts: after this job id and attempt.
+pub type Cursor = (JobId, u32);
+
+impl Open {
+    fn at(dir: &Path) -> anyhow::Result<Self> {
         // No background flusher: every write that matters is flushed by the group commit, and
         // without that thread the database closes (and unlocks) as soon as it is dropped.
         let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(|e| {
@@ -41,22 +55,60 @@ impl Outbox {
         let results = db
             .open_tree("results")
             .context("cannot open the outbox's results tree")?;
+        let files = FileSync::new(dir);
         let durable = GroupCommit::start("outbox", move || {
-            db.flush().map(|_| ()).map_err(|e| e.to_string())
+            db.flush().map_err(|e| e.to_string())?;
+            files.sync().map_err(|e| format!("cannot sync the outbox's files: {e}"))
         })?;
         Ok(Self { results, durable })
+    }
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox in `dir`. Fails if another process has it open.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let open = Open::at(dir)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            open: Arc::new(RwLock::new(Some(Arc::new(open)))),
+        })
+    }
+
+    fn current(&self) -> anyhow::Result<Arc<Open>> {
+        self.open
+            .read()
+            .ok()
+            .and_then(|o| o.clone())
+            .ok_or_else(|| anyhow::anyhow!("the outbox {} is being reopened", self.dir.display()))
+    }
+
+    /// Closes and opens the database again, after a failed write left it refusing writes.
+    /// What was flushed is kept; what was not is written again by whoever wrote it.
+    pub fn reopen(&self) -> anyhow::Result<()> {
+        let mut slot = self
+            .open
+            .write()
+            .map_err(|_| anyhow::anyhow!("the outbox's lock is poisoned"))?;
+        *slot = None; // drops the database (once any reader in flight is done with it)
+        *slot = Some(Arc::new(Open::at(&self.dir)?));
+        Ok(())
     }
 
     /// Stores `result` and waits until it is on disk.
     pub async fn put(&self, result: &JobResult) -> anyhow::Result<()> {
         let value = serde_json::to_vec(result)?;
-        self.results
-            .insert(key(result.uuid, result.attempt), value)?;
-        self.flush().await
+        let open = self.current()?;
+        open.results
+            .insert(key(result.uuid, result.attempt), value)
+            .with_context(|| format!("cannot write to the outbox {}", self.dir.display()))?;
+        open.durable
+            .commit()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot flush the outbox {}: {e}", self.dir.display()))
     }
 
     pub fn get(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<JobResult>> {
-        match self.results.get(key(uuid, attempt))? {
+        match self.current()?.results.get(key(uuid, attempt))? {
             Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
             None => Ok(None),
         }
@@ -65,35 +117,68 @@ impl Outbox {
     /// Forgets a receipted result. Flushed lazily: after a crash it may come back and be
     /// sent again, which the scheduler ignores.
     pub fn remove(&self, uuid: JobId, attempt: u32) -> anyhow::Result<bool> {
-        Ok(self.results.remove(key(uuid, attempt))?.is_some())
+        Ok(self.current()?.results.remove(key(uuid, attempt))?.is_some())
     }
 
     pub fn len(&self) -> usize {
-        self.results.len()
+        self.current().map(|o| o.results.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.results.is_empty()
+        self.len() == 0
     }
 
-    /// Every stored result (unreadable entries are skipped and logged).
-    pub fn all(&self) -> Vec<JobResult> {
-        self.results
-            .iter()
-            .values()
-            .filter_map(|v| {
-                match v
-                    .map_err(anyhow::Error::from)
-                    .and_then(|b| Ok(serde_json::from_slice(&b)?))
-                {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        tracing::error!(error = %e, "skipping an unreadable outbox entry");
-                        None
-                    }
+    /// Up to `n` stored results after `after` (from the start when None), in key order, with
+    /// the cursor of the next page (None at the end). Unreadable entries are skipped and logged.
+    pub fn page(&self, after: Option<Cursor>, n: usize) -> (Vec<JobResult>, Option<Cursor>) {
+        let Ok(open) = self.current() else {
+            return (Vec::new(), None);
+        };
+        let start = match after {
+            Some((uuid, attempt)) => Bound::Excluded(key(uuid, attempt).to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        let mut last = None;
+        for entry in open.results.range::<Vec<u8>, _>((start, Bound::Unbounded)).take(n) {
+            let decoded = entry
+                .map_err(anyhow::Error::from)
+                .and_then(|(_, b)| Ok(serde_json::from_slice::<JobResult>(&b)?));
+            match decoded {
+                Ok(r) => {
+                    last = Some((r.uuid, r.attempt));
+                    out.push(r);
                 }
+                Err(e) => tracing::error!(error = %e, "skipping an unreadable outbox entry"),
+            }
+        }
+        let next = if out.len() == n { last } else { None };
+        (out, next)
+    }
+
+    /// Up to `n` keys of stored results after `after`, with the cursor of the next page.
+    pub fn keys(&self, after: Option<Cursor>, n: usize) -> (Vec<Cursor>, Option<Cursor>) {
+        let Ok(open) = self.current() else {
+            return (Vec::new(), None);
+        };
+        let start = match after {
+            Some((uuid, attempt)) => Bound::Excluded(key(uuid, attempt).to_vec()),
+            None => Bound::Unbounded,
+        };
+        let keys: Vec<Cursor> = open
+            .results
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .keys()
+            .filter_map(|k| {
+                let k = k.ok()?;
+                let uuid = JobId(uuid::Uuid::from_bytes(k.get(..16)?.try_into().ok()?));
+                let attempt = u32::from_be_bytes(k.get(16..20)?.try_into().ok()?);
+                Some((uuid, attempt))
             })
-            .collect()
+            .take(n)
+            .collect();
+        let next = if keys.len() == n { keys.last().copied() } else { None };
+        (keys, next)
     }
 
     /// When the oldest stored result was finished (for the metrics).
@@ -102,7 +187,9 @@ impl Outbox {
         struct Finished {
             finished_at: chrono::DateTime<chrono::Utc>,
         }
-        self.results
+        self.current()
+            .ok()?
+            .results
             .iter()
             .values()
             .filter_map(|v| serde_json::from_slice::<Finished>(&v.ok()?).ok())
@@ -112,7 +199,8 @@ impl Outbox {
 
     /// Waits until every earlier write is on disk.
     pub async fn flush(&self) -> anyhow::Result<()> {
-        self.durable
+        self.current()?
+            .durable
             .commit()
             .await
             .map_err(|e| anyhow::anyhow!("cannot flush the outbox: {e}"))
@@ -158,8 +246,45 @@ mod tests {
         let outbox = Outbox::open(dir.path()).expect("reopens");
         assert_eq!(outbox.get(r.uuid, 1).expect("reads"), Some(r.clone()));
         assert_eq!(outbox.get(r.uuid, 2).expect("reads"), None);
-        assert_eq!(outbox.all(), vec![r.clone()]);
+        assert_eq!(outbox.page(None, 10), (vec![r.clone()], None));
         assert!(outbox.remove(r.uuid, 1).expect("removes"));
         assert!(outbox.is_empty());
+    }
+
+    #[tokio::test]
+    async fn pages_cover_every_result_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path()).expect("opens");
+        for _ in 0..25 {
+            outbox.put(&result(1)).await.expect("stores");
+        }
+        let (mut seen, mut after) = (Vec::new(), None);
+        loop {
+            let (page, next) = outbox.page(after, 10);
+            assert!(page.len() <= 10);
+            seen.extend(page.into_iter().map(|r| r.uuid));
+            match next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 25);
+    }
+
+    #[tokio::test]
+    async fn a_reopened_outbox_keeps_what_was_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path()).expect("opens");
+        let r = result(1);
+        outbox.put(&r).await.expect("stores");
+        outbox.reopen().expect("reopens in the same process");
+        assert_eq!(outbox.get(r.uuid, 1).expect("reads"), Some(r));
+        // A big value goes to a blob file of its own, which the flush syncs too.
+        let mut big = result(2);
+        big.output = Value::String("x".repeat(300 * 1024));
+        outbox.put(&big).await.expect("stores a blob");
+        assert!(dir.path().join("blobs").read_dir().expect("blobs").next().is_some());
     }
 }

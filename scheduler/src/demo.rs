@@ -182,6 +182,8 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         heartbeat_interval: Duration::from_secs(2),
         http_addr: None,
         resend_interval: Duration::from_secs(10),
+        receipt_timeout: Duration::from_secs(300),
+        max_result_bytes: 8 * 1024 * 1024,
         shutdown_grace: Duration::from_secs(10),
         keep_work_dirs: true,
         worker_runtime: None,
