@@ -144,7 +144,6 @@ pub async fn run(
         running: Mutex::default(),
         cancelled: Mutex::default(),
         confirmed: Mutex::default(),
-        refusals: Mutex::default(),
         store_problem: tokio::sync::watch::Sender::new(None),
         abandon: CancellationToken::new(),
         metrics: metrics.clone(),
@@ -293,8 +292,6 @@ struct Agent {
     /// Stored results RabbitMQ confirmed, with when to send each again if no receipt comes.
     /// A stored result missing here was never confirmed: the resend timer tries it again.
     confirmed: Mutex<HashMap<(JobId, u32), Resend>>,
-    /// How many times RabbitMQ refused each stored result.
-    refusals: Mutex<HashMap<(JobId, u32), u32>>,
     /// Why the outbox cannot be written now; the agent takes no jobs while this is set.
     store_problem: tokio::sync::watch::Sender<Option<String>>,
     /// Cancelled when the shutdown grace is over: running jobs stop and go back to RabbitMQ.
@@ -330,7 +327,7 @@ enum Disposition {
     Requeue,
 }
 
-/// A refused result is tried this many times before it is replaced by a failed one.
+/// A result RabbitMQ refuses is tried this many times before it is replaced by a failed one.
 const MAX_REFUSALS: u32 = 3;
 /// How many stored results the resend pass reads at a time.
 const RESEND_PAGE: usize = 256;
@@ -616,8 +613,9 @@ impl Agent {
     }
 
     /// Publishes a stored result to the results queue (confirmed). When it is not confirmed
-    /// it stays in the outbox and the resend timer tries again; a result RabbitMQ refuses
-    /// [`MAX_REFUSALS`] times is replaced by a failed one that says why.
+    /// it stays in the outbox and the resend timer tries again. A result that RabbitMQ
+    /// refuses outright (larger than its `max_message_size`) is tried [`MAX_REFUSALS`]
+    /// times, then replaced by a failed result that says why.
     async fn send(&self, result: &JobResult) {
         let key = (result.uuid, result.attempt);
         let body = match serde_json::to_vec(result) {
@@ -629,40 +627,41 @@ impl Agent {
             reply_to: Some(self.agent_queue.clone()),
             ..Props::default()
         };
-        let sent = self
-            .broker
-            .publish("", &self.names.results(), &body, &props)
-            .await;
-        let e = match sent {
-            Ok(()) => {
-                let wait = self.cfg.receipt_timeout;
-                if let Ok(mut c) = self.confirmed.lock() {
-                    let next = c.get(&key).map_or(wait, |r| r.wait.saturating_mul(2));
-                    c.insert(key, Resend { at: Instant::now(), wait: next.min(MAX_RECEIPT_WAIT) });
+        let mut refusals = 0;
+        let refused = loop {
+            let sent = self
+                .broker
+                .publish("", &self.names.results(), &body, &props)
+                .await;
+            match sent {
+                Ok(()) => {
+                    let wait = self.cfg.receipt_timeout;
+                    if let Ok(mut c) = self.confirmed.lock() {
+                        let next = c.get(&key).map_or(wait, |r| r.wait.saturating_mul(2));
+                        let at = Instant::now();
+                        c.insert(key, Resend { at, wait: next.min(MAX_RECEIPT_WAIT) });
+                    }
+                    return;
                 }
-                if let Ok(mut r) = self.refusals.lock() {
-                    r.remove(&key);
+                Err(e @ BrokerError::Refused { .. }) => {
+                    refusals += 1;
+                    warn!(job_id = %result.uuid, error = %e, refusals, "RabbitMQ refused the result");
+                    if refusals >= MAX_REFUSALS {
+                        break e;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200) * refusals).await;
                 }
-                return;
-            }
-            Err(e @ (BrokerError::Refused { .. } | BrokerError::Nacked { .. })) => e,
-            Err(e) => {
-                return warn!(job_id = %result.uuid, error = %e, "result not sent yet; it stays in the outbox and is resent");
+                Err(e) => {
+                    return warn!(job_id = %result.uuid, error = %e, "result not sent yet; it stays in the outbox and is resent");
+                }
             }
         };
-        let refusals = self.refusals.lock().map_or(MAX_REFUSALS, |mut r| {
-            let n = r.entry(key).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        });
-        let replaced = result.error.as_ref().is_some_and(|e| e.kind == fit::TOO_LARGE)
-            && result.output.is_null()
-            && result.logs.is_empty();
-        if refusals < MAX_REFUSALS || replaced {
-            return warn!(job_id = %result.uuid, error = %e, refusals, "RabbitMQ refused the result; it stays in the outbox and is sent again");
+        if fit::is_replacement(result) {
+            return error!(job_id = %result.uuid, error = %refused, "RabbitMQ refuses even the short failed result; it stays in the outbox. \
+                Raise the broker's max_message_size, or lower --max-job-bytes");
         }
-        error!(job_id = %result.uuid, error = %e, refusals, "RabbitMQ refused the result again and again; replacing it with a failed result that says why");
-        let failed = fit::refused(result.clone(), &e.to_string());
+        error!(job_id = %result.uuid, error = %refused, "RabbitMQ refused the result {MAX_REFUSALS} times; replacing it with a failed result that says why");
+        let failed = fit::refused(result.clone(), &refused.to_string());
         if self.store(&failed).await {
             Box::pin(self.send(&failed)).await;
         }

@@ -84,14 +84,22 @@ pub fn refused(mut result: JobResult, why: &str) -> JobResult {
     result.error = Some(ErrorInfo::new(
         TOO_LARGE,
         format!(
-            "RabbitMQ refused this job's result ({why}); lower --max-result-bytes below the broker's \
-             max_message_size"
+            "the result could not be sent: {why}. Lower the pool agent's --max-result-bytes below the \
+             broker's max_message_size"
         ),
     ));
     result.output = Value::Null;
     result.logs.clear();
     result.job.payload = Value::Null;
     result
+}
+
+/// Whether `result` is already the short failed result of [`refused`].
+pub fn is_replacement(result: &JobResult) -> bool {
+    result.error.as_ref().is_some_and(|e| e.kind == TOO_LARGE)
+        && result.output.is_null()
+        && result.logs.is_empty()
+        && result.job.payload.is_null()
 }
 
 #[cfg(test)]
