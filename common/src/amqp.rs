@@ -865,13 +865,17 @@ impl Broker {
         let mut events = conn.events_listener();
         let on_loss = lost.clone();
         let closing = self.inner.closing.clone();
+        let channel_closed = Arc::new(tokio::sync::Notify::new());
+        let on_channel_closed = channel_closed.clone();
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 if let lapin::Event::Error(e) = event {
                     if is_channel_error(&e) {
                         // One channel closed by the broker; the connection lives on. A
-                        // consumer on it ends its stream, which triggers a reconnect.
+                        // shared channel is opened again at once; a consumer on it ends
+                        // its stream, which triggers a reconnect.
                         tracing::debug!(error = %e, "a channel was closed by RabbitMQ");
+                        on_channel_closed.notify_one();
                         continue;
                     }
                     if !closing.is_cancelled() {
@@ -900,6 +904,22 @@ impl Broker {
             plain,
             lost,
             closing: self.inner.closing.clone(),
+        });
+        // The shared channels are opened again as soon as the broker closes one, so that
+        // receipts, replies and events do not vanish into a dead channel until someone
+        // notices.
+        let healer = live.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = channel_closed.notified() => {
+                        healer.heal(&healer.plain).await;
+                        healer.heal(&healer.confirm).await;
+                    }
+                    _ = healer.lost.cancelled() => return,
+                    _ = healer.closing.cancelled() => return,
+                }
+            }
         });
         let subs: Vec<Arc<Subscription>> = self
             .inner
