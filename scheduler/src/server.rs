@@ -879,7 +879,12 @@ impl Scheduler {
     }
 
     /// Publishes a recorded job to its queue (declaring the queue the first time), confirmed.
-    async fn publish(&self, record: &JobRecord) -> anyhow::Result<()> {
+    /// Only the pass that claims the attempt publishes it: returns false, publishing nothing,
+    /// when another pass holds it or it was published meanwhile.
+    async fn publish(&self, record: &JobRecord) -> anyhow::Result<bool> {
+        let Some(claim) = self.store.claim(record.uuid, record.job.attempt)? else {
+            return Ok(false);
+        };
         let queue = record.job.queue_name();
         let mut t = Topology::default();
         t.jobs_queue(&self.names, queue);
@@ -893,19 +898,17 @@ impl Scheduler {
         self.broker
             .publish(&self.names.jobs_exchange(), queue, &body, &props)
             .await?;
-        self.store.published(record.uuid)?;
-        Ok(())
+        self.store.published(&claim)?;
+        Ok(true)
     }
 
     /// Publishes the jobs recorded but never confirmed (after a crash or outage) that were
-    /// recorded at least `min_age` ago (younger ones may still be on their way).
+    /// handed over to be published at least `min_age` ago (younger ones may still be on their
+    /// way) and that no other pass is publishing.
     async fn publish_unpublished(&self, min_age: Duration) {
         let cutoff = Utc::now() - chrono::Duration::from_std(min_age).unwrap_or_default();
-        let pending = match self.store.unpublished() {
-            Ok(p) => p
-                .into_iter()
-                .filter(|r| r.created_at <= cutoff)
-                .collect::<Vec<_>>(),
+        let pending = match self.store.republishable(cutoff) {
+            Ok(p) => p,
             Err(e) => return error!(error = %e, "cannot read the jobs waiting to be queued"),
         };
         if pending.is_empty() {

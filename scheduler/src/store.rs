@@ -5,7 +5,9 @@
 //! Recording a result checks whether that run was recorded already, so whatever arrives twice
 //! is recorded once; the other changes that span trees are sled transactions.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -26,7 +28,8 @@ pub struct Store {
     jobs: sled::Tree,
     /// uuid + attempt → JobResult
     results: sled::Tree,
-    /// uuid → () for jobs recorded but not yet confirmed by the broker
+    /// uuid → the attempt waiting to be published and since when ([`pending`]), for jobs
+    /// recorded but not yet confirmed by the broker (an empty value: written by an older version)
     unpublished: sled::Tree,
     /// created-at (ns, big-endian) + uuid → () for listing newest first
     by_time: sled::Tree,
@@ -42,6 +45,54 @@ pub struct Store {
     work_root: PathBuf,
     /// How failed jobs are retried.
     policy: RetryPolicy,
+    /// The attempts being published right now, each by the one pass that claimed it.
+    publishing: Arc<Mutex<HashSet<(JobId, u32)>>>,
+}
+
+/// The right to publish one attempt of a job, held by one pass at a time (the clock, a
+/// submission, a retry by hand or the republish of unconfirmed jobs), so that no two of them
+/// publish it; let go when dropped, whether the publish worked or not.
+#[derive(Debug)]
+pub struct PublishClaim {
+    uuid: JobId,
+    attempt: u32,
+    publishing: Arc<Mutex<HashSet<(JobId, u32)>>>,
+}
+
+impl Drop for PublishClaim {
+    fn drop(&mut self) {
+        self.publishing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(self.uuid, self.attempt));
+    }
+}
+
+/// The value of an `unpublished` entry: the attempt to publish, and when it was handed over
+/// to be published (not the job's creation: a retry is handed over long after that).
+fn pending(attempt: u32, since: DateTime<Utc>) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&attempt.to_be_bytes());
+    v[4..].copy_from_slice(
+        &since
+            .timestamp_nanos_opt()
+            .unwrap_or_default()
+            .to_be_bytes(),
+    );
+    v
+}
+
+/// Reads a [`pending`] value; None for the empty values of older versions.
+fn read_pending(v: &[u8]) -> Option<(u32, DateTime<Utc>)> {
+    let attempt = u32::from_be_bytes(v.get(..4)?.try_into().ok()?);
+    let nanos = i64::from_be_bytes(v.get(4..12)?.try_into().ok()?);
+    Some((attempt, DateTime::from_timestamp_nanos(nanos)))
+}
+
+/// Whether an `unpublished` entry is the one of `attempt` (an entry of an older version
+/// names none and counts for any).
+fn pending_is(v: &[u8], attempt: u32) -> bool {
+    read_pending(v).is_none_or(|(a, _)| a == attempt)
 }
 
 /// The trees a new job goes into, inside a transaction.
@@ -79,7 +130,8 @@ impl NewJobTx<'_> {
             }
             _ => {
                 fresh.state = JobState::Queued;
-                self.unpublished.insert(uuid.as_bytes(), &[])?;
+                self.unpublished
+                    .insert(uuid.as_bytes(), &pending(fresh.job.attempt, now))?;
             }
         }
         self.jobs.insert(uuid.as_bytes(), encode(&fresh)?)?;
@@ -188,6 +240,7 @@ impl Store {
             schedules: db.open_tree("schedules")?,
             work_root: dir.join("work"),
             policy,
+            publishing: Arc::default(),
             durable: GroupCommit::start("store", move || {
                 db.flush().map(|_| ()).map_err(|e| e.to_string())
             })?,
@@ -354,7 +407,7 @@ impl Store {
             record.next_run_at = None;
             record.updated_at = now;
             jobs.insert(uuid.as_bytes(), encode(&record)?)?;
-            unpublished.insert(uuid.as_bytes(), &[])?;
+            unpublished.insert(uuid.as_bytes(), &pending(record.job.attempt, now))?;
             Ok(Some(record))
         });
         let out = flatten(r)?;
@@ -444,7 +497,10 @@ impl Store {
                     }
                 }
                 jobs.insert(uuid.as_bytes(), encode(&record)?)?;
-                unpublished.insert(uuid.as_bytes(), &[])?;
+                unpublished.insert(
+                    uuid.as_bytes(),
+                    &pending(record.job.attempt, record.updated_at),
+                )?;
                 Ok(record)
             },
         );
@@ -552,10 +608,84 @@ impl Store {
         Ok(dirs)
     }
 
-    /// The broker confirmed the job: it no longer needs publishing.
-    pub fn published(&self, uuid: JobId) -> anyhow::Result<()> {
-        self.unpublished.remove(uuid.as_bytes())?;
-        Ok(())
+    /// Claims the publish of attempt `attempt` of job `uuid`: None when another pass holds
+    /// it, or when that attempt no longer waits to be published (published meanwhile, or
+    /// superseded). Only the holder of the claim publishes.
+    pub fn claim(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<PublishClaim>> {
+        // Held across the check and the insert (no await inside): two passes cannot both
+        // find the attempt waiting and unclaimed.
+        let mut held = self
+            .publishing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if held.contains(&(uuid, attempt)) {
+            return Ok(None);
+        }
+        let waiting = self
+            .unpublished
+            .get(uuid.as_bytes())?
+            .is_some_and(|v| pending_is(&v, attempt));
+        if !waiting {
+            return Ok(None);
+        }
+        held.insert((uuid, attempt));
+        Ok(Some(PublishClaim {
+            uuid,
+            attempt,
+            publishing: self.publishing.clone(),
+        }))
+    }
+
+    /// The broker confirmed the claimed attempt: it no longer needs publishing (a later
+    /// attempt that waits meanwhile stays waiting).
+    pub fn published(&self, claim: &PublishClaim) -> anyhow::Result<()> {
+        self.clear_pending(claim.uuid, |attempt| attempt == claim.attempt)
+    }
+
+    /// Removes the `unpublished` entry of `uuid` if the attempt it names passes `which`.
+    fn clear_pending(&self, uuid: JobId, which: impl Fn(u32) -> bool) -> anyhow::Result<()> {
+        loop {
+            let Some(old) = self.unpublished.get(uuid.as_bytes())? else {
+                return Ok(());
+            };
+            if read_pending(&old).is_some_and(|(attempt, _)| !which(attempt)) {
+                return Ok(());
+            }
+            let swapped = self.unpublished.compare_and_swap(
+                uuid.as_bytes(),
+                Some(old),
+                None as Option<&[u8]>,
+            )?;
+            if swapped.is_ok() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The jobs the republish pass should queue: recorded but not confirmed, handed over to
+    /// be published before `cutoff`, and not being published by another pass right now.
+    pub fn republishable(&self, cutoff: DateTime<Utc>) -> anyhow::Result<Vec<JobRecord>> {
+        let mut out = Vec::new();
+        for item in self.unpublished.iter() {
+            let (key, value) = item?;
+            let Some(uuid) = id_from(&key) else {
+                continue;
+            };
+            let Some(record) = self.get(uuid)? else {
+                continue;
+            };
+            let (attempt, since) =
+                read_pending(&value).unwrap_or((record.job.attempt, record.updated_at));
+            let claimed = self
+                .publishing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&(uuid, attempt));
+            if since <= cutoff && !claimed && record.job.attempt == attempt {
+                out.push(record);
+            }
+        }
+        Ok(out)
     }
 
     /// Jobs recorded but not confirmed by the broker (to publish after a crash or outage).
@@ -687,8 +817,9 @@ impl Store {
             true
         })?;
         self.keep_indexes_in_line(&record)?;
-        // It ran, so it was published, whatever the broker's confirm said.
-        self.unpublished.remove(result.uuid.as_bytes())?;
+        // It ran, so it was published, whatever the broker's confirm said (a later attempt
+        // that waits to be published still does).
+        self.clear_pending(result.uuid, |attempt| attempt <= result.attempt)?;
         Ok(if won {
             Recorded::New(Box::new(record))
         } else {
@@ -1055,5 +1186,74 @@ mod tests {
             .expect("records");
         let err = store.retry(uuid).await.expect_err("succeeded");
         assert!(err.to_string().contains("succeeded"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_retry_released_by_the_clock_is_not_offered_to_the_republish_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let job = job_with_id("demo.fail");
+        let uuid = job.uuid.expect("uuid");
+        store.submit(job.clone()).await.expect("submits");
+        let first = store.claim(uuid, 1).expect("reads").expect("waits");
+        store.published(&first).expect("confirmed");
+        drop(first);
+        store
+            .record(&result_of(&job, 1, Status::Failed))
+            .expect("records");
+        // The retry comes due long after the job was created; the clock releases it.
+        let later = Utc::now() + chrono::Duration::hours(2);
+        let released = store
+            .release(uuid, later)
+            .await
+            .expect("releases")
+            .expect("due");
+        assert_eq!(released.job.attempt, 2);
+        // The republish pass runs a moment later, with its 30 s margin for publishes on
+        // their way: attempt 2 was handed to the clock's publish only now, so it is not
+        // the pass's to publish (the job's creation time is old, which must not matter).
+        let pass = later + chrono::Duration::seconds(1) - chrono::Duration::seconds(30);
+        assert!(
+            store.republishable(pass).expect("reads").is_empty(),
+            "the republish pass would publish attempt 2 a second time"
+        );
+        // Whatever the timing, one pass at a time holds the attempt: the clock claims it,
+        // and the pass, run later while the clock still publishes, gets nothing.
+        let clock = store.claim(uuid, 2).expect("reads").expect("waits");
+        let much_later = later + chrono::Duration::hours(1);
+        assert!(store.republishable(much_later).expect("reads").is_empty());
+        assert!(store.claim(uuid, 2).expect("reads").is_none());
+        // A late confirm of attempt 1 does not clear attempt 2.
+        let stale = PublishClaim {
+            uuid,
+            attempt: 1,
+            publishing: Arc::default(),
+        };
+        store.published(&stale).expect("no-op");
+        assert_eq!(store.unpublished().expect("reads").len(), 1);
+        // The clock's publish is confirmed: nobody publishes attempt 2 again.
+        store.published(&clock).expect("confirmed");
+        drop(clock);
+        assert!(store.republishable(much_later).expect("reads").is_empty());
+        assert!(store.claim(uuid, 2).expect("reads").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_publish_that_failed_is_left_to_the_republish_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let job = job_with_id("demo.echo");
+        let uuid = job.uuid.expect("uuid");
+        store.submit(job.clone()).await.expect("submits");
+        let submit = store.claim(uuid, 1).expect("reads").expect("waits");
+        // The submission's publish fails: its claim goes, the job still waits.
+        drop(submit);
+        let pass = Utc::now() + chrono::Duration::minutes(1);
+        let offered = store.republishable(pass).expect("reads");
+        assert_eq!(offered.len(), 1);
+        let retry = store.claim(uuid, 1).expect("reads").expect("waits");
+        store.published(&retry).expect("confirmed");
+        drop(retry);
+        assert!(store.republishable(pass).expect("reads").is_empty());
     }
 }
