@@ -33,9 +33,10 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::agents::Agents;
 use crate::archive;
 use crate::cron::CronExpr;
+use crate::intake::{self, Dropped, Input, Reason, Refused};
 use crate::retries::RetryPolicy;
 use crate::schedules::{self, Plan};
-use crate::store::{Recorded, Store};
+use crate::store::{self, Recorded, Store};
 
 #[derive(Debug, Clone, Args)]
 pub struct SchedulerConfig {
@@ -136,6 +137,7 @@ pub async fn run(
         "Jobs whose result the scheduler recorded, by work type and status",
         false,
     );
+    let dropped = Dropped::register(&metrics);
     let fires = Family::<ScheduleLabel, Counter>::default();
     metrics.register(
         "schedule_fires",
@@ -204,6 +206,7 @@ pub async fn run(
         agents: Agents::default(),
         jobs,
         fires,
+        dropped,
         clock: tokio::sync::Notify::new(),
         grace: cfg.schedule_grace,
     });
@@ -312,6 +315,8 @@ struct Scheduler {
     jobs: JobCounter,
     /// Jobs submitted by each schedule, for the metrics.
     fires: Family<ScheduleLabel, Counter>,
+    /// Messages not taken, for the metrics.
+    dropped: Dropped,
     /// Wakes the clock: something was scheduled that may be due before its next wake-up.
     clock: tokio::sync::Notify,
     /// See `--schedule-grace`.
@@ -352,19 +357,22 @@ impl Scheduler {
     async fn record_batch(&self, batch: Vec<Delivery>) {
         let mut recorded = Vec::with_capacity(batch.len());
         for d in batch {
-            let result: JobResult = match serde_json::from_slice(&d.body) {
+            let result = match intake::result(&d.body) {
                 Ok(r) => r,
-                Err(e) => {
-                    self.dead_letter(d, &format!("not a valid result: {e}"))
-                        .await;
+                Err(refused) => {
+                    self.refuse(d, Input::Result, refused).await;
                     continue;
                 }
             };
             match self.store.record(&result) {
                 Ok(r) => recorded.push((d, result, r)),
-                Err(e) => {
+                Err(e) if store::is_unwritable(&e) => {
                     error!(job_id = %result.uuid, error = %e, "cannot record the result; it goes back to the queue");
                     d.requeue().await;
+                }
+                Err(e) => {
+                    let refused = Refused::new(Reason::Unrecordable, format!("{e:#}"));
+                    self.refuse(d, Input::Result, refused).await;
                 }
             }
         }
@@ -472,7 +480,7 @@ impl Scheduler {
     }
 
     async fn on_started(&self, d: Delivery) {
-        match serde_json::from_slice::<Event>(&d.body) {
+        match intake::started(&d.body) {
             Ok(event) => {
                 let cancel = match self.store.started(&event) {
                     Ok(record) => record.is_some_and(|r| r.cancel_requested && !r.state.is_final()),
@@ -485,32 +493,50 @@ impl Scheduler {
                     warn!(job_id = %event.uuid, error = %e, "cannot repeat a cancel request");
                 }
             }
-            Err(e) => warn!(error = %e, "ignoring an unreadable event"),
+            Err(refused) => {
+                // A notification: counted and dropped (the job's result still records it).
+                warn!(reason = %refused, "ignoring an event");
+                self.dropped.count(Input::Event, refused.reason);
+            }
         }
         d.ack().await;
     }
 
     async fn on_heartbeat(&self, d: Delivery) {
-        if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&d.body) {
-            self.agents.heard(hb);
+        match intake::heartbeat(&d.body) {
+            Ok(hb) => self.agents.heard(hb),
+            Err(refused) => {
+                warn!(reason = %refused, "ignoring a heartbeat");
+                self.dropped.count(Input::Heartbeat, refused.reason);
+            }
         }
         d.ack().await;
     }
 
     async fn on_rpc(&self, d: Delivery) {
-        let reply = match serde_json::from_slice::<RpcRequest>(&d.body) {
-            Ok(request) => self
-                .answer(request)
-                .await
-                .unwrap_or_else(|e| RpcReply::Error {
-                    message: format!("{e:#}"),
-                }),
-            Err(e) => RpcReply::Error {
-                message: format!("not a valid request: {e}"),
-            },
+        let request = match intake::rpc(&d.body) {
+            Ok(request) => request,
+            Err(refused) => {
+                // The caller hears why at once; the request is kept in the dead-letter queue.
+                let reply = RpcReply::Error {
+                    message: refused.to_string(),
+                };
+                self.reply(&d, &reply).await;
+                return self.refuse(d, Input::Rpc, refused).await;
+            }
         };
+        let reply = self
+            .answer(request)
+            .await
+            .unwrap_or_else(|e| RpcReply::Error {
+                message: format!("{e:#}"),
+            });
         d.ack().await;
-        let (Some(reply_to), Ok(body)) = (d.reply_to.as_deref(), serde_json::to_vec(&reply)) else {
+        self.reply(&d, &reply).await;
+    }
+
+    async fn reply(&self, d: &Delivery, reply: &RpcReply) {
+        let (Some(reply_to), Ok(body)) = (d.reply_to.as_deref(), serde_json::to_vec(reply)) else {
             return;
         };
         let props = Props {
@@ -864,6 +890,12 @@ impl Scheduler {
     /// recorded, or an unfinished one with the same unique key, is returned as it is.
     async fn submit(&self, mut job: Job) -> anyhow::Result<JobRecord> {
         job.check().map_err(anyhow::Error::msg)?;
+        // The timers count nanoseconds in an i64: 1677 to 2262.
+        if let Some(at) = job.run_at
+            && at.timestamp_nanos_opt().is_none()
+        {
+            bail!("run_at {at} is out of range: use a time between the years 1678 and 2261");
+        }
         let uuid = *job.uuid.get_or_insert_with(JobId::random);
         let (record, new) = self.store.submit(job).await?;
         if new && record.state == JobState::Scheduled {
@@ -974,6 +1006,12 @@ impl Scheduler {
                 "removed finished jobs past their retention"
             );
         }
+    }
+
+    /// A message not taken: counted, and kept in the dead-letter queue with its reason.
+    async fn refuse(&self, d: Delivery, input: Input, refused: Refused) {
+        self.dropped.count(input, refused.reason);
+        self.dead_letter(d, &refused.to_string()).await;
     }
 
     async fn dead_letter(&self, d: Delivery, reason: &str) {

@@ -147,6 +147,29 @@ impl NewJobTx<'_> {
     }
 }
 
+/// A store failure that its callers decide on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A write or a flush did not reach the disk (full, read-only, failing): the same write
+    /// fails again until something changes outside, so input that needs a write must wait.
+    #[error("the store cannot write: {0}")]
+    Unwritable(String),
+}
+
+/// Whether `e` is the store failing to write (as opposed to refusing what it was given),
+/// judged by the error's types along its chain.
+pub fn is_unwritable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<StoreError>(),
+            Some(StoreError::Unwritable(_))
+        ) || matches!(
+            cause.downcast_ref::<sled::Error>(),
+            Some(sled::Error::Io(_))
+        )
+    })
+}
+
 type Tx<T> = Result<T, ConflictableTransactionError<anyhow::Error>>;
 
 /// A reason to refuse, from inside a transaction.
@@ -479,7 +502,12 @@ impl Store {
                     ));
                 }
                 let last = record.attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
-                record.job.attempt = last.max(record.job.attempt) + 1;
+                let Some(next) = last.max(record.job.attempt).checked_add(1) else {
+                    return refuse(format!(
+                        "job {uuid} has used every attempt number: submit it again instead"
+                    ));
+                };
+                record.job.attempt = next;
                 record.state = JobState::Queued;
                 record.cancel_requested = false;
                 record.next_run_at = None;
@@ -915,7 +943,7 @@ impl Store {
         self.durable
             .commit()
             .await
-            .map_err(|e| anyhow::anyhow!("cannot flush the store: {e}"))
+            .map_err(|e| StoreError::Unwritable(format!("cannot flush the store: {e}")).into())
     }
 }
 
@@ -1255,5 +1283,27 @@ mod tests {
         store.published(&retry).expect("confirmed");
         drop(retry);
         assert!(store.republishable(pass).expect("reads").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_last_attempt_number_cannot_be_retried_and_does_not_overflow() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let mut job = job_with_id("demo.fail");
+        job.attempt = u32::MAX;
+        job.max_attempts = Some(u32::MAX);
+        let uuid = job.uuid.expect("uuid");
+        let recorded = store
+            .record(&result_of(&job, u32::MAX, Status::Failed))
+            .expect("records");
+        let Recorded::New(record) = recorded else {
+            panic!("a first result is new");
+        };
+        assert_eq!(record.state, JobState::Dead, "no attempt follows the last");
+        let err = store
+            .retry(uuid)
+            .await
+            .expect_err("no attempt number is left");
+        assert!(err.to_string().contains("every attempt number"), "{err}");
     }
 }
