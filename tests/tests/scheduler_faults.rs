@@ -1,0 +1,233 @@
+//! The scheduler under the faults production brings (issue 10, the scheduler's part):
+//! forged and garbage messages on every queue and exchange it consumes, and a full disk
+//! under its data dir. It stays up, counts and dead-letters what it does not take, stops
+//! taking what it cannot store, and records everything exactly once when it can again.
+
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
+use rota_tests::{System, alive, amqp_url, free_addrs, http_get, probe_until, within};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A raw AMQP channel, to publish what no Rota part would.
+async fn raw_channel() -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+async fn publish(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8]) {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default(),
+    )
+    .await
+    .expect("publishes")
+    .await
+    .expect("confirmed or not asked");
+}
+
+/// The value of a metric line of `/metrics` (`name{labels}`), 0 when absent.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `/metrics` shows every `(series, value)`; returns the text.
+async fn metrics_reach(addr: &str, want: &[(String, u64)]) -> String {
+    within(MINUTE, "the scheduler's counts", async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            if let Some((200, text)) = http_get(addr, "/metrics").await
+                && want.iter().all(|(s, v)| metric(&text, s) >= *v)
+            {
+                return text;
+            }
+        }
+    })
+    .await
+}
+
+fn dropped(input: &str, reason: &str) -> String {
+    format!(r#"rota_scheduler_dropped_total{{input="{input}",reason="{reason}"}}"#)
+}
+
+fn result_body(uuid: JobId, job_uuid: JobId, attempt: &str, status: &str) -> Vec<u8> {
+    let now = chrono::Utc::now().to_rfc3339();
+    format!(
+        r#"{{"uuid":"{uuid}","attempt":{attempt},"type":"demo.echo","agent":"forger","worker":"w",
+        "status":"{status}","started_at":"{now}","finished_at":"{now}",
+        "job":{{"type":"demo.echo","uuid":"{job_uuid}"}}}}"#
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_garbage_input_is_counted_and_dead_lettered_and_the_scheduler_carries_on() {
+    let sys = System::new().await;
+    let [addr] = free_addrs();
+    let scheduler = sys.scheduler_with(&["--http-addr", &addr]);
+    sys.ready(true, &[]).await;
+    probe_until(&addr, "/readyz", 200).await;
+    let (conn, ch) = raw_channel().await;
+    let results = sys.names.results();
+    let rpc = sys.names.rpc();
+    let events = sys.names.events();
+    let beats = sys.names.heartbeats();
+
+    // Results: garbage, wrong types, an attempt past u32, a result that names another job
+    // than the one it carries; and one at attempt u32::MAX, which is valid.
+    let forged = JobId::random();
+    let at_max = JobId::random();
+    let bad_results: Vec<Vec<u8>> = vec![
+        b"\xff\xfe garbage".to_vec(),
+        br#"{"uuid":"not-a-uuid","attempt":"one"}"#.to_vec(),
+        result_body(forged, forged, "4294967296", "succeeded"),
+        result_body(forged, JobId::random(), "1", "succeeded"),
+        b"[]".to_vec(),
+    ];
+    for body in &bad_results {
+        publish(&ch, "", &results, body).await;
+    }
+    publish(
+        &ch,
+        "",
+        &results,
+        &result_body(at_max, at_max, "4294967295", "failed"),
+    )
+    .await;
+    // RPC: garbage and wrong types, without a reply queue.
+    let bad_rpc: Vec<&[u8]> = vec![
+        b"{not json",
+        br#"{"method":"list","limit":-1}"#,
+        br#"{"method":"no_such_method"}"#,
+    ];
+    for body in &bad_rpc {
+        publish(&ch, "", &rpc, body).await;
+    }
+    // Started events: garbage, a forged kind, a job no one could submit.
+    let now = chrono::Utc::now().to_rfc3339();
+    let e = JobId::random();
+    for body in [
+        b"garbage".to_vec(),
+        format!(r#"{{"event":"finished","uuid":"{e}","attempt":1,"type":"x","time":"{now}","job":{{"type":"x"}}}}"#).into_bytes(),
+        format!(r#"{{"event":"started","uuid":"{e}","attempt":1,"type":"x","time":"{now}","job":{{"type":"../../etc"}}}}"#).into_bytes(),
+    ] {
+        publish(&ch, &events, "job.started.x", &body).await;
+    }
+    // Heartbeats: garbage, a huge one, and a valid one with an interval of u64::MAX ms.
+    let mut hb = serde_json::to_value(Heartbeat::starting(
+        Role::Agent,
+        "forger",
+        Duration::from_secs(1),
+    ))
+    .expect("serializes");
+    hb["interval_ms"] = json!(u64::MAX);
+    hb["seq"] = json!(-1);
+    publish(&ch, &beats, "", b"garbage").await;
+    publish(&ch, &beats, "", &vec![b' '; 512 * 1024]).await;
+    publish(&ch, &beats, "", hb.to_string().as_bytes()).await;
+    hb["seq"] = json!(1);
+    publish(&ch, &beats, "", hb.to_string().as_bytes()).await;
+
+    let text = metrics_reach(
+        &addr,
+        &[
+            (dropped("result", "unreadable"), 4),
+            (dropped("result", "invalid"), 1),
+            (dropped("rpc", "unreadable"), 3),
+            (dropped("event", "unreadable"), 1),
+            (dropped("event", "invalid"), 2),
+            (dropped("heartbeat", "unreadable"), 2),
+            (dropped("heartbeat", "too_large"), 1),
+            (
+                r#"rota_jobs_recorded_total{type="demo.echo",status="failed"}"#.to_owned(),
+                1,
+            ),
+        ],
+    )
+    .await;
+    assert!(alive(scheduler.pid()), "the scheduler is up:\n{text}");
+
+    // What can be dead-lettered is, with its reason.
+    let mut dead = ch
+        .basic_consume(
+            sys.names.dead().as_str().into(),
+            "test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consumes the dead-letter queue");
+    let mut reasons = Vec::new();
+    let want = bad_results.len() + bad_rpc.len();
+    within(MINUTE, "the dead letters", async {
+        while reasons.len() < want {
+            use futures::StreamExt;
+            let d = dead.next().await.expect("dead letters").expect("delivery");
+            let headers = d.properties.headers().clone().unwrap_or_default();
+            match headers.inner().get("x-rota-reason") {
+                Some(AMQPValue::LongString(s)) => reasons.push(s.to_string()),
+                other => panic!("no reason header: {other:?}"),
+            }
+            d.ack(BasicAckOptions::default()).await.expect("acks");
+        }
+    })
+    .await;
+    for want in [
+        "unreadable: not a valid result",
+        "invalid: the result names job",
+        "unreadable: not a valid request",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.starts_with(want)),
+            "no dead letter says {want:?}: {reasons:?}"
+        );
+    }
+
+    // The last attempt number is recorded, and asking for one more is refused, not a panic.
+    let refused = sys
+        .client
+        .call(&RpcRequest::Retry { uuid: at_max })
+        .await
+        .expect_err("no attempt number is left");
+    assert!(
+        refused.to_string().contains("every attempt number"),
+        "{refused:#}"
+    );
+    // The forged heartbeat is listed; listing it does not overflow.
+    let RpcReply::Agents { agents } = sys.client.call(&RpcRequest::Agents).await.expect("answers")
+    else {
+        panic!("agents");
+    };
+    assert!(agents.iter().any(|a| a.heartbeat.id == "forger"));
+
+    // And a normal job still runs and is recorded.
+    let _agent = sys.agent("a1", &[]);
+    sys.ready(false, &["a1"]).await;
+    let (code, record) = sys
+        .submit_wait(&[
+            "--type",
+            "demo.echo",
+            "--payload",
+            r#"{"after":"forgeries"}"#,
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{record}");
+    assert_eq!(record["state"], "succeeded");
+    assert!(alive(scheduler.pid()));
+    probe_until(&addr, "/readyz", 200).await;
+    let _ = conn.close(200, "done".into()).await;
+}
