@@ -17,6 +17,7 @@ use rota_common::Names;
 use rota_common::amqp::{
     Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology,
 };
+use rota_common::backoff::Backoff;
 use rota_common::client::short_host;
 use rota_common::config::parse_duration;
 use rota_common::http::{self, Health};
@@ -183,15 +184,13 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
     health.broker(&broker);
-    let results = match broker
-        .consume(ConsumeSpec {
-            queues: vec![names.results()],
-            tag: "scheduler-results".into(),
-            prefetch: cfg.results_prefetch,
-            exclusive: true,
-        })
-        .await
-    {
+    let results_spec = ConsumeSpec {
+        queues: vec![names.results()],
+        tag: "scheduler-results".into(),
+        prefetch: cfg.results_prefetch,
+        exclusive: true,
+    };
+    let results = match broker.consume(results_spec.clone()).await {
         Err(BrokerError::Locked { .. }) => bail!(
             "another scheduler is already running against namespace {:?} on this broker; stop it first \
              (one scheduler records the results of a namespace)",
@@ -209,6 +208,9 @@ pub async fn run(
         dropped,
         clock: tokio::sync::Notify::new(),
         grace: cfg.schedule_grace,
+        writable: tokio::sync::watch::Sender::new(true),
+        health: health.clone(),
+        stop: CancellationToken::new(),
     });
     let alive = Gauge::<i64>::default();
     metrics.register(
@@ -235,14 +237,13 @@ pub async fn run(
             exclusive: false,
         })
         .await?;
-    let started = broker
-        .consume(ConsumeSpec {
-            queues: vec![events_queue],
-            tag: "scheduler-events".into(),
-            prefetch: 256,
-            exclusive: false,
-        })
-        .await?;
+    let started_spec = ConsumeSpec {
+        queues: vec![events_queue],
+        tag: "scheduler-events".into(),
+        prefetch: 256,
+        exclusive: false,
+    };
+    let started = broker.consume(started_spec.clone()).await?;
     let beats = broker
         .consume(ConsumeSpec {
             queues: vec![beats_queue],
@@ -252,13 +253,18 @@ pub async fn run(
         })
         .await?;
 
-    let stop = CancellationToken::new();
+    let stop = sched.stop.clone();
     let tasks = TaskTracker::new();
     let work = TaskTracker::new();
-    tasks.spawn(sched.clone().serve_results(results));
+    tasks.spawn(sched.clone().serve_results(results, results_spec));
     tasks.spawn(sched.clone().serve(rpc, work.clone(), Kind::Rpc));
-    tasks.spawn(sched.clone().serve(started, work.clone(), Kind::Started));
+    tasks.spawn(
+        sched
+            .clone()
+            .serve_writes(started, started_spec, work.clone()),
+    );
     tasks.spawn(sched.clone().serve(beats, work.clone(), Kind::Heartbeat));
+    tasks.spawn(sched.clone().recover());
     tasks.spawn(
         sched
             .clone()
@@ -290,6 +296,18 @@ pub async fn run(
     Ok(())
 }
 
+/// Whether answering `request` writes to the store (and so waits while it cannot).
+fn writes(request: &RpcRequest) -> bool {
+    !matches!(
+        request,
+        RpcRequest::Status { .. }
+            | RpcRequest::Logs { .. }
+            | RpcRequest::List { .. }
+            | RpcRequest::Agents
+            | RpcRequest::ScheduleList
+    )
+}
+
 /// The label of `rota_schedule_fires_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScheduleLabel {
@@ -302,7 +320,6 @@ const IN_FLIGHT: Duration = Duration::from_secs(30);
 #[derive(Clone, Copy)]
 enum Kind {
     Rpc,
-    Started,
     Heartbeat,
 }
 
@@ -321,6 +338,13 @@ struct Scheduler {
     clock: tokio::sync::Notify,
     /// See `--schedule-grace`.
     grace: Duration,
+    /// Whether the store writes. While it does not, the inputs that need a write wait in
+    /// their queues (see [`Scheduler::halt`]) until a probe finds it writing again.
+    writable: tokio::sync::watch::Sender<bool>,
+    /// Says why `/readyz` fails while the store does not write.
+    health: Health,
+    /// Cancelled when the scheduler stops.
+    stop: CancellationToken,
 }
 
 impl Scheduler {
@@ -332,31 +356,191 @@ impl Scheduler {
             work.spawn(async move {
                 match kind {
                     Kind::Rpc => me.on_rpc(d).await,
-                    Kind::Started => me.on_started(d).await,
                     Kind::Heartbeat => me.on_heartbeat(d).await,
                 }
             });
         }
     }
 
-    /// Records results in batches: each result in its own transaction, one flush for the
-    /// batch, then the files, acks, receipts and events. A flush costs the same for one result
-    /// as for hundreds, so batching is what makes recording fast.
-    async fn serve_results(self: Arc<Self>, mut consumer: Consumer) {
-        while let Some(first) = consumer.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < 512
-                && let Some(d) = consumer.try_recv()
-            {
-                batch.push(d);
+    /// Like [`Scheduler::serve`] for started events, which need a write: consumes them only
+    /// while the store writes.
+    async fn serve_writes(
+        self: Arc<Self>,
+        mut consumer: Consumer,
+        spec: ConsumeSpec,
+        work: TaskTracker,
+    ) {
+        loop {
+            loop {
+                let d = tokio::select! {
+                    d = consumer.recv() => d,
+                    _ = self.until(false) => break,
+                };
+                let Some(d) = d else { return };
+                let me = self.clone();
+                work.spawn(async move { me.on_started(d).await });
             }
-            self.record_batch(batch).await;
+            let Some(again) = self.pause_intake(consumer, Vec::new(), &spec).await else {
+                return;
+            };
+            consumer = again;
         }
     }
 
-    async fn record_batch(&self, batch: Vec<Delivery>) {
+    /// Records results in batches: each result in its own transaction, one flush for the
+    /// batch, then the files, acks, receipts and events. A flush costs the same for one result
+    /// as for hundreds, so batching is what makes recording fast. Takes none while the store
+    /// does not write.
+    async fn serve_results(self: Arc<Self>, mut consumer: Consumer, spec: ConsumeSpec) {
+        loop {
+            let unstored = loop {
+                let first = tokio::select! {
+                    d = consumer.recv() => d,
+                    _ = self.until(false) => break Vec::new(),
+                };
+                let Some(first) = first else { return };
+                let mut batch = vec![first];
+                while batch.len() < 512
+                    && let Some(d) = consumer.try_recv()
+                {
+                    batch.push(d);
+                }
+                let unstored = self.record_batch(batch).await;
+                if !unstored.is_empty() {
+                    break unstored;
+                }
+            };
+            let Some(again) = self.pause_intake(consumer, unstored, &spec).await else {
+                return;
+            };
+            consumer = again;
+        }
+    }
+
+    /// Stops `consumer` while the store does not write: the broker is told to send no more,
+    /// then `unstored` and whatever still arrives go back to the queue (after the stop, or
+    /// RabbitMQ would hand them straight back), and once the store writes again, consuming
+    /// starts anew. None when the scheduler stops meanwhile.
+    async fn pause_intake(
+        &self,
+        mut consumer: Consumer,
+        unstored: Vec<Delivery>,
+        spec: &ConsumeSpec,
+    ) -> Option<Consumer> {
+        consumer.stop().await;
+        for d in unstored {
+            d.requeue().await;
+        }
+        info!(queues = ?spec.queues, "not consuming until the store writes again");
+        loop {
+            tokio::select! {
+                d = consumer.recv() => match d {
+                    Some(d) => { d.requeue().await; }
+                    None => return None,
+                },
+                _ = self.until(true) => break,
+                _ = self.stop.cancelled() => return None,
+            }
+        }
+        let mut backoff = Backoff::for_connections();
+        loop {
+            match self.broker.consume(spec.clone()).await {
+                Ok(c) => {
+                    info!(queues = ?spec.queues, "consuming again");
+                    return Some(c);
+                }
+                Err(e) => {
+                    warn!(queues = ?spec.queues, error = %e, "cannot consume again; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = self.stop.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns once the store's writability is `writable` (never, once the flag is gone).
+    async fn until(&self, writable: bool) {
+        let mut rx = self.writable.subscribe();
+        if rx.wait_for(|w| *w == writable).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn is_writable(&self) -> bool {
+        *self.writable.borrow()
+    }
+
+    /// Takes note of a store error; true when it is the store failing to write, which halts
+    /// intake (see [`Scheduler::halt`]).
+    fn store_failed(&self, e: &anyhow::Error) -> bool {
+        let unwritable = store::is_unwritable(e);
+        if unwritable {
+            self.halt(&format!("{e:#}"));
+        }
+        unwritable
+    }
+
+    /// The store cannot write: results, started events, submissions and the clock wait
+    /// (nothing is acked that is not stored), `/readyz` says why, and [`Scheduler::recover`]
+    /// probes the store until it writes again.
+    fn halt(&self, reason: &str) {
+        let halted = self
+            .writable
+            .send_if_modified(|w| std::mem::replace(w, false));
+        if halted {
+            error!(
+                error = reason,
+                "the store cannot write: taking no results, submissions or started events until it can"
+            );
+            self.health.unready(
+                "store",
+                Some(format!(
+                    "the store cannot write ({reason}); results, submissions and started events wait in RabbitMQ until it can"
+                )),
+            );
+        }
+    }
+
+    /// While intake is halted, probes the store with a capped backoff and resumes intake
+    /// once it writes again.
+    async fn recover(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.until(false) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = self.stop.cancelled() => return,
+                }
+                match self.store.probe().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        warn!(error = %e, attempt = backoff.attempts(), "the store still cannot write")
+                    }
+                }
+            }
+            self.health.unready("store", None);
+            self.writable.send_replace(true);
+            info!("the store writes again: taking results, submissions and started events");
+            self.clock.notify_one();
+        }
+    }
+
+    /// Records a batch; returns the deliveries it could not store because the store does
+    /// not write (not acked: they go back to the queue once intake is paused).
+    async fn record_batch(&self, batch: Vec<Delivery>) -> Vec<Delivery> {
         let mut recorded = Vec::with_capacity(batch.len());
+        let mut unstored = Vec::new();
         for d in batch {
+            if !self.is_writable() {
+                unstored.push(d);
+                continue;
+            }
             let result = match intake::result(&d.body) {
                 Ok(r) => r,
                 Err(refused) => {
@@ -366,9 +550,9 @@ impl Scheduler {
             };
             match self.store.record(&result) {
                 Ok(r) => recorded.push((d, result, r)),
-                Err(e) if store::is_unwritable(&e) => {
-                    error!(job_id = %result.uuid, error = %e, "cannot record the result; it goes back to the queue");
-                    d.requeue().await;
+                Err(e) if self.store_failed(&e) => {
+                    warn!(job_id = %result.uuid, error = %e, "cannot record the result; it goes back to the queue");
+                    unstored.push(d);
                 }
                 Err(e) => {
                     let refused = Refused::new(Reason::Unrecordable, format!("{e:#}"));
@@ -378,16 +562,16 @@ impl Scheduler {
         }
         if let Err(e) = self.store.flush().await {
             error!(error = %e, "cannot flush the store; the results go back to the queue");
-            for (d, _, _) in recorded {
-                d.requeue().await;
-            }
-            return;
+            self.store_failed(&e);
+            unstored.extend(recorded.into_iter().map(|(d, _, _)| d));
+            return unstored;
         }
         let finish = recorded.into_iter().map(|(d, result, r)| {
             let span = info_span!("job", job_id = %result.uuid, r#type = %result.work_type, attempt = result.attempt);
             self.after_record(d, result, r).instrument(span)
         });
         futures::future::join_all(finish).await;
+        unstored
     }
 
     /// A recorded result: write its folder, ack it, receipt it, announce it.
@@ -480,24 +664,38 @@ impl Scheduler {
     }
 
     async fn on_started(&self, d: Delivery) {
-        match intake::started(&d.body) {
-            Ok(event) => {
-                let cancel = match self.store.started(&event) {
-                    Ok(record) => record.is_some_and(|r| r.cancel_requested && !r.state.is_final()),
-                    Err(e) => {
-                        error!(job_id = %event.uuid, error = %e, "cannot note a started job");
-                        false
-                    }
-                };
-                if cancel && let Err(e) = self.tell_agents_to_cancel(event.uuid).await {
-                    warn!(job_id = %event.uuid, error = %e, "cannot repeat a cancel request");
-                }
-            }
+        let event = match intake::started(&d.body) {
+            Ok(event) => event,
             Err(refused) => {
                 // A notification: counted and dropped (the job's result still records it).
                 warn!(reason = %refused, "ignoring an event");
                 self.dropped.count(Input::Event, refused.reason);
+                d.ack().await;
+                return;
             }
+        };
+        let cancel = loop {
+            if !self.is_writable() {
+                // Held unacked until the store writes again; when the scheduler stops first,
+                // it goes back to its queue with the connection.
+                tokio::select! {
+                    _ = self.until(true) => continue,
+                    _ = self.stop.cancelled() => return,
+                }
+            }
+            match self.store.started(&event) {
+                Ok(record) => {
+                    break record.is_some_and(|r| r.cancel_requested && !r.state.is_final());
+                }
+                Err(e) if self.store_failed(&e) => {}
+                Err(e) => {
+                    error!(job_id = %event.uuid, error = %e, "cannot note a started job");
+                    break false;
+                }
+            }
+        };
+        if cancel && let Err(e) = self.tell_agents_to_cancel(event.uuid).await {
+            warn!(job_id = %event.uuid, error = %e, "cannot repeat a cancel request");
         }
         d.ack().await;
     }
@@ -525,12 +723,20 @@ impl Scheduler {
                 return self.refuse(d, Input::Rpc, refused).await;
             }
         };
-        let reply = self
-            .answer(request)
-            .await
-            .unwrap_or_else(|e| RpcReply::Error {
-                message: format!("{e:#}"),
-            });
+        let reply = if writes(&request) && !self.is_writable() {
+            RpcReply::Error {
+                message: "the scheduler's store cannot write (is its disk full?): nothing was \
+                          changed; try again once its /readyz answers 200"
+                    .into(),
+            }
+        } else {
+            self.answer(request).await.unwrap_or_else(|e| {
+                self.store_failed(&e);
+                RpcReply::Error {
+                    message: format!("{e:#}"),
+                }
+            })
+        };
         d.ack().await;
         self.reply(&d, &reply).await;
     }
@@ -738,10 +944,18 @@ impl Scheduler {
     async fn clock(self: Arc<Self>, stop: CancellationToken) {
         const LONGEST_NAP: Duration = Duration::from_secs(60);
         loop {
+            if !self.is_writable() {
+                // Releasing and firing write to the store: they wait until it can.
+                tokio::select! {
+                    _ = self.until(true) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
             let now = Utc::now();
             let mut wake = match self.release_due(now).await {
                 Ok(next) => next,
                 Err(e) => {
+                    self.store_failed(&e);
                     error!(error = %e, "cannot queue the jobs whose time has come; trying again soon");
                     Some(now + chrono::Duration::seconds(1))
                 }
@@ -776,6 +990,7 @@ impl Scheduler {
                 if let Some(record) = self.store.release(uuid, now).await? {
                     info!(job_id = %uuid, attempt = record.job.attempt, "its time has come: queueing it");
                     if let Err(e) = self.publish(&record).await {
+                        self.store_failed(&e);
                         warn!(job_id = %uuid, error = %e, "job not queued yet; trying again later");
                     }
                 }
@@ -825,11 +1040,13 @@ impl Scheduler {
                             if record.state == JobState::Queued
                                 && let Err(e) = self.publish(&record).await
                             {
+                                self.store_failed(&e);
                                 warn!(job_id = %record.uuid, error = %e, "job not queued yet; trying again later");
                             }
                         }
                     }
                     Err(e) => {
+                        self.store_failed(&e);
                         error!(schedule = %name, error = %e, "cannot fire the schedule; trying again soon");
                         earliest = Some(now + chrono::Duration::seconds(1));
                         continue;
@@ -952,6 +1169,7 @@ impl Scheduler {
         );
         for record in pending {
             if let Err(e) = self.publish(&record).await {
+                self.store_failed(&e);
                 warn!(job_id = %record.uuid, error = %e, "job not queued yet; trying again later");
             }
         }
@@ -973,8 +1191,9 @@ impl Scheduler {
                 _ = check.tick() => self.agents.check(),
                 _ = requeue.tick() => self.publish_unpublished(IN_FLIGHT).await,
                 _ = self.broker.reconnected() => self.publish_unpublished(IN_FLIGHT).await,
-                _ = purge.tick(), if !retention.is_zero() => {
+                _ = purge.tick(), if !retention.is_zero() && self.is_writable() => {
                     if let Err(e) = self.purge(retention).await {
+                        self.store_failed(&e);
                         error!(error = %e, "cannot remove old finished jobs; trying again at the next purge");
                     }
                 }

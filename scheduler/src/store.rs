@@ -7,7 +7,8 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -22,8 +23,20 @@ use crate::retries::RetryPolicy;
 
 #[derive(Clone)]
 pub struct Store {
-    /// Flushes the database for every writer at once.
-    durable: GroupCommit,
+    /// The open database, swapped for a fresh one by [`Store::reopen`] (None meanwhile).
+    db: Arc<RwLock<Option<Arc<Trees>>>>,
+    /// Where the database lives (`<dir>/store`).
+    path: PathBuf,
+    /// Where each job's folder goes.
+    work_root: PathBuf,
+    /// How failed jobs are retried.
+    policy: RetryPolicy,
+    /// The attempts being published right now, each by the one pass that claimed it.
+    publishing: Arc<Mutex<HashSet<(JobId, u32)>>>,
+}
+
+/// The trees of one open database.
+struct Trees {
     /// uuid → JobRecord
     jobs: sled::Tree,
     /// uuid + attempt → JobResult
@@ -41,12 +54,38 @@ pub struct Store {
     children: sled::Tree,
     /// name → ScheduleInfo
     schedules: sled::Tree,
-    /// Where each job's folder goes.
-    work_root: PathBuf,
-    /// How failed jobs are retried.
-    policy: RetryPolicy,
-    /// The attempts being published right now, each by the one pass that claimed it.
-    publishing: Arc<Mutex<HashSet<(JobId, u32)>>>,
+    /// One key, rewritten by [`Store::probe`] to learn whether the store writes again.
+    probe: sled::Tree,
+    /// Flushes the database for every writer at once; last, so that the trees are gone when
+    /// its thread, which owns the database, ends.
+    durable: GroupCommit,
+}
+
+impl Trees {
+    fn open(path: &Path) -> anyhow::Result<Self> {
+        // No background flusher: the group commit flushes what must be durable, and without that
+        // thread the database closes (and unlocks) as soon as it is dropped.
+        let db = sled::Config::new().path(path).flush_every_ms(None).open().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the scheduler's store {}: {e} (is another scheduler using this --data-dir?)",
+                path.display()
+            )
+        })?;
+        Ok(Self {
+            jobs: db.open_tree("jobs")?,
+            results: db.open_tree("results")?,
+            unpublished: db.open_tree("unpublished")?,
+            by_time: db.open_tree("by_time")?,
+            timers: db.open_tree("timers")?,
+            unique: db.open_tree("unique")?,
+            children: db.open_tree("children")?,
+            schedules: db.open_tree("schedules")?,
+            probe: db.open_tree("probe")?,
+            durable: GroupCommit::start("store", move || {
+                db.flush().map(|_| ()).map_err(|e| e.to_string())
+            })?,
+        })
+    }
 }
 
 /// The right to publish one attempt of a job, held by one pass at a time (the clock, a
@@ -170,6 +209,10 @@ pub fn is_unwritable(e: &anyhow::Error) -> bool {
     })
 }
 
+/// What [`Store::probe`] writes beside the database to learn whether the disk has room: a
+/// sled log segment (512 KiB) and some.
+const PROBE_BYTES: usize = 1024 * 1024;
+
 type Tx<T> = Result<T, ConflictableTransactionError<anyhow::Error>>;
 
 /// A reason to refuse, from inside a transaction.
@@ -244,30 +287,25 @@ impl Store {
     /// Opens the store in `dir` (`dir/store`, job folders in `dir/work`).
     pub fn open(dir: &Path, policy: RetryPolicy) -> anyhow::Result<Self> {
         let path = dir.join("store");
-        // No background flusher: the group commit flushes what must be durable, and without that
-        // thread the database closes (and unlocks) as soon as it is dropped.
-        let db = sled::Config::new().path(&path).flush_every_ms(None).open().map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the scheduler's store {}: {e} (is another scheduler using this --data-dir?)",
-                path.display()
-            )
-        })?;
+        let trees = Trees::open(&path)?;
         Ok(Self {
-            jobs: db.open_tree("jobs")?,
-            results: db.open_tree("results")?,
-            unpublished: db.open_tree("unpublished")?,
-            by_time: db.open_tree("by_time")?,
-            timers: db.open_tree("timers")?,
-            unique: db.open_tree("unique")?,
-            children: db.open_tree("children")?,
-            schedules: db.open_tree("schedules")?,
+            db: Arc::new(RwLock::new(Some(Arc::new(trees)))),
+            path,
             work_root: dir.join("work"),
             policy,
             publishing: Arc::default(),
-            durable: GroupCommit::start("store", move || {
-                db.flush().map(|_| ()).map_err(|e| e.to_string())
-            })?,
         })
+    }
+
+    /// The open database's trees.
+    fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        self.db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unwritable("the store is closed until it writes again".into())
+            })
     }
 
     /// The folder of one job.
@@ -295,16 +333,17 @@ impl Store {
     /// when its `run_at` is ahead. Returns the existing record instead if the uuid is known or
     /// an unfinished job holds its unique key, and whether it is new.
     pub async fn submit(&self, job: Job) -> anyhow::Result<(JobRecord, bool)> {
+        let t = self.trees()?;
         let uuid = job.uuid.context("a submitted job needs its uuid")?;
         let fresh = self.new_record(job, uuid, JobState::Queued);
         let now = Utc::now();
         let r = (
-            &self.jobs,
-            &self.unpublished,
-            &self.by_time,
-            &self.unique,
-            &self.timers,
-            &self.children,
+            &t.jobs,
+            &t.unpublished,
+            &t.by_time,
+            &t.unique,
+            &t.timers,
+            &t.children,
         )
             .transaction(|(jobs, unpublished, by_time, unique, timers, children)| {
                 let tx = NewJobTx {
@@ -334,17 +373,18 @@ impl Store {
         through: DateTime<Utc>,
         next: Option<DateTime<Utc>>,
     ) -> anyhow::Result<Vec<JobRecord>> {
+        let t = self.trees()?;
         let now = Utc::now();
         let fresh: Vec<(DateTime<Utc>, JobId)> =
             instants.iter().map(|at| (*at, JobId::random())).collect();
         let r = (
-            &self.schedules,
-            &self.jobs,
-            &self.unpublished,
-            &self.by_time,
-            &self.unique,
-            &self.timers,
-            &self.children,
+            &t.schedules,
+            &t.jobs,
+            &t.unpublished,
+            &t.by_time,
+            &t.unique,
+            &t.timers,
+            &t.children,
         )
             .transaction(
                 |(schedules, jobs, unpublished, by_time, unique, timers, children)| {
@@ -391,9 +431,10 @@ impl Store {
 
     /// The held jobs whose time has come (at most `limit`), oldest first.
     pub fn due(&self, now: DateTime<Utc>, limit: usize) -> anyhow::Result<Vec<JobId>> {
+        let t = self.trees()?;
         let end = timer_key(now, JobId(uuid::Uuid::max()));
         let mut out = Vec::new();
-        for key in self.timers.range(..=end).keys().take(limit) {
+        for key in t.timers.range(..=end).keys().take(limit) {
             let key = key?;
             out.extend(id_from(&key[8..]));
         }
@@ -402,7 +443,8 @@ impl Store {
 
     /// When the next held job is due.
     pub fn next_due(&self) -> anyhow::Result<Option<DateTime<Utc>>> {
-        Ok(self.timers.first()?.map(|(key, _)| {
+        let t = self.trees()?;
+        Ok(t.timers.first()?.map(|(key, _)| {
             let mut nanos = [0u8; 8];
             nanos.copy_from_slice(&key[..8]);
             DateTime::from_timestamp_nanos(i64::from_be_bytes(nanos))
@@ -416,7 +458,8 @@ impl Store {
         uuid: JobId,
         now: DateTime<Utc>,
     ) -> anyhow::Result<Option<JobRecord>> {
-        let r = (&self.jobs, &self.unpublished).transaction(|(jobs, unpublished)| {
+        let t = self.trees()?;
+        let r = (&t.jobs, &t.unpublished).transaction(|(jobs, unpublished)| {
             let Some(bytes) = jobs.get(uuid.as_bytes())? else {
                 return Ok(None);
             };
@@ -436,7 +479,7 @@ impl Store {
         let out = flatten(r)?;
         // The job's due timers go (a job held for later keeps its later one).
         let end = timer_key(now, JobId(uuid::Uuid::max()));
-        let due: Vec<_> = self
+        let due: Vec<_> = t
             .timers
             .range(..=end)
             .keys()
@@ -444,7 +487,7 @@ impl Store {
             .filter(|k| id_from(&k[8..]) == Some(uuid))
             .collect();
         for key in due {
-            self.timers.remove(key)?;
+            t.timers.remove(key)?;
         }
         self.flush().await?;
         Ok(out)
@@ -453,7 +496,8 @@ impl Store {
     /// Cancels a job held in `scheduled`: it ends `cancelled` without running. Returns None
     /// if the job is not held (then agents must be told).
     pub async fn cancel_scheduled(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
-        let r = (&self.jobs, &self.timers, &self.unique).transaction(|(jobs, timers, unique)| {
+        let t = self.trees()?;
+        let r = (&t.jobs, &t.timers, &t.unique).transaction(|(jobs, timers, unique)| {
             let Some(bytes) = jobs.get(uuid.as_bytes())? else {
                 return Ok(None);
             };
@@ -484,54 +528,53 @@ impl Store {
 
     /// Queues a job that ended without success once more, as its next attempt.
     pub async fn retry(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
-        let r = (&self.jobs, &self.unpublished, &self.unique).transaction(
-            |(jobs, unpublished, unique)| {
-                let Some(bytes) = jobs.get(uuid.as_bytes())? else {
-                    return refuse(format!("no job {uuid} is recorded"));
-                };
-                let mut record: JobRecord = decode(&bytes)?;
-                if !record.state.is_final() {
-                    return refuse(format!(
-                        "job {uuid} is {}, not over: there is nothing to retry yet",
-                        record.state
-                    ));
-                }
-                if record.state == JobState::Succeeded {
-                    return refuse(format!(
-                        "job {uuid} succeeded: there is nothing to retry (submit it again instead)"
-                    ));
-                }
-                let last = record.attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
-                let Some(next) = last.max(record.job.attempt).checked_add(1) else {
-                    return refuse(format!(
-                        "job {uuid} has used every attempt number: submit it again instead"
-                    ));
-                };
-                record.job.attempt = next;
-                record.state = JobState::Queued;
-                record.cancel_requested = false;
-                record.next_run_at = None;
-                record.updated_at = Utc::now();
-                if let Some(key) = &record.job.unique_key {
-                    let free = match unique.get(key.as_bytes())? {
+        let t = self.trees()?;
+        let r = (&t.jobs, &t.unpublished, &t.unique).transaction(|(jobs, unpublished, unique)| {
+            let Some(bytes) = jobs.get(uuid.as_bytes())? else {
+                return refuse(format!("no job {uuid} is recorded"));
+            };
+            let mut record: JobRecord = decode(&bytes)?;
+            if !record.state.is_final() {
+                return refuse(format!(
+                    "job {uuid} is {}, not over: there is nothing to retry yet",
+                    record.state
+                ));
+            }
+            if record.state == JobState::Succeeded {
+                return refuse(format!(
+                    "job {uuid} succeeded: there is nothing to retry (submit it again instead)"
+                ));
+            }
+            let last = record.attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
+            let Some(next) = last.max(record.job.attempt).checked_add(1) else {
+                return refuse(format!(
+                    "job {uuid} has used every attempt number: submit it again instead"
+                ));
+            };
+            record.job.attempt = next;
+            record.state = JobState::Queued;
+            record.cancel_requested = false;
+            record.next_run_at = None;
+            record.updated_at = Utc::now();
+            if let Some(key) = &record.job.unique_key {
+                let free = match unique.get(key.as_bytes())? {
+                    None => true,
+                    Some(holder) => match jobs.get(&holder)? {
+                        Some(b) => decode::<JobRecord>(&b)?.state.is_final(),
                         None => true,
-                        Some(holder) => match jobs.get(&holder)? {
-                            Some(b) => decode::<JobRecord>(&b)?.state.is_final(),
-                            None => true,
-                        },
-                    };
-                    if free {
-                        unique.insert(key.as_bytes(), uuid.as_bytes())?;
-                    }
+                    },
+                };
+                if free {
+                    unique.insert(key.as_bytes(), uuid.as_bytes())?;
                 }
-                jobs.insert(uuid.as_bytes(), encode(&record)?)?;
-                unpublished.insert(
-                    uuid.as_bytes(),
-                    &pending(record.job.attempt, record.updated_at),
-                )?;
-                Ok(record)
-            },
-        );
+            }
+            jobs.insert(uuid.as_bytes(), encode(&record)?)?;
+            unpublished.insert(
+                uuid.as_bytes(),
+                &pending(record.job.attempt, record.updated_at),
+            )?;
+            Ok(record)
+        });
         let out = flatten(r)?;
         self.flush().await?;
         Ok(out)
@@ -539,8 +582,9 @@ impl Store {
 
     /// The jobs that `parent`'s Work submitted.
     pub fn children_of(&self, parent: JobId) -> anyhow::Result<Vec<JobId>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for key in self.children.scan_prefix(parent.as_bytes()).keys() {
+        for key in t.children.scan_prefix(parent.as_bytes()).keys() {
             out.extend(id_from(&key?[16..]));
         }
         Ok(out)
@@ -548,7 +592,8 @@ impl Store {
 
     /// Every schedule, by name.
     pub fn schedules(&self) -> anyhow::Result<Vec<ScheduleInfo>> {
-        self.schedules
+        let t = self.trees()?;
+        t.schedules
             .iter()
             .values()
             .map(|v| Ok(serde_json::from_slice(&v?)?))
@@ -556,7 +601,8 @@ impl Store {
     }
 
     pub fn schedule(&self, name: &str) -> anyhow::Result<Option<ScheduleInfo>> {
-        match self.schedules.get(name.as_bytes())? {
+        let t = self.trees()?;
+        match t.schedules.get(name.as_bytes())? {
             Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
             None => Ok(None),
         }
@@ -569,7 +615,8 @@ impl Store {
         name: &str,
         change: impl Fn(Option<ScheduleInfo>) -> Result<Option<ScheduleInfo>, String>,
     ) -> anyhow::Result<Option<ScheduleInfo>> {
-        let r = self.schedules.transaction(|schedules| {
+        let t = self.trees()?;
+        let r = t.schedules.transaction(|schedules| {
             let old = match schedules.get(name.as_bytes())? {
                 Some(b) => Some(decode::<ScheduleInfo>(&b)?),
                 None => None,
@@ -595,10 +642,11 @@ impl Store {
     /// index entries (at most `limit` jobs). Returns their folders, to delete once the store
     /// is flushed. Nothing that is not over is touched.
     pub fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> anyhow::Result<Vec<PathBuf>> {
+        let t = self.trees()?;
         // Created before the cutoff is necessary (a record changes only after it is created).
         let end = timer_key(cutoff, JobId(uuid::Uuid::nil()));
         let mut dirs = Vec::new();
-        for key in self.by_time.range(..end).keys() {
+        for key in t.by_time.range(..end).keys() {
             if dirs.len() >= limit {
                 break;
             }
@@ -610,27 +658,27 @@ impl Store {
                 if !record.state.is_final() || record.updated_at >= cutoff {
                     continue;
                 }
-                for k in self.results.scan_prefix(uuid.as_bytes()).keys() {
-                    self.results.remove(k?)?;
+                for k in t.results.scan_prefix(uuid.as_bytes()).keys() {
+                    t.results.remove(k?)?;
                 }
-                for k in self.children.scan_prefix(uuid.as_bytes()).keys() {
-                    self.children.remove(k?)?;
+                for k in t.children.scan_prefix(uuid.as_bytes()).keys() {
+                    t.children.remove(k?)?;
                 }
                 if let Some(parent) = record.job.parent {
-                    self.children.remove(pair_key(parent, uuid))?;
+                    t.children.remove(pair_key(parent, uuid))?;
                 }
                 if let Some(unique) = &record.job.unique_key {
-                    let _ = self.unique.compare_and_swap(
+                    let _ = t.unique.compare_and_swap(
                         unique.as_bytes(),
                         Some(uuid.as_bytes().as_slice()),
                         None as Option<&[u8]>,
                     )?;
                 }
-                self.unpublished.remove(uuid.as_bytes())?;
-                self.jobs.remove(uuid.as_bytes())?;
+                t.unpublished.remove(uuid.as_bytes())?;
+                t.jobs.remove(uuid.as_bytes())?;
             }
             // Last, so that a purge cut short by a crash is found and finished next time.
-            self.by_time.remove(&key)?;
+            t.by_time.remove(&key)?;
             dirs.push(self.job_dir(uuid));
         }
         Ok(dirs)
@@ -640,6 +688,7 @@ impl Store {
     /// it, or when that attempt no longer waits to be published (published meanwhile, or
     /// superseded). Only the holder of the claim publishes.
     pub fn claim(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<PublishClaim>> {
+        let t = self.trees()?;
         // Held across the check and the insert (no await inside): two passes cannot both
         // find the attempt waiting and unclaimed.
         let mut held = self
@@ -649,7 +698,7 @@ impl Store {
         if held.contains(&(uuid, attempt)) {
             return Ok(None);
         }
-        let waiting = self
+        let waiting = t
             .unpublished
             .get(uuid.as_bytes())?
             .is_some_and(|v| pending_is(&v, attempt));
@@ -672,14 +721,15 @@ impl Store {
 
     /// Removes the `unpublished` entry of `uuid` if the attempt it names passes `which`.
     fn clear_pending(&self, uuid: JobId, which: impl Fn(u32) -> bool) -> anyhow::Result<()> {
+        let t = self.trees()?;
         loop {
-            let Some(old) = self.unpublished.get(uuid.as_bytes())? else {
+            let Some(old) = t.unpublished.get(uuid.as_bytes())? else {
                 return Ok(());
             };
             if read_pending(&old).is_some_and(|(attempt, _)| !which(attempt)) {
                 return Ok(());
             }
-            let swapped = self.unpublished.compare_and_swap(
+            let swapped = t.unpublished.compare_and_swap(
                 uuid.as_bytes(),
                 Some(old),
                 None as Option<&[u8]>,
@@ -693,8 +743,9 @@ impl Store {
     /// The jobs the republish pass should queue: recorded but not confirmed, handed over to
     /// be published before `cutoff`, and not being published by another pass right now.
     pub fn republishable(&self, cutoff: DateTime<Utc>) -> anyhow::Result<Vec<JobRecord>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for item in self.unpublished.iter() {
+        for item in t.unpublished.iter() {
             let (key, value) = item?;
             let Some(uuid) = id_from(&key) else {
                 continue;
@@ -718,9 +769,10 @@ impl Store {
 
     /// Jobs recorded but not confirmed by the broker (to publish after a crash or outage).
     pub fn unpublished(&self) -> anyhow::Result<Vec<JobRecord>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for key in self.unpublished.iter().keys() {
-            if let Some(bytes) = self.jobs.get(key?)? {
+        for key in t.unpublished.iter().keys() {
+            if let Some(bytes) = t.jobs.get(key?)? {
                 out.push(serde_json::from_slice(&bytes)?);
             }
         }
@@ -735,7 +787,8 @@ impl Store {
         fresh: &JobRecord,
         change: impl Fn(&mut JobRecord) -> bool,
     ) -> anyhow::Result<JobRecord> {
-        let after = self.jobs.update_and_fetch(uuid.as_bytes(), |old| {
+        let t = self.trees()?;
+        let after = t.jobs.update_and_fetch(uuid.as_bytes(), |old| {
             let mut record = match old.map(serde_json::from_slice::<JobRecord>) {
                 Some(Ok(r)) => r,
                 Some(Err(_)) => return old.map(<[u8]>::to_vec), // unreadable: leave it
@@ -752,7 +805,7 @@ impl Store {
         let record: JobRecord = serde_json::from_slice(&after.context("the record vanished")?)?;
         // Every time, not only when created: a crash between the two writes must not leave a
         // record that `list` cannot find (the key never changes, so this is idempotent).
-        self.by_time.insert(time_key(&record), &[])?;
+        t.by_time.insert(time_key(&record), &[])?;
         Ok(record)
     }
 
@@ -795,8 +848,9 @@ impl Store {
     /// wins; the job's record is then brought in line with the winner. A crash in between
     /// is mended when the result comes again (the agent resends until receipted).
     pub fn record(&self, result: &JobResult) -> anyhow::Result<Recorded> {
+        let t = self.trees()?;
         let key = result_key(result.uuid, result.attempt);
-        let won = self
+        let won = t
             .results
             .compare_and_swap(
                 key,
@@ -859,15 +913,16 @@ impl Store {
     /// gives back its unique key. Idempotent, so a crash between the record and its indexes is
     /// mended when the result comes again.
     fn keep_indexes_in_line(&self, record: &JobRecord) -> anyhow::Result<()> {
+        let t = self.trees()?;
         if record.state == JobState::Scheduled
             && let Some(at) = record.next_run_at
         {
-            self.timers.insert(timer_key(at, record.uuid), &[])?;
+            t.timers.insert(timer_key(at, record.uuid), &[])?;
         }
         if record.state.is_final()
             && let Some(key) = &record.job.unique_key
         {
-            let _ = self.unique.compare_and_swap(
+            let _ = t.unique.compare_and_swap(
                 key.as_bytes(),
                 Some(record.uuid.as_bytes().as_slice()),
                 None as Option<&[u8]>,
@@ -886,7 +941,8 @@ impl Store {
     }
 
     pub fn get(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
-        match self.jobs.get(uuid.as_bytes())? {
+        let t = self.trees()?;
+        match t.jobs.get(uuid.as_bytes())? {
             Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
             None => Ok(None),
         }
@@ -894,7 +950,8 @@ impl Store {
 
     /// The recorded result of one run.
     pub fn result(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<JobResult>> {
-        match self.results.get(result_key(uuid, attempt))? {
+        let t = self.trees()?;
+        match t.results.get(result_key(uuid, attempt))? {
             Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
             None => Ok(None),
         }
@@ -902,8 +959,9 @@ impl Store {
 
     /// The log lines of every recorded run of a job.
     pub fn logs(&self, uuid: JobId) -> anyhow::Result<Vec<(u32, Vec<LogLine>)>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for item in self.results.scan_prefix(uuid.as_bytes()) {
+        for item in t.results.scan_prefix(uuid.as_bytes()) {
             let (_, v) = item?;
             let r: JobResult = serde_json::from_slice(&v)?;
             out.push((r.attempt, r.logs));
@@ -913,13 +971,14 @@ impl Store {
 
     /// Newest jobs first, optionally only those in `state`.
     pub fn list(&self, state: Option<JobState>, limit: usize) -> anyhow::Result<Vec<JobRecord>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for key in self.by_time.iter().keys().rev() {
+        for key in t.by_time.iter().keys().rev() {
             if out.len() >= limit {
                 break;
             }
             let key = key?;
-            let Some(bytes) = self.jobs.get(&key[8..])? else {
+            let Some(bytes) = t.jobs.get(&key[8..])? else {
                 continue;
             };
             let record: JobRecord = serde_json::from_slice(&bytes)?;
@@ -931,16 +990,83 @@ impl Store {
     }
 
     pub fn len(&self) -> usize {
-        self.jobs.len()
+        self.trees().map_or(0, |t| t.jobs.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
+        self.len() == 0
+    }
+
+    /// Closes the database and opens it again from disk. Needed after a write failed: sled
+    /// then refuses every later write (its I/O error sticks), and what it holds in memory
+    /// may not be on disk; the database read back holds exactly what is, as after a crash.
+    pub async fn reopen(&self) -> Result<(), StoreError> {
+        let old = self
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut old) = old {
+            // Callers hold the trees for one operation; a failing disk makes those quick.
+            for _ in 0..100 {
+                match Arc::try_unwrap(old) {
+                    Ok(trees) => {
+                        // Joins the flushing thread: not on the runtime.
+                        let _ = tokio::task::spawn_blocking(move || drop(trees)).await;
+                        break;
+                    }
+                    Err(shared) => {
+                        old = shared;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+        let path = self.path.clone();
+        let trees = tokio::task::spawn_blocking(move || Trees::open(&path))
+            .await
+            .map_err(|e| StoreError::Unwritable(format!("cannot reopen the store: {e}")))?
+            .map_err(|e| StoreError::Unwritable(format!("{e:#}")))?;
+        *self.db.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(trees));
+        Ok(())
+    }
+
+    /// Whether the store writes again: a space check beside the database, then the database
+    /// reopened (see [`Store::reopen`]) and one small write made durable.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        // A sled log segment's worth of bytes must fit, or reopening only fails again.
+        let room = self.path.with_extension("probe");
+        let fits = tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            let written = std::fs::File::create(&room).and_then(|mut f| {
+                f.write_all(&vec![0u8; PROBE_BYTES])?;
+                f.sync_data()
+            });
+            let _ = std::fs::remove_file(&room);
+            written
+        })
+        .await
+        .map_err(|e| StoreError::Unwritable(e.to_string()))?;
+        fits.map_err(|e| StoreError::Unwritable(format!("no room beside the store: {e}")))?;
+        self.reopen().await?;
+        let t = self.trees()?;
+        let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        t.probe
+            .insert("probe", &now.to_be_bytes())
+            .map_err(|e| StoreError::Unwritable(e.to_string()))?;
+        drop(t);
+        self.flush()
+            .await
+            .map_err(|e| match e.downcast::<StoreError>() {
+                Ok(e) => e,
+                Err(e) => StoreError::Unwritable(format!("{e:#}")),
+            })
     }
 
     /// Waits until every earlier write is on disk.
     pub async fn flush(&self) -> anyhow::Result<()> {
-        self.durable
+        let t = self.trees()?;
+        t.durable
             .commit()
             .await
             .map_err(|e| StoreError::Unwritable(format!("cannot flush the store: {e}")).into())
@@ -1305,5 +1431,21 @@ mod tests {
             .await
             .expect_err("no attempt number is left");
         assert!(err.to_string().contains("every attempt number"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_reopened_store_holds_what_was_flushed_and_writes_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let job = job_with_id("demo.echo");
+        let uuid = job.uuid.expect("uuid");
+        store.submit(job).await.expect("submits");
+        // A clone held elsewhere (as the server's tasks do) sees the reopened database too.
+        let elsewhere = store.clone();
+        store.probe().await.expect("writes");
+        assert!(elsewhere.get(uuid).expect("reads").is_some());
+        let again = job_with_id("demo.echo");
+        elsewhere.submit(again.clone()).await.expect("submits");
+        assert_eq!(store.list(None, 10).expect("lists").len(), 2);
     }
 }

@@ -231,3 +231,169 @@ async fn forged_and_garbage_input_is_counted_and_dead_lettered_and_the_scheduler
     probe_until(&addr, "/readyz", 200).await;
     let _ = conn.close(200, "done".into()).await;
 }
+
+/// A small tmpfs mounted on a folder (we run as root), unmounted when dropped, even after a
+/// failed assertion. `fill` leaves it with no free byte; `free` gives the room back.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+    ballast: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mount a tmpfs on {}", dir.display());
+        SmallDisk {
+            dir: dir.to_owned(),
+            ballast: dir.join("ballast"),
+        }
+    }
+
+    fn fill(&self) {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&self.ballast).expect("ballast");
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        // The last partial chunk: byte by byte until the disk refuses.
+        while f.write_all(&[0]).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(&self.ballast).expect("ballast removed");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazy: a process still holding files there (a scheduler being killed) cannot stop it.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// The messages ready in `queue`.
+async fn ready_in(ch: &lapin::Channel, queue: &str) -> u32 {
+    use lapin::options::QueueDeclareOptions;
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("the queue exists")
+    .message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_intake_and_the_scheduler_resumes_by_itself() {
+    let sys = System::new().await;
+    let disk = SmallDisk::mount(&sys.data_dir(), "24m");
+    let [addr] = free_addrs();
+    let scheduler = sys.scheduler_with(&["--http-addr", &addr]);
+    let agent_data = sys.dir.path().join("agent-data").display().to_string();
+    let _agent = sys.agent("a1", &["--data-dir", &agent_data]);
+    sys.ready(true, &["a1"]).await;
+    probe_until(&addr, "/readyz", 200).await;
+    let (conn, ch) = raw_channel().await;
+    let mut finished = sys
+        .client
+        .watch(&[rota_common::wire::EventKind::Finished])
+        .await
+        .expect("watch");
+
+    disk.fill();
+    // Jobs straight to RabbitMQ: they run, and their results cannot be stored.
+    let mut ids = std::collections::HashSet::new();
+    for n in 0..5 {
+        let job = rota_common::wire::Job::new("demo.echo", json!({ "n": n }));
+        ids.insert(sys.client.publish_job(job).await.expect("published"));
+    }
+    let why = probe_until(&addr, "/readyz", 503).await;
+    assert!(why.contains("store cannot write"), "{why}");
+    // A submission is refused with a reason, not half-taken.
+    let refused = sys
+        .client
+        .submit(rota_common::wire::Job::new("demo.echo", json!("late")))
+        .await
+        .expect_err("the store cannot write");
+    assert!(refused.to_string().contains("cannot"), "{refused:#}");
+    // No loop: the results wait, ready, in their queue (the agent resends some meanwhile).
+    within(MINUTE, "the results back in their queue", async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            if ready_in(&ch, &sys.names.results()).await >= 5 {
+                return;
+            }
+        }
+    })
+    .await;
+    let log = scheduler.output();
+    let failed_batches = log.matches("the results go back to the queue").count();
+    assert!(
+        failed_batches <= 2,
+        "the scheduler retries the store in a loop:\n{}",
+        scheduler.output()
+    );
+    let (_, text) = http_get(&addr, "/metrics").await.expect("metrics");
+    assert_eq!(
+        metric(
+            &text,
+            r#"rota_jobs_recorded_total{type="demo.echo",status="succeeded"}"#
+        ),
+        0
+    );
+    assert!(alive(scheduler.pid()));
+
+    disk.free();
+    probe_until(&addr, "/readyz", 200).await;
+    let mut seen = std::collections::HashMap::new();
+    within(MINUTE, "every job recorded", async {
+        while seen.len() < ids.len() {
+            let e = finished.next().await.expect("events");
+            if ids.contains(&e.uuid) {
+                *seen.entry(e.uuid).or_insert(0) += 1;
+            }
+        }
+    })
+    .await;
+    // Once each: the resent copies are recognized.
+    let text = metrics_reach(
+        &addr,
+        &[(
+            r#"rota_jobs_recorded_total{type="demo.echo",status="succeeded"}"#.to_owned(),
+            5,
+        )],
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"rota_jobs_recorded_total{type="demo.echo",status="succeeded"}"#
+        ),
+        5,
+        "recorded once each:\n{text}"
+    );
+    for uuid in &ids {
+        let record = sys.client.status(*uuid).await.expect("recorded");
+        assert_eq!(record.state, rota_common::wire::JobState::Succeeded);
+        assert_eq!(record.attempts.len(), 1);
+    }
+    // And new submissions are taken again.
+    let (code, record) = sys
+        .submit_wait(&["--type", "demo.echo", "--payload", r#""after""#])
+        .await;
+    assert_eq!(code, Some(0), "{record}");
+    let _ = conn.close(200, "done".into()).await;
+}
