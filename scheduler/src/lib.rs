@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cron;
 pub mod demo;
 mod intake;
+pub mod pages;
 pub mod retries;
 pub mod schedules;
 pub mod server;

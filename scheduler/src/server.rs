@@ -35,6 +35,7 @@ use crate::agents::Agents;
 use crate::archive;
 use crate::cron::CronExpr;
 use crate::intake::{self, Dropped, Input, Reason, Refused};
+use crate::pages;
 use crate::retries::RetryPolicy;
 use crate::schedules::{self, Plan};
 use crate::store::{self, Recorded, Store};
@@ -84,6 +85,11 @@ pub struct SchedulerConfig {
     #[arg(long, env = "ROTA_PURGE_INTERVAL", value_parser = parse_duration, default_value = "1h")]
     pub purge_interval: Duration,
 
+    /// The largest RPC reply, in bytes: `list` and `logs` answer in pages under it, and a
+    /// larger answer is cut (with a mark saying where the rest is) or refused.
+    #[arg(long, env = "ROTA_RPC_REPLY_BUDGET", default_value_t = pages::DEFAULT_REPLY_BUDGET, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16 * 1024..))]
+    pub rpc_reply_budget: usize,
+
     /// The schedules of the config file (`[[schedule]]` tables); the file wins over what was
     /// changed over RPC at each start.
     #[arg(skip)]
@@ -104,6 +110,7 @@ impl Default for SchedulerConfig {
             schedule_grace: Duration::from_secs(10),
             retention: Duration::from_secs(30 * 24 * 3600),
             purge_interval: Duration::from_secs(3600),
+            rpc_reply_budget: pages::DEFAULT_REPLY_BUDGET,
             schedules: Vec::new(),
         }
     }
@@ -211,6 +218,7 @@ pub async fn run(
         writable: tokio::sync::watch::Sender::new(true),
         health: health.clone(),
         stop: CancellationToken::new(),
+        reply_budget: cfg.rpc_reply_budget,
     });
     let alive = Gauge::<i64>::default();
     metrics.register(
@@ -345,6 +353,8 @@ struct Scheduler {
     health: Health,
     /// Cancelled when the scheduler stops.
     stop: CancellationToken,
+    /// See `--rpc-reply-budget`.
+    reply_budget: usize,
 }
 
 impl Scheduler {
@@ -742,9 +752,24 @@ impl Scheduler {
     }
 
     async fn reply(&self, d: &Delivery, reply: &RpcReply) {
-        let (Some(reply_to), Ok(body)) = (d.reply_to.as_deref(), serde_json::to_vec(reply)) else {
+        let (Some(reply_to), Ok(mut body)) = (d.reply_to.as_deref(), serde_json::to_vec(reply))
+        else {
             return;
         };
+        if body.len() > self.reply_budget {
+            // The pages and cuts keep replies small; this is the guarantee behind them.
+            let too_big = RpcReply::Error {
+                message: format!(
+                    "the reply would be {} bytes, over the scheduler's --rpc-reply-budget of {} bytes",
+                    body.len(),
+                    self.reply_budget
+                ),
+            };
+            let Ok(small) = serde_json::to_vec(&too_big) else {
+                return;
+            };
+            body = small;
+        }
         let props = Props {
             correlation_id: d.correlation_id.clone(),
             transient: true,
@@ -761,23 +786,67 @@ impl Scheduler {
             RpcRequest::Status { uuid } => {
                 let mut record = self.record_of(uuid)?;
                 record.children = self.store.children_of(uuid)?;
+                let budget = pages::content_budget(self.reply_budget);
                 RpcReply::Job {
-                    job: Box::new(record),
+                    job: Box::new(pages::fit_record(record, budget)),
                 }
             }
-            RpcRequest::Logs { uuid } => {
+            RpcRequest::Logs {
+                uuid,
+                cursor,
+                limit,
+            } => {
                 self.record_of(uuid)?;
-                let attempts = self
-                    .store
-                    .logs(uuid)?
+                let follows_pages = cursor.is_some() || limit.is_some();
+                let from = match &cursor {
+                    Some(c) => pages::parse_logs_cursor(c)?,
+                    None => (0, 0),
+                };
+                let budget = pages::content_budget(self.reply_budget);
+                let (pages, next) =
+                    self.store
+                        .logs_page(uuid, from, limit.unwrap_or(usize::MAX), budget)?;
+                let mut attempts: Vec<AttemptLogs> = pages
                     .into_iter()
                     .map(|(attempt, lines)| AttemptLogs { attempt, lines })
                     .collect();
-                RpcReply::Logs { uuid, attempts }
+                if next.is_some()
+                    && !follows_pages
+                    && let Some(last) = attempts.last_mut()
+                {
+                    let dir = self.store.job_dir(uuid);
+                    last.lines
+                        .push(pages::more_logs_line(uuid, self.reply_budget, &dir));
+                }
+                RpcReply::Logs {
+                    uuid,
+                    attempts,
+                    next: next.map(pages::logs_cursor),
+                }
             }
-            RpcRequest::List { state, limit } => RpcReply::Jobs {
-                jobs: self.store.list(state, limit.unwrap_or(50))?,
-            },
+            RpcRequest::List {
+                state,
+                limit,
+                cursor,
+            } => {
+                let before = cursor
+                    .as_deref()
+                    .map(pages::parse_list_cursor)
+                    .transpose()?;
+                let budget = pages::content_budget(self.reply_budget);
+                let (jobs, next) =
+                    self.store
+                        .list_page(state, limit.unwrap_or(50), before.as_deref(), budget)?;
+                // One record alone may be most of a page: its large parts stay in its files.
+                let jobs = jobs
+                    .into_iter()
+                    .map(|r| pages::fit_record(r, budget / 8))
+                    .collect();
+                RpcReply::Jobs {
+                    jobs,
+                    next: next.as_deref().map(pages::list_cursor),
+                }
+            }
             RpcRequest::Cancel { uuid } => RpcReply::Job {
                 job: Box::new(self.cancel(uuid).await?),
             },

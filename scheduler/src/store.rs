@@ -209,6 +209,35 @@ pub fn is_unwritable(e: &anyhow::Error) -> bool {
     })
 }
 
+/// A log line too long for a reply, cut to fit `budget` bytes, with a mark that says so and
+/// where the whole line is.
+fn cut_line(mut line: LogLine, budget: usize, whole: &Path) -> LogLine {
+    let total = line.message.len();
+    // Escaping may make the JSON up to six times the text: cut until it fits.
+    let mut keep = budget / 2;
+    loop {
+        let mut end = keep.min(total);
+        while !line.message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut message = line.message[..end].to_owned();
+        message.push_str(&format!(
+            " … [rota: line cut after {end} of {total} bytes to fit the reply; the whole line is in {}]",
+            whole.display()
+        ));
+        let fits = serde_json::to_vec(&LogLine {
+            message: message.clone(),
+            ..line.clone()
+        })
+        .map_or(true, |v| v.len() < budget);
+        if fits || keep == 0 {
+            line.message = message;
+            return line;
+        }
+        keep /= 2;
+    }
+}
+
 /// What [`Store::probe`] writes beside the database to learn whether the disk has room: a
 /// sled log segment (512 KiB) and some.
 const PROBE_BYTES: usize = 1024 * 1024;
@@ -969,6 +998,91 @@ impl Store {
         Ok(out)
     }
 
+    /// A page of jobs, newest first, optionally only those in `state`: those listed before
+    /// the by-time key `before` (from the start when None), at most `limit` of them and no
+    /// more stored bytes than `budget` (but at least one). Returns the page and, when more
+    /// may follow, the key to continue before.
+    pub fn list_page(
+        &self,
+        state: Option<JobState>,
+        limit: usize,
+        before: Option<&[u8]>,
+        budget: usize,
+    ) -> anyhow::Result<(Vec<JobRecord>, Option<Vec<u8>>)> {
+        let t = self.trees()?;
+        let keys = match before {
+            Some(key) => t.by_time.range(..key),
+            None => t.by_time.iter(),
+        };
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        let mut last: Option<Vec<u8>> = None;
+        for key in keys.keys().rev() {
+            let key = key?;
+            if out.len() >= limit {
+                return Ok((out, last));
+            }
+            let Some(bytes) = t.jobs.get(key.get(8..).unwrap_or_default())? else {
+                continue;
+            };
+            let record: JobRecord = serde_json::from_slice(&bytes)?;
+            if state.is_some_and(|s| s != record.state) {
+                last = Some(key.to_vec());
+                continue;
+            }
+            let size = bytes.len().saturating_add(1);
+            if !out.is_empty() && used.saturating_add(size) > budget {
+                return Ok((out, last));
+            }
+            used = used.saturating_add(size);
+            out.push(record);
+            last = Some(key.to_vec());
+        }
+        Ok((out, None))
+    }
+
+    /// A page of the log lines of job `uuid`, from line `from.1` of attempt `from.0` on: at
+    /// most `limit` lines and about `budget` bytes of them (but at least one line; a line
+    /// alone over the budget is cut, with a mark that says where the whole line is).
+    /// Returns the lines by attempt and, when more follow, where the next page starts.
+    pub fn logs_page(
+        &self,
+        uuid: JobId,
+        from: (u32, usize),
+        limit: usize,
+        budget: usize,
+    ) -> anyhow::Result<(Vec<(u32, Vec<LogLine>)>, Option<(u32, usize)>)> {
+        let t = self.trees()?;
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        let mut count = 0usize;
+        let range = result_key(uuid, from.0)..=result_key(uuid, u32::MAX);
+        for item in t.results.range(range) {
+            let (_, v) = item?;
+            let r: JobResult = serde_json::from_slice(&v)?;
+            let skip = if r.attempt == from.0 { from.1 } else { 0 };
+            let mut lines = Vec::new();
+            for (i, line) in r.logs.into_iter().enumerate().skip(skip) {
+                let size = serde_json::to_vec(&line)?.len().saturating_add(1);
+                if count >= limit || (count > 0 && used.saturating_add(size) > budget) {
+                    out.push((r.attempt, lines));
+                    return Ok((out, Some((r.attempt, i))));
+                }
+                let line = if size > budget {
+                    let whole = self.job_dir(uuid).join(format!("attempt-{}", r.attempt));
+                    cut_line(line, budget, &whole.join("logs.txt"))
+                } else {
+                    line
+                };
+                used = used.saturating_add(size.min(budget));
+                count += 1;
+                lines.push(line);
+            }
+            out.push((r.attempt, lines));
+        }
+        Ok((out, None))
+    }
+
     /// Newest jobs first, optionally only those in `state`.
     pub fn list(&self, state: Option<JobState>, limit: usize) -> anyhow::Result<Vec<JobRecord>> {
         let t = self.trees()?;
@@ -1447,5 +1561,85 @@ mod tests {
         let again = job_with_id("demo.echo");
         elsewhere.submit(again.clone()).await.expect("submits");
         assert_eq!(store.list(None, 10).expect("lists").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn pages_of_jobs_and_of_log_lines_hold_everything_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        for _ in 0..7 {
+            store
+                .submit(job_with_id("demo.echo"))
+                .await
+                .expect("submits");
+        }
+        let whole: Vec<JobId> = store
+            .list(None, 100)
+            .expect("lists")
+            .iter()
+            .map(|r| r.uuid)
+            .collect();
+        for (limit, budget, pages) in [(3, usize::MAX, 3), (100, 1, 7), (100, usize::MAX, 1)] {
+            let (mut seen, mut before, mut n) = (Vec::new(), None::<Vec<u8>>, 0);
+            loop {
+                let (page, next) = store
+                    .list_page(None, limit, before.as_deref(), budget)
+                    .expect("lists");
+                n += 1;
+                seen.extend(page.iter().map(|r| r.uuid));
+                match next {
+                    Some(next) => before = Some(next),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, whole, "limit {limit}, budget {budget}");
+            assert!(
+                n <= pages + 1,
+                "{n} pages for limit {limit}, budget {budget}"
+            );
+        }
+
+        let job = job_with_id("demo.log");
+        let uuid = job.uuid.expect("uuid");
+        let mut result = result_of(&job, 1, Status::Succeeded);
+        result.logs = (0..250)
+            .map(|i| LogLine {
+                time: Utc::now(),
+                level: Level::Info,
+                message: format!("line {i}"),
+            })
+            .collect();
+        result.logs[100].message = "x".repeat(100_000);
+        store.record(&result).expect("records");
+        let budget = 10_000;
+        let (mut lines, mut from, mut pages) = (Vec::new(), (0, 0), 0);
+        loop {
+            let (page, next) = store.logs_page(uuid, from, 60, budget).expect("reads");
+            pages += 1;
+            let size: usize = page
+                .iter()
+                .flat_map(|(_, l)| l)
+                .map(|l| serde_json::to_vec(l).expect("json").len())
+                .sum();
+            assert!(size <= budget, "a page of {size} bytes");
+            lines.extend(page.into_iter().flat_map(|(_, l)| l));
+            match next {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        assert!(pages >= 5, "{pages} pages");
+        assert_eq!(lines.len(), 250, "every line once");
+        assert_eq!(lines[99].message, "line 99");
+        assert_eq!(lines[249].message, "line 249");
+        let cut = &lines[100].message;
+        assert!(
+            cut.starts_with("xxx") && cut.contains("line cut after"),
+            "{cut:.80}"
+        );
+        assert!(
+            cut.contains("attempt-1/logs.txt"),
+            "says where the whole line is"
+        );
     }
 }

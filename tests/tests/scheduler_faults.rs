@@ -397,3 +397,132 @@ async fn a_full_disk_stops_intake_and_the_scheduler_resumes_by_itself() {
     assert_eq!(code, Some(0), "{record}");
     let _ = conn.close(200, "done".into()).await;
 }
+
+/// A succeeded result of a new job, as an agent would send it.
+fn forged_result(
+    output: serde_json::Value,
+    logs: Vec<rota_common::wire::LogLine>,
+) -> rota_common::wire::JobResult {
+    let uuid = JobId::random();
+    let mut job = rota_common::wire::Job::new("demo.echo", json!(null));
+    job.uuid = Some(uuid);
+    let now = chrono::Utc::now();
+    rota_common::wire::JobResult {
+        uuid,
+        attempt: 1,
+        work_type: "demo.echo".into(),
+        agent: rota_common::wire::AgentId::new("forger").expect("valid"),
+        worker: "w".into(),
+        status: rota_common::wire::Status::Succeeded,
+        error: None,
+        output,
+        logs,
+        logs_dropped: 0,
+        started_at: now,
+        finished_at: now,
+        job,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_and_logs_answer_in_pages_under_the_reply_budget_and_the_cli_shows_everything() {
+    const BUDGET: usize = 512 * 1024;
+    let sys = System::new().await;
+    let [addr] = free_addrs();
+    let _scheduler = sys.scheduler_with(&["--http-addr", &addr]);
+    sys.ready(true, &[]).await;
+    let (conn, ch) = raw_channel().await;
+    // One job with 3 MB of logs, and 300 with 4 KB outputs: 1.3 MB of records.
+    let lines: Vec<_> = (0..30_000)
+        .map(|i| rota_common::wire::LogLine {
+            time: chrono::Utc::now(),
+            level: rota_common::wire::Level::Info,
+            message: format!("line {i:06} {}", "z".repeat(80)),
+        })
+        .collect();
+    let talkative = forged_result(json!(null), lines);
+    let uuid = talkative.uuid;
+    let body = serde_json::to_vec(&talkative).expect("json");
+    publish(&ch, "", &sys.names.results(), &body).await;
+    for _ in 0..300 {
+        let r = forged_result(json!("y".repeat(4000)), Vec::new());
+        let body = serde_json::to_vec(&r).expect("json");
+        publish(&ch, "", &sys.names.results(), &body).await;
+    }
+    metrics_reach(
+        &addr,
+        &[(
+            r#"rota_jobs_recorded_total{type="demo.echo",status="succeeded"}"#.to_owned(),
+            301,
+        )],
+    )
+    .await;
+
+    // A client that does not follow pages gets the first page, bounded, and told where the
+    // rest is.
+    let size = |r: &RpcReply| serde_json::to_vec(r).expect("json").len();
+    let old_logs = RpcRequest::Logs {
+        uuid,
+        cursor: None,
+        limit: None,
+    };
+    let reply = sys.client.call(&old_logs).await.expect("logs");
+    assert!(size(&reply) <= BUDGET, "a reply of {} bytes", size(&reply));
+    let RpcReply::Logs { attempts, next, .. } = reply else {
+        panic!("logs");
+    };
+    assert!(next.is_some(), "more lines follow");
+    let last = attempts
+        .last()
+        .and_then(|a| a.lines.last())
+        .expect("a line");
+    assert!(
+        last.message.contains(&format!("scheduler logs {uuid}")),
+        "{}",
+        last.message
+    );
+    let old_list = RpcRequest::List {
+        state: None,
+        limit: Some(100_000),
+        cursor: None,
+    };
+    let reply = sys.client.call(&old_list).await.expect("list");
+    assert!(size(&reply) <= BUDGET, "a reply of {} bytes", size(&reply));
+    let RpcReply::Jobs { jobs, next } = reply else {
+        panic!("jobs");
+    };
+    assert!(jobs.len() < 301 && next.is_some(), "{} jobs", jobs.len());
+
+    // The CLI follows the pages: every line once, in order; every job once.
+    let out = sys.cli(&["logs", &uuid.to_string(), "--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let attempts: Vec<rota_common::wire::AttemptLogs> =
+        serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(
+        attempts[0].lines, talkative.logs,
+        "every line once, in order"
+    );
+    let out = sys.cli(&["list", "--limit", "1000", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jobs: Vec<rota_common::wire::JobRecord> =
+        serde_json::from_slice(&out.stdout).expect("json");
+    let distinct: std::collections::HashSet<_> = jobs.iter().map(|j| j.uuid).collect();
+    assert_eq!((jobs.len(), distinct.len()), (301, 301));
+    // The human form too.
+    let out = sys.cli(&["logs", &uuid.to_string()]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" line ")).count(),
+        30_000
+    );
+    let _ = conn.close(200, "done".into()).await;
+}
