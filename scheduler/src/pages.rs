@@ -32,7 +32,7 @@ pub fn list_cursor(key: &[u8]) -> String {
 
 pub fn parse_list_cursor(cursor: &str) -> Result<Vec<u8>, BadCursor> {
     let bad = || BadCursor(cursor.to_owned());
-    if cursor.len() % 2 != 0 || cursor.len() > 128 {
+    if !cursor.len().is_multiple_of(2) || cursor.len() > 128 {
         return Err(bad());
     }
     (0..cursor.len())

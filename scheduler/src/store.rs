@@ -269,6 +269,10 @@ fn id_from(bytes: &[u8]) -> Option<JobId> {
     uuid::Uuid::from_slice(bytes).ok().map(JobId)
 }
 
+/// A page of log lines by attempt, and where the next page starts (attempt, line) when
+/// more follow.
+pub type LogsPage = (Vec<(u32, Vec<LogLine>)>, Option<(u32, usize)>);
+
 /// What recording a result did.
 #[derive(Debug)]
 pub enum Recorded {
@@ -1051,7 +1055,7 @@ impl Store {
         from: (u32, usize),
         limit: usize,
         budget: usize,
-    ) -> anyhow::Result<(Vec<(u32, Vec<LogLine>)>, Option<(u32, usize)>)> {
+    ) -> anyhow::Result<LogsPage> {
         let t = self.trees()?;
         let mut out = Vec::new();
         let mut used = 0usize;
