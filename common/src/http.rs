@@ -2,9 +2,10 @@
 //! answers), `/readyz` (connected to RabbitMQ, and the daemon says it has started: store open,
 //! topology declared, consuming) and `/metrics` (Prometheus text format).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use anyhow::Context as _;
 use http_body_util::Full;
@@ -26,8 +27,9 @@ pub struct Health(Arc<HealthInner>);
 struct HealthInner {
     broker: OnceLock<Broker>,
     started: AtomicBool,
-    /// Why the daemon takes no work now although it is connected (e.g. its store cannot write).
-    blocked: std::sync::Mutex<Option<String>>,
+    /// Why the daemon is not ready though connected and started, by what says so (e.g. its
+    /// store when it cannot write).
+    unready: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Health {
@@ -41,25 +43,40 @@ impl Health {
         self.0.started.store(started, Ordering::Relaxed);
     }
 
-    /// Says why the daemon takes no work now (`None`: it does again). `/readyz` shows it.
-    pub fn blocked(&self, why: Option<String>) {
-        if let Ok(mut b) = self.0.blocked.lock() {
-            *b = why;
-        }
+    /// Marks the daemon not ready because of `what` (`Some(reason)`), or no longer because of
+    /// it (`None`).
+    pub fn unready(&self, what: &'static str, reason: Option<String>) {
+        let mut unready = self
+            .0
+            .unready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match reason {
+            Some(reason) => unready.insert(what, reason),
+            None => unready.remove(what),
+        };
     }
 
     /// Ready, or what is missing.
     pub fn check(&self) -> Result<(), String> {
-        let blocked = self.0.blocked.lock().ok().and_then(|b| b.clone());
         match self.0.broker.get() {
-            None => Err("not connected to RabbitMQ yet".into()),
+            None => return Err("not connected to RabbitMQ yet".into()),
             Some(b) if !b.is_connected() => {
-                Err("the connection to RabbitMQ is down; reconnecting".into())
+                return Err("the connection to RabbitMQ is down; reconnecting".into());
             }
             Some(_) if !self.0.started.load(Ordering::Relaxed) => {
-                Err("starting or stopping".into())
+                return Err("starting or stopping".into());
             }
-            Some(_) => blocked.map_or(Ok(()), Err),
+            Some(_) => {}
+        }
+        let unready = self
+            .0
+            .unready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match unready.iter().next() {
+            Some((what, reason)) => Err(format!("{what}: {reason}")),
+            None => Ok(()),
         }
     }
 }

@@ -563,14 +563,28 @@ pub enum RpcRequest {
     Status {
         uuid: JobId,
     },
+    /// The job's log lines, a page at a time (see `cursor`).
     Logs {
         uuid: JobId,
+        /// The `next` of the previous page; absent for the first page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<String>,
+        /// At most this many lines in the page. A request without `cursor` and `limit` (from
+        /// a client that does not follow pages) gets the first page with a last line saying
+        /// where the rest is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
     },
+    /// Jobs, newest first, a page at a time (see `cursor`).
     List {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         state: Option<JobState>,
+        /// At most this many jobs in the page.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
+        /// The `next` of the previous page; absent for the first page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<String>,
     },
     Agents,
     /// Stop a job: a running one ends `cancelled`, a queued or scheduled one is not run.
@@ -607,12 +621,20 @@ pub enum RpcReply {
     Job {
         job: Box<JobRecord>,
     },
+    /// A page of log lines (every reply stays under the scheduler's byte budget).
     Logs {
         uuid: JobId,
         attempts: Vec<AttemptLogs>,
+        /// Present when more lines follow: ask again with this as `cursor`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
+    /// A page of jobs (every reply stays under the scheduler's byte budget).
     Jobs {
         jobs: Vec<JobRecord>,
+        /// Present when more jobs follow: ask again with this as `cursor`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     Agents {
         agents: Vec<AgentInfo>,
@@ -829,6 +851,7 @@ mod tests {
         let req = RpcRequest::List {
             state: Some(JobState::TimedOut),
             limit: Some(5),
+            cursor: None,
         };
         let v = serde_json::to_value(&req).expect("serializes");
         assert_eq!(

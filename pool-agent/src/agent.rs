@@ -191,7 +191,7 @@ pub async fn run(
         let problem = store_problem.borrow_and_update().clone();
         if let Some(why) = problem {
             // The outbox cannot be written: take no more jobs (other agents can), until it can.
-            health.blocked(Some(why));
+            health.unready("outbox", Some(why));
             jobs.stop().await;
             requeue_all(jobs.drain()).await;
             tokio::select! {
@@ -199,7 +199,7 @@ pub async fn run(
                 _ = shutdown.cancelled() => break,
             }
             jobs = broker.consume(jobs_spec.clone()).await?;
-            health.blocked(None);
+            health.unready("outbox", None);
             info!("the outbox can be written again: taking jobs again");
             continue;
         }

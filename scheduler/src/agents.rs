@@ -2,7 +2,7 @@
 //! three missed intervals.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -24,14 +24,22 @@ pub struct Agents {
 }
 
 fn is_alive(s: &Seen) -> bool {
-    s.at.elapsed() < Duration::from_millis(s.heartbeat.interval_ms.max(1)) * MISSED
+    // The interval is the sender's word: a forged one (u64::MAX ms) must not overflow.
+    let window = Duration::from_millis(s.heartbeat.interval_ms.max(1))
+        .checked_mul(MISSED)
+        .unwrap_or(Duration::MAX);
+    s.at.elapsed() < window
 }
 
 impl Agents {
+    /// The parts seen. A panic elsewhere while it was held leaves the map whole (each change
+    /// is one insert), so a poisoned lock is taken as it is rather than ending the tracking.
+    fn seen(&self) -> MutexGuard<'_, BTreeMap<(String, String), Seen>> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn heard(&self, hb: Heartbeat) {
-        let Ok(mut seen) = self.seen.lock() else {
-            return;
-        };
+        let mut seen = self.seen();
         let key = (role_name(hb.role).to_owned(), hb.id.clone());
         let previous = seen
             .get(&key)
@@ -61,9 +69,7 @@ impl Agents {
 
     /// Logs each part that stopped sending heartbeats, once.
     pub fn check(&self) {
-        let Ok(mut seen) = self.seen.lock() else {
-            return;
-        };
+        let mut seen = self.seen();
         for ((role, id), s) in seen.iter_mut() {
             if !s.reported_lost && !is_alive(s) {
                 s.reported_lost = true;
@@ -74,10 +80,8 @@ impl Agents {
     }
 
     pub fn list(&self) -> Vec<AgentInfo> {
-        let Ok(seen) = self.seen.lock() else {
-            return Vec::new();
-        };
-        seen.values()
+        self.seen()
+            .values()
             .map(|s| AgentInfo {
                 alive: is_alive(s),
                 last_seen: s.at_utc,
@@ -91,5 +95,22 @@ fn role_name(role: Role) -> &'static str {
     match role {
         Role::Scheduler => "scheduler",
         Role::Agent => "agent",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forged_interval_does_not_overflow() {
+        let agents = Agents::default();
+        let mut hb = Heartbeat::starting(Role::Agent, "a1", Duration::from_secs(1));
+        hb.interval_ms = u64::MAX;
+        agents.heard(hb);
+        agents.check();
+        let seen = agents.list();
+        assert_eq!(seen.len(), 1);
+        assert!(seen[0].alive);
     }
 }

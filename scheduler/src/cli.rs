@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use rota_common::client::Client;
 use rota_common::config::{BrokerArgs, parse_duration};
 use rota_common::wire::{
-    AgentInfo, EventKind, Job, JobId, JobRecord, JobState, MissedPolicy, Role, RpcReply,
-    RpcRequest, ScheduleInfo, ScheduleSpec, Status,
+    AgentInfo, AttemptLogs, EventKind, Job, JobId, JobRecord, JobState, MissedPolicy, Role,
+    RpcReply, RpcRequest, ScheduleInfo, ScheduleSpec, Status,
 };
 use serde_json::Value;
 
@@ -232,10 +232,7 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
             ExitCode::SUCCESS
         }
         Command::Logs { uuid, json } => {
-            let RpcReply::Logs { attempts, .. } = client.call(&RpcRequest::Logs { uuid }).await?
-            else {
-                bail!("unexpected reply from the scheduler");
-            };
+            let attempts = all_logs(&client, uuid).await?;
             print(json, &attempts, || {
                 for a in &attempts {
                     println!("--- attempt {} ---", a.attempt);
@@ -249,15 +246,7 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
             limit,
             json,
         } => {
-            let RpcReply::Jobs { jobs } = client
-                .call(&RpcRequest::List {
-                    state: status,
-                    limit: Some(limit),
-                })
-                .await?
-            else {
-                bail!("unexpected reply from the scheduler");
-            };
+            let jobs = list(&client, status, limit).await?;
             print(json, &jobs, || print_jobs(&jobs))?;
             ExitCode::SUCCESS
         }
@@ -284,6 +273,62 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
     };
     client.close().await;
     Ok(code)
+}
+
+/// Log lines asked for per page (the scheduler also keeps each page under its byte budget).
+const LOG_PAGE: usize = 10_000;
+
+/// Every log line of job `uuid`, read page by page.
+async fn all_logs(client: &Client, uuid: JobId) -> anyhow::Result<Vec<AttemptLogs>> {
+    let mut all: Vec<AttemptLogs> = Vec::new();
+    let mut cursor = None;
+    loop {
+        let request = RpcRequest::Logs {
+            uuid,
+            cursor: cursor.take(),
+            limit: Some(LOG_PAGE),
+        };
+        let RpcReply::Logs { attempts, next, .. } = client.call(&request).await? else {
+            bail!("unexpected reply from the scheduler");
+        };
+        for page in attempts {
+            match all.last_mut() {
+                // An attempt whose lines span two pages.
+                Some(last) if last.attempt == page.attempt => last.lines.extend(page.lines),
+                _ => all.push(page),
+            }
+        }
+        match next {
+            Some(next) => cursor = Some(next),
+            None => return Ok(all),
+        }
+    }
+}
+
+/// Up to `limit` jobs, newest first, read page by page.
+async fn list(
+    client: &Client,
+    state: Option<JobState>,
+    limit: usize,
+) -> anyhow::Result<Vec<JobRecord>> {
+    let mut all = Vec::new();
+    let mut cursor = None;
+    while all.len() < limit {
+        let request = RpcRequest::List {
+            state,
+            limit: Some(limit - all.len()),
+            cursor: cursor.take(),
+        };
+        let RpcReply::Jobs { jobs, next } = client.call(&request).await? else {
+            bail!("unexpected reply from the scheduler");
+        };
+        all.extend(jobs);
+        match next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    Ok(all)
 }
 
 async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {

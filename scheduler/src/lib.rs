@@ -8,6 +8,8 @@ pub mod bench;
 pub mod cli;
 pub mod cron;
 pub mod demo;
+mod intake;
+pub mod pages;
 pub mod retries;
 pub mod schedules;
 pub mod server;

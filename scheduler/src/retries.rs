@@ -65,12 +65,12 @@ impl RetryPolicy {
         record.next_run_at = None;
         if !retryable(status) || record.cancel_requested {
             record.state = status.into();
-        } else if attempt < max {
+        } else if let Some(next) = attempt.checked_add(1).filter(|_| attempt < max) {
             let wait = chrono::Duration::from_std(self.delay(&record.job, attempt))
                 .unwrap_or_else(|_| chrono::Duration::hours(1));
             record.state = JobState::Scheduled;
-            record.next_run_at = Some(now + wait);
-            record.job.attempt = attempt + 1;
+            record.next_run_at = Some(now.checked_add_signed(wait).unwrap_or(now));
+            record.job.attempt = next;
         } else if max > 1 {
             record.state = JobState::Dead;
         } else {

@@ -17,6 +17,7 @@ use rota_common::Names;
 use rota_common::amqp::{
     Broker, BrokerError, ConsumeSpec, Consumer, Delivery, Props, QueueSpec, Startup, Topology,
 };
+use rota_common::backoff::Backoff;
 use rota_common::client::short_host;
 use rota_common::config::parse_duration;
 use rota_common::http::{self, Health};
@@ -33,9 +34,11 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::agents::Agents;
 use crate::archive;
 use crate::cron::CronExpr;
+use crate::intake::{self, Dropped, Input, Reason, Refused};
+use crate::pages;
 use crate::retries::RetryPolicy;
 use crate::schedules::{self, Plan};
-use crate::store::{Recorded, Store};
+use crate::store::{self, Recorded, Store};
 
 #[derive(Debug, Clone, Args)]
 pub struct SchedulerConfig {
@@ -82,6 +85,11 @@ pub struct SchedulerConfig {
     #[arg(long, env = "ROTA_PURGE_INTERVAL", value_parser = parse_duration, default_value = "1h")]
     pub purge_interval: Duration,
 
+    /// The largest RPC reply, in bytes: `list` and `logs` answer in pages under it, and a
+    /// larger answer is cut (with a mark saying where the rest is) or refused.
+    #[arg(long, env = "ROTA_RPC_REPLY_BUDGET", default_value_t = pages::DEFAULT_REPLY_BUDGET, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16 * 1024..))]
+    pub rpc_reply_budget: usize,
+
     /// The schedules of the config file (`[[schedule]]` tables); the file wins over what was
     /// changed over RPC at each start.
     #[arg(skip)]
@@ -102,6 +110,7 @@ impl Default for SchedulerConfig {
             schedule_grace: Duration::from_secs(10),
             retention: Duration::from_secs(30 * 24 * 3600),
             purge_interval: Duration::from_secs(3600),
+            rpc_reply_budget: pages::DEFAULT_REPLY_BUDGET,
             schedules: Vec::new(),
         }
     }
@@ -136,6 +145,7 @@ pub async fn run(
         "Jobs whose result the scheduler recorded, by work type and status",
         false,
     );
+    let dropped = Dropped::register(&metrics);
     let fires = Family::<ScheduleLabel, Counter>::default();
     metrics.register(
         "schedule_fires",
@@ -181,15 +191,13 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
     health.broker(&broker);
-    let results = match broker
-        .consume(ConsumeSpec {
-            queues: vec![names.results()],
-            tag: "scheduler-results".into(),
-            prefetch: cfg.results_prefetch,
-            exclusive: true,
-        })
-        .await
-    {
+    let results_spec = ConsumeSpec {
+        queues: vec![names.results()],
+        tag: "scheduler-results".into(),
+        prefetch: cfg.results_prefetch,
+        exclusive: true,
+    };
+    let results = match broker.consume(results_spec.clone()).await {
         Err(BrokerError::Locked { .. }) => bail!(
             "another scheduler is already running against namespace {:?} on this broker; stop it first \
              (one scheduler records the results of a namespace)",
@@ -204,8 +212,13 @@ pub async fn run(
         agents: Agents::default(),
         jobs,
         fires,
+        dropped,
         clock: tokio::sync::Notify::new(),
         grace: cfg.schedule_grace,
+        writable: tokio::sync::watch::Sender::new(true),
+        health: health.clone(),
+        stop: CancellationToken::new(),
+        reply_budget: cfg.rpc_reply_budget,
     });
     let alive = Gauge::<i64>::default();
     metrics.register(
@@ -232,14 +245,13 @@ pub async fn run(
             exclusive: false,
         })
         .await?;
-    let started = broker
-        .consume(ConsumeSpec {
-            queues: vec![events_queue],
-            tag: "scheduler-events".into(),
-            prefetch: 256,
-            exclusive: false,
-        })
-        .await?;
+    let started_spec = ConsumeSpec {
+        queues: vec![events_queue],
+        tag: "scheduler-events".into(),
+        prefetch: 256,
+        exclusive: false,
+    };
+    let started = broker.consume(started_spec.clone()).await?;
     let beats = broker
         .consume(ConsumeSpec {
             queues: vec![beats_queue],
@@ -249,13 +261,18 @@ pub async fn run(
         })
         .await?;
 
-    let stop = CancellationToken::new();
+    let stop = sched.stop.clone();
     let tasks = TaskTracker::new();
     let work = TaskTracker::new();
-    tasks.spawn(sched.clone().serve_results(results));
+    tasks.spawn(sched.clone().serve_results(results, results_spec));
     tasks.spawn(sched.clone().serve(rpc, work.clone(), Kind::Rpc));
-    tasks.spawn(sched.clone().serve(started, work.clone(), Kind::Started));
+    tasks.spawn(
+        sched
+            .clone()
+            .serve_writes(started, started_spec, work.clone()),
+    );
     tasks.spawn(sched.clone().serve(beats, work.clone(), Kind::Heartbeat));
+    tasks.spawn(sched.clone().recover());
     tasks.spawn(
         sched
             .clone()
@@ -287,6 +304,18 @@ pub async fn run(
     Ok(())
 }
 
+/// Whether answering `request` writes to the store (and so waits while it cannot).
+fn writes(request: &RpcRequest) -> bool {
+    !matches!(
+        request,
+        RpcRequest::Status { .. }
+            | RpcRequest::Logs { .. }
+            | RpcRequest::List { .. }
+            | RpcRequest::Agents
+            | RpcRequest::ScheduleList
+    )
+}
+
 /// The label of `rota_schedule_fires_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScheduleLabel {
@@ -299,7 +328,6 @@ const IN_FLIGHT: Duration = Duration::from_secs(30);
 #[derive(Clone, Copy)]
 enum Kind {
     Rpc,
-    Started,
     Heartbeat,
 }
 
@@ -312,10 +340,21 @@ struct Scheduler {
     jobs: JobCounter,
     /// Jobs submitted by each schedule, for the metrics.
     fires: Family<ScheduleLabel, Counter>,
+    /// Messages not taken, for the metrics.
+    dropped: Dropped,
     /// Wakes the clock: something was scheduled that may be due before its next wake-up.
     clock: tokio::sync::Notify,
     /// See `--schedule-grace`.
     grace: Duration,
+    /// Whether the store writes. While it does not, the inputs that need a write wait in
+    /// their queues (see [`Scheduler::halt`]) until a probe finds it writing again.
+    writable: tokio::sync::watch::Sender<bool>,
+    /// Says why `/readyz` fails while the store does not write.
+    health: Health,
+    /// Cancelled when the scheduler stops.
+    stop: CancellationToken,
+    /// See `--rpc-reply-budget`.
+    reply_budget: usize,
 }
 
 impl Scheduler {
@@ -327,59 +366,222 @@ impl Scheduler {
             work.spawn(async move {
                 match kind {
                     Kind::Rpc => me.on_rpc(d).await,
-                    Kind::Started => me.on_started(d).await,
                     Kind::Heartbeat => me.on_heartbeat(d).await,
                 }
             });
         }
     }
 
-    /// Records results in batches: each result in its own transaction, one flush for the
-    /// batch, then the files, acks, receipts and events. A flush costs the same for one result
-    /// as for hundreds, so batching is what makes recording fast.
-    async fn serve_results(self: Arc<Self>, mut consumer: Consumer) {
-        while let Some(first) = consumer.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < 512
-                && let Some(d) = consumer.try_recv()
-            {
-                batch.push(d);
+    /// Like [`Scheduler::serve`] for started events, which need a write: consumes them only
+    /// while the store writes.
+    async fn serve_writes(
+        self: Arc<Self>,
+        mut consumer: Consumer,
+        spec: ConsumeSpec,
+        work: TaskTracker,
+    ) {
+        loop {
+            loop {
+                let d = tokio::select! {
+                    d = consumer.recv() => d,
+                    _ = self.until(false) => break,
+                };
+                let Some(d) = d else { return };
+                let me = self.clone();
+                work.spawn(async move { me.on_started(d).await });
             }
-            self.record_batch(batch).await;
+            let Some(again) = self.pause_intake(consumer, Vec::new(), &spec).await else {
+                return;
+            };
+            consumer = again;
         }
     }
 
-    async fn record_batch(&self, batch: Vec<Delivery>) {
-        let mut recorded = Vec::with_capacity(batch.len());
-        for d in batch {
-            let result: JobResult = match serde_json::from_slice(&d.body) {
-                Ok(r) => r,
+    /// Records results in batches: each result in its own transaction, one flush for the
+    /// batch, then the files, acks, receipts and events. A flush costs the same for one result
+    /// as for hundreds, so batching is what makes recording fast. Takes none while the store
+    /// does not write.
+    async fn serve_results(self: Arc<Self>, mut consumer: Consumer, spec: ConsumeSpec) {
+        loop {
+            let unstored = loop {
+                let first = tokio::select! {
+                    d = consumer.recv() => d,
+                    _ = self.until(false) => break Vec::new(),
+                };
+                let Some(first) = first else { return };
+                let mut batch = vec![first];
+                while batch.len() < 512
+                    && let Some(d) = consumer.try_recv()
+                {
+                    batch.push(d);
+                }
+                let unstored = self.record_batch(batch).await;
+                if !unstored.is_empty() {
+                    break unstored;
+                }
+            };
+            let Some(again) = self.pause_intake(consumer, unstored, &spec).await else {
+                return;
+            };
+            consumer = again;
+        }
+    }
+
+    /// Stops `consumer` while the store does not write: the broker is told to send no more,
+    /// then `unstored` and whatever still arrives go back to the queue (after the stop, or
+    /// RabbitMQ would hand them straight back), and once the store writes again, consuming
+    /// starts anew. None when the scheduler stops meanwhile.
+    async fn pause_intake(
+        &self,
+        mut consumer: Consumer,
+        unstored: Vec<Delivery>,
+        spec: &ConsumeSpec,
+    ) -> Option<Consumer> {
+        consumer.stop().await;
+        for d in unstored {
+            d.requeue().await;
+        }
+        info!(queues = ?spec.queues, "not consuming until the store writes again");
+        loop {
+            tokio::select! {
+                d = consumer.recv() => match d {
+                    Some(d) => { d.requeue().await; }
+                    None => return None,
+                },
+                _ = self.until(true) => break,
+                _ = self.stop.cancelled() => return None,
+            }
+        }
+        let mut backoff = Backoff::for_connections();
+        loop {
+            match self.broker.consume(spec.clone()).await {
+                Ok(c) => {
+                    info!(queues = ?spec.queues, "consuming again");
+                    return Some(c);
+                }
                 Err(e) => {
-                    self.dead_letter(d, &format!("not a valid result: {e}"))
-                        .await;
+                    warn!(queues = ?spec.queues, error = %e, "cannot consume again; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = self.stop.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns once the store's writability is `writable` (never, once the flag is gone).
+    async fn until(&self, writable: bool) {
+        let mut rx = self.writable.subscribe();
+        if rx.wait_for(|w| *w == writable).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn is_writable(&self) -> bool {
+        *self.writable.borrow()
+    }
+
+    /// Takes note of a store error; true when it is the store failing to write, which halts
+    /// intake (see [`Scheduler::halt`]).
+    fn store_failed(&self, e: &anyhow::Error) -> bool {
+        let unwritable = store::is_unwritable(e);
+        if unwritable {
+            self.halt(&format!("{e:#}"));
+        }
+        unwritable
+    }
+
+    /// The store cannot write: results, started events, submissions and the clock wait
+    /// (nothing is acked that is not stored), `/readyz` says why, and [`Scheduler::recover`]
+    /// probes the store until it writes again.
+    fn halt(&self, reason: &str) {
+        let halted = self
+            .writable
+            .send_if_modified(|w| std::mem::replace(w, false));
+        if halted {
+            error!(
+                error = reason,
+                "the store cannot write: taking no results, submissions or started events until it can"
+            );
+            self.health.unready(
+                "store",
+                Some(format!(
+                    "the store cannot write ({reason}); results, submissions and started events wait in RabbitMQ until it can"
+                )),
+            );
+        }
+    }
+
+    /// While intake is halted, probes the store with a capped backoff and resumes intake
+    /// once it writes again.
+    async fn recover(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.until(false) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = self.stop.cancelled() => return,
+                }
+                match self.store.probe().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        warn!(error = %e, attempt = backoff.attempts(), "the store still cannot write")
+                    }
+                }
+            }
+            self.health.unready("store", None);
+            self.writable.send_replace(true);
+            info!("the store writes again: taking results, submissions and started events");
+            self.clock.notify_one();
+        }
+    }
+
+    /// Records a batch; returns the deliveries it could not store because the store does
+    /// not write (not acked: they go back to the queue once intake is paused).
+    async fn record_batch(&self, batch: Vec<Delivery>) -> Vec<Delivery> {
+        let mut recorded = Vec::with_capacity(batch.len());
+        let mut unstored = Vec::new();
+        for d in batch {
+            if !self.is_writable() {
+                unstored.push(d);
+                continue;
+            }
+            let result = match intake::result(&d.body) {
+                Ok(r) => r,
+                Err(refused) => {
+                    self.refuse(d, Input::Result, refused).await;
                     continue;
                 }
             };
             match self.store.record(&result) {
                 Ok(r) => recorded.push((d, result, r)),
+                Err(e) if self.store_failed(&e) => {
+                    warn!(job_id = %result.uuid, error = %e, "cannot record the result; it goes back to the queue");
+                    unstored.push(d);
+                }
                 Err(e) => {
-                    error!(job_id = %result.uuid, error = %e, "cannot record the result; it goes back to the queue");
-                    d.requeue().await;
+                    let refused = Refused::new(Reason::Unrecordable, format!("{e:#}"));
+                    self.refuse(d, Input::Result, refused).await;
                 }
             }
         }
         if let Err(e) = self.store.flush().await {
             error!(error = %e, "cannot flush the store; the results go back to the queue");
-            for (d, _, _) in recorded {
-                d.requeue().await;
-            }
-            return;
+            self.store_failed(&e);
+            unstored.extend(recorded.into_iter().map(|(d, _, _)| d));
+            return unstored;
         }
         let finish = recorded.into_iter().map(|(d, result, r)| {
             let span = info_span!("job", job_id = %result.uuid, r#type = %result.work_type, attempt = result.attempt);
             self.after_record(d, result, r).instrument(span)
         });
         futures::future::join_all(finish).await;
+        unstored
     }
 
     /// A recorded result: write its folder, ack it, receipt it, announce it.
@@ -472,47 +674,102 @@ impl Scheduler {
     }
 
     async fn on_started(&self, d: Delivery) {
-        match serde_json::from_slice::<Event>(&d.body) {
-            Ok(event) => {
-                let cancel = match self.store.started(&event) {
-                    Ok(record) => record.is_some_and(|r| r.cancel_requested && !r.state.is_final()),
-                    Err(e) => {
-                        error!(job_id = %event.uuid, error = %e, "cannot note a started job");
-                        false
-                    }
-                };
-                if cancel && let Err(e) = self.tell_agents_to_cancel(event.uuid).await {
-                    warn!(job_id = %event.uuid, error = %e, "cannot repeat a cancel request");
+        let event = match intake::started(&d.body) {
+            Ok(event) => event,
+            Err(refused) => {
+                // A notification: counted and dropped (the job's result still records it).
+                warn!(reason = %refused, "ignoring an event");
+                self.dropped.count(Input::Event, refused.reason);
+                d.ack().await;
+                return;
+            }
+        };
+        let cancel = loop {
+            if !self.is_writable() {
+                // Held unacked until the store writes again; when the scheduler stops first,
+                // it goes back to its queue with the connection.
+                tokio::select! {
+                    _ = self.until(true) => continue,
+                    _ = self.stop.cancelled() => return,
                 }
             }
-            Err(e) => warn!(error = %e, "ignoring an unreadable event"),
+            match self.store.started(&event) {
+                Ok(record) => {
+                    break record.is_some_and(|r| r.cancel_requested && !r.state.is_final());
+                }
+                Err(e) if self.store_failed(&e) => {}
+                Err(e) => {
+                    error!(job_id = %event.uuid, error = %e, "cannot note a started job");
+                    break false;
+                }
+            }
+        };
+        if cancel && let Err(e) = self.tell_agents_to_cancel(event.uuid).await {
+            warn!(job_id = %event.uuid, error = %e, "cannot repeat a cancel request");
         }
         d.ack().await;
     }
 
     async fn on_heartbeat(&self, d: Delivery) {
-        if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&d.body) {
-            self.agents.heard(hb);
+        match intake::heartbeat(&d.body) {
+            Ok(hb) => self.agents.heard(hb),
+            Err(refused) => {
+                warn!(reason = %refused, "ignoring a heartbeat");
+                self.dropped.count(Input::Heartbeat, refused.reason);
+            }
         }
         d.ack().await;
     }
 
     async fn on_rpc(&self, d: Delivery) {
-        let reply = match serde_json::from_slice::<RpcRequest>(&d.body) {
-            Ok(request) => self
-                .answer(request)
-                .await
-                .unwrap_or_else(|e| RpcReply::Error {
+        let request = match intake::rpc(&d.body) {
+            Ok(request) => request,
+            Err(refused) => {
+                // The caller hears why at once; the request is kept in the dead-letter queue.
+                let reply = RpcReply::Error {
+                    message: refused.to_string(),
+                };
+                self.reply(&d, &reply).await;
+                return self.refuse(d, Input::Rpc, refused).await;
+            }
+        };
+        let reply = if writes(&request) && !self.is_writable() {
+            RpcReply::Error {
+                message: "the scheduler's store cannot write (is its disk full?): nothing was \
+                          changed; try again once its /readyz answers 200"
+                    .into(),
+            }
+        } else {
+            self.answer(request).await.unwrap_or_else(|e| {
+                self.store_failed(&e);
+                RpcReply::Error {
                     message: format!("{e:#}"),
-                }),
-            Err(e) => RpcReply::Error {
-                message: format!("not a valid request: {e}"),
-            },
+                }
+            })
         };
         d.ack().await;
-        let (Some(reply_to), Ok(body)) = (d.reply_to.as_deref(), serde_json::to_vec(&reply)) else {
+        self.reply(&d, &reply).await;
+    }
+
+    async fn reply(&self, d: &Delivery, reply: &RpcReply) {
+        let (Some(reply_to), Ok(mut body)) = (d.reply_to.as_deref(), serde_json::to_vec(reply))
+        else {
             return;
         };
+        if body.len() > self.reply_budget {
+            // The pages and cuts keep replies small; this is the guarantee behind them.
+            let too_big = RpcReply::Error {
+                message: format!(
+                    "the reply would be {} bytes, over the scheduler's --rpc-reply-budget of {} bytes",
+                    body.len(),
+                    self.reply_budget
+                ),
+            };
+            let Ok(small) = serde_json::to_vec(&too_big) else {
+                return;
+            };
+            body = small;
+        }
         let props = Props {
             correlation_id: d.correlation_id.clone(),
             transient: true,
@@ -529,23 +786,67 @@ impl Scheduler {
             RpcRequest::Status { uuid } => {
                 let mut record = self.record_of(uuid)?;
                 record.children = self.store.children_of(uuid)?;
+                let budget = pages::content_budget(self.reply_budget);
                 RpcReply::Job {
-                    job: Box::new(record),
+                    job: Box::new(pages::fit_record(record, budget)),
                 }
             }
-            RpcRequest::Logs { uuid } => {
+            RpcRequest::Logs {
+                uuid,
+                cursor,
+                limit,
+            } => {
                 self.record_of(uuid)?;
-                let attempts = self
-                    .store
-                    .logs(uuid)?
+                let follows_pages = cursor.is_some() || limit.is_some();
+                let from = match &cursor {
+                    Some(c) => pages::parse_logs_cursor(c)?,
+                    None => (0, 0),
+                };
+                let budget = pages::content_budget(self.reply_budget);
+                let (pages, next) =
+                    self.store
+                        .logs_page(uuid, from, limit.unwrap_or(usize::MAX), budget)?;
+                let mut attempts: Vec<AttemptLogs> = pages
                     .into_iter()
                     .map(|(attempt, lines)| AttemptLogs { attempt, lines })
                     .collect();
-                RpcReply::Logs { uuid, attempts }
+                if next.is_some()
+                    && !follows_pages
+                    && let Some(last) = attempts.last_mut()
+                {
+                    let dir = self.store.job_dir(uuid);
+                    last.lines
+                        .push(pages::more_logs_line(uuid, self.reply_budget, &dir));
+                }
+                RpcReply::Logs {
+                    uuid,
+                    attempts,
+                    next: next.map(pages::logs_cursor),
+                }
             }
-            RpcRequest::List { state, limit } => RpcReply::Jobs {
-                jobs: self.store.list(state, limit.unwrap_or(50))?,
-            },
+            RpcRequest::List {
+                state,
+                limit,
+                cursor,
+            } => {
+                let before = cursor
+                    .as_deref()
+                    .map(pages::parse_list_cursor)
+                    .transpose()?;
+                let budget = pages::content_budget(self.reply_budget);
+                let (jobs, next) =
+                    self.store
+                        .list_page(state, limit.unwrap_or(50), before.as_deref(), budget)?;
+                // One record alone may be most of a page: its large parts stay in its files.
+                let jobs = jobs
+                    .into_iter()
+                    .map(|r| pages::fit_record(r, budget / 8))
+                    .collect();
+                RpcReply::Jobs {
+                    jobs,
+                    next: next.as_deref().map(pages::list_cursor),
+                }
+            }
             RpcRequest::Cancel { uuid } => RpcReply::Job {
                 job: Box::new(self.cancel(uuid).await?),
             },
@@ -712,10 +1013,18 @@ impl Scheduler {
     async fn clock(self: Arc<Self>, stop: CancellationToken) {
         const LONGEST_NAP: Duration = Duration::from_secs(60);
         loop {
+            if !self.is_writable() {
+                // Releasing and firing write to the store: they wait until it can.
+                tokio::select! {
+                    _ = self.until(true) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
             let now = Utc::now();
             let mut wake = match self.release_due(now).await {
                 Ok(next) => next,
                 Err(e) => {
+                    self.store_failed(&e);
                     error!(error = %e, "cannot queue the jobs whose time has come; trying again soon");
                     Some(now + chrono::Duration::seconds(1))
                 }
@@ -750,6 +1059,7 @@ impl Scheduler {
                 if let Some(record) = self.store.release(uuid, now).await? {
                     info!(job_id = %uuid, attempt = record.job.attempt, "its time has come: queueing it");
                     if let Err(e) = self.publish(&record).await {
+                        self.store_failed(&e);
                         warn!(job_id = %uuid, error = %e, "job not queued yet; trying again later");
                     }
                 }
@@ -799,11 +1109,13 @@ impl Scheduler {
                             if record.state == JobState::Queued
                                 && let Err(e) = self.publish(&record).await
                             {
+                                self.store_failed(&e);
                                 warn!(job_id = %record.uuid, error = %e, "job not queued yet; trying again later");
                             }
                         }
                     }
                     Err(e) => {
+                        self.store_failed(&e);
                         error!(schedule = %name, error = %e, "cannot fire the schedule; trying again soon");
                         earliest = Some(now + chrono::Duration::seconds(1));
                         continue;
@@ -864,6 +1176,12 @@ impl Scheduler {
     /// recorded, or an unfinished one with the same unique key, is returned as it is.
     async fn submit(&self, mut job: Job) -> anyhow::Result<JobRecord> {
         job.check().map_err(anyhow::Error::msg)?;
+        // The timers count nanoseconds in an i64: 1677 to 2262.
+        if let Some(at) = job.run_at
+            && at.timestamp_nanos_opt().is_none()
+        {
+            bail!("run_at {at} is out of range: use a time between the years 1678 and 2261");
+        }
         let uuid = *job.uuid.get_or_insert_with(JobId::random);
         let (record, new) = self.store.submit(job).await?;
         if new && record.state == JobState::Scheduled {
@@ -879,7 +1197,12 @@ impl Scheduler {
     }
 
     /// Publishes a recorded job to its queue (declaring the queue the first time), confirmed.
-    async fn publish(&self, record: &JobRecord) -> anyhow::Result<()> {
+    /// Only the pass that claims the attempt publishes it: returns false, publishing nothing,
+    /// when another pass holds it or it was published meanwhile.
+    async fn publish(&self, record: &JobRecord) -> anyhow::Result<bool> {
+        let Some(claim) = self.store.claim(record.uuid, record.job.attempt)? else {
+            return Ok(false);
+        };
         let queue = record.job.queue_name();
         let mut t = Topology::default();
         t.jobs_queue(&self.names, queue);
@@ -893,19 +1216,17 @@ impl Scheduler {
         self.broker
             .publish(&self.names.jobs_exchange(), queue, &body, &props)
             .await?;
-        self.store.published(record.uuid)?;
-        Ok(())
+        self.store.published(&claim)?;
+        Ok(true)
     }
 
     /// Publishes the jobs recorded but never confirmed (after a crash or outage) that were
-    /// recorded at least `min_age` ago (younger ones may still be on their way).
+    /// handed over to be published at least `min_age` ago (younger ones may still be on their
+    /// way) and that no other pass is publishing.
     async fn publish_unpublished(&self, min_age: Duration) {
         let cutoff = Utc::now() - chrono::Duration::from_std(min_age).unwrap_or_default();
-        let pending = match self.store.unpublished() {
-            Ok(p) => p
-                .into_iter()
-                .filter(|r| r.created_at <= cutoff)
-                .collect::<Vec<_>>(),
+        let pending = match self.store.republishable(cutoff) {
+            Ok(p) => p,
             Err(e) => return error!(error = %e, "cannot read the jobs waiting to be queued"),
         };
         if pending.is_empty() {
@@ -917,6 +1238,7 @@ impl Scheduler {
         );
         for record in pending {
             if let Err(e) = self.publish(&record).await {
+                self.store_failed(&e);
                 warn!(job_id = %record.uuid, error = %e, "job not queued yet; trying again later");
             }
         }
@@ -938,8 +1260,9 @@ impl Scheduler {
                 _ = check.tick() => self.agents.check(),
                 _ = requeue.tick() => self.publish_unpublished(IN_FLIGHT).await,
                 _ = self.broker.reconnected() => self.publish_unpublished(IN_FLIGHT).await,
-                _ = purge.tick(), if !retention.is_zero() => {
+                _ = purge.tick(), if !retention.is_zero() && self.is_writable() => {
                     if let Err(e) = self.purge(retention).await {
+                        self.store_failed(&e);
                         error!(error = %e, "cannot remove old finished jobs; trying again at the next purge");
                     }
                 }
@@ -971,6 +1294,12 @@ impl Scheduler {
                 "removed finished jobs past their retention"
             );
         }
+    }
+
+    /// A message not taken: counted, and kept in the dead-letter queue with its reason.
+    async fn refuse(&self, d: Delivery, input: Input, refused: Refused) {
+        self.dropped.count(input, refused.reason);
+        self.dead_letter(d, &refused.to_string()).await;
     }
 
     async fn dead_letter(&self, d: Delivery, reason: &str) {

@@ -5,7 +5,10 @@
 //! Recording a result checks whether that run was recorded already, so whatever arrives twice
 //! is recorded once; the other changes that span trees are sled transactions.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -20,13 +23,26 @@ use crate::retries::RetryPolicy;
 
 #[derive(Clone)]
 pub struct Store {
-    /// Flushes the database for every writer at once.
-    durable: GroupCommit,
+    /// The open database, swapped for a fresh one by [`Store::reopen`] (None meanwhile).
+    db: Arc<RwLock<Option<Arc<Trees>>>>,
+    /// Where the database lives (`<dir>/store`).
+    path: PathBuf,
+    /// Where each job's folder goes.
+    work_root: PathBuf,
+    /// How failed jobs are retried.
+    policy: RetryPolicy,
+    /// The attempts being published right now, each by the one pass that claimed it.
+    publishing: Arc<Mutex<HashSet<(JobId, u32)>>>,
+}
+
+/// The trees of one open database.
+struct Trees {
     /// uuid → JobRecord
     jobs: sled::Tree,
     /// uuid + attempt → JobResult
     results: sled::Tree,
-    /// uuid → () for jobs recorded but not yet confirmed by the broker
+    /// uuid → the attempt waiting to be published and since when ([`pending`]), for jobs
+    /// recorded but not yet confirmed by the broker (an empty value: written by an older version)
     unpublished: sled::Tree,
     /// created-at (ns, big-endian) + uuid → () for listing newest first
     by_time: sled::Tree,
@@ -38,10 +54,84 @@ pub struct Store {
     children: sled::Tree,
     /// name → ScheduleInfo
     schedules: sled::Tree,
-    /// Where each job's folder goes.
-    work_root: PathBuf,
-    /// How failed jobs are retried.
-    policy: RetryPolicy,
+    /// One key, rewritten by [`Store::probe`] to learn whether the store writes again.
+    probe: sled::Tree,
+    /// Flushes the database for every writer at once; last, so that the trees are gone when
+    /// its thread, which owns the database, ends.
+    durable: GroupCommit,
+}
+
+impl Trees {
+    fn open(path: &Path) -> anyhow::Result<Self> {
+        // No background flusher: the group commit flushes what must be durable, and without that
+        // thread the database closes (and unlocks) as soon as it is dropped.
+        let db = sled::Config::new().path(path).flush_every_ms(None).open().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the scheduler's store {}: {e} (is another scheduler using this --data-dir?)",
+                path.display()
+            )
+        })?;
+        Ok(Self {
+            jobs: db.open_tree("jobs")?,
+            results: db.open_tree("results")?,
+            unpublished: db.open_tree("unpublished")?,
+            by_time: db.open_tree("by_time")?,
+            timers: db.open_tree("timers")?,
+            unique: db.open_tree("unique")?,
+            children: db.open_tree("children")?,
+            schedules: db.open_tree("schedules")?,
+            probe: db.open_tree("probe")?,
+            durable: GroupCommit::start("store", move || {
+                db.flush().map(|_| ()).map_err(|e| e.to_string())
+            })?,
+        })
+    }
+}
+
+/// The right to publish one attempt of a job, held by one pass at a time (the clock, a
+/// submission, a retry by hand or the republish of unconfirmed jobs), so that no two of them
+/// publish it; let go when dropped, whether the publish worked or not.
+#[derive(Debug)]
+pub struct PublishClaim {
+    uuid: JobId,
+    attempt: u32,
+    publishing: Arc<Mutex<HashSet<(JobId, u32)>>>,
+}
+
+impl Drop for PublishClaim {
+    fn drop(&mut self) {
+        self.publishing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(self.uuid, self.attempt));
+    }
+}
+
+/// The value of an `unpublished` entry: the attempt to publish, and when it was handed over
+/// to be published (not the job's creation: a retry is handed over long after that).
+fn pending(attempt: u32, since: DateTime<Utc>) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&attempt.to_be_bytes());
+    v[4..].copy_from_slice(
+        &since
+            .timestamp_nanos_opt()
+            .unwrap_or_default()
+            .to_be_bytes(),
+    );
+    v
+}
+
+/// Reads a [`pending`] value; None for the empty values of older versions.
+fn read_pending(v: &[u8]) -> Option<(u32, DateTime<Utc>)> {
+    let attempt = u32::from_be_bytes(v.get(..4)?.try_into().ok()?);
+    let nanos = i64::from_be_bytes(v.get(4..12)?.try_into().ok()?);
+    Some((attempt, DateTime::from_timestamp_nanos(nanos)))
+}
+
+/// Whether an `unpublished` entry is the one of `attempt` (an entry of an older version
+/// names none and counts for any).
+fn pending_is(v: &[u8], attempt: u32) -> bool {
+    read_pending(v).is_none_or(|(a, _)| a == attempt)
 }
 
 /// The trees a new job goes into, inside a transaction.
@@ -79,7 +169,8 @@ impl NewJobTx<'_> {
             }
             _ => {
                 fresh.state = JobState::Queued;
-                self.unpublished.insert(uuid.as_bytes(), &[])?;
+                self.unpublished
+                    .insert(uuid.as_bytes(), &pending(fresh.job.attempt, now))?;
             }
         }
         self.jobs.insert(uuid.as_bytes(), encode(&fresh)?)?;
@@ -94,6 +185,62 @@ impl NewJobTx<'_> {
         Ok((fresh, true))
     }
 }
+
+/// A store failure that its callers decide on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A write or a flush did not reach the disk (full, read-only, failing): the same write
+    /// fails again until something changes outside, so input that needs a write must wait.
+    #[error("the store cannot write: {0}")]
+    Unwritable(String),
+}
+
+/// Whether `e` is the store failing to write (as opposed to refusing what it was given),
+/// judged by the error's types along its chain.
+pub fn is_unwritable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<StoreError>(),
+            Some(StoreError::Unwritable(_))
+        ) || matches!(
+            cause.downcast_ref::<sled::Error>(),
+            Some(sled::Error::Io(_))
+        )
+    })
+}
+
+/// A log line too long for a reply, cut to fit `budget` bytes, with a mark that says so and
+/// where the whole line is.
+fn cut_line(mut line: LogLine, budget: usize, whole: &Path) -> LogLine {
+    let total = line.message.len();
+    // Escaping may make the JSON up to six times the text: cut until it fits.
+    let mut keep = budget / 2;
+    loop {
+        let mut end = keep.min(total);
+        while !line.message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut message = line.message[..end].to_owned();
+        message.push_str(&format!(
+            " … [rota: line cut after {end} of {total} bytes to fit the reply; the whole line is in {}]",
+            whole.display()
+        ));
+        let fits = serde_json::to_vec(&LogLine {
+            message: message.clone(),
+            ..line.clone()
+        })
+        .map_or(true, |v| v.len() < budget);
+        if fits || keep == 0 {
+            line.message = message;
+            return line;
+        }
+        keep /= 2;
+    }
+}
+
+/// What [`Store::probe`] writes beside the database to learn whether the disk has room: a
+/// sled log segment (512 KiB) and some.
+const PROBE_BYTES: usize = 1024 * 1024;
 
 type Tx<T> = Result<T, ConflictableTransactionError<anyhow::Error>>;
 
@@ -121,6 +268,10 @@ fn pair_key(a: JobId, b: JobId) -> [u8; 32] {
 fn id_from(bytes: &[u8]) -> Option<JobId> {
     uuid::Uuid::from_slice(bytes).ok().map(JobId)
 }
+
+/// A page of log lines by attempt, and where the next page starts (attempt, line) when
+/// more follow.
+pub type LogsPage = (Vec<(u32, Vec<LogLine>)>, Option<(u32, usize)>);
 
 /// What recording a result did.
 #[derive(Debug)]
@@ -169,29 +320,25 @@ impl Store {
     /// Opens the store in `dir` (`dir/store`, job folders in `dir/work`).
     pub fn open(dir: &Path, policy: RetryPolicy) -> anyhow::Result<Self> {
         let path = dir.join("store");
-        // No background flusher: the group commit flushes what must be durable, and without that
-        // thread the database closes (and unlocks) as soon as it is dropped.
-        let db = sled::Config::new().path(&path).flush_every_ms(None).open().map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the scheduler's store {}: {e} (is another scheduler using this --data-dir?)",
-                path.display()
-            )
-        })?;
+        let trees = Trees::open(&path)?;
         Ok(Self {
-            jobs: db.open_tree("jobs")?,
-            results: db.open_tree("results")?,
-            unpublished: db.open_tree("unpublished")?,
-            by_time: db.open_tree("by_time")?,
-            timers: db.open_tree("timers")?,
-            unique: db.open_tree("unique")?,
-            children: db.open_tree("children")?,
-            schedules: db.open_tree("schedules")?,
+            db: Arc::new(RwLock::new(Some(Arc::new(trees)))),
+            path,
             work_root: dir.join("work"),
             policy,
-            durable: GroupCommit::start("store", move || {
-                db.flush().map(|_| ()).map_err(|e| e.to_string())
-            })?,
+            publishing: Arc::default(),
         })
+    }
+
+    /// The open database's trees.
+    fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        self.db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unwritable("the store is closed until it writes again".into())
+            })
     }
 
     /// The folder of one job.
@@ -219,16 +366,17 @@ impl Store {
     /// when its `run_at` is ahead. Returns the existing record instead if the uuid is known or
     /// an unfinished job holds its unique key, and whether it is new.
     pub async fn submit(&self, job: Job) -> anyhow::Result<(JobRecord, bool)> {
+        let t = self.trees()?;
         let uuid = job.uuid.context("a submitted job needs its uuid")?;
         let fresh = self.new_record(job, uuid, JobState::Queued);
         let now = Utc::now();
         let r = (
-            &self.jobs,
-            &self.unpublished,
-            &self.by_time,
-            &self.unique,
-            &self.timers,
-            &self.children,
+            &t.jobs,
+            &t.unpublished,
+            &t.by_time,
+            &t.unique,
+            &t.timers,
+            &t.children,
         )
             .transaction(|(jobs, unpublished, by_time, unique, timers, children)| {
                 let tx = NewJobTx {
@@ -258,17 +406,18 @@ impl Store {
         through: DateTime<Utc>,
         next: Option<DateTime<Utc>>,
     ) -> anyhow::Result<Vec<JobRecord>> {
+        let t = self.trees()?;
         let now = Utc::now();
         let fresh: Vec<(DateTime<Utc>, JobId)> =
             instants.iter().map(|at| (*at, JobId::random())).collect();
         let r = (
-            &self.schedules,
-            &self.jobs,
-            &self.unpublished,
-            &self.by_time,
-            &self.unique,
-            &self.timers,
-            &self.children,
+            &t.schedules,
+            &t.jobs,
+            &t.unpublished,
+            &t.by_time,
+            &t.unique,
+            &t.timers,
+            &t.children,
         )
             .transaction(
                 |(schedules, jobs, unpublished, by_time, unique, timers, children)| {
@@ -315,9 +464,10 @@ impl Store {
 
     /// The held jobs whose time has come (at most `limit`), oldest first.
     pub fn due(&self, now: DateTime<Utc>, limit: usize) -> anyhow::Result<Vec<JobId>> {
+        let t = self.trees()?;
         let end = timer_key(now, JobId(uuid::Uuid::max()));
         let mut out = Vec::new();
-        for key in self.timers.range(..=end).keys().take(limit) {
+        for key in t.timers.range(..=end).keys().take(limit) {
             let key = key?;
             out.extend(id_from(&key[8..]));
         }
@@ -326,7 +476,8 @@ impl Store {
 
     /// When the next held job is due.
     pub fn next_due(&self) -> anyhow::Result<Option<DateTime<Utc>>> {
-        Ok(self.timers.first()?.map(|(key, _)| {
+        let t = self.trees()?;
+        Ok(t.timers.first()?.map(|(key, _)| {
             let mut nanos = [0u8; 8];
             nanos.copy_from_slice(&key[..8]);
             DateTime::from_timestamp_nanos(i64::from_be_bytes(nanos))
@@ -340,7 +491,8 @@ impl Store {
         uuid: JobId,
         now: DateTime<Utc>,
     ) -> anyhow::Result<Option<JobRecord>> {
-        let r = (&self.jobs, &self.unpublished).transaction(|(jobs, unpublished)| {
+        let t = self.trees()?;
+        let r = (&t.jobs, &t.unpublished).transaction(|(jobs, unpublished)| {
             let Some(bytes) = jobs.get(uuid.as_bytes())? else {
                 return Ok(None);
             };
@@ -354,13 +506,13 @@ impl Store {
             record.next_run_at = None;
             record.updated_at = now;
             jobs.insert(uuid.as_bytes(), encode(&record)?)?;
-            unpublished.insert(uuid.as_bytes(), &[])?;
+            unpublished.insert(uuid.as_bytes(), &pending(record.job.attempt, now))?;
             Ok(Some(record))
         });
         let out = flatten(r)?;
         // The job's due timers go (a job held for later keeps its later one).
         let end = timer_key(now, JobId(uuid::Uuid::max()));
-        let due: Vec<_> = self
+        let due: Vec<_> = t
             .timers
             .range(..=end)
             .keys()
@@ -368,7 +520,7 @@ impl Store {
             .filter(|k| id_from(&k[8..]) == Some(uuid))
             .collect();
         for key in due {
-            self.timers.remove(key)?;
+            t.timers.remove(key)?;
         }
         self.flush().await?;
         Ok(out)
@@ -377,7 +529,8 @@ impl Store {
     /// Cancels a job held in `scheduled`: it ends `cancelled` without running. Returns None
     /// if the job is not held (then agents must be told).
     pub async fn cancel_scheduled(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
-        let r = (&self.jobs, &self.timers, &self.unique).transaction(|(jobs, timers, unique)| {
+        let t = self.trees()?;
+        let r = (&t.jobs, &t.timers, &t.unique).transaction(|(jobs, timers, unique)| {
             let Some(bytes) = jobs.get(uuid.as_bytes())? else {
                 return Ok(None);
             };
@@ -408,46 +561,53 @@ impl Store {
 
     /// Queues a job that ended without success once more, as its next attempt.
     pub async fn retry(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
-        let r = (&self.jobs, &self.unpublished, &self.unique).transaction(
-            |(jobs, unpublished, unique)| {
-                let Some(bytes) = jobs.get(uuid.as_bytes())? else {
-                    return refuse(format!("no job {uuid} is recorded"));
-                };
-                let mut record: JobRecord = decode(&bytes)?;
-                if !record.state.is_final() {
-                    return refuse(format!(
-                        "job {uuid} is {}, not over: there is nothing to retry yet",
-                        record.state
-                    ));
-                }
-                if record.state == JobState::Succeeded {
-                    return refuse(format!(
-                        "job {uuid} succeeded: there is nothing to retry (submit it again instead)"
-                    ));
-                }
-                let last = record.attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
-                record.job.attempt = last.max(record.job.attempt) + 1;
-                record.state = JobState::Queued;
-                record.cancel_requested = false;
-                record.next_run_at = None;
-                record.updated_at = Utc::now();
-                if let Some(key) = &record.job.unique_key {
-                    let free = match unique.get(key.as_bytes())? {
+        let t = self.trees()?;
+        let r = (&t.jobs, &t.unpublished, &t.unique).transaction(|(jobs, unpublished, unique)| {
+            let Some(bytes) = jobs.get(uuid.as_bytes())? else {
+                return refuse(format!("no job {uuid} is recorded"));
+            };
+            let mut record: JobRecord = decode(&bytes)?;
+            if !record.state.is_final() {
+                return refuse(format!(
+                    "job {uuid} is {}, not over: there is nothing to retry yet",
+                    record.state
+                ));
+            }
+            if record.state == JobState::Succeeded {
+                return refuse(format!(
+                    "job {uuid} succeeded: there is nothing to retry (submit it again instead)"
+                ));
+            }
+            let last = record.attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
+            let Some(next) = last.max(record.job.attempt).checked_add(1) else {
+                return refuse(format!(
+                    "job {uuid} has used every attempt number: submit it again instead"
+                ));
+            };
+            record.job.attempt = next;
+            record.state = JobState::Queued;
+            record.cancel_requested = false;
+            record.next_run_at = None;
+            record.updated_at = Utc::now();
+            if let Some(key) = &record.job.unique_key {
+                let free = match unique.get(key.as_bytes())? {
+                    None => true,
+                    Some(holder) => match jobs.get(&holder)? {
+                        Some(b) => decode::<JobRecord>(&b)?.state.is_final(),
                         None => true,
-                        Some(holder) => match jobs.get(&holder)? {
-                            Some(b) => decode::<JobRecord>(&b)?.state.is_final(),
-                            None => true,
-                        },
-                    };
-                    if free {
-                        unique.insert(key.as_bytes(), uuid.as_bytes())?;
-                    }
+                    },
+                };
+                if free {
+                    unique.insert(key.as_bytes(), uuid.as_bytes())?;
                 }
-                jobs.insert(uuid.as_bytes(), encode(&record)?)?;
-                unpublished.insert(uuid.as_bytes(), &[])?;
-                Ok(record)
-            },
-        );
+            }
+            jobs.insert(uuid.as_bytes(), encode(&record)?)?;
+            unpublished.insert(
+                uuid.as_bytes(),
+                &pending(record.job.attempt, record.updated_at),
+            )?;
+            Ok(record)
+        });
         let out = flatten(r)?;
         self.flush().await?;
         Ok(out)
@@ -455,8 +615,9 @@ impl Store {
 
     /// The jobs that `parent`'s Work submitted.
     pub fn children_of(&self, parent: JobId) -> anyhow::Result<Vec<JobId>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for key in self.children.scan_prefix(parent.as_bytes()).keys() {
+        for key in t.children.scan_prefix(parent.as_bytes()).keys() {
             out.extend(id_from(&key?[16..]));
         }
         Ok(out)
@@ -464,7 +625,8 @@ impl Store {
 
     /// Every schedule, by name.
     pub fn schedules(&self) -> anyhow::Result<Vec<ScheduleInfo>> {
-        self.schedules
+        let t = self.trees()?;
+        t.schedules
             .iter()
             .values()
             .map(|v| Ok(serde_json::from_slice(&v?)?))
@@ -472,7 +634,8 @@ impl Store {
     }
 
     pub fn schedule(&self, name: &str) -> anyhow::Result<Option<ScheduleInfo>> {
-        match self.schedules.get(name.as_bytes())? {
+        let t = self.trees()?;
+        match t.schedules.get(name.as_bytes())? {
             Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
             None => Ok(None),
         }
@@ -485,7 +648,8 @@ impl Store {
         name: &str,
         change: impl Fn(Option<ScheduleInfo>) -> Result<Option<ScheduleInfo>, String>,
     ) -> anyhow::Result<Option<ScheduleInfo>> {
-        let r = self.schedules.transaction(|schedules| {
+        let t = self.trees()?;
+        let r = t.schedules.transaction(|schedules| {
             let old = match schedules.get(name.as_bytes())? {
                 Some(b) => Some(decode::<ScheduleInfo>(&b)?),
                 None => None,
@@ -511,10 +675,11 @@ impl Store {
     /// index entries (at most `limit` jobs). Returns their folders, to delete once the store
     /// is flushed. Nothing that is not over is touched.
     pub fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> anyhow::Result<Vec<PathBuf>> {
+        let t = self.trees()?;
         // Created before the cutoff is necessary (a record changes only after it is created).
         let end = timer_key(cutoff, JobId(uuid::Uuid::nil()));
         let mut dirs = Vec::new();
-        for key in self.by_time.range(..end).keys() {
+        for key in t.by_time.range(..end).keys() {
             if dirs.len() >= limit {
                 break;
             }
@@ -526,43 +691,121 @@ impl Store {
                 if !record.state.is_final() || record.updated_at >= cutoff {
                     continue;
                 }
-                for k in self.results.scan_prefix(uuid.as_bytes()).keys() {
-                    self.results.remove(k?)?;
+                for k in t.results.scan_prefix(uuid.as_bytes()).keys() {
+                    t.results.remove(k?)?;
                 }
-                for k in self.children.scan_prefix(uuid.as_bytes()).keys() {
-                    self.children.remove(k?)?;
+                for k in t.children.scan_prefix(uuid.as_bytes()).keys() {
+                    t.children.remove(k?)?;
                 }
                 if let Some(parent) = record.job.parent {
-                    self.children.remove(pair_key(parent, uuid))?;
+                    t.children.remove(pair_key(parent, uuid))?;
                 }
                 if let Some(unique) = &record.job.unique_key {
-                    let _ = self.unique.compare_and_swap(
+                    let _ = t.unique.compare_and_swap(
                         unique.as_bytes(),
                         Some(uuid.as_bytes().as_slice()),
                         None as Option<&[u8]>,
                     )?;
                 }
-                self.unpublished.remove(uuid.as_bytes())?;
-                self.jobs.remove(uuid.as_bytes())?;
+                t.unpublished.remove(uuid.as_bytes())?;
+                t.jobs.remove(uuid.as_bytes())?;
             }
             // Last, so that a purge cut short by a crash is found and finished next time.
-            self.by_time.remove(&key)?;
+            t.by_time.remove(&key)?;
             dirs.push(self.job_dir(uuid));
         }
         Ok(dirs)
     }
 
-    /// The broker confirmed the job: it no longer needs publishing.
-    pub fn published(&self, uuid: JobId) -> anyhow::Result<()> {
-        self.unpublished.remove(uuid.as_bytes())?;
-        Ok(())
+    /// Claims the publish of attempt `attempt` of job `uuid`: None when another pass holds
+    /// it, or when that attempt no longer waits to be published (published meanwhile, or
+    /// superseded). Only the holder of the claim publishes.
+    pub fn claim(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<PublishClaim>> {
+        let t = self.trees()?;
+        // Held across the check and the insert (no await inside): two passes cannot both
+        // find the attempt waiting and unclaimed.
+        let mut held = self
+            .publishing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if held.contains(&(uuid, attempt)) {
+            return Ok(None);
+        }
+        let waiting = t
+            .unpublished
+            .get(uuid.as_bytes())?
+            .is_some_and(|v| pending_is(&v, attempt));
+        if !waiting {
+            return Ok(None);
+        }
+        held.insert((uuid, attempt));
+        Ok(Some(PublishClaim {
+            uuid,
+            attempt,
+            publishing: self.publishing.clone(),
+        }))
+    }
+
+    /// The broker confirmed the claimed attempt: it no longer needs publishing (a later
+    /// attempt that waits meanwhile stays waiting).
+    pub fn published(&self, claim: &PublishClaim) -> anyhow::Result<()> {
+        self.clear_pending(claim.uuid, |attempt| attempt == claim.attempt)
+    }
+
+    /// Removes the `unpublished` entry of `uuid` if the attempt it names passes `which`.
+    fn clear_pending(&self, uuid: JobId, which: impl Fn(u32) -> bool) -> anyhow::Result<()> {
+        let t = self.trees()?;
+        loop {
+            let Some(old) = t.unpublished.get(uuid.as_bytes())? else {
+                return Ok(());
+            };
+            if read_pending(&old).is_some_and(|(attempt, _)| !which(attempt)) {
+                return Ok(());
+            }
+            let swapped = t.unpublished.compare_and_swap(
+                uuid.as_bytes(),
+                Some(old),
+                None as Option<&[u8]>,
+            )?;
+            if swapped.is_ok() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The jobs the republish pass should queue: recorded but not confirmed, handed over to
+    /// be published before `cutoff`, and not being published by another pass right now.
+    pub fn republishable(&self, cutoff: DateTime<Utc>) -> anyhow::Result<Vec<JobRecord>> {
+        let t = self.trees()?;
+        let mut out = Vec::new();
+        for item in t.unpublished.iter() {
+            let (key, value) = item?;
+            let Some(uuid) = id_from(&key) else {
+                continue;
+            };
+            let Some(record) = self.get(uuid)? else {
+                continue;
+            };
+            let (attempt, since) =
+                read_pending(&value).unwrap_or((record.job.attempt, record.updated_at));
+            let claimed = self
+                .publishing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&(uuid, attempt));
+            if since <= cutoff && !claimed && record.job.attempt == attempt {
+                out.push(record);
+            }
+        }
+        Ok(out)
     }
 
     /// Jobs recorded but not confirmed by the broker (to publish after a crash or outage).
     pub fn unpublished(&self) -> anyhow::Result<Vec<JobRecord>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for key in self.unpublished.iter().keys() {
-            if let Some(bytes) = self.jobs.get(key?)? {
+        for key in t.unpublished.iter().keys() {
+            if let Some(bytes) = t.jobs.get(key?)? {
                 out.push(serde_json::from_slice(&bytes)?);
             }
         }
@@ -577,7 +820,8 @@ impl Store {
         fresh: &JobRecord,
         change: impl Fn(&mut JobRecord) -> bool,
     ) -> anyhow::Result<JobRecord> {
-        let after = self.jobs.update_and_fetch(uuid.as_bytes(), |old| {
+        let t = self.trees()?;
+        let after = t.jobs.update_and_fetch(uuid.as_bytes(), |old| {
             let mut record = match old.map(serde_json::from_slice::<JobRecord>) {
                 Some(Ok(r)) => r,
                 Some(Err(_)) => return old.map(<[u8]>::to_vec), // unreadable: leave it
@@ -594,7 +838,7 @@ impl Store {
         let record: JobRecord = serde_json::from_slice(&after.context("the record vanished")?)?;
         // Every time, not only when created: a crash between the two writes must not leave a
         // record that `list` cannot find (the key never changes, so this is idempotent).
-        self.by_time.insert(time_key(&record), &[])?;
+        t.by_time.insert(time_key(&record), &[])?;
         Ok(record)
     }
 
@@ -637,8 +881,9 @@ impl Store {
     /// wins; the job's record is then brought in line with the winner. A crash in between
     /// is mended when the result comes again (the agent resends until receipted).
     pub fn record(&self, result: &JobResult) -> anyhow::Result<Recorded> {
+        let t = self.trees()?;
         let key = result_key(result.uuid, result.attempt);
-        let won = self
+        let won = t
             .results
             .compare_and_swap(
                 key,
@@ -687,8 +932,9 @@ impl Store {
             true
         })?;
         self.keep_indexes_in_line(&record)?;
-        // It ran, so it was published, whatever the broker's confirm said.
-        self.unpublished.remove(result.uuid.as_bytes())?;
+        // It ran, so it was published, whatever the broker's confirm said (a later attempt
+        // that waits to be published still does).
+        self.clear_pending(result.uuid, |attempt| attempt <= result.attempt)?;
         Ok(if won {
             Recorded::New(Box::new(record))
         } else {
@@ -700,15 +946,16 @@ impl Store {
     /// gives back its unique key. Idempotent, so a crash between the record and its indexes is
     /// mended when the result comes again.
     fn keep_indexes_in_line(&self, record: &JobRecord) -> anyhow::Result<()> {
+        let t = self.trees()?;
         if record.state == JobState::Scheduled
             && let Some(at) = record.next_run_at
         {
-            self.timers.insert(timer_key(at, record.uuid), &[])?;
+            t.timers.insert(timer_key(at, record.uuid), &[])?;
         }
         if record.state.is_final()
             && let Some(key) = &record.job.unique_key
         {
-            let _ = self.unique.compare_and_swap(
+            let _ = t.unique.compare_and_swap(
                 key.as_bytes(),
                 Some(record.uuid.as_bytes().as_slice()),
                 None as Option<&[u8]>,
@@ -727,7 +974,8 @@ impl Store {
     }
 
     pub fn get(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
-        match self.jobs.get(uuid.as_bytes())? {
+        let t = self.trees()?;
+        match t.jobs.get(uuid.as_bytes())? {
             Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
             None => Ok(None),
         }
@@ -735,7 +983,8 @@ impl Store {
 
     /// The recorded result of one run.
     pub fn result(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<JobResult>> {
-        match self.results.get(result_key(uuid, attempt))? {
+        let t = self.trees()?;
+        match t.results.get(result_key(uuid, attempt))? {
             Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
             None => Ok(None),
         }
@@ -743,8 +992,9 @@ impl Store {
 
     /// The log lines of every recorded run of a job.
     pub fn logs(&self, uuid: JobId) -> anyhow::Result<Vec<(u32, Vec<LogLine>)>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for item in self.results.scan_prefix(uuid.as_bytes()) {
+        for item in t.results.scan_prefix(uuid.as_bytes()) {
             let (_, v) = item?;
             let r: JobResult = serde_json::from_slice(&v)?;
             out.push((r.attempt, r.logs));
@@ -752,15 +1002,101 @@ impl Store {
         Ok(out)
     }
 
+    /// A page of jobs, newest first, optionally only those in `state`: those listed before
+    /// the by-time key `before` (from the start when None), at most `limit` of them and no
+    /// more stored bytes than `budget` (but at least one). Returns the page and, when more
+    /// may follow, the key to continue before.
+    pub fn list_page(
+        &self,
+        state: Option<JobState>,
+        limit: usize,
+        before: Option<&[u8]>,
+        budget: usize,
+    ) -> anyhow::Result<(Vec<JobRecord>, Option<Vec<u8>>)> {
+        let t = self.trees()?;
+        let keys = match before {
+            Some(key) => t.by_time.range(..key),
+            None => t.by_time.iter(),
+        };
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        let mut last: Option<Vec<u8>> = None;
+        for key in keys.keys().rev() {
+            let key = key?;
+            if out.len() >= limit {
+                return Ok((out, last));
+            }
+            let Some(bytes) = t.jobs.get(key.get(8..).unwrap_or_default())? else {
+                continue;
+            };
+            let record: JobRecord = serde_json::from_slice(&bytes)?;
+            if state.is_some_and(|s| s != record.state) {
+                last = Some(key.to_vec());
+                continue;
+            }
+            let size = bytes.len().saturating_add(1);
+            if !out.is_empty() && used.saturating_add(size) > budget {
+                return Ok((out, last));
+            }
+            used = used.saturating_add(size);
+            out.push(record);
+            last = Some(key.to_vec());
+        }
+        Ok((out, None))
+    }
+
+    /// A page of the log lines of job `uuid`, from line `from.1` of attempt `from.0` on: at
+    /// most `limit` lines and about `budget` bytes of them (but at least one line; a line
+    /// alone over the budget is cut, with a mark that says where the whole line is).
+    /// Returns the lines by attempt and, when more follow, where the next page starts.
+    pub fn logs_page(
+        &self,
+        uuid: JobId,
+        from: (u32, usize),
+        limit: usize,
+        budget: usize,
+    ) -> anyhow::Result<LogsPage> {
+        let t = self.trees()?;
+        let mut out = Vec::new();
+        let mut used = 0usize;
+        let mut count = 0usize;
+        let range = result_key(uuid, from.0)..=result_key(uuid, u32::MAX);
+        for item in t.results.range(range) {
+            let (_, v) = item?;
+            let r: JobResult = serde_json::from_slice(&v)?;
+            let skip = if r.attempt == from.0 { from.1 } else { 0 };
+            let mut lines = Vec::new();
+            for (i, line) in r.logs.into_iter().enumerate().skip(skip) {
+                let size = serde_json::to_vec(&line)?.len().saturating_add(1);
+                if count >= limit || (count > 0 && used.saturating_add(size) > budget) {
+                    out.push((r.attempt, lines));
+                    return Ok((out, Some((r.attempt, i))));
+                }
+                let line = if size > budget {
+                    let whole = self.job_dir(uuid).join(format!("attempt-{}", r.attempt));
+                    cut_line(line, budget, &whole.join("logs.txt"))
+                } else {
+                    line
+                };
+                used = used.saturating_add(size.min(budget));
+                count += 1;
+                lines.push(line);
+            }
+            out.push((r.attempt, lines));
+        }
+        Ok((out, None))
+    }
+
     /// Newest jobs first, optionally only those in `state`.
     pub fn list(&self, state: Option<JobState>, limit: usize) -> anyhow::Result<Vec<JobRecord>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for key in self.by_time.iter().keys().rev() {
+        for key in t.by_time.iter().keys().rev() {
             if out.len() >= limit {
                 break;
             }
             let key = key?;
-            let Some(bytes) = self.jobs.get(&key[8..])? else {
+            let Some(bytes) = t.jobs.get(&key[8..])? else {
                 continue;
             };
             let record: JobRecord = serde_json::from_slice(&bytes)?;
@@ -772,19 +1108,86 @@ impl Store {
     }
 
     pub fn len(&self) -> usize {
-        self.jobs.len()
+        self.trees().map_or(0, |t| t.jobs.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
+        self.len() == 0
+    }
+
+    /// Closes the database and opens it again from disk. Needed after a write failed: sled
+    /// then refuses every later write (its I/O error sticks), and what it holds in memory
+    /// may not be on disk; the database read back holds exactly what is, as after a crash.
+    pub async fn reopen(&self) -> Result<(), StoreError> {
+        let old = self
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut old) = old {
+            // Callers hold the trees for one operation; a failing disk makes those quick.
+            for _ in 0..100 {
+                match Arc::try_unwrap(old) {
+                    Ok(trees) => {
+                        // Joins the flushing thread: not on the runtime.
+                        let _ = tokio::task::spawn_blocking(move || drop(trees)).await;
+                        break;
+                    }
+                    Err(shared) => {
+                        old = shared;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+        let path = self.path.clone();
+        let trees = tokio::task::spawn_blocking(move || Trees::open(&path))
+            .await
+            .map_err(|e| StoreError::Unwritable(format!("cannot reopen the store: {e}")))?
+            .map_err(|e| StoreError::Unwritable(format!("{e:#}")))?;
+        *self.db.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(trees));
+        Ok(())
+    }
+
+    /// Whether the store writes again: a space check beside the database, then the database
+    /// reopened (see [`Store::reopen`]) and one small write made durable.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        // A sled log segment's worth of bytes must fit, or reopening only fails again.
+        let room = self.path.with_extension("probe");
+        let fits = tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            let written = std::fs::File::create(&room).and_then(|mut f| {
+                f.write_all(&vec![0u8; PROBE_BYTES])?;
+                f.sync_data()
+            });
+            let _ = std::fs::remove_file(&room);
+            written
+        })
+        .await
+        .map_err(|e| StoreError::Unwritable(e.to_string()))?;
+        fits.map_err(|e| StoreError::Unwritable(format!("no room beside the store: {e}")))?;
+        self.reopen().await?;
+        let t = self.trees()?;
+        let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        t.probe
+            .insert("probe", &now.to_be_bytes())
+            .map_err(|e| StoreError::Unwritable(e.to_string()))?;
+        drop(t);
+        self.flush()
+            .await
+            .map_err(|e| match e.downcast::<StoreError>() {
+                Ok(e) => e,
+                Err(e) => StoreError::Unwritable(format!("{e:#}")),
+            })
     }
 
     /// Waits until every earlier write is on disk.
     pub async fn flush(&self) -> anyhow::Result<()> {
-        self.durable
+        let t = self.trees()?;
+        t.durable
             .commit()
             .await
-            .map_err(|e| anyhow::anyhow!("cannot flush the store: {e}"))
+            .map_err(|e| StoreError::Unwritable(format!("cannot flush the store: {e}")).into())
     }
 }
 
@@ -1055,5 +1458,192 @@ mod tests {
             .expect("records");
         let err = store.retry(uuid).await.expect_err("succeeded");
         assert!(err.to_string().contains("succeeded"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_retry_released_by_the_clock_is_not_offered_to_the_republish_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let job = job_with_id("demo.fail");
+        let uuid = job.uuid.expect("uuid");
+        store.submit(job.clone()).await.expect("submits");
+        let first = store.claim(uuid, 1).expect("reads").expect("waits");
+        store.published(&first).expect("confirmed");
+        drop(first);
+        store
+            .record(&result_of(&job, 1, Status::Failed))
+            .expect("records");
+        // The retry comes due long after the job was created; the clock releases it.
+        let later = Utc::now() + chrono::Duration::hours(2);
+        let released = store
+            .release(uuid, later)
+            .await
+            .expect("releases")
+            .expect("due");
+        assert_eq!(released.job.attempt, 2);
+        // The republish pass runs a moment later, with its 30 s margin for publishes on
+        // their way: attempt 2 was handed to the clock's publish only now, so it is not
+        // the pass's to publish (the job's creation time is old, which must not matter).
+        let pass = later + chrono::Duration::seconds(1) - chrono::Duration::seconds(30);
+        assert!(
+            store.republishable(pass).expect("reads").is_empty(),
+            "the republish pass would publish attempt 2 a second time"
+        );
+        // Whatever the timing, one pass at a time holds the attempt: the clock claims it,
+        // and the pass, run later while the clock still publishes, gets nothing.
+        let clock = store.claim(uuid, 2).expect("reads").expect("waits");
+        let much_later = later + chrono::Duration::hours(1);
+        assert!(store.republishable(much_later).expect("reads").is_empty());
+        assert!(store.claim(uuid, 2).expect("reads").is_none());
+        // A late confirm of attempt 1 does not clear attempt 2.
+        let stale = PublishClaim {
+            uuid,
+            attempt: 1,
+            publishing: Arc::default(),
+        };
+        store.published(&stale).expect("no-op");
+        assert_eq!(store.unpublished().expect("reads").len(), 1);
+        // The clock's publish is confirmed: nobody publishes attempt 2 again.
+        store.published(&clock).expect("confirmed");
+        drop(clock);
+        assert!(store.republishable(much_later).expect("reads").is_empty());
+        assert!(store.claim(uuid, 2).expect("reads").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_publish_that_failed_is_left_to_the_republish_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let job = job_with_id("demo.echo");
+        let uuid = job.uuid.expect("uuid");
+        store.submit(job.clone()).await.expect("submits");
+        let submit = store.claim(uuid, 1).expect("reads").expect("waits");
+        // The submission's publish fails: its claim goes, the job still waits.
+        drop(submit);
+        let pass = Utc::now() + chrono::Duration::minutes(1);
+        let offered = store.republishable(pass).expect("reads");
+        assert_eq!(offered.len(), 1);
+        let retry = store.claim(uuid, 1).expect("reads").expect("waits");
+        store.published(&retry).expect("confirmed");
+        drop(retry);
+        assert!(store.republishable(pass).expect("reads").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_last_attempt_number_cannot_be_retried_and_does_not_overflow() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let mut job = job_with_id("demo.fail");
+        job.attempt = u32::MAX;
+        job.max_attempts = Some(u32::MAX);
+        let uuid = job.uuid.expect("uuid");
+        let recorded = store
+            .record(&result_of(&job, u32::MAX, Status::Failed))
+            .expect("records");
+        let Recorded::New(record) = recorded else {
+            panic!("a first result is new");
+        };
+        assert_eq!(record.state, JobState::Dead, "no attempt follows the last");
+        let err = store
+            .retry(uuid)
+            .await
+            .expect_err("no attempt number is left");
+        assert!(err.to_string().contains("every attempt number"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_reopened_store_holds_what_was_flushed_and_writes_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let job = job_with_id("demo.echo");
+        let uuid = job.uuid.expect("uuid");
+        store.submit(job).await.expect("submits");
+        // A clone held elsewhere (as the server's tasks do) sees the reopened database too.
+        let elsewhere = store.clone();
+        store.probe().await.expect("writes");
+        assert!(elsewhere.get(uuid).expect("reads").is_some());
+        let again = job_with_id("demo.echo");
+        elsewhere.submit(again.clone()).await.expect("submits");
+        assert_eq!(store.list(None, 10).expect("lists").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn pages_of_jobs_and_of_log_lines_hold_everything_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        for _ in 0..7 {
+            store
+                .submit(job_with_id("demo.echo"))
+                .await
+                .expect("submits");
+        }
+        let whole: Vec<JobId> = store
+            .list(None, 100)
+            .expect("lists")
+            .iter()
+            .map(|r| r.uuid)
+            .collect();
+        for (limit, budget, pages) in [(3, usize::MAX, 3), (100, 1, 7), (100, usize::MAX, 1)] {
+            let (mut seen, mut before, mut n) = (Vec::new(), None::<Vec<u8>>, 0);
+            loop {
+                let (page, next) = store
+                    .list_page(None, limit, before.as_deref(), budget)
+                    .expect("lists");
+                n += 1;
+                seen.extend(page.iter().map(|r| r.uuid));
+                match next {
+                    Some(next) => before = Some(next),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, whole, "limit {limit}, budget {budget}");
+            assert!(
+                n <= pages + 1,
+                "{n} pages for limit {limit}, budget {budget}"
+            );
+        }
+
+        let job = job_with_id("demo.log");
+        let uuid = job.uuid.expect("uuid");
+        let mut result = result_of(&job, 1, Status::Succeeded);
+        result.logs = (0..250)
+            .map(|i| LogLine {
+                time: Utc::now(),
+                level: Level::Info,
+                message: format!("line {i}"),
+            })
+            .collect();
+        result.logs[100].message = "x".repeat(100_000);
+        store.record(&result).expect("records");
+        let budget = 10_000;
+        let (mut lines, mut from, mut pages) = (Vec::new(), (0, 0), 0);
+        loop {
+            let (page, next) = store.logs_page(uuid, from, 60, budget).expect("reads");
+            pages += 1;
+            let size: usize = page
+                .iter()
+                .flat_map(|(_, l)| l)
+                .map(|l| serde_json::to_vec(l).expect("json").len())
+                .sum();
+            assert!(size <= budget, "a page of {size} bytes");
+            lines.extend(page.into_iter().flat_map(|(_, l)| l));
+            match next {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        assert!(pages >= 5, "{pages} pages");
+        assert_eq!(lines.len(), 250, "every line once");
+        assert_eq!(lines[99].message, "line 99");
+        assert_eq!(lines[249].message, "line 249");
+        let cut = &lines[100].message;
+        assert!(
+            cut.starts_with("xxx") && cut.contains("line cut after"),
+            "{cut:.80}"
+        );
+        assert!(
+            cut.contains("attempt-1/logs.txt"),
+            "says where the whole line is"
+        );
     }
 }

@@ -187,11 +187,7 @@ impl System {
                 hb.running.is_empty() && hb.unreceipted == 0
             })
             .await;
-            let request = RpcRequest::List {
-                state: None,
-                limit: Some(ids.len() + 10_000),
-            };
-            let Ok(RpcReply::Jobs { jobs }) = self.client.call(&request).await else {
+            let Ok(jobs) = self.list_all(None).await else {
                 continue;
             };
             let done = jobs
@@ -540,4 +536,31 @@ pub fn tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| {
             panic!("{name} is missing: run deploy/setup.sh tools (it installs the test tools into .venv)")
         })
+}
+
+impl System {
+    /// Every recorded job (only those in `state`, if given), newest first: the scheduler
+    /// answers `list` a page at a time; this follows the pages.
+    pub async fn list_all(
+        &self,
+        state: Option<rota_common::wire::JobState>,
+    ) -> anyhow::Result<Vec<rota_common::wire::JobRecord>> {
+        let mut all = Vec::new();
+        let mut cursor = None;
+        loop {
+            let request = RpcRequest::List {
+                state,
+                limit: Some(usize::MAX),
+                cursor: cursor.take(),
+            };
+            let RpcReply::Jobs { jobs, next } = self.client.call(&request).await? else {
+                bail!("not a list of jobs");
+            };
+            all.extend(jobs);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
 }

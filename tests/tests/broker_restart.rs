@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rota_tests::wire::{EventKind, Job, JobId, JobState, Role, RpcReply, RpcRequest};
+use rota_tests::wire::{EventKind, Job, JobId, JobState, Role};
 use rota_tests::{System, free_addrs, http_get, probe_until, within};
 use serde_json::json;
 
@@ -75,17 +75,7 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
         sys.settled(&mut beats, "r1", &ids),
     )
     .await;
-    let RpcReply::Jobs { jobs } = sys
-        .client
-        .call(&RpcRequest::List {
-            state: None,
-            limit: Some(10_000),
-        })
-        .await
-        .expect("list")
-    else {
-        panic!("wrong reply")
-    };
+    let jobs = sys.list_all(None).await.expect("list");
     let recorded: HashSet<JobId> = jobs.iter().map(|j| j.uuid).collect();
     assert_eq!(recorded, ids, "every job recorded, none extra");
     for j in &jobs {

@@ -17,17 +17,9 @@ use serde_json::json;
 const MINUTE: Duration = Duration::from_secs(60);
 
 async fn all_records(sys: &System) -> Vec<JobRecord> {
-    match sys
-        .client
-        .call(&RpcRequest::List {
-            state: None,
-            limit: Some(100_000),
-        })
-        .await
-        .expect("list")
-    {
-        RpcReply::Jobs { jobs } => jobs,
-        other => panic!("wrong reply {other:?}"),
+    match sys.list_all(None).await {
+        Ok(jobs) => jobs,
+        Err(e) => panic!("cannot list the jobs: {e:#}"),
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rota_tests::wire::{Attempt, EventKind, Job, JobState, Role, RpcReply, RpcRequest, Status};
+use rota_tests::wire::{Attempt, EventKind, Job, JobState, Role, Status};
 use rota_tests::{System, amqp_url, within, worker_location_flags};
 use serde_json::json;
 
@@ -524,14 +524,8 @@ async fn a_pool_keeps_min_warm_and_never_exceeds_max() {
             );
             busiest = busiest.max(pool.busy);
             if hb.running.is_empty() && hb.unreceipted == 0 && busiest > 0 {
-                let done = sys
-                    .client
-                    .call(&RpcRequest::List {
-                        state: Some(JobState::Succeeded),
-                        limit: Some(100),
-                    })
-                    .await;
-                if matches!(done, Ok(RpcReply::Jobs { jobs }) if jobs.len() == ids.len()) {
+                let done = sys.list_all(Some(JobState::Succeeded)).await;
+                if matches!(done, Ok(jobs) if jobs.len() == ids.len()) {
                     break;
                 }
             }

@@ -53,17 +53,7 @@ async fn a_thousand_jobs_are_each_recorded_exactly_once_with_their_logs() {
     )
     .await;
 
-    let RpcReply::Jobs { jobs } = sys
-        .client
-        .call(&RpcRequest::List {
-            state: None,
-            limit: Some(5000),
-        })
-        .await
-        .expect("list")
-    else {
-        panic!("wrong reply")
-    };
+    let jobs = sys.list_all(None).await.expect("list");
     assert_eq!(jobs.len(), n, "one record per job");
     for record in &jobs {
         assert!(ids.contains(&record.uuid));
@@ -88,7 +78,11 @@ async fn a_thousand_jobs_are_each_recorded_exactly_once_with_their_logs() {
     let some = jobs[0].uuid;
     let RpcReply::Logs { attempts, .. } = sys
         .client
-        .call(&RpcRequest::Logs { uuid: some })
+        .call(&RpcRequest::Logs {
+            uuid: some,
+            cursor: None,
+            limit: None,
+        })
         .await
         .expect("logs")
     else {

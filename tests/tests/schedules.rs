@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rota_tests::wire::{EventKind, JobRecord, JobState, RpcReply, RpcRequest, ScheduleInfo};
+use rota_tests::wire::{EventKind, JobRecord, JobState, ScheduleInfo};
 use rota_tests::{System, event_of, within};
 use serde_json::{Value, json};
 
@@ -27,11 +27,7 @@ async fn cli_json(sys: &System, args: &[&str]) -> Value {
 
 /// Every recorded job that schedule `name` fired, by fire time.
 async fn fired_by(sys: &System, name: &str) -> Vec<JobRecord> {
-    let request = RpcRequest::List {
-        state: None,
-        limit: Some(100_000),
-    };
-    let Ok(RpcReply::Jobs { jobs }) = sys.client.call(&request).await else {
+    let Ok(jobs) = sys.list_all(None).await else {
         panic!("cannot list the jobs");
     };
     let mut jobs: Vec<JobRecord> = jobs

@@ -1,0 +1,249 @@
+//! What the scheduler takes in from RabbitMQ (results, RPC requests, started events,
+//! heartbeats), read defensively: each body becomes its typed message or a [`Refused`] with a
+//! typed [`Reason`], never a panic; and every refusal is counted per input and reason in
+//! `rota_scheduler_dropped_total{input, reason}`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use rota_common::metrics::Metrics;
+use rota_common::wire::{Event, EventKind, Heartbeat, JobResult, RpcRequest};
+use serde::de::DeserializeOwned;
+
+/// The largest heartbeat read: a real one is a few KiB (its running list is bounded by the
+/// pool sizes); anything bigger is forged or broken.
+pub const MAX_HEARTBEAT_BYTES: usize = 256 * 1024;
+
+/// Where a message came in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Input {
+    Result,
+    Rpc,
+    Event,
+    Heartbeat,
+}
+
+impl Input {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Input::Result => "result",
+            Input::Rpc => "rpc",
+            Input::Event => "event",
+            Input::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+/// Why a message was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Not the JSON of the message that this input carries.
+    Unreadable,
+    /// Readable, but a value is out of range or contradicts another.
+    Invalid,
+    /// Larger than any real message of this input.
+    TooLarge,
+    /// Readable, but the store refused it for a reason that retrying does not change.
+    Unrecordable,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unreadable => "unreadable",
+            Reason::Invalid => "invalid",
+            Reason::TooLarge => "too_large",
+            Reason::Unrecordable => "unrecordable",
+        }
+    }
+}
+
+/// A message that is not taken, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {message}", reason.as_str())]
+pub struct Refused {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Refused {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The label of `rota_scheduler_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DroppedLabel {
+    input: &'static str,
+    reason: &'static str,
+}
+
+/// Counts the messages the scheduler did not take.
+#[derive(Clone, Default)]
+pub struct Dropped(Family<DroppedLabel, Counter>);
+
+impl Dropped {
+    pub fn register(metrics: &Metrics) -> Self {
+        let dropped = Self::default();
+        metrics.register(
+            "scheduler_dropped",
+            "Messages the scheduler did not take (dead-lettered results and RPC requests, \
+             ignored events and heartbeats), by input and reason",
+            dropped.0.clone(),
+        );
+        dropped
+    }
+
+    pub fn count(&self, input: Input, reason: Reason) {
+        self.0
+            .get_or_create(&DroppedLabel {
+                input: input.as_str(),
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+}
+
+fn json<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Refused> {
+    serde_json::from_slice(body)
+        .map_err(|e| Refused::new(Reason::Unreadable, format!("not a valid {what}: {e}")))
+}
+
+/// A result from an agent. Its job may fail the job checks (a `rejected` result carries the
+/// job that was refused), but it must be about the job it names.
+pub fn result(body: &[u8]) -> Result<JobResult, Refused> {
+    let result: JobResult = json(body, "result")?;
+    if let Some(uuid) = result.job.uuid
+        && uuid != result.uuid
+    {
+        return Err(Refused::new(
+            Reason::Invalid,
+            format!(
+                "the result names job {} but carries job {uuid}",
+                result.uuid
+            ),
+        ));
+    }
+    Ok(result)
+}
+
+/// A request on the RPC queue (what it asks is checked where it is answered).
+pub fn rpc(body: &[u8]) -> Result<RpcRequest, Refused> {
+    json(body, "request")
+}
+
+/// A `job.started` event: it may create the job's record, so its job must be one that could
+/// have been submitted.
+pub fn started(body: &[u8]) -> Result<Event, Refused> {
+    let event: Event = json(body, "event")?;
+    if event.event != EventKind::Started {
+        return Err(Refused::new(
+            Reason::Invalid,
+            format!(
+                "a {} event on the queue of started events",
+                event.event.as_str()
+            ),
+        ));
+    }
+    if let Some(job) = &event.job {
+        job.check()
+            .map_err(|e| Refused::new(Reason::Invalid, format!("the event's job: {e}")))?;
+        if job.uuid.is_some_and(|u| u != event.uuid) {
+            return Err(Refused::new(
+                Reason::Invalid,
+                "the event names another job than the one it carries",
+            ));
+        }
+    }
+    Ok(event)
+}
+
+/// A heartbeat of any part.
+pub fn heartbeat(body: &[u8]) -> Result<Heartbeat, Refused> {
+    if body.len() > MAX_HEARTBEAT_BYTES {
+        return Err(Refused::new(
+            Reason::TooLarge,
+            format!(
+                "a heartbeat of {} bytes (the limit is {MAX_HEARTBEAT_BYTES})",
+                body.len()
+            ),
+        ));
+    }
+    json(body, "heartbeat")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_and_forgeries_are_refused_with_their_reason() {
+        let uuid = uuid::Uuid::new_v4();
+        let other = uuid::Uuid::new_v4();
+        let now = "2026-11-29T12:00:00Z";
+        let result = |job_uuid: uuid::Uuid, attempt: &str| {
+            format!(
+                r#"{{"uuid":"{uuid}","attempt":{attempt},"type":"demo.echo","agent":"a1","worker":"w",
+                "status":"succeeded","started_at":"{now}","finished_at":"{now}",
+                "job":{{"type":"demo.echo","uuid":"{job_uuid}"}}}}"#
+            )
+        };
+        assert_eq!(
+            super::result(b"\xff\x00").map_err(|e| e.reason).err(),
+            Some(Reason::Unreadable)
+        );
+        assert_eq!(
+            super::result(result(uuid, "4294967296").as_bytes())
+                .map_err(|e| e.reason)
+                .err(),
+            Some(Reason::Unreadable),
+            "an attempt past u32"
+        );
+        assert_eq!(
+            super::result(result(other, "1").as_bytes())
+                .map_err(|e| e.reason)
+                .err(),
+            Some(Reason::Invalid)
+        );
+        let max = super::result(result(uuid, "4294967295").as_bytes()).expect("u32::MAX reads");
+        assert_eq!(max.attempt, u32::MAX);
+
+        let event = |kind: &str, work_type: &str| {
+            format!(
+                r#"{{"event":"{kind}","uuid":"{uuid}","attempt":1,"type":"x","time":"{now}",
+                "job":{{"type":"{work_type}","uuid":"{uuid}"}}}}"#
+            )
+        };
+        assert!(started(event("started", "demo.echo").as_bytes()).is_ok());
+        for (body, reason) in [
+            (event("finished", "demo.echo"), Reason::Invalid),
+            (event("started", "../etc"), Reason::Invalid),
+            (event("started", &"x".repeat(100_000)), Reason::Invalid),
+            (
+                r#"{"event":"started","uuid":7}"#.to_owned(),
+                Reason::Unreadable,
+            ),
+        ] {
+            assert_eq!(
+                started(body.as_bytes()).map_err(|e| e.reason).err(),
+                Some(reason)
+            );
+        }
+        assert_eq!(
+            heartbeat(&vec![b' '; MAX_HEARTBEAT_BYTES + 1])
+                .map_err(|e| e.reason)
+                .err(),
+            Some(Reason::TooLarge)
+        );
+        assert_eq!(
+            rpc(br#"{"method":"list","limit":-1}"#)
+                .map_err(|e| e.reason)
+                .err(),
+            Some(Reason::Unreadable)
+        );
+    }
+}
