@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use rota_common::group_commit::GroupCommit;
+use rota_common::group_commit::{FileSync, GroupCommit};
 use rota_common::wire::{
     Attempt, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine, ScheduleInfo,
 };
@@ -81,9 +81,16 @@ impl Trees {
             children: db.open_tree("children")?,
             schedules: db.open_tree("schedules")?,
             probe: db.open_tree("probe")?,
-            durable: GroupCommit::start("store", move || {
-                db.flush().map(|_| ()).map_err(|e| e.to_string())
-            })?,
+            durable: {
+                // sled's flush survives a crash; the file sync makes it survive a power cut.
+                let files = FileSync::new(path);
+                GroupCommit::start("store", move || {
+                    db.flush().map_err(|e| e.to_string())?;
+                    files
+                        .sync()
+                        .map_err(|e| format!("cannot sync the store's files: {e}"))
+                })?
+            },
         })
     }
 }
