@@ -11,6 +11,10 @@ use rota_common::wire::{AgentInfo, Heartbeat, Role};
 /// A heartbeat is missed when none came for this many intervals.
 const MISSED: u32 = 3;
 
+/// The most parts remembered: forged heartbeats with ever new ids must not grow the map
+/// without end. When full, parts reported lost make room; else a new part is not tracked.
+const MAX_PARTS: usize = 10_000;
+
 struct Seen {
     heartbeat: Heartbeat,
     at: Instant,
@@ -41,6 +45,13 @@ impl Agents {
     pub fn heard(&self, hb: Heartbeat) {
         let mut seen = self.seen();
         let key = (role_name(hb.role).to_owned(), hb.id.clone());
+        if seen.len() >= MAX_PARTS && !seen.contains_key(&key) {
+            seen.retain(|_, s| !s.reported_lost);
+            if seen.len() >= MAX_PARTS {
+                tracing::warn!(id = %hb.id, "too many parts seen; not tracking another");
+                return;
+            }
+        }
         let previous = seen
             .get(&key)
             .map(|s| (s.reported_lost, s.heartbeat.started_at));

@@ -1,6 +1,9 @@
 //! `scheduler run`: records results exactly once and receipts them, answers RPC, notes
 //! started jobs, tracks the other parts by their heartbeats, and publishes the jobs it was
 //! asked to run: at once, or when their time comes (delayed jobs, retries, schedules).
+//! Input is read defensively (see `intake`); while the store cannot write, nothing that
+//! needs a write is taken (results and started events stay in their queues, write RPCs are
+//! refused, `/readyz` says why) until a probe finds the store writing again.
 
 use std::path::PathBuf;
 use std::sync::Arc;

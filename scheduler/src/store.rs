@@ -4,6 +4,10 @@
 //! retries), the unique keys of unfinished jobs and the children of each job.
 //! Recording a result checks whether that run was recorded already, so whatever arrives twice
 //! is recorded once; the other changes that span trees are sled transactions.
+//! Each attempt waiting to be published is claimed by one publishing pass at a time
+//! ([`PublishClaim`]). Listing and logs are read in pages. A write that fails is typed
+//! ([`StoreError::Unwritable`]); the database is then reopened from disk ([`Store::probe`]),
+//! since sled refuses every write after an I/O error.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
