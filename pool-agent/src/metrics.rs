@@ -54,7 +54,7 @@ impl AgentMetrics {
         );
         let dropped = Family::<Dropped, Counter>::default();
         shared.register(
-            "dropped",
+            "agent_dropped",
             "Messages this agent received and could not use (logged, then dropped), by input and reason",
             dropped.clone(),
         );
