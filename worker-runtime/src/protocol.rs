@@ -258,9 +258,9 @@ impl LineSplitter {
     }
 
     fn take(&mut self) -> String {
-        let line = String::from_utf8_lossy(&self.buf).into_owned();
-        self.buf.clear();
-        line
+        // Moved out, not copied: a line near the cap is not held twice, nor kept after.
+        String::from_utf8(std::mem::take(&mut self.buf))
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 }
 
