@@ -424,7 +424,12 @@ impl Process {
                         FromWorker::Log { line, .. } => sink.log(line),
                         FromWorker::Progress { progress, .. } => sink.progress(progress),
                         FromWorker::Submit { id, job, .. } => {
-                            let submission = sink.submit(*job);
+                            // Checked here too: the frame is the runtime's word, not the Work's
+                            // `Context::submit`, which checks it first.
+                            let submission = match job.check() {
+                                Ok(()) => sink.submit(*job),
+                                Err(e) => Box::pin(async move { anyhow::bail!("invalid child job: {e}") }),
+                            };
                             let answers = answers_tx.clone();
                             tokio::spawn(async move {
                                 let (uuid, error) = match submission.await {
