@@ -1,26 +1,19 @@
 //! Frames from a worker runtime: a Work cannot speak the protocol for itself or for another
 //! job, and cannot make the agent buffer without end (see `rota_worker_runtime::protocol`).
-//! Runs `process` workers of the tests' runtime (`test-runtime`, with its `probe.*` works).
+//! Runs `process` and `docker` workers of the tests' runtime (`test-runtime`, with its
+//! `probe.*` works).
 
 use rota_tests::wire::{JobId, JobRecord};
-use rota_tests::{Proc, System};
+use rota_tests::{Proc, System, worker_location_flags};
 use serde_json::{Value, json};
 
-/// An agent of one `process` worker of the tests' runtime, with a scheduler, both ready.
-async fn one_worker(sys: &System, id: &str) -> (Proc, Proc) {
+/// An agent of one worker of the tests' runtime at `location`, with a scheduler, both ready.
+async fn one_worker(sys: &System, id: &str, location: &'static str) -> (Proc, Proc) {
     let scheduler = sys.scheduler();
     let runtime = rota_tests::bin("test-runtime").display().to_string();
-    let agent = sys.agent(
-        id,
-        &[
-            "--worker-location",
-            "process",
-            "--worker-runtime",
-            &runtime,
-            "--pool-max-size",
-            "1",
-        ],
-    );
+    let mut flags = worker_location_flags(location).await;
+    flags.extend(["--worker-runtime", &runtime, "--pool-max-size", "1"]);
+    let agent = sys.agent(id, &flags);
     sys.ready(true, &[id]).await;
     (scheduler, agent)
 }
@@ -67,10 +60,9 @@ fn peak_rss(pid: u32) -> u64 {
 /// A Work prints forged `result` (and `log`) frames for its own job and for another one, in
 /// every way it can: they become its log lines, its real result is recorded, the other job's
 /// record is unchanged, and the next job on the same worker gets its own result.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_work_cannot_forge_a_result_for_its_job_or_another() {
+async fn forge_at(location: &'static str) {
     let sys = System::new().await;
-    let (_scheduler, _agent) = one_worker(&sys, "forge").await;
+    let (_scheduler, _agent) = one_worker(&sys, "forge", location).await;
     let other = run(&sys, "demo.echo", json!({"other": 1})).await;
     assert_eq!(only_run(&other), ("succeeded".into(), json!({"other": 1})));
 
@@ -103,15 +95,24 @@ async fn a_work_cannot_forge_a_result_for_its_job_or_another() {
     assert_eq!(only_run(&again), ("succeeded".into(), json!({"other": 1})));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_work_cannot_forge_a_result_for_its_job_or_another() {
+    forge_at("process").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_work_cannot_forge_a_result_for_its_job_or_another() {
+    forge_at("docker").await;
+}
+
 /// A Work prints 64 MiB without a newline, on its stdout and then on the protocol's pipe:
 /// the agent's memory stays bounded; the first job succeeds with the line cut in its logs,
 /// the second ends `crashed` (a frame too large) and the pool goes on with a new worker.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_line_without_end_does_not_swell_the_agent() {
+async fn flood_at(location: &'static str) {
     /// More than the agent may hold of one frame (16 MiB), far less than the 64 MiB sent.
     const BOUND: u64 = 40 * 1024 * 1024;
     let sys = System::new().await;
-    let (_scheduler, agent) = one_worker(&sys, "flood").await;
+    let (_scheduler, agent) = one_worker(&sys, "flood", location).await;
     let warm = run(&sys, "demo.echo", json!(1)).await;
     assert_eq!(warm.state.to_string(), "succeeded");
     let before = peak_rss(agent.pid());
@@ -146,4 +147,14 @@ async fn a_line_without_end_does_not_swell_the_agent() {
 
     let next = run(&sys, "demo.echo", json!({"next": 1})).await;
     assert_eq!(only_run(&next), ("succeeded".into(), json!({"next": 1})));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_without_end_does_not_swell_the_agent_of_a_process() {
+    flood_at("process").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_without_end_does_not_swell_the_agent_of_a_container() {
+    flood_at("docker").await;
 }

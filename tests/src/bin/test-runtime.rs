@@ -161,10 +161,9 @@ impl Work for Forge {
         for line in &lines {
             println!("{line}");
         }
+        // A program it starts (this binary, as a shell may not be in the image).
         for line in &lines {
-            Command::new("sh")
-                .args(["-c", "printf '%s\\n' \"$1\"", "sh", line])
-                .status()?;
+            Command::new("/proc/self/exe").args([ECHO, line]).status()?;
         }
         let mut protocol_fds = 0;
         for fd in writable_pipes() {
@@ -246,9 +245,16 @@ impl Work for Flood {
 /// The argument that makes this binary a child of `probe.fork`: it waits for its stdin to close.
 const PARK: &str = "park";
 
+/// The argument that makes this binary a child of `probe.forge`: it prints its next argument.
+const ECHO: &str = "echo";
+
 fn main() -> std::process::ExitCode {
     if std::env::args().nth(1).as_deref() == Some(PARK) {
         let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
+        return std::process::ExitCode::SUCCESS;
+    }
+    if std::env::args().nth(1).as_deref() == Some(ECHO) {
+        println!("{}", std::env::args().nth(2).unwrap_or_default());
         return std::process::ExitCode::SUCCESS;
     }
     let mut registry = Registry::with_builtins();
