@@ -1,6 +1,15 @@
 //! The v1 wire contract: one serde type per message that crosses RabbitMQ. Unknown fields are
 //! ignored (so newer producers can add fields); a missing or malformed required field is a
 //! rejection with a readable reason, never a panic.
+//!
+//! Every message a part reads is read with its type's `parse` ([`Job::parse`],
+//! [`JobResult::parse`], [`AgentMessage::parse`], [`Event::parse`], [`Heartbeat::parse`],
+//! [`RpcRequest::parse`]): serde's checks, then the ranges that keep the parts' arithmetic
+//! safe. Numbers that feed durations or counters are bounded ([`MAX_ATTEMPT`],
+//! [`MAX_TIMEOUT_S`], [`MAX_BACKOFF_MS`]), so `attempt + 1` or `now + timeout` cannot
+//! overflow on anything a parse let through; a heartbeat's interval is clamped instead, since
+//! a heartbeat is only ever observed. Strings are bounded by the size of the message (the
+//! agent's `--max-job-bytes`, RabbitMQ's `max_message_size`), names by [`check_name`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,6 +25,67 @@ use crate::names::{DEFAULT_QUEUE, check_name};
 
 /// The largest priority a job may carry (the jobs queues are declared with it).
 pub const MAX_PRIORITY: u8 = 9;
+
+/// The largest attempt number (and `max_attempts`) a message may carry: far above any retry
+/// policy, and far enough below `u32::MAX` that counting up never overflows.
+pub const MAX_ATTEMPT: u32 = 1_000_000;
+
+/// The longest `timeout_s` a job may ask for: a year. Agents have a lower limit of their own
+/// (`--max-job-timeout`); this one keeps `Instant + timeout` from overflowing anywhere.
+pub const MAX_TIMEOUT_S: u64 = 366 * 24 * 3600;
+
+/// The longest first retry delay (`backoff_ms`) a job may ask for: a year.
+pub const MAX_BACKOFF_MS: u64 = MAX_TIMEOUT_S * 1000;
+
+/// The range a heartbeat's `interval_ms` is clamped to when read: from a millisecond to an
+/// hour (a part that says it beats once in 500 million years would otherwise never be missed).
+pub const HEARTBEAT_INTERVAL_MS: std::ops::RangeInclusive<u64> = 1..=3_600_000;
+
+/// The longest reason a parse gives: it travels in a header (`x-rota-reason`) and in logs,
+/// and serde quotes the offending value whole.
+pub const MAX_REASON_BYTES: usize = 500;
+
+/// `reason`, cut to [`MAX_REASON_BYTES`] at a character boundary.
+fn bounded(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_BYTES {
+        let mut at = MAX_REASON_BYTES - "…".len();
+        while !reason.is_char_boundary(at) {
+            at -= 1;
+        }
+        reason.truncate(at);
+        reason.push('…');
+    }
+    reason
+}
+
+/// Reads a message of type `T` from a body, with an error that names what it should be.
+fn decode<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| bounded(format!("not a valid {what}: {e}")))
+}
+
+/// [`check_name`], without quoting a name far too long to be one.
+fn check_name_field(what: &str, name: &str) -> Result<(), String> {
+    if name.len() > 64 {
+        return Err(format!(
+            "invalid {what}: {} bytes long, where a name has at most 64",
+            name.len()
+        ));
+    }
+    check_name(what, name)
+}
+
+/// Refuses an attempt number out of 1..=[`MAX_ATTEMPT`].
+fn check_attempt(attempt: u32) -> Result<(), String> {
+    if attempt == 0 {
+        return Err("attempt must be 1 or more".into());
+    }
+    if attempt > MAX_ATTEMPT {
+        return Err(format!(
+            "attempt {attempt} is out of range: at most {MAX_ATTEMPT}"
+        ));
+    }
+    Ok(())
+}
 
 /// The identity of one job. It names the job's folders, so it must be a real UUID.
 #[derive(
@@ -157,16 +227,16 @@ impl Job {
 
     /// Reads and checks a job from a message body.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
-        let job: Job = serde_json::from_slice(body).map_err(|e| format!("not a valid job: {e}"))?;
+        let job: Job = decode("job", body)?;
         job.check()?;
         Ok(job)
     }
 
     /// The checks that serde's types do not make.
     pub fn check(&self) -> Result<(), String> {
-        check_name("work type", &self.work_type)?;
+        check_name_field("work type", &self.work_type)?;
         if let Some(q) = &self.queue {
-            check_name("queue", q)?;
+            check_name_field("queue", q)?;
         }
         if let Some(p) = self.priority
             && p > MAX_PRIORITY
@@ -175,14 +245,31 @@ impl Job {
                 "priority {p} is out of range: use 0 to {MAX_PRIORITY}"
             ));
         }
-        if self.attempt == 0 {
-            return Err("attempt must be 1 or more".into());
+        check_attempt(self.attempt)?;
+        match self.timeout_s {
+            Some(0) => return Err("timeout_s must be 1 or more".into()),
+            Some(t) if t > MAX_TIMEOUT_S => {
+                return Err(format!(
+                    "timeout_s {t} is out of range: at most {MAX_TIMEOUT_S} (a year)"
+                ));
+            }
+            _ => {}
         }
-        if self.timeout_s == Some(0) {
-            return Err("timeout_s must be 1 or more".into());
+        match self.max_attempts {
+            Some(0) => return Err("max_attempts must be 1 or more".into()),
+            Some(m) if m > MAX_ATTEMPT => {
+                return Err(format!(
+                    "max_attempts {m} is out of range: at most {MAX_ATTEMPT}"
+                ));
+            }
+            _ => {}
         }
-        if self.max_attempts == Some(0) {
-            return Err("max_attempts must be 1 or more".into());
+        if let Some(b) = self.backoff_ms
+            && b > MAX_BACKOFF_MS
+        {
+            return Err(format!(
+                "backoff_ms {b} is out of range: at most {MAX_BACKOFF_MS} (a year)"
+            ));
         }
         if let Some(key) = &self.unique_key
             && (key.is_empty() || key.len() > 256)
@@ -314,6 +401,21 @@ pub struct JobResult {
     pub job: Job,
 }
 
+impl JobResult {
+    /// Reads and checks a result (or one of a group's) from a message body.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let result: JobResult = decode("result", body)?;
+        result.check()?;
+        Ok(result)
+    }
+
+    /// The checks that serde's types do not make. The job it carries is the job as received,
+    /// which may be the very reason it was rejected: it is not checked.
+    pub fn check(&self) -> Result<(), String> {
+        check_attempt(self.attempt)
+    }
+}
+
 /// Messages to one pool agent on its own queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -322,6 +424,17 @@ pub enum AgentMessage {
     Receipt { uuid: JobId, attempt: u32 },
     /// Stop this job if it runs here, and do not run it if it arrives later.
     Cancel { uuid: JobId },
+}
+
+impl AgentMessage {
+    /// Reads and checks a message to an agent from a message body.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let message: AgentMessage = decode("message to an agent", body)?;
+        if let AgentMessage::Receipt { attempt, .. } = &message {
+            check_attempt(*attempt)?;
+        }
+        Ok(message)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -371,6 +484,19 @@ pub struct Event {
 }
 
 impl Event {
+    /// Reads and checks an event from a message body; a progress fraction is clamped to 0..=1.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let mut event: Event = decode("event", body)?;
+        check_attempt(event.attempt)?;
+        if let Some(job) = &event.job {
+            job.check().map_err(|e| format!("the event's job: {e}"))?;
+        }
+        if let Some(fraction) = event.progress.as_mut().and_then(|p| p.fraction.as_mut()) {
+            *fraction = fraction.clamp(0.0, 1.0);
+        }
+        Ok(event)
+    }
+
     pub fn routing_key(&self) -> String {
         format!("job.{}.{}", self.event.as_str(), self.work_type)
     }
@@ -410,6 +536,18 @@ pub struct Heartbeat {
     /// Results kept in the agent's outbox, not yet receipted by the scheduler.
     #[serde(default)]
     pub unreceipted: u64,
+}
+
+impl Heartbeat {
+    /// Reads a heartbeat from a message body; its `interval_ms` is clamped to
+    /// [`HEARTBEAT_INTERVAL_MS`].
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let mut beat: Heartbeat = decode("heartbeat", body)?;
+        beat.interval_ms = beat
+            .interval_ms
+            .clamp(*HEARTBEAT_INTERVAL_MS.start(), *HEARTBEAT_INTERVAL_MS.end());
+        Ok(beat)
+    }
 }
 
 /// The state of one worker pool, as reported in heartbeats.
@@ -612,6 +750,23 @@ pub enum RpcRequest {
     ScheduleRunNow {
         name: String,
     },
+}
+
+impl RpcRequest {
+    /// Reads and checks a request from a message body: a job it carries (to submit, or the
+    /// job of a schedule) passes [`Job::check`].
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let request: RpcRequest = decode("request", body)?;
+        match &request {
+            RpcRequest::Submit { job } => job.check()?,
+            RpcRequest::ScheduleAdd { schedule } => schedule
+                .job()
+                .check()
+                .map_err(|e| format!("the schedule's job: {e}"))?,
+            _ => {}
+        }
+        Ok(request)
+    }
 }
 
 /// The scheduler's reply to an [`RpcRequest`].
@@ -865,5 +1020,305 @@ mod tests {
         let v = serde_json::to_value(&receipt).expect("serializes");
         assert_eq!(v["kind"], "receipt");
         assert!("bogus".parse::<JobState>().is_err());
+    }
+
+    /// A job with every field, as JSON.
+    fn full_job() -> Value {
+        json!({
+            "type": "demo.echo", "uuid": JobId::random(), "payload": {"a": [1, 2.5, "x"]},
+            "queue": "default", "priority": 3, "timeout_s": 30, "max_attempts": 3,
+            "run_at": "2026-11-23T05:00:00Z", "attempt": 1, "parent": JobId::random(),
+            "labels": {"team": "billing"}, "unique_key": "k", "backoff_ms": 100,
+            "schedule": "nightly"
+        })
+    }
+
+    fn with(mut base: Value, field: &str, value: Value) -> Vec<u8> {
+        base[field] = value;
+        serde_json::to_vec(&base).expect("serializes")
+    }
+
+    #[test]
+    fn numbers_that_would_overflow_are_refused_with_a_reason() {
+        let cases = [
+            (
+                "attempt",
+                json!(u32::MAX),
+                "attempt 4294967295 is out of range",
+            ),
+            ("attempt", json!(u64::from(u32::MAX) + 1), "not a valid job"),
+            ("attempt", json!(-1), "not a valid job"),
+            ("attempt", json!(0), "attempt must be 1 or more"),
+            (
+                "timeout_s",
+                json!(u64::MAX),
+                "timeout_s 18446744073709551615 is out of range",
+            ),
+            ("timeout_s", json!(1e300), "not a valid job"),
+            (
+                "max_attempts",
+                json!(u32::MAX),
+                "max_attempts 4294967295 is out of range",
+            ),
+            (
+                "backoff_ms",
+                json!(u64::MAX),
+                "backoff_ms 18446744073709551615 is out of range",
+            ),
+            ("priority", json!(256), "not a valid job"),
+            (
+                "run_at",
+                json!("+999999-01-01T00:00:00Z"),
+                "not a valid job",
+            ),
+        ];
+        for (field, value, want) in cases {
+            let err = Job::parse(&with(full_job(), field, value.clone()))
+                .expect_err(&format!("{field} = {value} must be refused"));
+            assert!(
+                err.contains(want),
+                "{field} = {value}: {err:?} should say {want:?}"
+            );
+        }
+        // At the bounds, a job is fine, and counting up or adding its timeout is safe.
+        let mut job = full_job();
+        job["attempt"] = json!(MAX_ATTEMPT);
+        job["timeout_s"] = json!(MAX_TIMEOUT_S);
+        job["backoff_ms"] = json!(MAX_BACKOFF_MS);
+        let job = Job::parse(&serde_json::to_vec(&job).expect("serializes")).expect("valid");
+        assert!(job.attempt.checked_add(1).is_some());
+        let timeout = std::time::Duration::from_secs(job.timeout_s.expect("set"));
+        assert!(std::time::Instant::now().checked_add(timeout).is_some());
+    }
+
+    #[test]
+    fn wrong_types_and_huge_or_deep_values_are_serde_errors() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let bodies: Vec<Vec<u8>> = vec![
+            with(full_job(), "attempt", json!("1")),
+            with(full_job(), "labels", json!(["a"])),
+            with(full_job(), "uuid", json!(5)),
+            with(full_job(), "type", json!({"a": 1})),
+            with(full_job(), "type", json!("t".repeat(1 << 20))),
+            with(full_job(), "queue", json!("q".repeat(1 << 20))),
+            with(full_job(), "unique_key", json!("k".repeat(1 << 20))),
+            with(full_job(), "attempt", json!("9".repeat(1 << 20))),
+            with(full_job(), "priority", json!("p".repeat(1 << 20))),
+            format!(r#"{{"type":"demo.echo","payload":{deep}}}"#).into_bytes(),
+            b"[]".to_vec(),
+            b"null".to_vec(),
+            b"\xff\xfe".to_vec(),
+            Vec::new(),
+        ];
+        for body in bodies {
+            let err = Job::parse(&body).expect_err("must be refused");
+            assert!(
+                err.len() < 1000,
+                "a readable reason, not the input: {}",
+                err.len()
+            );
+        }
+    }
+
+    #[test]
+    fn the_other_messages_are_checked_or_clamped() {
+        let beat = json!({
+            "role": "agent", "id": "a1", "host": "h", "pid": 1, "version": "0",
+            "started_at": "2026-11-23T05:00:00Z", "seq": u64::MAX, "interval_ms": u64::MAX
+        });
+        let hb =
+            Heartbeat::parse(&with(beat.clone(), "interval_ms", json!(u64::MAX))).expect("valid");
+        assert_eq!(hb.interval_ms, *HEARTBEAT_INTERVAL_MS.end());
+        let hb = Heartbeat::parse(&with(beat.clone(), "interval_ms", json!(0))).expect("valid");
+        assert_eq!(hb.interval_ms, 1);
+        assert!(Heartbeat::parse(&with(beat, "pid", json!(-1))).is_err());
+
+        let receipt = json!({"kind": "receipt", "uuid": JobId::random(), "attempt": 1});
+        assert!(AgentMessage::parse(&with(receipt.clone(), "attempt", json!(1))).is_ok());
+        let err = AgentMessage::parse(&with(receipt.clone(), "attempt", json!(u32::MAX)))
+            .expect_err("refused");
+        assert!(err.contains("out of range"), "{err}");
+        assert!(AgentMessage::parse(&with(receipt, "kind", json!("explode"))).is_err());
+
+        let event = json!({
+            "event": "progress", "uuid": JobId::random(), "attempt": 1, "type": "demo.echo",
+            "time": "2026-11-23T05:00:00Z", "progress": {"fraction": 7.5}
+        });
+        let e = Event::parse(&serde_json::to_vec(&event).expect("json")).expect("valid");
+        assert_eq!(e.progress.and_then(|p| p.fraction), Some(1.0));
+        assert!(Event::parse(&with(event.clone(), "attempt", json!(u32::MAX))).is_err());
+        let bad_job = with(full_job(), "timeout_s", json!(u64::MAX));
+        let bad_job: Value = serde_json::from_slice(&bad_job).expect("json");
+        let err = Event::parse(&with(event, "job", bad_job.clone())).expect_err("refused");
+        assert!(err.contains("the event's job: timeout_s"), "{err}");
+
+        let err = RpcRequest::parse(
+            &serde_json::to_vec(&json!({"method": "submit", "job": bad_job})).expect("json"),
+        )
+        .expect_err("refused");
+        assert!(err.contains("timeout_s"), "{err}");
+        let schedule = json!({"method": "schedule_add", "schedule": {
+            "name": "n", "cron": "* * * * *", "type": "demo.echo", "max_attempts": u32::MAX}});
+        let err =
+            RpcRequest::parse(&serde_json::to_vec(&schedule).expect("json")).expect_err("refused");
+        assert!(err.contains("the schedule's job: max_attempts"), "{err}");
+
+        let mut result = sample_result();
+        result["attempt"] = json!(u32::MAX);
+        let err = JobResult::parse(&serde_json::to_vec(&result).expect("json")).expect_err("no");
+        assert!(err.contains("out of range"), "{err}");
+    }
+
+    fn sample_result() -> Value {
+        let now = Utc::now();
+        json!({
+            "uuid": JobId::random(), "attempt": 1, "type": "demo.echo", "agent": "a1",
+            "worker": "process-0", "status": "failed", "error": {"kind": "work", "message": "m"},
+            "output": {"x": 1}, "logs": [{"time": now, "level": "info", "message": "hi"}],
+            "logs_dropped": 0, "started_at": now, "finished_at": now, "job": full_job()
+        })
+    }
+
+    /// A small deterministic random source (xorshift64*): the same cases on every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// A value meant to break whoever reads it.
+    fn extreme(rng: &mut Rng) -> Value {
+        match rng.below(16) {
+            0 => json!(u64::MAX),
+            1 => json!(i64::MIN),
+            2 => json!(-1),
+            3 => json!(0),
+            4 => json!(u32::MAX),
+            5 => json!(u64::from(u32::MAX) + 1),
+            6 => json!(1e308),
+            7 => json!(-0.5),
+            8 => json!(""),
+            9 => json!("x".repeat(70_000)),
+            10 => json!("\u{0}🦀\u{1e}"),
+            11 => Value::Null,
+            12 => json!(true),
+            13 => json!([]),
+            14 => json!({}),
+            _ => (0..200).fold(json!(1), |v, _| json!([v])),
+        }
+    }
+
+    /// Every place in `v`, as a JSON pointer.
+    fn places(v: &Value, at: String, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    places(x, format!("{at}/{k}"), out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    places(x, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+        out.push(at);
+    }
+
+    /// `v` with one to three of its places changed: set to an extreme value, deleted, or made
+    /// a string of itself.
+    fn mutate(mut v: Value, rng: &mut Rng) -> Value {
+        for _ in 0..=rng.below(3) {
+            let mut all = Vec::new();
+            places(&v, String::new(), &mut all);
+            let at = all[rng.below(all.len())].clone();
+            let (parent, key) = at.rsplit_once('/').unwrap_or(("", ""));
+            match rng.below(3) {
+                0 if !key.is_empty() => {
+                    if let Some(Value::Object(m)) = v.pointer_mut(parent) {
+                        m.remove(key);
+                    }
+                }
+                1 => {
+                    if let Some(x) = v.pointer_mut(&at) {
+                        *x = Value::String(x.to_string());
+                    }
+                }
+                _ => {
+                    if let Some(x) = v.pointer_mut(&at) {
+                        *x = extreme(rng);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// Thousands of mutated copies of valid messages, and of their bytes: every parse
+    /// returns, and what it accepts is within the bounds that keep arithmetic safe.
+    #[test]
+    fn mutated_messages_never_panic_and_what_passes_is_bounded() {
+        let now = "2026-11-23T05:00:00Z";
+        let bases = [
+            full_job(),
+            sample_result(),
+            json!({"role": "agent", "id": "a1", "host": "h", "pid": 1, "version": "0",
+                "started_at": now, "seq": 1, "interval_ms": 200,
+                "pools": [{"queues": ["default"], "location": "process", "min": 1, "max": 4,
+                    "busy": 1, "idle": 0}],
+                "running": [JobId::random()], "unreceipted": 2}),
+            json!({"event": "started", "uuid": JobId::random(), "attempt": 1, "type": "t",
+                "agent": "a1", "time": now, "status": "failed", "state": "running",
+                "progress": {"fraction": 0.5, "message": "m"}, "job": full_job()}),
+            json!({"kind": "receipt", "uuid": JobId::random(), "attempt": 2}),
+            json!({"method": "submit", "job": full_job()}),
+            json!({"method": "list", "state": "failed", "limit": 10}),
+        ];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut accepted = 0;
+        for i in 0..6000 {
+            let base = bases[i % bases.len()].clone();
+            let mut body = serde_json::to_vec(&mutate(base, &mut rng)).expect("serializes");
+            if rng.below(4) == 0 {
+                // Damage the bytes too: cut them short, or change one.
+                let at = rng.below(body.len());
+                if rng.below(2) == 0 {
+                    body.truncate(at);
+                } else {
+                    body[at] = rng.next() as u8;
+                }
+            }
+            if let Ok(job) = Job::parse(&body) {
+                accepted += 1;
+                assert!((1..=MAX_ATTEMPT).contains(&job.attempt));
+                assert!(job.timeout_s.unwrap_or(1) <= MAX_TIMEOUT_S);
+                assert!(job.backoff_ms.unwrap_or(0) <= MAX_BACKOFF_MS);
+            }
+            if let Ok(r) = JobResult::parse(&body) {
+                accepted += 1;
+                assert!(r.attempt.checked_add(1).is_some());
+            }
+            if let Ok(hb) = Heartbeat::parse(&body) {
+                accepted += 1;
+                assert!(HEARTBEAT_INTERVAL_MS.contains(&hb.interval_ms));
+            }
+            if let Ok(e) = Event::parse(&body) {
+                accepted += 1;
+                assert!(e.attempt <= MAX_ATTEMPT);
+            }
+            accepted += usize::from(AgentMessage::parse(&body).is_ok());
+            accepted += usize::from(RpcRequest::parse(&body).is_ok());
+        }
+        // The mutations leave many messages valid: the checks above did run.
+        assert!(accepted > 500, "only {accepted} accepted");
     }
 }

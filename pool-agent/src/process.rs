@@ -1,9 +1,14 @@
 //! Worker runtimes the agent talks to: a `worker-runtime serve` child per worker (`process`),
 //! leader of a process group of its own, or the same inside a container (`docker`, see
 //! [`crate::container`]). Either is spoken to over stdin/stdout (see
-//! `rota_worker_runtime::protocol`); its stderr becomes the current job's log lines. A job that
-//! overruns its timeout, or is cancelled, ends the runtime: SIGTERM, then SIGKILL after the
-//! grace period, to the whole process group, or to the container, which is then removed.
+//! `rota_worker_runtime::protocol`); its stderr, where a Work's own stdout goes too, becomes
+//! the current job's log lines. Both pipes are read in lines of bounded length: a protocol
+//! frame over `MAX_FRAME_BYTES` ends the runtime (`crashed`, kind `frame_too_large`), a log
+//! line over `MAX_LOG_LINE_BYTES` is cut and the rest of it skipped, never buffered. A frame
+//! counts only with the ticket of the job in hand; any other becomes a warning log line. A
+//! job that overruns its timeout, or is cancelled, ends the runtime: SIGTERM, then SIGKILL
+//! after the grace period, to the whole process group, or to the container, which is then
+//! removed.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -12,15 +17,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use rota_common::wire::{Level, LogLine, Status};
-use rota_worker_runtime::protocol::{END_OF_JOB, FromWorker, ToWorker};
+use rota_worker_runtime::protocol::{
+    FromWorker, LineSplitter, MAX_FRAME_BYTES, MAX_LOG_LINE_BYTES, PROTOCOL_VERSION, Piece, Ticket,
+    ToWorker, cut_to,
+};
 use rota_worker_runtime::{Aliases, Context, Outcome, Sink};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -76,10 +83,31 @@ pub struct Process {
     kill_grace: Duration,
 }
 
+/// What the runtime's stdout brings, as the agent reads it.
+#[derive(Debug)]
+enum Incoming {
+    Frame(FromWorker),
+    /// A line that is not a frame: a runtime's bug, kept as a log line.
+    Stray(String),
+    /// A line longer than `MAX_FRAME_BYTES`, never buffered whole.
+    Overlong,
+}
+
+impl Incoming {
+    fn describe(&self) -> String {
+        match self {
+            Incoming::Frame(f) => format!("a `{}` frame", f.op()),
+            Incoming::Stray(_) => "a line that is not a frame".into(),
+            Incoming::Overlong => format!("a line over {MAX_FRAME_BYTES} bytes"),
+        }
+    }
+}
+
 /// What the runtime's output brings: the [`Lines`] of its pipes, read.
 struct Inbox {
-    frames: mpsc::UnboundedReceiver<FromWorker>,
-    ends: mpsc::UnboundedReceiver<()>,
+    frames: mpsc::UnboundedReceiver<Incoming>,
+    /// The tickets of the end-of-job lines seen on stderr.
+    ends: mpsc::UnboundedReceiver<Ticket>,
     /// The sink of the job in hand, where stderr lines go.
     current: CurrentSink,
 }
@@ -88,63 +116,108 @@ struct Inbox {
 /// hand (stderr).
 #[derive(Clone)]
 struct Lines {
-    frames: mpsc::UnboundedSender<FromWorker>,
+    frames: mpsc::UnboundedSender<Incoming>,
     /// Each job's end, as seen on stderr.
-    ends: mpsc::UnboundedSender<()>,
+    ends: mpsc::UnboundedSender<Ticket>,
     current: CurrentSink,
     worker: String,
 }
 
 impl Lines {
-    fn stdout(&self, line: String) {
-        let frame = serde_json::from_str(&line).unwrap_or_else(|_| FromWorker::Log {
-            line: LogLine {
-                time: Utc::now(),
-                level: Level::Info,
-                message: line,
+    /// A piece of stdout, the protocol's pipe.
+    fn stdout(&self, piece: Piece) {
+        let incoming = match piece {
+            Piece::Line(line) => match serde_json::from_str(&line) {
+                Ok(frame) => Incoming::Frame(frame),
+                Err(_) => Incoming::Stray(line),
             },
-        });
-        let _ = self.frames.send(frame);
+            Piece::Cut(_) => Incoming::Overlong,
+        };
+        let _ = self.frames.send(incoming);
     }
 
-    fn stderr(&self, line: String) {
-        if line == END_OF_JOB {
-            let _ = self.ends.send(());
-            return;
-        }
+    /// A log line of the job in hand (or of the agent, between jobs).
+    fn log(&self, level: Level, message: String) {
         let sink = self.current.lock().ok().and_then(|s| s.clone());
         match sink {
             Some(sink) => sink.log(LogLine {
                 time: Utc::now(),
-                level: Level::Warn,
-                message: line,
+                level,
+                message,
             }),
-            None => tracing::info!(worker = %self.worker, "stderr: {line}"),
+            None => tracing::info!(worker = %self.worker, "stderr: {message}"),
         }
-    }
-
-    /// Reads a pipe line by line.
-    fn read(self, pipe: impl AsyncRead + Unpin + Send + 'static, to: fn(&Lines, String)) {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(pipe).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                to(&self, line);
-            }
-        });
     }
 }
 
-/// Splits a stream of chunks into lines, keeping a partial line until its end arrives.
-#[derive(Default)]
-struct LineBuffer(Vec<u8>);
+/// Reads the runtime's stderr: the job's log lines, and its end-of-job lines.
+struct Stderr {
+    lines: Lines,
+    /// An empty line held back: the runtime writes one before each end-of-job line (to end a
+    /// line the Work left unfinished), and that one is not the Work's.
+    blank: bool,
+}
 
-impl LineBuffer {
-    fn push(&mut self, chunk: &Bytes, mut each: impl FnMut(String)) {
-        self.0.extend_from_slice(chunk);
-        while let Some(at) = self.0.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.0.drain(..=at).collect();
-            each(String::from_utf8_lossy(&line[..at]).into_owned());
+impl Stderr {
+    fn new(lines: Lines) -> Self {
+        Self {
+            lines,
+            blank: false,
         }
+    }
+
+    fn piece(&mut self, piece: Piece) {
+        let line = match piece {
+            Piece::Line(line) if line.is_empty() => {
+                if std::mem::replace(&mut self.blank, true) {
+                    self.lines.log(Level::Warn, String::new());
+                }
+                return;
+            }
+            Piece::Line(line) => {
+                if let Some(ticket) = Ticket::of_end_of_job_line(&line) {
+                    self.blank = false;
+                    let _ = self.lines.ends.send(ticket);
+                    return;
+                }
+                line
+            }
+            // The mark goes first: the log buffer may cut the line shorter still.
+            Piece::Cut(line) => {
+                format!("[rota: a line over {MAX_LOG_LINE_BYTES} bytes, cut there] {line} […]")
+            }
+        };
+        if std::mem::take(&mut self.blank) {
+            self.lines.log(Level::Warn, String::new());
+        }
+        self.lines.log(Level::Warn, line);
+    }
+}
+
+/// Reads a pipe in chunks, cut into lines of at most `cap` bytes (see [`LineSplitter`]).
+fn read_pipe(
+    mut pipe: impl AsyncRead + Unpin + Send + 'static,
+    cap: usize,
+    mut to: impl FnMut(Piece) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let mut splitter = LineSplitter::new(cap);
+        let mut chunk = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = pipe.read(&mut chunk).await {
+            splitter.push(&chunk[..n], &mut to);
+        }
+        if let Some(line) = splitter.finish() {
+            to(Piece::Line(line));
+        }
+    });
+}
+
+/// A log line of the agent's own about the job in hand.
+fn warning(message: String) -> LogLine {
+    LogLine {
+        time: Utc::now(),
+        level: Level::Warn,
+        message,
     }
 }
 
@@ -172,8 +245,9 @@ impl Process {
                 _ => bail!("the worker process has no pipes"),
             };
         let (lines, inbox) = Self::channels(name);
-        lines.clone().read(stdout, Lines::stdout);
-        lines.read(stderr, Lines::stderr);
+        let mut err = Stderr::new(lines.clone());
+        read_pipe(stdout, MAX_FRAME_BYTES, move |p| lines.stdout(p));
+        read_pipe(stderr, MAX_LOG_LINE_BYTES, move |p| err.piece(p));
         let what = format!("worker process {pid}");
         Self::handshake(
             Host::Child(child),
@@ -196,14 +270,16 @@ impl Process {
         let (lines, inbox) = Self::channels(name);
         let mut output = attached.output;
         tokio::spawn(async move {
-            let (mut out, mut err) = (LineBuffer::default(), LineBuffer::default());
+            let mut out = LineSplitter::new(MAX_FRAME_BYTES);
+            let mut err = LineSplitter::new(MAX_LOG_LINE_BYTES);
+            let mut stderr = Stderr::new(lines.clone());
             while let Some(Ok(chunk)) = output.next().await {
                 match chunk {
                     bollard::container::LogOutput::StdOut { message } => {
-                        out.push(&message, |l| lines.stdout(l))
+                        out.push(&message, |p| lines.stdout(p))
                     }
                     bollard::container::LogOutput::StdErr { message } => {
-                        err.push(&message, |l| lines.stderr(l))
+                        err.push(&message, |p| stderr.piece(p))
                     }
                     _ => {}
                 }
@@ -254,8 +330,26 @@ impl Process {
         spec: &ProcessSpec,
     ) -> anyhow::Result<Process> {
         let types = match tokio::time::timeout(Duration::from_secs(30), inbox.frames.recv()).await {
-            Ok(Some(FromWorker::Ready { types, .. })) => types,
-            Ok(Some(other)) => bail!("the {what} did not say ready (it said {other:?})"),
+            Ok(Some(Incoming::Frame(FromWorker::Ready {
+                protocol, types, ..
+            }))) => {
+                if protocol != PROTOCOL_VERSION {
+                    bail!(
+                        "the {what} speaks version {protocol} of the worker protocol, this agent \
+                         version {PROTOCOL_VERSION}: build the runtime against this release of \
+                         rota-worker-runtime"
+                    );
+                }
+                types
+            }
+            Ok(Some(Incoming::Stray(mut line))) => {
+                cut_to(&mut line, 200);
+                bail!("the {what} did not say ready (it said {line:?})")
+            }
+            Ok(Some(other)) => bail!(
+                "the {what} did not say ready (it sent {})",
+                other.describe()
+            ),
             Ok(None) => {
                 bail!("the {what} ended before it said ready; is it a Rota worker runtime?")
             }
@@ -297,9 +391,14 @@ impl Process {
         timeout: Duration,
         cancel: CancellationToken,
     ) -> (Outcome, bool) {
-        // An end that came too late for its own job is not this one's.
+        let ticket = Ticket::fresh();
+        // What came after the previous job's result is no job's: say so, and forget it.
+        while let Ok(stale) = self.inbox.frames.try_recv() {
+            tracing::warn!(worker = %self.what, "dropped {} that came between jobs", stale.describe());
+        }
         while self.inbox.ends.try_recv().is_ok() {}
         let request = ToWorker::Execute {
+            ticket,
             job: Box::new(ctx.job().clone()),
             work_dir: ctx.work_dir().to_owned(),
         };
@@ -320,26 +419,52 @@ impl Process {
                         return (self.died(&format!("could not answer it: {e}")).await, false);
                     }
                 }
-                frame = self.inbox.frames.recv() => match frame {
-                    Some(FromWorker::Log { line }) => sink.log(line),
-                    Some(FromWorker::Progress { progress }) => sink.progress(progress),
-                    Some(FromWorker::Submit { id, job }) => {
-                        let submission = sink.submit(*job);
-                        let answers = answers_tx.clone();
-                        tokio::spawn(async move {
-                            let (uuid, error) = match submission.await {
-                                Ok(uuid) => (Some(uuid), None),
-                                Err(e) => (None, Some(format!("{e:#}"))),
+                incoming = self.inbox.frames.recv() => match incoming {
+                    Some(Incoming::Frame(frame)) if frame.ticket() == Some(ticket) => match frame {
+                        FromWorker::Log { line, .. } => sink.log(line),
+                        FromWorker::Progress { progress, .. } => sink.progress(progress),
+                        FromWorker::Submit { id, job, .. } => {
+                            // Checked here too: the frame is the runtime's word, not the Work's
+                            // `Context::submit`, which checks it first.
+                            let submission = match job.check() {
+                                Ok(()) => sink.submit(*job),
+                                Err(e) => Box::pin(async move { anyhow::bail!("invalid child job: {e}") }),
                             };
-                            let _ = answers.send(ToWorker::Submitted { id, uuid, error });
-                        });
+                            let answers = answers_tx.clone();
+                            tokio::spawn(async move {
+                                let (uuid, error) = match submission.await {
+                                    Ok(uuid) => (Some(uuid), None),
+                                    Err(e) => (None, Some(format!("{e:#}"))),
+                                };
+                                let _ = answers.send(ToWorker::Submitted { id, uuid, error });
+                            });
+                        }
+                        FromWorker::Result { outcome, .. } => {
+                            // Its stderr lines are the job's logs: read them up to the job's end.
+                            let ends = &mut self.inbox.ends;
+                            let end = async { while ends.recv().await.is_some_and(|t| t != ticket) {} };
+                            let _ = tokio::time::timeout(Duration::from_secs(2), end).await;
+                            return (outcome, true);
+                        }
+                        FromWorker::Ready { .. } => {}
+                    },
+                    Some(Incoming::Frame(FromWorker::Ready { .. })) => {}
+                    Some(Incoming::Frame(frame)) => sink.log(warning(format!(
+                        "[rota] ignored a `{}` frame that does not carry this job's ticket",
+                        frame.op()
+                    ))),
+                    Some(Incoming::Stray(mut line)) => {
+                        cut_to(&mut line, MAX_LOG_LINE_BYTES);
+                        sink.log(warning(format!("[rota] not a protocol frame: {line}")));
                     }
-                    Some(FromWorker::Result { outcome }) => {
-                        // Its stderr lines are the job's logs: read them up to the job's end.
-                        let _ = tokio::time::timeout(Duration::from_secs(2), self.inbox.ends.recv()).await;
-                        return (outcome, true);
+                    Some(Incoming::Overlong) => {
+                        self.terminate().await;
+                        let message = format!(
+                            "the {} sent a protocol frame over {MAX_FRAME_BYTES} bytes; it was ended",
+                            self.what
+                        );
+                        return (Outcome::error(Status::Crashed, "frame_too_large", message), false);
                     }
-                    Some(FromWorker::Ready { .. }) => {}
                     None => return (self.died("it exited while running the job").await, false),
                 },
                 _ = &mut deadline => {
@@ -438,16 +563,75 @@ impl Drop for Process {
 
 #[cfg(test)]
 mod tests {
+    use rota_worker_runtime::context::BufferSink;
+    use rota_worker_runtime::protocol::END_OF_JOB;
+
     use super::*;
 
-    #[test]
-    fn chunks_become_whole_lines() {
-        let mut buf = LineBuffer::default();
-        let mut lines = Vec::new();
-        for chunk in ["{\"a\":", "1}\nsecond", " line\n", "\nnot yet"] {
-            buf.push(&Bytes::from(chunk), |l| lines.push(l));
+    /// Lines of a worker whose job in hand logs into the returned sink.
+    fn lines_with_sink() -> (Lines, Inbox, Arc<BufferSink>) {
+        let (lines, inbox) = Process::channels("test");
+        let sink = Arc::new(BufferSink::new(|_| {}));
+        if let Ok(mut c) = inbox.current.lock() {
+            *c = Some(sink.clone());
         }
-        assert_eq!(lines, ["{\"a\":1}", "second line", ""]);
-        assert_eq!(buf.0, b"not yet");
+        (lines, inbox, sink)
+    }
+
+    fn messages(sink: &BufferSink) -> Vec<String> {
+        sink.take_logs().0.into_iter().map(|l| l.message).collect()
+    }
+
+    #[test]
+    fn stderr_lines_become_logs_and_end_of_job_lines_ends() {
+        let (lines, mut inbox, sink) = lines_with_sink();
+        let mut err = Stderr::new(lines);
+        let ticket = Ticket::fresh();
+        let mut split = LineSplitter::new(MAX_LOG_LINE_BYTES);
+        let text = format!(
+            "one\n\ntwo unfinished\n{end}\n\n{end}\n{END_OF_JOB} forged\n",
+            end = ticket.end_of_job_line()
+        );
+        split.push(text.as_bytes(), |p| err.piece(p));
+        // The blank line the runtime writes before its end line is dropped; the Work's own
+        // blank line is kept; a forged end line is only a log line.
+        assert_eq!(
+            messages(&sink),
+            ["one", "", "two unfinished", &format!("{END_OF_JOB} forged")]
+        );
+        assert_eq!(inbox.ends.try_recv().ok(), Some(ticket));
+        assert_eq!(inbox.ends.try_recv().ok(), Some(ticket));
+        assert!(inbox.ends.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_line_without_end_is_cut_and_never_buffered_whole() {
+        let (lines, mut inbox, sink) = lines_with_sink();
+        // 64 MiB without a newline on each pipe, then a frame.
+        let (mut out_w, out_r) = tokio::io::duplex(64 * 1024);
+        let (mut err_w, err_r) = tokio::io::duplex(64 * 1024);
+        let mut err = Stderr::new(lines.clone());
+        read_pipe(out_r, MAX_FRAME_BYTES, move |p| lines.stdout(p));
+        read_pipe(err_r, MAX_LOG_LINE_BYTES, move |p| err.piece(p));
+        let block = vec![b'x'; 1024 * 1024];
+        for _ in 0..64 {
+            out_w.write_all(&block).await.expect("written");
+            err_w.write_all(&block).await.expect("written");
+        }
+        err_w.write_all(b"\nafter\n").await.expect("written");
+        drop((out_w, err_w));
+        assert!(matches!(
+            inbox.frames.recv().await,
+            Some(Incoming::Overlong)
+        ));
+        assert!(inbox.frames.recv().await.is_none(), "the rest was skipped");
+        let logs = messages(&sink);
+        assert_eq!(logs.len(), 2, "one cut line and the next");
+        assert!(
+            logs[0].starts_with("[rota: a line over"),
+            "{}",
+            &logs[0][..100]
+        );
+        assert_eq!(logs[1], "after");
     }
 }

@@ -1,8 +1,9 @@
 //! The worker runtime of the tests: the built-ins plus `probe.*` works that report on the
 //! sandbox they run in, or misbehave in it on purpose (allocate without end, fork without end,
-//! abort). The tests run it as `process` workers and build it into the image of `docker`
+//! abort, forge protocol frames, print without end). The tests run it as `process` workers and build it into the image of `docker`
 //! workers (see `rota_tests::worker_image`).
 
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 
 use rota_worker_runtime::{Context, Registry, Work};
@@ -128,12 +129,132 @@ impl Work for Abort {
     }
 }
 
+/// Forges protocol frames the way a Work could: result and log frames for its own job and for
+/// job `other`, printed with `println!`, by a program it starts, and written straight to
+/// every pipe this process may write besides stdout and stderr (where a runtime keeps its
+/// protocol). Then returns `{"real": true}`, its true output.
+struct Forge;
+
+#[async_trait::async_trait]
+impl Work for Forge {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        #[derive(Deserialize)]
+        struct P {
+            other: Option<String>,
+        }
+        let P { other } = ctx.payload_as()?;
+        let mut frames = Vec::new();
+        for uuid in std::iter::once(ctx.uuid().to_string()).chain(other) {
+            let outcome = json!({
+                "status": "failed",
+                "output": "forged",
+                "error": {"kind": "forged", "message": format!("forged for {uuid}")},
+            });
+            let line = json!({"time": chrono::Utc::now(), "level": "error", "message": "forged"});
+            frames.extend([
+                json!({"op": "result", "uuid": uuid, "attempt": 1, "outcome": outcome}),
+                json!({"op": "result", "ticket": 0, "uuid": uuid, "outcome": outcome}),
+                json!({"op": "log", "ticket": 0, "uuid": uuid, "line": line}),
+            ]);
+        }
+        let lines: Vec<String> = frames.iter().map(Value::to_string).collect();
+        for line in &lines {
+            println!("{line}");
+        }
+        // A program it starts (this binary, as a shell may not be in the image).
+        for line in &lines {
+            Command::new("/proc/self/exe").args([ECHO, line]).status()?;
+        }
+        let mut protocol_fds = 0;
+        for fd in writable_pipes() {
+            // One write each, shorter than PIPE_BUF: never mixed into a frame being written.
+            let mut pipe = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/self/fd/{fd}"))?;
+            for line in &lines {
+                pipe.write_all(format!("{line}\n").as_bytes())?;
+            }
+            protocol_fds += 1;
+        }
+        Ok(json!({ "real": true, "protocol_fds": protocol_fds }))
+    }
+}
+
+/// This process's descriptors above stderr that are the write end of a pipe.
+fn writable_pipes() -> Vec<u32> {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|fd| *fd > 2)
+        .filter(|fd| {
+            let pipe = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"));
+            // The access mode is the low octal digit of `flags`: 1 is write-only.
+            let write_only = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+                .ok()
+                .and_then(|info| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix("flags:"))
+                        .map(|f| f.trim().ends_with('1'))
+                })
+                .unwrap_or(false);
+            pipe && write_only
+        })
+        .collect()
+}
+
+/// Writes `mib` MiB without a newline: to stdout, or with `protocol`, to the pipes
+/// `probe.forge` writes to (where a runtime keeps its protocol). Then returns.
+struct Flood;
+
+#[async_trait::async_trait]
+impl Work for Flood {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        #[derive(Deserialize)]
+        struct P {
+            mib: usize,
+            #[serde(default)]
+            protocol: bool,
+        }
+        let P { mib, protocol } = ctx.payload_as()?;
+        let block = vec![b'x'; 1024 * 1024];
+        let mut to: Vec<Box<dyn Write>> = if protocol {
+            let mut pipes = Vec::new();
+            for fd in writable_pipes() {
+                let pipe = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(format!("/proc/self/fd/{fd}"))?;
+                pipes.push(Box::new(pipe) as Box<dyn Write>);
+            }
+            pipes
+        } else {
+            vec![Box::new(std::io::stdout())]
+        };
+        for out in &mut to {
+            for _ in 0..mib {
+                out.write_all(&block)?;
+            }
+            out.flush()?;
+        }
+        Ok(json!({ "wrote_mib": mib, "pipes": to.len() }))
+    }
+}
+
 /// The argument that makes this binary a child of `probe.fork`: it waits for its stdin to close.
 const PARK: &str = "park";
+
+/// The argument that makes this binary a child of `probe.forge`: it prints its next argument.
+const ECHO: &str = "echo";
 
 fn main() -> std::process::ExitCode {
     if std::env::args().nth(1).as_deref() == Some(PARK) {
         let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
+        return std::process::ExitCode::SUCCESS;
+    }
+    if std::env::args().nth(1).as_deref() == Some(ECHO) {
+        println!("{}", std::env::args().nth(2).unwrap_or_default());
         return std::process::ExitCode::SUCCESS;
     }
     let mut registry = Registry::with_builtins();
@@ -141,6 +262,8 @@ fn main() -> std::process::ExitCode {
         .register("probe.sandbox", Sandbox)
         .register("probe.alloc", Alloc)
         .register("probe.fork", Fork)
-        .register("probe.abort", Abort);
+        .register("probe.abort", Abort)
+        .register("probe.forge", Forge)
+        .register("probe.flood", Flood);
     rota_worker_runtime::cli::main(registry)
 }
