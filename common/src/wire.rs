@@ -487,14 +487,20 @@ impl Event {
     /// Reads and checks an event from a message body; a progress fraction is clamped to 0..=1.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
         let mut event: Event = decode("event", body)?;
-        check_attempt(event.attempt)?;
-        if let Some(job) = &event.job {
+        event.check()?;
+        Ok(event)
+    }
+
+    /// The checks that serde's types do not make; a progress fraction is clamped to 0..=1.
+    pub fn check(&mut self) -> Result<(), String> {
+        check_attempt(self.attempt)?;
+        if let Some(job) = &self.job {
             job.check().map_err(|e| format!("the event's job: {e}"))?;
         }
-        if let Some(fraction) = event.progress.as_mut().and_then(|p| p.fraction.as_mut()) {
+        if let Some(fraction) = self.progress.as_mut().and_then(|p| p.fraction.as_mut()) {
             *fraction = fraction.clamp(0.0, 1.0);
         }
-        Ok(event)
+        Ok(())
     }
 
     pub fn routing_key(&self) -> String {
@@ -543,10 +549,15 @@ impl Heartbeat {
     /// [`HEARTBEAT_INTERVAL_MS`].
     pub fn parse(body: &[u8]) -> Result<Self, String> {
         let mut beat: Heartbeat = decode("heartbeat", body)?;
-        beat.interval_ms = beat
+        beat.clamp();
+        Ok(beat)
+    }
+
+    /// Brings `interval_ms` into [`HEARTBEAT_INTERVAL_MS`].
+    pub fn clamp(&mut self) {
+        self.interval_ms = self
             .interval_ms
             .clamp(*HEARTBEAT_INTERVAL_MS.start(), *HEARTBEAT_INTERVAL_MS.end());
-        Ok(beat)
     }
 }
 

@@ -721,7 +721,7 @@ impl Agent {
     /// Applies the scheduler's receipts and control messages from this agent's queue.
     async fn receive_receipts(self: Arc<Self>, mut receipts: Consumer) {
         while let Some(d) = receipts.recv().await {
-            match serde_json::from_slice::<AgentMessage>(&d.body) {
+            match AgentMessage::parse(&d.body) {
                 Ok(AgentMessage::Receipt { uuid, attempt }) => {
                     if let Err(e) = self.outbox.remove(uuid, attempt) {
                         error!(job_id = %uuid, error = %e, "cannot remove a receipted result from the outbox");

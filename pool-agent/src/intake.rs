@@ -118,6 +118,6 @@ fn salvage(body: &[u8]) -> Option<Job> {
         .and_then(Value::as_u64)
         .and_then(|a| u32::try_from(a).ok())
         .unwrap_or(1)
-        .max(1);
+        .clamp(1, rota_common::wire::MAX_ATTEMPT);
     Some(job)
 }

@@ -117,6 +117,9 @@ fn json<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Refused> {
 /// job that was refused), but it must be about the job it names.
 pub fn result(body: &[u8]) -> Result<JobResult, Refused> {
     let result: JobResult = json(body, "result")?;
+    result
+        .check()
+        .map_err(|e| Refused::new(Reason::Invalid, e))?;
     if let Some(uuid) = result.job.uuid
         && uuid != result.uuid
     {
@@ -139,7 +142,10 @@ pub fn rpc(body: &[u8]) -> Result<RpcRequest, Refused> {
 /// A `job.started` event: it may create the job's record, so its job must be one that could
 /// have been submitted.
 pub fn started(body: &[u8]) -> Result<Event, Refused> {
-    let event: Event = json(body, "event")?;
+    let mut event: Event = json(body, "event")?;
+    event
+        .check()
+        .map_err(|e| Refused::new(Reason::Invalid, e))?;
     if event.event != EventKind::Started {
         return Err(Refused::new(
             Reason::Invalid,
@@ -173,7 +179,9 @@ pub fn heartbeat(body: &[u8]) -> Result<Heartbeat, Refused> {
             ),
         ));
     }
-    json(body, "heartbeat")
+    let mut beat: Heartbeat = json(body, "heartbeat")?;
+    beat.clamp();
+    Ok(beat)
 }
 
 #[cfg(test)]
