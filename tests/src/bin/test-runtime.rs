@@ -128,6 +128,39 @@ impl Work for Abort {
     }
 }
 
+/// Counts its runs for the fault suite's tally: appends `<uuid> <attempt>` to `file` (an alias
+/// path) as its first act, with O_APPEND so that concurrent runs never interleave, then sleeps
+/// `ms` (stopping early when cancelled). A line is a run that began, whatever happens next.
+struct Count;
+
+#[async_trait::async_trait]
+impl Work for Count {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        #[derive(Deserialize)]
+        struct P {
+            file: String,
+            #[serde(default)]
+            ms: u64,
+        }
+        let P { file, ms } = ctx.payload_as()?;
+        let real = ctx.resolve(&file)?;
+        let line = format!("{} {}\n", ctx.uuid(), ctx.attempt());
+        // One write(2) of a short line on an O_APPEND file: atomic with respect to other runs.
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&real)?,
+            line.as_bytes(),
+        )?;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(ms)) => {}
+            _ = ctx.cancelled() => anyhow::bail!("cancelled while sleeping"),
+        }
+        Ok(json!({ "slept_ms": ms }))
+    }
+}
+
 /// The argument that makes this binary a child of `probe.fork`: it waits for its stdin to close.
 const PARK: &str = "park";
 
@@ -141,6 +174,7 @@ fn main() -> std::process::ExitCode {
         .register("probe.sandbox", Sandbox)
         .register("probe.alloc", Alloc)
         .register("probe.fork", Fork)
-        .register("probe.abort", Abort);
+        .register("probe.abort", Abort)
+        .register("probe.count", Count);
     rota_worker_runtime::cli::main(registry)
 }
