@@ -790,18 +790,23 @@ impl Ledger {
             if on.len() > tally.max_runs {
                 tally.max_runs = on.len();
             }
+            let mut per_agent: std::collections::BTreeMap<&str, usize> = Default::default();
+            for agent in on {
+                *per_agent.entry(agent).or_default() += 1;
+            }
             if on.len() > 1 {
                 let started = self.started.get(id).map(Vec::len).unwrap_or(0);
                 tally.note(format!(
-                    "{id}: ran {} times (on {on:?}), {started} job.started events",
+                    "{id}: ran {} times (runs per agent {per_agent:?}), {started} job.started events",
                     on.len()
                 ));
             }
-            let mut per_agent: HashMap<&str, usize> = HashMap::new();
-            for agent in on.iter().filter(|a| !self.killed.contains(*a)) {
-                *per_agent.entry(agent).or_default() += 1;
-            }
-            let most = per_agent.values().copied().max().unwrap_or(0);
+            let most = per_agent
+                .iter()
+                .filter(|(agent, _)| !self.killed.contains(**agent))
+                .map(|(_, n)| *n)
+                .max()
+                .unwrap_or(0);
             tally.max_runs_on_surviving_agent = tally.max_runs_on_surviving_agent.max(most);
         }
     }

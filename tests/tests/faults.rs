@@ -81,7 +81,8 @@ async fn agent_connection_broken(how: Break, n: usize) -> Tally {
     let mut ledger = Ledger::new(&sys).await;
     let relay = Relay::to_broker().await;
     let _scheduler = sys.scheduler();
-    let mut flags = counting_pool(&mut ledger, &sys, "c1", 4);
+    // Room for more than the jobs running: a redelivery reaches the agent at once.
+    let mut flags = counting_pool(&mut ledger, &sys, "c1", 8);
     flags.extend(["--amqp-url".to_owned(), relay.url()]);
     let agent = start_agent(&sys, "c1", &flags);
     sys.ready(true, &["c1"]).await;
@@ -105,6 +106,7 @@ async fn agent_connection_broken(how: Break, n: usize) -> Tally {
     }
     ledger.settle(&sys, &["c1"], MINUTE).await;
     ledger.tally_into(&sys, &mut tally).await;
+    if std::env::var("DEBUG_FAULTS").is_ok() { eprintln!("{}", agent.output()); }
     tally
 }
 
@@ -116,7 +118,7 @@ async fn agent_connection_blackholed(n: usize) -> Tally {
     let mut ledger = Ledger::new(&sys).await;
     let relay = Relay::to_broker().await;
     let _scheduler = sys.scheduler();
-    let mut flags = counting_pool(&mut ledger, &sys, "b1", 4);
+    let mut flags = counting_pool(&mut ledger, &sys, "b1", 8);
     flags.extend(["--amqp-url".to_owned(), relay.url()]);
     let _agent = start_agent(&sys, "b1", &flags);
     sys.ready(true, &["b1"]).await;
@@ -359,7 +361,8 @@ async fn forged_input(n: usize) -> Tally {
             json!({"kind": "receipt", "uuid": 12}).to_string(),
             json!({"kind": "receipt"}).to_string(),
             json!({"kind": "explode", "uuid": u}).to_string(),
-            json!({"kind": "receipt", "uuid": "a".repeat(1 << 20), "attempt": 1}).to_string(),
+            // Under the 1 MiB that a parallel fault test may set as the broker's limit.
+            json!({"kind": "receipt", "uuid": "a".repeat(512 * 1024), "attempt": 1}).to_string(),
             "\u{0}\u{ff} garbage".to_owned(),
             "[".repeat(10_000),
         ];
@@ -475,6 +478,31 @@ async fn forged_input(n: usize) -> Tally {
     tally
 }
 
+/// The processes that hold a file under `dir` open (from /proc), for a failure message.
+fn holders(dir: &std::path::Path) -> Vec<String> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter(|p| {
+            std::fs::read_dir(p.path().join("fd")).is_ok_and(|fds| {
+                fds.flatten().any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(dir))
+                })
+            })
+        })
+        .map(|p| {
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            format!(
+                "{}: {}",
+                p.file_name().to_string_lossy(),
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            )
+        })
+        .collect()
+}
+
 /// Where in a job's life the agent is killed.
 #[derive(Debug, Clone, Copy)]
 enum KillPoint {
@@ -520,7 +548,15 @@ async fn agent_killed(n: usize) -> Tally {
         }
         killed.kill().await;
         killed = start_agent(&sys, "k1", &victim);
-        sys.ready(false, &["k1"]).await;
+        tokio::select! {
+            _ = sys.ready(false, &["k1"]) => {}
+            status = killed.exited() => panic!(
+                "the agent restarted after kill -9 exited ({status:?}): {}\nprocesses holding its \
+                 data folder open: {:?}",
+                killed.output(),
+                holders(&sys.data_dir().join("agent-k1"))
+            ),
+        }
         tally.injections += 1;
         if !ledger.recorded(2 * MINUTE).await {
             break;
