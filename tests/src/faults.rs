@@ -295,7 +295,9 @@ pub async fn close_connection_of(pid: u32) -> usize {
                 };
                 let mine: Vec<_> = list
                     .into_iter()
-                    .filter(|c| c.client_name.starts_with("rota ") && c.client_name.ends_with(&suffix))
+                    .filter(|c| {
+                        c.client_name.starts_with("rota ") && c.client_name.ends_with(&suffix)
+                    })
                     .collect();
                 if mine.is_empty() {
                     continue;
@@ -483,7 +485,10 @@ pub struct Tally {
     pub max_runs: usize,
     /// The most runs of one job on one agent that was not killed.
     pub max_runs_on_surviving_agent: usize,
-    /// A few examples of what went wrong, for the failure message.
+    /// What else the fault's test expects and did not see (e.g. "/readyz never answered
+    /// 503"): any of them breaks the bar.
+    pub problems: Vec<String>,
+    /// A few examples of what went wrong per job, for the failure message.
     pub notes: Vec<String>,
 }
 
@@ -498,7 +503,8 @@ impl Tally {
     /// Whether the bar holds: nothing lost, nothing recorded twice, at most one run on an
     /// agent that survived, and at most `max_runs` runs in all.
     pub fn holds(&self, max_runs: usize) -> bool {
-        self.lost == 0
+        self.problems.is_empty()
+            && self.lost == 0
             && self.recorded_twice == 0
             && self.max_runs_on_surviving_agent <= 1
             && self.max_runs <= max_runs
@@ -509,14 +515,23 @@ impl Tally {
         assert!(
             self.holds(max_runs),
             "the bar (0 lost, 0 recorded twice, ≤ 1 run on a surviving agent, ≤ {max_runs} runs) \
-             does not hold:\n{}{}",
+             does not hold:\n{}{}{}",
             Tally::table(std::slice::from_ref(self)),
+            self.problems
+                .iter()
+                .map(|p| format!("  ! {p}\n"))
+                .collect::<String>(),
             self.notes
                 .iter()
                 .take(10)
                 .map(|n| format!("  - {n}\n"))
                 .collect::<String>()
         );
+    }
+
+    /// Records an expectation of the fault's test that did not hold.
+    pub fn problem(&mut self, problem: impl Into<String>) {
+        self.problems.push(problem.into());
     }
 
     fn note(&mut self, note: String) {
@@ -528,20 +543,25 @@ impl Tally {
     /// A Markdown table, one row per fault.
     pub fn table(tallies: &[Tally]) -> String {
         let mut t = String::from(
-            "| fault | injections | jobs | lost | recorded twice | max runs on a surviving agent | max runs |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            "| fault | injections | jobs | lost | recorded twice | max runs on a surviving agent | max runs | other failures |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
         );
         for x in tallies {
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 x.fault,
                 x.injections,
                 x.jobs,
                 x.lost,
                 x.recorded_twice,
                 x.max_runs_on_surviving_agent,
-                x.max_runs
+                x.max_runs,
+                if x.problems.is_empty() {
+                    "none".to_owned()
+                } else {
+                    x.problems.join("; ")
+                }
             );
         }
         t
@@ -602,7 +622,11 @@ impl Ledger {
 
     /// Publishes `job` to the jobs exchange (RabbitMQ confirms it) and counts it as accepted.
     pub async fn publish(&mut self, sys: &System, job: Job) -> JobId {
-        let id = sys.client.publish_job(job).await.expect("RabbitMQ confirms the job");
+        let id = sys
+            .client
+            .publish_job(job)
+            .await
+            .expect("RabbitMQ confirms the job");
         self.accept(id);
         id
     }
@@ -739,17 +763,21 @@ impl Ledger {
 
     /// The scheduler's records of every job (asked again while it is reconnecting).
     pub async fn records(sys: &System) -> HashMap<JobId, JobRecord> {
-        within(Duration::from_secs(60), "the scheduler's list of jobs", async {
-            loop {
-                let request = RpcRequest::List {
-                    state: None,
-                    limit: Some(100_000),
-                };
-                if let Ok(RpcReply::Jobs { jobs }) = sys.client.call(&request).await {
-                    return jobs.into_iter().map(|j| (j.uuid, j)).collect();
+        within(
+            Duration::from_secs(60),
+            "the scheduler's list of jobs",
+            async {
+                loop {
+                    let request = RpcRequest::List {
+                        state: None,
+                        limit: Some(100_000),
+                    };
+                    if let Ok(RpcReply::Jobs { jobs }) = sys.client.call(&request).await {
+                        return jobs.into_iter().map(|j| (j.uuid, j)).collect();
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -844,6 +872,9 @@ mod tests {
         assert!(t.holds(2));
         t.max_runs_on_surviving_agent = 2;
         assert!(!t.holds(2));
-        assert!(Tally::table(&[t]).contains("| x | 0 | 0 | 0 | 0 | 2 | 2 |"));
+        assert!(Tally::table(&[t.clone()]).contains("| x | 0 | 0 | 0 | 0 | 2 | 2 | none |"));
+        t.max_runs_on_surviving_agent = 1;
+        t.problem("no 503");
+        assert!(!t.holds(2));
     }
 }
