@@ -512,10 +512,18 @@ impl Tally {
 
     /// Panics, with the tally's row and notes, unless [`Tally::holds`].
     pub fn assert_holds(&self, max_runs: usize) {
-        assert!(
+        self.assert_bar(
             self.holds(max_runs),
-            "the bar (0 lost, 0 recorded twice, ≤ 1 run on a surviving agent, ≤ {max_runs} runs) \
-             does not hold:\n{}{}{}",
+            &format!("0 lost, 0 recorded twice, ≤ 1 run on a surviving agent, ≤ {max_runs} runs"),
+        );
+    }
+
+    /// Panics, with the tally's row, problems and notes, unless `holds`; `bar` says what was
+    /// expected.
+    pub fn assert_bar(&self, holds: bool, bar: &str) {
+        assert!(
+            holds,
+            "the bar ({bar}) does not hold:\n{}{}{}",
             Tally::table(std::slice::from_ref(self)),
             self.problems
                 .iter()
