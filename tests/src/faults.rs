@@ -586,6 +586,8 @@ pub struct Ledger {
     started: HashMap<JobId, Vec<String>>,
     /// `job.finished` events with a final state, per job.
     finals: HashMap<JobId, usize>,
+    /// Jobs that the scheduler's records show ended (whatever their events said).
+    ended: HashSet<JobId>,
     /// Agent id → its runs folder.
     run_dirs: Vec<(String, PathBuf)>,
     killed: HashSet<String>,
@@ -605,6 +607,7 @@ impl Ledger {
             accepted_set: HashSet::new(),
             started: HashMap::new(),
             finals: HashMap::new(),
+            ended: HashSet::new(),
             run_dirs: Vec::new(),
             killed: HashSet::new(),
         }
@@ -722,16 +725,49 @@ impl Ledger {
         .await
     }
 
-    /// Waits (at most `limit`) until every accepted job has a final `job.finished` event;
-    /// whether they all did. A job that never does is counted lost by [`Ledger::tally`].
-    pub async fn recorded(&mut self, limit: Duration) -> bool {
+    /// Waits (at most `limit`) until every accepted job is recorded with a final state; whether
+    /// they all were. Its `job.finished` event says so at once; the scheduler's records, read at
+    /// each of its heartbeats, say so too when that event was never sent (a scheduler killed
+    /// between recording and announcing). A job never recorded is counted lost by
+    /// [`Ledger::tally_into`].
+    pub async fn recorded(&mut self, sys: &System, limit: Duration) -> bool {
+        let mut beats = sys.heartbeats().await;
+        let mut beating = true;
         let all = async {
-            while !self.accepted.iter().all(|id| self.finals.contains_key(id)) {
-                let e = self.events.next().await.expect("events keep coming");
-                self.take(e);
+            loop {
+                if self
+                    .accepted
+                    .iter()
+                    .all(|id| self.finals.contains_key(id) || self.ended.contains(id))
+                {
+                    return;
+                }
+                tokio::select! {
+                    e = self.events.next() => self.take(e.expect("events keep coming")),
+                    hb = beats.next(), if beating => match hb {
+                        Some(hb) if hb.role == Role::Scheduler => self.read_records(sys).await,
+                        Some(_) => {}
+                        None => beating = false,
+                    },
+                }
             }
         };
         tokio::time::timeout(limit, all).await.is_ok()
+    }
+
+    /// Notes the jobs that the scheduler's records show ended.
+    async fn read_records(&mut self, sys: &System) {
+        let request = RpcRequest::List {
+            state: None,
+            limit: Some(self.accepted.len() + 100_000),
+        };
+        if let Ok(RpcReply::Jobs { jobs }) = sys.client.call(&request).await {
+            self.ended.extend(
+                jobs.iter()
+                    .filter(|j| j.state.is_final() && self.accepted_set.contains(&j.uuid))
+                    .map(|j| j.uuid),
+            );
+        }
     }
 
     /// Waits (at most `limit`) until each of `agents` reports, in a heartbeat, no job running

@@ -103,7 +103,7 @@ async fn agent_connection_broken(how: Break, n: usize) -> Tally {
         }
         relay.await_accepted(before + 1, MINUTE).await;
         tally.injections += 1;
-        if !ledger.recorded(MINUTE).await {
+        if !ledger.recorded(&sys, MINUTE).await {
             break;
         }
     }
@@ -136,7 +136,7 @@ async fn agent_connection_blackholed(n: usize) -> Tally {
         relay.await_accepted(before + 1, MINUTE).await;
         relay.blackhole(false);
         tally.injections += 1;
-        if !ledger.recorded(2 * MINUTE).await {
+        if !ledger.recorded(&sys, 2 * MINUTE).await {
             break;
         }
     }
@@ -166,7 +166,7 @@ async fn scheduler_connection_closed(n: usize) -> Tally {
         assert_eq!(close_connection_of(scheduler.pid()).await, 1);
         relay.await_accepted(before + 1, MINUTE).await;
         tally.injections += 1;
-        if !ledger.recorded(MINUTE).await {
+        if !ledger.recorded(&sys, MINUTE).await {
             break;
         }
     }
@@ -217,7 +217,7 @@ async fn oversized_results(n: usize) -> Tally {
     let _agent = start_agent(&sys, "m1", &flags);
     // Kept lowered until the jobs are recorded (or 30 s): the agent's reconnects would
     // otherwise open channels without it.
-    let recorded = ledger.recorded(Duration::from_secs(30)).await;
+    let recorded = ledger.recorded(&sys, Duration::from_secs(30)).await;
     drop(limit);
     tally.injections = n;
     let connections = relay.accepted();
@@ -295,7 +295,7 @@ async fn full_disk(n: usize) -> Tally {
             tally.problem("/readyz not 200 within a minute of the space being freed");
         }
         // Once space is back every job must end, whatever happened while the disk was full.
-        if !ledger.recorded(MINUTE).await || !tally.problems.is_empty() {
+        if !ledger.recorded(&sys, MINUTE).await || !tally.problems.is_empty() {
             break;
         }
     }
@@ -427,7 +427,7 @@ async fn forged_scheduler_input(n: usize) -> Tally {
         .await;
         ledger.accept(record.uuid);
         tally.injections += 1;
-        if !ledger.recorded(MINUTE).await {
+        if !ledger.recorded(&sys, MINUTE).await {
             break;
         }
     }
@@ -473,7 +473,7 @@ async fn scheduler_killed(n: usize) -> Tally {
         scheduler.kill().await;
         scheduler = sys.scheduler();
         tally.injections += 1;
-        if !ledger.recorded(MINUTE).await {
+        if !ledger.recorded(&sys, MINUTE).await {
             break;
         }
     }
@@ -654,7 +654,7 @@ async fn forged_input(n: usize) -> Tally {
         })
         .await;
         tally.injections += 1;
-        if !ledger.recorded(MINUTE).await {
+        if !ledger.recorded(&sys, MINUTE).await {
             break;
         }
     }
@@ -667,7 +667,7 @@ async fn forged_input(n: usize) -> Tally {
         .expect("the scheduler answers");
     ledger.accept(record.uuid);
     assert!(
-        ledger.recorded(MINUTE).await,
+        ledger.recorded(&sys, MINUTE).await,
         "a good job after the bad ones"
     );
     ledger.settle(&sys, &["f1"], MINUTE).await;
@@ -762,7 +762,7 @@ async fn agent_killed(n: usize) -> Tally {
             ),
         }
         tally.injections += 1;
-        if !ledger.recorded(2 * MINUTE).await {
+        if !ledger.recorded(&sys, 2 * MINUTE).await {
             break;
         }
     }
