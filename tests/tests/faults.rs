@@ -1,7 +1,7 @@
 //! The fault suite: the faults that production brings (a cut or black-holed connection, the
 //! broker closing a connection, a result over the broker's `max_message_size`, a full disk,
-//! forged and garbage input, kill -9), injected while jobs run, and counted per job as Jepsen
-//! does: lost, recorded twice, runs (see `rota_tests::faults`).
+//! forged and garbage input, kill -9 of an agent or the scheduler), injected while jobs run,
+//! and counted per job as Jepsen does: lost, recorded twice, runs (see `rota_tests::faults`).
 //!
 //! The bar: 0 lost, 0 recorded twice, at most 1 run on an agent that survived, at most 2 runs
 //! when an agent was killed mid-job. The default run makes a few injections of each fault; the
@@ -311,177 +311,6 @@ async fn full_disk(n: usize) -> Tally {
     tally
 }
 
-/// Forged and garbage messages on what the scheduler consumes: the results queue, the RPC
-/// queue, the heartbeats and events exchanges. The scheduler stays up, still answers, still
-/// knows its agents, and records good jobs after.
-async fn forged_scheduler_input(n: usize) -> Tally {
-    let sys = System::new().await;
-    let mut ledger = Ledger::new(&sys).await;
-    let scheduler = sys.scheduler();
-    let flags = counting_pool(&mut ledger, &sys, "g1", 2);
-    let agent = start_agent(&sys, "g1", &flags);
-    sys.ready(true, &["g1"]).await;
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("connects");
-    let ch = conn.create_channel().await.expect("a channel");
-    let publish = async |exchange: &str, key: &str, body: &[u8], reply_to: Option<&str>| {
-        let mut props = BasicProperties::default().with_correlation_id("forged".into());
-        if let Some(r) = reply_to {
-            props = props.with_reply_to(r.into());
-        }
-        ch.basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions::default(),
-            body,
-            props,
-        )
-        .await
-        .expect("published")
-        .await
-        .expect("confirmed");
-    };
-    let mut tally = Tally::new("forged and garbage input to the scheduler");
-    let now = chrono::Utc::now();
-    for _ in 0..n {
-        let u = JobId::random();
-        let job = json!({"type": "probe.count", "uuid": u});
-        let result = |attempt: serde_json::Value, status: &str| {
-            json!({"uuid": u, "attempt": attempt, "type": "probe.count", "agent": "nobody",
-                   "worker": "w", "status": status, "started_at": now, "finished_at": now,
-                   "job": job})
-            .to_string()
-        };
-        let results = [
-            result(json!(1), "succeeded"),
-            result(json!(u32::MAX), "failed"),
-            result(json!(-1), "succeeded"),
-            result(json!(1), "exploded"),
-            json!([result(json!(1), "succeeded"), 7, "x"]).to_string(),
-            "\u{0}\u{ff} garbage".to_owned(),
-            "[".repeat(10_000),
-        ];
-        for body in &results {
-            publish("", &sys.names.results(), body.as_bytes(), Some("nowhere")).await;
-        }
-        let rpc = [
-            "\u{0} garbage".to_owned(),
-            json!({"method": "explode"}).to_string(),
-            json!({"method": "list", "limit": u64::MAX}).to_string(),
-            json!({"method": "list", "limit": -1}).to_string(),
-            json!({"method": "status", "uuid": "not-a-uuid"}).to_string(),
-            json!({"method": "logs", "uuid": JobId::random(), "attempt": u32::MAX}).to_string(),
-            json!({"method": "submit", "job": {"type": "probe.count", "attempt": u32::MAX,
-                   "max_attempts": u32::MAX, "backoff_ms": u64::MAX, "timeout_s": u64::MAX}})
-            .to_string(),
-        ];
-        for body in &rpc {
-            // A reply to a queue that does not exist is dropped by the broker: harmless.
-            publish(
-                "",
-                &sys.names.rpc(),
-                body.as_bytes(),
-                Some("amq.rabbitmq.nowhere"),
-            )
-            .await;
-            publish("", &sys.names.rpc(), body.as_bytes(), None).await;
-        }
-        let beats = [
-            json!({"role": "agent", "id": "forged", "host": "h", "pid": 1, "version": "x",
-                   "started_at": now, "seq": u64::MAX, "interval_ms": u64::MAX})
-            .to_string(),
-            json!({"role": "agent", "id": "forged0", "host": "h", "pid": 1, "version": "x",
-                   "started_at": now, "seq": 0, "interval_ms": 0})
-            .to_string(),
-            json!({"role": "scheduler", "id": 5}).to_string(),
-            "\u{0} garbage".to_owned(),
-        ];
-        for body in &beats {
-            publish(&sys.names.heartbeats(), "", body.as_bytes(), None).await;
-        }
-        let events = [
-            json!({"event": "started", "uuid": JobId::random(), "attempt": u32::MAX,
-                   "type": "probe.count", "time": now, "job": {"type": "probe.count"}})
-            .to_string(),
-            json!({"event": "started", "uuid": 1, "attempt": 1}).to_string(),
-            "\u{0} garbage".to_owned(),
-        ];
-        for body in &events {
-            publish(
-                &sys.names.events(),
-                "job.started.probe.count",
-                body.as_bytes(),
-                None,
-            )
-            .await;
-        }
-        // A good job after all that, through RPC: the scheduler answers and records it.
-        let record = within(MINUTE, "the scheduler answering a submit", async {
-            loop {
-                if let Ok(r) = sys.client.submit(Ledger::count_job(0)).await {
-                    return r;
-                }
-            }
-        })
-        .await;
-        ledger.accept(record.uuid);
-        tally.injections += 1;
-        if !ledger.recorded(&sys, MINUTE).await {
-            break;
-        }
-    }
-    match sys.client.call(&rota_tests::wire::RpcRequest::Agents).await {
-        Ok(rota_tests::wire::RpcReply::Agents { agents }) => {
-            if !agents.iter().any(|a| a.heartbeat.id == "g1" && a.alive) {
-                tally.problem("the scheduler no longer sees its agent alive");
-            }
-        }
-        other => tally.problem(format!("`agents` after forged heartbeats: {other:?}")),
-    }
-    ledger.settle(&sys, &["g1"], MINUTE).await;
-    if !alive(scheduler.pid()) {
-        tally.problem(format!("the scheduler fell:\n{}", scheduler.output()));
-    }
-    if !alive(agent.pid()) {
-        tally.problem("the agent fell");
-    }
-    let _ = conn.close(200, "done".into()).await;
-    ledger.tally_into(&sys, &mut tally).await;
-    tally
-}
-
-/// kill -9 of the scheduler while jobs run (at a `started` event, or at a `finished` one),
-/// restarted at once: nothing lost, each job recorded once and run once (the agent survives).
-async fn scheduler_killed(n: usize) -> Tally {
-    let sys = System::new().await;
-    let mut ledger = Ledger::new(&sys).await;
-    let mut scheduler = sys.scheduler();
-    let flags = counting_pool(&mut ledger, &sys, "x1", 4);
-    let _agent = start_agent(&sys, "x1", &flags);
-    sys.ready(true, &["x1"]).await;
-    let mut tally = Tally::new("scheduler kill -9 (mid-run, after a finish)");
-    for i in 0..n {
-        let ids = ledger
-            .publish_counted(&sys, 4, 500 + 500 * (i as u64 % 3))
-            .await;
-        if i % 2 == 0 {
-            ledger.started(&ids, MINUTE).await;
-        } else {
-            ledger.next_finished_from("x1", MINUTE).await;
-        }
-        scheduler.kill().await;
-        scheduler = sys.scheduler();
-        tally.injections += 1;
-        if !ledger.recorded(&sys, MINUTE).await {
-            break;
-        }
-    }
-    ledger.settle(&sys, &["x1"], MINUTE).await;
-    ledger.tally_into(&sys, &mut tally).await;
-    tally
-}
-
 /// The bar of a full disk: a job whose result could not be stored may run once more after
 /// the space is back, on the same agent.
 const FULL_DISK_BAR: &str = "no other failure, 0 lost, 0 recorded twice, ≤ 2 runs";
@@ -678,6 +507,177 @@ async fn forged_input(n: usize) -> Tally {
         scheduler.output()
     );
     let _ = conn.close(200, "done".into()).await;
+    ledger.tally_into(&sys, &mut tally).await;
+    tally
+}
+
+/// Forged and garbage messages on what the scheduler consumes: the results queue, the RPC
+/// queue, the heartbeats and events exchanges. The scheduler stays up, still answers, still
+/// knows its agents, and records good jobs after.
+async fn forged_scheduler_input(n: usize) -> Tally {
+    let sys = System::new().await;
+    let mut ledger = Ledger::new(&sys).await;
+    let scheduler = sys.scheduler();
+    let flags = counting_pool(&mut ledger, &sys, "g1", 2);
+    let agent = start_agent(&sys, "g1", &flags);
+    sys.ready(true, &["g1"]).await;
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("a channel");
+    let publish = async |exchange: &str, key: &str, body: &[u8], reply_to: Option<&str>| {
+        let mut props = BasicProperties::default().with_correlation_id("forged".into());
+        if let Some(r) = reply_to {
+            props = props.with_reply_to(r.into());
+        }
+        ch.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("confirmed");
+    };
+    let mut tally = Tally::new("forged and garbage input to the scheduler");
+    let now = chrono::Utc::now();
+    for _ in 0..n {
+        let u = JobId::random();
+        let job = json!({"type": "probe.count", "uuid": u});
+        let result = |attempt: serde_json::Value, status: &str| {
+            json!({"uuid": u, "attempt": attempt, "type": "probe.count", "agent": "nobody",
+                   "worker": "w", "status": status, "started_at": now, "finished_at": now,
+                   "job": job})
+            .to_string()
+        };
+        let results = [
+            result(json!(1), "succeeded"),
+            result(json!(u32::MAX), "failed"),
+            result(json!(-1), "succeeded"),
+            result(json!(1), "exploded"),
+            json!([result(json!(1), "succeeded"), 7, "x"]).to_string(),
+            "\u{0}\u{ff} garbage".to_owned(),
+            "[".repeat(10_000),
+        ];
+        for body in &results {
+            publish("", &sys.names.results(), body.as_bytes(), Some("nowhere")).await;
+        }
+        let rpc = [
+            "\u{0} garbage".to_owned(),
+            json!({"method": "explode"}).to_string(),
+            json!({"method": "list", "limit": u64::MAX}).to_string(),
+            json!({"method": "list", "limit": -1}).to_string(),
+            json!({"method": "status", "uuid": "not-a-uuid"}).to_string(),
+            json!({"method": "logs", "uuid": JobId::random(), "attempt": u32::MAX}).to_string(),
+            json!({"method": "submit", "job": {"type": "probe.count", "attempt": u32::MAX,
+                   "max_attempts": u32::MAX, "backoff_ms": u64::MAX, "timeout_s": u64::MAX}})
+            .to_string(),
+        ];
+        for body in &rpc {
+            // A reply to a queue that does not exist is dropped by the broker: harmless.
+            publish(
+                "",
+                &sys.names.rpc(),
+                body.as_bytes(),
+                Some("amq.rabbitmq.nowhere"),
+            )
+            .await;
+            publish("", &sys.names.rpc(), body.as_bytes(), None).await;
+        }
+        let beats = [
+            json!({"role": "agent", "id": "forged", "host": "h", "pid": 1, "version": "x",
+                   "started_at": now, "seq": u64::MAX, "interval_ms": u64::MAX})
+            .to_string(),
+            json!({"role": "agent", "id": "forged0", "host": "h", "pid": 1, "version": "x",
+                   "started_at": now, "seq": 0, "interval_ms": 0})
+            .to_string(),
+            json!({"role": "scheduler", "id": 5}).to_string(),
+            "\u{0} garbage".to_owned(),
+        ];
+        for body in &beats {
+            publish(&sys.names.heartbeats(), "", body.as_bytes(), None).await;
+        }
+        let events = [
+            json!({"event": "started", "uuid": JobId::random(), "attempt": u32::MAX,
+                   "type": "probe.count", "time": now, "job": {"type": "probe.count"}})
+            .to_string(),
+            json!({"event": "started", "uuid": 1, "attempt": 1}).to_string(),
+            "\u{0} garbage".to_owned(),
+        ];
+        for body in &events {
+            publish(
+                &sys.names.events(),
+                "job.started.probe.count",
+                body.as_bytes(),
+                None,
+            )
+            .await;
+        }
+        // A good job after all that, through RPC: the scheduler answers and records it.
+        let record = within(MINUTE, "the scheduler answering a submit", async {
+            loop {
+                if let Ok(r) = sys.client.submit(Ledger::count_job(0)).await {
+                    return r;
+                }
+            }
+        })
+        .await;
+        ledger.accept(record.uuid);
+        tally.injections += 1;
+        if !ledger.recorded(&sys, MINUTE).await {
+            break;
+        }
+    }
+    match sys.client.call(&rota_tests::wire::RpcRequest::Agents).await {
+        Ok(rota_tests::wire::RpcReply::Agents { agents }) => {
+            if !agents.iter().any(|a| a.heartbeat.id == "g1" && a.alive) {
+                tally.problem("the scheduler no longer sees its agent alive");
+            }
+        }
+        other => tally.problem(format!("`agents` after forged heartbeats: {other:?}")),
+    }
+    ledger.settle(&sys, &["g1"], MINUTE).await;
+    if !alive(scheduler.pid()) {
+        tally.problem(format!("the scheduler fell:\n{}", scheduler.output()));
+    }
+    if !alive(agent.pid()) {
+        tally.problem("the agent fell");
+    }
+    let _ = conn.close(200, "done".into()).await;
+    ledger.tally_into(&sys, &mut tally).await;
+    tally
+}
+
+/// kill -9 of the scheduler while jobs run (at a `started` event, or at a `finished` one),
+/// restarted at once: nothing lost, each job recorded once and run once (the agent survives).
+async fn scheduler_killed(n: usize) -> Tally {
+    let sys = System::new().await;
+    let mut ledger = Ledger::new(&sys).await;
+    let mut scheduler = sys.scheduler();
+    let flags = counting_pool(&mut ledger, &sys, "x1", 4);
+    let _agent = start_agent(&sys, "x1", &flags);
+    sys.ready(true, &["x1"]).await;
+    let mut tally = Tally::new("scheduler kill -9 (mid-run, after a finish)");
+    for i in 0..n {
+        let ids = ledger
+            .publish_counted(&sys, 4, 500 + 500 * (i as u64 % 3))
+            .await;
+        if i % 2 == 0 {
+            ledger.started(&ids, MINUTE).await;
+        } else {
+            ledger.next_finished_from("x1", MINUTE).await;
+        }
+        scheduler.kill().await;
+        scheduler = sys.scheduler();
+        tally.injections += 1;
+        if !ledger.recorded(&sys, MINUTE).await {
+            break;
+        }
+    }
+    ledger.settle(&sys, &["x1"], MINUTE).await;
     ledger.tally_into(&sys, &mut tally).await;
     tally
 }
