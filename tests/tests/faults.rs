@@ -883,6 +883,16 @@ async fn soak_prints_the_fault_tally() {
             Box::pin(forged_input(n)),
         ),
         (
+            "forged and garbage input to the scheduler",
+            strict,
+            Box::pin(forged_scheduler_input(n)),
+        ),
+        (
+            "scheduler kill -9 (mid-run, after a finish)",
+            strict,
+            Box::pin(scheduler_killed(n)),
+        ),
+        (
             "agent kill -9 (before start, mid-run, after finish)",
             killed,
             Box::pin(agent_killed(n)),
