@@ -467,7 +467,10 @@ impl Reopening {
         })
     }
 
-    async fn new_channel(conn: &Connection, confirms: bool) -> Result<lapin::Channel, lapin::Error> {
+    async fn new_channel(
+        conn: &Connection,
+        confirms: bool,
+    ) -> Result<lapin::Channel, lapin::Error> {
         let ch = conn.create_channel().await?;
         if confirms {
             ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -619,9 +622,11 @@ impl Broker {
 
     /// Whether the connection and its shared channels are up now.
     pub fn is_connected(&self) -> bool {
-        self.inner.live.borrow().as_ref().is_some_and(|l| {
-            !l.lost.is_cancelled() && l.plain.is_open() && l.confirm.is_open()
-        })
+        self.inner
+            .live
+            .borrow()
+            .as_ref()
+            .is_some_and(|l| !l.lost.is_cancelled() && l.plain.is_open() && l.confirm.is_open())
     }
 
     /// How many times the connection was lost and made again.

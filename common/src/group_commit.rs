@@ -99,7 +99,10 @@ impl FileSync {
 
     /// Syncs what sled's flush left in the page cache.
     pub fn sync(&self) -> std::io::Result<()> {
-        let mut log = self.log.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        let mut log = self
+            .log
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
         if log.is_none() {
             // First call: the files and the folder entries sled created come with it.
             *log = Some(std::fs::File::open(self.dir.join("db"))?);

@@ -501,7 +501,9 @@ impl Agent {
             Disposition::Store(result) => {
                 let result = fit::fit(result, self.cfg.max_result_bytes);
                 if !self.store(&result).await {
-                    info!("shutdown grace is over before the result could be stored; handing the job back to RabbitMQ");
+                    info!(
+                        "shutdown grace is over before the result could be stored; handing the job back to RabbitMQ"
+                    );
                     return requeue_all(self.release(held)).await;
                 }
                 ack_all(self.release(held)).await;
@@ -521,10 +523,8 @@ impl Agent {
     /// then takes no jobs and says why on `/readyz`, and reopens the outbox until a write
     /// succeeds. False if the shutdown grace ended first.
     async fn store(&self, result: &JobResult) -> bool {
-        let mut backoff = rota_common::backoff::Backoff::new(
-            Duration::from_millis(100),
-            Duration::from_secs(10),
-        );
+        let mut backoff =
+            rota_common::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             match self.outbox.put(result).await {
                 Ok(()) => {
@@ -639,7 +639,13 @@ impl Agent {
                     if let Ok(mut c) = self.confirmed.lock() {
                         let next = c.get(&key).map_or(wait, |r| r.wait.saturating_mul(2));
                         let at = Instant::now();
-                        c.insert(key, Resend { at, wait: next.min(MAX_RECEIPT_WAIT) });
+                        c.insert(
+                            key,
+                            Resend {
+                                at,
+                                wait: next.min(MAX_RECEIPT_WAIT),
+                            },
+                        );
                     }
                     return;
                 }
@@ -703,7 +709,10 @@ impl Agent {
             }
         }
         if count > 0 {
-            info!(count, "sent again results that may have no copy in RabbitMQ");
+            info!(
+                count,
+                "sent again results that may have no copy in RabbitMQ"
+            );
         }
     }
 

@@ -146,9 +146,21 @@ mod tests {
         let r = fit(result(json!("ok"), 10_000), 100_000);
         assert!(size(&r) <= 100_000);
         assert_eq!(r.status, Status::Succeeded);
-        assert!(r.logs.first().is_some_and(|l| l.message.starts_with("line 0 ")));
-        assert!(r.logs.last().is_some_and(|l| l.message.starts_with("line 9999 ")));
-        assert!(r.logs.iter().any(|l| l.message.contains("log lines dropped")));
+        assert!(
+            r.logs
+                .first()
+                .is_some_and(|l| l.message.starts_with("line 0 "))
+        );
+        assert!(
+            r.logs
+                .last()
+                .is_some_and(|l| l.message.starts_with("line 9999 "))
+        );
+        assert!(
+            r.logs
+                .iter()
+                .any(|l| l.message.contains("log lines dropped"))
+        );
         assert!(r.logs_dropped > 0);
     }
 
@@ -167,6 +179,11 @@ mod tests {
         r.job.payload = json!("z".repeat(200_000));
         let r = fit(r, 100_000);
         assert!(size(&r) <= 100_000);
-        assert!(r.job.payload.as_str().is_some_and(|p| p.contains("left out")));
+        assert!(
+            r.job
+                .payload
+                .as_str()
+                .is_some_and(|p| p.contains("left out"))
+        );
     }
 }

@@ -58,7 +58,9 @@ impl Open {
         let files = FileSync::new(dir);
         let durable = GroupCommit::start("outbox", move || {
             db.flush().map_err(|e| e.to_string())?;
-            files.sync().map_err(|e| format!("cannot sync the outbox's files: {e}"))
+            files
+                .sync()
+                .map_err(|e| format!("cannot sync the outbox's files: {e}"))
         })?;
         Ok(Self { results, durable })
     }
@@ -117,7 +119,11 @@ impl Outbox {
     /// Forgets a receipted result. Flushed lazily: after a crash it may come back and be
     /// sent again, which the scheduler ignores.
     pub fn remove(&self, uuid: JobId, attempt: u32) -> anyhow::Result<bool> {
-        Ok(self.current()?.results.remove(key(uuid, attempt))?.is_some())
+        Ok(self
+            .current()?
+            .results
+            .remove(key(uuid, attempt))?
+            .is_some())
     }
 
     pub fn len(&self) -> usize {
@@ -140,7 +146,11 @@ impl Outbox {
         };
         let mut out = Vec::new();
         let mut last = None;
-        for entry in open.results.range::<Vec<u8>, _>((start, Bound::Unbounded)).take(n) {
+        for entry in open
+            .results
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take(n)
+        {
             let decoded = entry
                 .map_err(anyhow::Error::from)
                 .and_then(|(_, b)| Ok(serde_json::from_slice::<JobResult>(&b)?));
@@ -177,7 +187,11 @@ impl Outbox {
             })
             .take(n)
             .collect();
-        let next = if keys.len() == n { keys.last().copied() } else { None };
+        let next = if keys.len() == n {
+            keys.last().copied()
+        } else {
+            None
+        };
         (keys, next)
     }
 
@@ -285,6 +299,13 @@ mod tests {
         let mut big = result(2);
         big.output = Value::String("x".repeat(300 * 1024));
         outbox.put(&big).await.expect("stores a blob");
-        assert!(dir.path().join("blobs").read_dir().expect("blobs").next().is_some());
+        assert!(
+            dir.path()
+                .join("blobs")
+                .read_dir()
+                .expect("blobs")
+                .next()
+                .is_some()
+        );
     }
 }

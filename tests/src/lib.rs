@@ -14,6 +14,8 @@ use rota_common::names::DEFAULT_QUEUE;
 use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
 use std::collections::HashSet;
 
+pub mod faults;
+
 pub use rota_common::wire;
 
 /// The broker the tests use (ROTA_AMQP_URL, or the local default).

@@ -1,7 +1,8 @@
 //! The worker runtime of the tests: the built-ins plus `probe.*` works that report on the
 //! sandbox they run in, or misbehave in it on purpose (allocate without end, fork without end,
-//! abort, forge protocol frames, print without end). The tests run it as `process` workers and build it into the image of `docker`
-//! workers (see `rota_tests::worker_image`).
+//! abort, forge protocol frames, print without end), and `probe.count`, which counts its runs
+//! in a file for the fault suite. The tests run it as `process` workers and build it into the
+//! image of `docker` workers (see `rota_tests::worker_image`).
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
@@ -242,6 +243,39 @@ impl Work for Flood {
     }
 }
 
+/// Counts its runs for the fault suite's tally: appends `<uuid> <attempt>` to `file` (an alias
+/// path) as its first act, with O_APPEND so that concurrent runs never interleave, then sleeps
+/// `ms` (stopping early when cancelled). A line is a run that began, whatever happens next.
+struct Count;
+
+#[async_trait::async_trait]
+impl Work for Count {
+    async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
+        #[derive(Deserialize)]
+        struct P {
+            file: String,
+            #[serde(default)]
+            ms: u64,
+        }
+        let P { file, ms } = ctx.payload_as()?;
+        let real = ctx.resolve(&file)?;
+        let line = format!("{} {}\n", ctx.uuid(), ctx.attempt());
+        // One write(2) of a short line on an O_APPEND file: atomic with respect to other runs.
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&real)?,
+            line.as_bytes(),
+        )?;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(ms)) => {}
+            _ = ctx.cancelled() => anyhow::bail!("cancelled while sleeping"),
+        }
+        Ok(json!({ "slept_ms": ms }))
+    }
+}
+
 /// The argument that makes this binary a child of `probe.fork`: it waits for its stdin to close.
 const PARK: &str = "park";
 
@@ -264,6 +298,7 @@ fn main() -> std::process::ExitCode {
         .register("probe.fork", Fork)
         .register("probe.abort", Abort)
         .register("probe.forge", Forge)
-        .register("probe.flood", Flood);
+        .register("probe.flood", Flood)
+        .register("probe.count", Count);
     rota_worker_runtime::cli::main(registry)
 }
