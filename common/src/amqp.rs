@@ -729,8 +729,6 @@ impl Broker {
         start_consumer(&live, &sub).await?;
         let weak = Arc::downgrade(&sub);
         if let Ok(mut subs) = self.inner.subs.lock() {
-            // A consumer stopped for good (an agent pausing its intake) is not restored.
-            subs.retain(|s| !s.stopped.load(Ordering::SeqCst));
             subs.push(sub);
         }
         Ok(Consumer { rx, sub: weak })

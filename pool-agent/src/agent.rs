@@ -143,6 +143,7 @@ pub async fn run(
         aliases,
         running: Mutex::default(),
         cancelled: Mutex::default(),
+        receipted: Mutex::default(),
         confirmed: Mutex::default(),
         store_problem: tokio::sync::watch::Sender::new(None),
         abandon: CancellationToken::new(),
@@ -288,7 +289,10 @@ struct Agent {
     /// Jobs held now (received, not yet acked), by job id and attempt.
     running: Mutex<HashMap<(JobId, u32), Running>>,
     /// Jobs cancelled before they arrived here (the newest few thousand).
-    cancelled: Mutex<Cancelled>,
+    cancelled: Mutex<Recent<JobId>>,
+    /// Runs whose result the scheduler receipted (the newest few thousand): a late
+    /// redelivery of one (its ack was lost with its channel) is acked, not run again.
+    receipted: Mutex<Recent<(JobId, u32)>>,
     /// Stored results RabbitMQ confirmed, with when to send each again if no receipt comes.
     /// A stored result missing here was never confirmed: the resend timer tries it again.
     confirmed: Mutex<HashMap<(JobId, u32), Resend>>,
@@ -323,6 +327,8 @@ enum Disposition {
     Store(JobResult),
     /// The result is stored already: ack and send it again.
     Resend(JobResult),
+    /// The scheduler has recorded this run already: ack, nothing more.
+    Ack,
     /// Hand the job back to RabbitMQ, to run later (here or elsewhere).
     Requeue,
 }
@@ -403,6 +409,10 @@ impl Agent {
                     "this run already finished here; resending its stored result instead of running it again"
                 );
                 return Disposition::Resend(stored);
+            }
+            Ok(None) if self.receipted.lock().is_ok_and(|r| r.contains(&(uuid, job.attempt))) => {
+                info!("this run finished here and the scheduler recorded it; not running it again");
+                return Disposition::Ack;
             }
             Ok(None) => {}
             Err(e) => {
@@ -515,6 +525,7 @@ impl Agent {
                 ack_all(self.release(held)).await;
                 self.send(&stored).await;
             }
+            Disposition::Ack => ack_all(self.release(held)).await,
             Disposition::Requeue => requeue_all(self.release(held)).await,
         }
     }
@@ -537,8 +548,18 @@ impl Agent {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = self.abandon.cancelled() => return false,
             }
-            if let Err(e) = self.outbox.reopen() {
-                tracing::debug!(error = %e, "the outbox cannot be reopened yet");
+            if !self.outbox.failed() {
+                continue; // nothing was written: it waits for room (see Outbox::put)
+            }
+            match self.outbox.reopen().await {
+                Ok(()) => info!("reopened the outbox after a failed write"),
+                Err(e) if e.is::<crate::outbox::Stuck>() => {
+                    // Unacked jobs go back to RabbitMQ with the connection; stored results
+                    // stay on disk and are sent by the next run.
+                    error!(error = %e, "exiting: restart the pool agent (Kubernetes does) to reopen its outbox");
+                    std::process::exit(75);
+                }
+                Err(e) => tracing::debug!(error = %e, "the outbox cannot be reopened yet"),
             }
         }
     }
@@ -738,6 +759,9 @@ impl Agent {
                     if let Ok(mut c) = self.confirmed.lock() {
                         c.remove(&(uuid, attempt));
                     }
+                    if let Ok(mut r) = self.receipted.lock() {
+                        r.insert((uuid, attempt));
+                    }
                     // Another attempt of the same job may be running here, in the same folder.
                     if !self.cfg.keep_work_dirs && !self.runs(uuid) {
                         let _ =
@@ -898,19 +922,27 @@ async fn requeue_all(deliveries: Vec<Delivery>) {
     }
 }
 
-/// A bounded set of cancelled job ids: the oldest are forgotten first.
-#[derive(Default)]
-struct Cancelled {
-    ids: std::collections::HashSet<JobId>,
-    order: std::collections::VecDeque<JobId>,
+/// A bounded set of ids: the oldest are forgotten first.
+struct Recent<K> {
+    ids: std::collections::HashSet<K>,
+    order: std::collections::VecDeque<K>,
 }
 
-impl Cancelled {
+impl<K> Default for Recent<K> {
+    fn default() -> Self {
+        Self {
+            ids: Default::default(),
+            order: Default::default(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy> Recent<K> {
     const KEEP: usize = 10_000;
 
-    fn insert(&mut self, uuid: JobId) {
-        if self.ids.insert(uuid) {
-            self.order.push_back(uuid);
+    fn insert(&mut self, id: K) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
         }
         while self.order.len() > Self::KEEP {
             if let Some(old) = self.order.pop_front() {
@@ -919,8 +951,8 @@ impl Cancelled {
         }
     }
 
-    fn contains(&self, uuid: &JobId) -> bool {
-        self.ids.contains(uuid)
+    fn contains(&self, id: &K) -> bool {
+        self.ids.contains(id)
     }
 }
 

@@ -8,7 +8,9 @@
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use rota_common::group_commit::{FileSync, GroupCommit};
@@ -19,7 +21,18 @@ use rota_common::wire::{JobId, JobResult};
 pub struct Outbox {
     dir: PathBuf,
     open: Arc<RwLock<Option<Arc<Open>>>>,
+    /// Set when a write failed: sled then refuses writes until it is reopened.
+    failed: Arc<AtomicBool>,
 }
+
+/// What a write needs free on the filesystem beyond its own size: sled's log grows by
+/// segments of 512 KiB, and a blob is a file of its own.
+const RESERVE: u64 = 16 * 1024 * 1024;
+
+/// The outbox cannot be closed to be reopened: this process must end, and a new one opens it.
+#[derive(Debug, thiserror::Error)]
+#[error("the outbox did not close after a failed write (sled hangs in its flush); only a restart can reopen it")]
+pub struct Stuck;
 
 /// The database while it is open.
 struct Open {
@@ -73,6 +86,7 @@ impl Outbox {
         Ok(Self {
             dir: dir.to_owned(),
             open: Arc::new(RwLock::new(Some(Arc::new(open)))),
+            failed: Arc::default(),
         })
     }
 
@@ -85,28 +99,91 @@ impl Outbox {
     }
 
     /// Closes and opens the database again, after a failed write left it refusing writes.
-    /// What was flushed is kept; what was not is written again by whoever wrote it.
-    pub fn reopen(&self) -> anyhow::Result<()> {
-        let mut slot = self
-            .open
-            .write()
-            .map_err(|_| anyhow::anyhow!("the outbox's lock is poisoned"))?;
-        *slot = None; // drops the database (once any reader in flight is done with it)
-        *slot = Some(Arc::new(Open::at(&self.dir)?));
+    /// What was flushed is kept; what was not is written again by whoever wrote it. Fails
+    /// with [`Stuck`] when the old database does not close (sled can hang in a flush after a
+    /// failed write): only a new process can open it then.
+    pub async fn reopen(&self) -> anyhow::Result<()> {
+        let old = self.open.write().ok().and_then(|mut slot| slot.take());
+        if let Some(mut old) = old {
+            // Readers hold it for one operation; a failing disk makes those quick.
+            let mut waited = 0;
+            let open = loop {
+                match Arc::try_unwrap(old) {
+                    Ok(open) => break open,
+                    Err(shared) if waited < 100 => {
+                        old = shared;
+                        waited += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(shared) => {
+                        self.put_back(shared);
+                        return Err(Stuck.into());
+                    }
+                }
+            };
+            // Closing joins the flushing thread: off the runtime, and not for ever.
+            let closed = tokio::task::spawn_blocking(move || drop(open));
+            if tokio::time::timeout(Duration::from_secs(10), closed).await.is_err() {
+                return Err(Stuck.into());
+            }
+        }
+        let dir = self.dir.clone();
+        let open = tokio::task::spawn_blocking(move || Open::at(&dir)).await??;
+        self.put_back(Arc::new(open));
+        self.failed.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn put_back(&self, open: Arc<Open>) {
+        if let Ok(mut slot) = self.open.write() {
+            *slot = Some(open);
+        }
+    }
+
+    /// Whether a write failed since the database was opened (it must be reopened).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Refuses a write of `bytes` when the filesystem has less than that plus [`RESERVE`]
+    /// free: a write that fails for want of space leaves sled broken until it is reopened,
+    /// and its flush can hang, so the outbox does not try.
+    fn check_room(&self, bytes: usize) -> anyhow::Result<()> {
+        let stat = nix::sys::statvfs::statvfs(&self.dir)
+            .with_context(|| format!("cannot read the free space of {}", self.dir.display()))?;
+        let free = u64::from(stat.blocks_available()).saturating_mul(stat.fragment_size());
+        let needed = RESERVE.saturating_add(bytes as u64);
+        if free < needed {
+            anyhow::bail!(
+                "only {} KiB free on the outbox's filesystem ({}); a result of {} KiB needs {} KiB",
+                free / 1024,
+                self.dir.display(),
+                bytes / 1024,
+                needed / 1024
+            );
+        }
         Ok(())
     }
 
     /// Stores `result` and waits until it is on disk.
     pub async fn put(&self, result: &JobResult) -> anyhow::Result<()> {
         let value = serde_json::to_vec(result)?;
+        self.check_room(value.len())?;
         let open = self.current()?;
-        open.results
+        let written = open
+            .results
             .insert(key(result.uuid, result.attempt), value)
-            .with_context(|| format!("cannot write to the outbox {}", self.dir.display()))?;
-        open.durable
-            .commit()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot flush the outbox {}: {e}", self.dir.display()))
+            .with_context(|| format!("cannot write to the outbox {}", self.dir.display()));
+        let flushed = match written {
+            Ok(_) => open.durable.commit().await.map_err(|e| {
+                anyhow::anyhow!("cannot flush the outbox {}: {e}", self.dir.display())
+            }),
+            Err(e) => Err(e),
+        };
+        if flushed.is_err() {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        flushed
     }
 
     pub fn get(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<JobResult>> {
@@ -293,7 +370,7 @@ mod tests {
         let outbox = Outbox::open(dir.path()).expect("opens");
         let r = result(1);
         outbox.put(&r).await.expect("stores");
-        outbox.reopen().expect("reopens in the same process");
+        outbox.reopen().await.expect("reopens in the same process");
         assert_eq!(outbox.get(r.uuid, 1).expect("reads"), Some(r));
         // A big value goes to a blob file of its own, which the flush syncs too.
         let mut big = result(2);
