@@ -144,6 +144,30 @@ impl FileSync {
     }
 }
 
+/// What a store needs free on its filesystem beyond the bytes it writes: sled's log grows by
+/// segments of 512 KiB, and each large value is a file of its own.
+pub const RESERVE: u64 = 16 * 1024 * 1024;
+
+/// Fails (saying how much is free) when the filesystem of `dir` has less than `bytes` plus
+/// [`RESERVE`] free. Stores check before they write, because a write that fails for want of
+/// space leaves sled refusing every later write until it is reopened, and a flush in flight
+/// then can hang for ever.
+pub fn ensure_room(dir: &Path, bytes: u64) -> Result<(), String> {
+    let stat = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| format!("cannot read the free space of {}: {e}", dir.display()))?;
+    let free = u64::from(stat.blocks_available()).saturating_mul(stat.fragment_size());
+    let needed = RESERVE.saturating_add(bytes);
+    if free < needed {
+        return Err(format!(
+            "only {} KiB free on the filesystem of {}; writing needs {} KiB",
+            free / 1024,
+            dir.display(),
+            needed / 1024
+        ));
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }

@@ -410,7 +410,12 @@ impl Agent {
                 );
                 return Disposition::Resend(stored);
             }
-            Ok(None) if self.receipted.lock().is_ok_and(|r| r.contains(&(uuid, job.attempt))) => {
+            Ok(None)
+                if self
+                    .receipted
+                    .lock()
+                    .is_ok_and(|r| r.contains(&(uuid, job.attempt))) =>
+            {
                 info!("this run finished here and the scheduler recorded it; not running it again");
                 return Disposition::Ack;
             }

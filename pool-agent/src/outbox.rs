@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use rota_common::group_commit::{FileSync, GroupCommit};
+use rota_common::group_commit::{FileSync, GroupCommit, ensure_room};
 use rota_common::wire::{JobId, JobResult};
 
 /// Results not yet receipted, keyed by job id and attempt.
@@ -25,13 +25,11 @@ pub struct Outbox {
     failed: Arc<AtomicBool>,
 }
 
-/// What a write needs free on the filesystem beyond its own size: sled's log grows by
-/// segments of 512 KiB, and a blob is a file of its own.
-const RESERVE: u64 = 16 * 1024 * 1024;
-
 /// The outbox cannot be closed to be reopened: this process must end, and a new one opens it.
 #[derive(Debug, thiserror::Error)]
-#[error("the outbox did not close after a failed write (sled hangs in its flush); only a restart can reopen it")]
+#[error(
+    "the outbox did not close after a failed write (sled hangs in its flush); only a restart can reopen it"
+)]
 pub struct Stuck;
 
 /// The database while it is open.
@@ -123,7 +121,10 @@ impl Outbox {
             };
             // Closing joins the flushing thread: off the runtime, and not for ever.
             let closed = tokio::task::spawn_blocking(move || drop(open));
-            if tokio::time::timeout(Duration::from_secs(10), closed).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), closed)
+                .await
+                .is_err()
+            {
                 return Err(Stuck.into());
             }
         }
@@ -145,30 +146,11 @@ impl Outbox {
         self.failed.load(Ordering::SeqCst)
     }
 
-    /// Refuses a write of `bytes` when the filesystem has less than that plus [`RESERVE`]
-    /// free: a write that fails for want of space leaves sled broken until it is reopened,
-    /// and its flush can hang, so the outbox does not try.
-    fn check_room(&self, bytes: usize) -> anyhow::Result<()> {
-        let stat = nix::sys::statvfs::statvfs(&self.dir)
-            .with_context(|| format!("cannot read the free space of {}", self.dir.display()))?;
-        let free = u64::from(stat.blocks_available()).saturating_mul(stat.fragment_size());
-        let needed = RESERVE.saturating_add(bytes as u64);
-        if free < needed {
-            anyhow::bail!(
-                "only {} KiB free on the outbox's filesystem ({}); a result of {} KiB needs {} KiB",
-                free / 1024,
-                self.dir.display(),
-                bytes / 1024,
-                needed / 1024
-            );
-        }
-        Ok(())
-    }
-
     /// Stores `result` and waits until it is on disk.
     pub async fn put(&self, result: &JobResult) -> anyhow::Result<()> {
         let value = serde_json::to_vec(result)?;
-        self.check_room(value.len())?;
+        // Not even tried without room: see `ensure_room`.
+        ensure_room(&self.dir, value.len() as u64).map_err(anyhow::Error::msg)?;
         let open = self.current()?;
         let written = open
             .results

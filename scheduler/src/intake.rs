@@ -217,8 +217,13 @@ mod tests {
                 .err(),
             Some(Reason::Invalid)
         );
-        let max = super::result(result(uuid, "4294967295").as_bytes()).expect("u32::MAX reads");
-        assert_eq!(max.attempt, u32::MAX);
+        assert_eq!(
+            super::result(result(uuid, "4294967295").as_bytes())
+                .map_err(|e| e.reason)
+                .err(),
+            Some(Reason::Invalid),
+            "an attempt past MAX_ATTEMPT"
+        );
 
         let event = |kind: &str, work_type: &str| {
             format!(
