@@ -155,7 +155,7 @@ pub const RESERVE: u64 = 16 * 1024 * 1024;
 pub fn ensure_room(dir: &Path, bytes: u64) -> Result<(), String> {
     let stat = nix::sys::statvfs::statvfs(dir)
         .map_err(|e| format!("cannot read the free space of {}: {e}", dir.display()))?;
-    let free = u64::from(stat.blocks_available()).saturating_mul(stat.fragment_size());
+    let free = stat.blocks_available().saturating_mul(stat.fragment_size());
     let needed = RESERVE.saturating_add(bytes);
     if free < needed {
         return Err(format!(
