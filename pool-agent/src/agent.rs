@@ -153,7 +153,7 @@ pub async fn run(
     });
 
     // Results left from an earlier run go out first.
-    agent.resend_due(false).await;
+    agent.resend_due(Due::All).await;
     let background = CancellationToken::new();
     let bg = TaskTracker::new();
     bg.spawn(agent.clone().receive_receipts(receipts));
@@ -331,6 +331,18 @@ enum Disposition {
     Ack,
     /// Hand the job back to RabbitMQ, to run later (here or elsewhere).
     Requeue,
+}
+
+/// Which stored results a resend pass sends again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// Those RabbitMQ never confirmed (timer, shutdown).
+    Unconfirmed,
+    /// Those, and confirmed ones whose receipt is overdue while the scheduler consumes results.
+    Overdue,
+    /// Every one: at start, and after a reconnect, when receipts (transient) may have been lost
+    /// with the broker. One copy each per reconnect.
+    All,
 }
 
 /// A result RabbitMQ refuses is tried this many times before it is replaced by a failed one.
@@ -699,15 +711,19 @@ impl Agent {
         }
     }
 
-    /// Sends again the stored results that may have no copy in RabbitMQ: those never
-    /// confirmed, and (`with_overdue`) confirmed ones whose receipt is overdue while the
-    /// scheduler consumes results. Reads the outbox a page at a time.
-    async fn resend_due(&self, with_overdue: bool) {
-        let overdue = with_overdue
-            && match self.broker.consumers(&self.names.results()).await {
-                Ok(n) => n > 0,
-                Err(_) => false,
-            };
+    /// Sends again the stored results that may have no copy in RabbitMQ (see [`Due`]).
+    /// Reads the outbox a page at a time.
+    async fn resend_due(&self, due: Due) {
+        let overdue = match due {
+            Due::All => true,
+            Due::Unconfirmed => false,
+            // While nobody consumes results, a confirmed copy waits in the queue.
+            Due::Overdue => self
+                .broker
+                .consumers(&self.names.results())
+                .await
+                .is_ok_and(|n| n > 0),
+        };
         let mut after = None;
         let mut count = 0usize;
         loop {
@@ -717,7 +733,7 @@ impl Agent {
                 keys.into_iter()
                     .filter(|k| match confirmed.get(k) {
                         None => true,
-                        Some(r) => overdue && r.at.elapsed() >= r.wait,
+                        Some(r) => overdue && (due == Due::All || r.at.elapsed() >= r.wait),
                     })
                     .collect()
             };
@@ -746,8 +762,8 @@ impl Agent {
         let every = self.cfg.resend_interval;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => self.resend_due(true).await,
-                _ = self.broker.reconnected() => self.resend_due(false).await,
+                _ = tokio::time::sleep(every) => self.resend_due(Due::Overdue).await,
+                _ = self.broker.reconnected() => self.resend_due(Due::All).await,
                 _ = stop.cancelled() => return,
             }
         }
@@ -905,7 +921,7 @@ impl Agent {
             self.abandon.cancel();
             tracker.wait().await;
         }
-        self.resend_due(false).await;
+        self.resend_due(Due::Unconfirmed).await;
         if let Err(e) = self.outbox.flush().await {
             error!(error = %e, "cannot flush the outbox");
         }
