@@ -597,8 +597,11 @@ impl Scheduler {
                 }
                 info!(status = %result.status, agent = %result.agent, state = %record.state, "result recorded");
                 self.jobs.count(&result);
-                d.ack().await;
+                // The receipt before the ack: killed in between, the result comes back and
+                // is receipted again; the other way round, the agent would wait for a
+                // receipt that never comes.
                 self.receipt(&d, &result).await;
+                d.ack().await;
                 if record.state == JobState::Scheduled {
                     self.clock.notify_one(); // a retry
                 }
@@ -619,8 +622,8 @@ impl Scheduler {
                     let _ = archive::write(&job_dir, &first).await;
                 }
                 info!("result already recorded; receipting it again");
-                d.ack().await;
                 self.receipt(&d, &result).await;
+                d.ack().await;
             }
         }
     }

@@ -446,22 +446,48 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 
 /// Polls `GET http://ADDR/PATH` (as a Kubernetes probe does) until it answers `status`.
 pub async fn probe_until(addr: &str, path: &str, status: u16) -> String {
-    within(
-        Duration::from_secs(60),
-        &format!("{path} answering {status}"),
-        async {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            loop {
-                tick.tick().await;
-                if let Some((s, body)) = http_get(addr, path).await
-                    && s == status
-                {
-                    return body;
-                }
+    match probe_within(addr, path, status, Duration::from_secs(60)).await {
+        Some(body) => body,
+        None => panic!("{path} answering {status} did not happen within 60s"),
+    }
+}
+
+/// Polls `GET http://ADDR/PATH` until it answers `status`: the body, or `None` after `limit`.
+pub async fn probe_within(addr: &str, path: &str, status: u16, limit: Duration) -> Option<String> {
+    let probe = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            if let Some((s, body)) = http_get(addr, path).await
+                && s == status
+            {
+                return body;
             }
-        },
-    )
-    .await
+        }
+    };
+    tokio::time::timeout(limit, probe).await.ok()
+}
+
+/// How many messages wait (ready) in `queue` now, asked over a connection of its own.
+pub async fn messages_in(queue: &str) -> u32 {
+    use lapin::options::QueueDeclareOptions;
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("the queue exists");
+    let _ = conn.close(200, "bye".into()).await;
+    q.message_count()
 }
 
 /// The processes whose parent is `pid` (from /proc).

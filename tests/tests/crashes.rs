@@ -146,7 +146,10 @@ async fn a_scheduler_killed_mid_run_loses_nothing() {
 async fn the_outbox_resends_until_a_receipt_and_never_reruns_a_stored_job() {
     let sys = System::new().await;
     // No scheduler: the test reads the results queue itself.
-    let _agent = sys.agent("o1", &["--resend-interval", "1s"]);
+    let _agent = sys.agent(
+        "o1",
+        &["--resend-interval", "1s", "--receipt-timeout", "1s"],
+    );
     sys.ready(false, &["o1"]).await;
     let mut beats = sys.heartbeats().await;
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())

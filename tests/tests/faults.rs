@@ -22,7 +22,7 @@ use rota_tests::faults::{
     FullDisk, Ledger, MaxMessageSize, Relay, Tally, close_connection_of, injections,
 };
 use rota_tests::wire::{Job, JobId, JobState, Role};
-use rota_tests::{Proc, System, alive, amqp_url, bin, free_addrs, http_get, within};
+use rota_tests::{Proc, System, alive, amqp_url, bin, free_addrs, http_get, probe_within, within};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -48,22 +48,6 @@ fn counting_pool(ledger: &mut Ledger, sys: &System, id: &str, size: usize) -> Ve
 fn start_agent(sys: &System, id: &str, flags: &[String]) -> Proc {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     sys.agent(id, &flags)
-}
-
-/// Polls `GET http://ADDR/PATH` until it answers `status`; the body, or `None` after `limit`.
-async fn probe_within(addr: &str, path: &str, status: u16, limit: Duration) -> Option<String> {
-    let probe = async {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            tick.tick().await;
-            if let Some((s, body)) = http_get(addr, path).await
-                && s == status
-            {
-                return body;
-            }
-        }
-    };
-    tokio::time::timeout(limit, probe).await.ok()
 }
 
 /// Which side of the connection ends it.

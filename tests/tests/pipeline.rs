@@ -4,13 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rota_tests::wire::{EventKind, Job, JobId, JobState, RpcReply, RpcRequest, Status};
-use rota_tests::{System, amqp_url, within};
+use rota_tests::{System, amqp_url, messages_in, within};
 use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -117,23 +115,7 @@ async fn concurrent_first_publishes_to_a_new_queue_all_land() {
         failed.len(),
         failed[0]
     );
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("connects");
-    let ch = conn.create_channel().await.expect("channel");
-    let queue = ch
-        .queue_declare(
-            sys.names.jobs_queue("other").as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the queue exists");
-    assert_eq!(queue.message_count(), 200);
-    let _ = conn.close(200, "bye".into()).await;
+    assert_eq!(messages_in(&sys.names.jobs_queue("other")).await, 200);
 }
 
 /// `scheduler bench`, which the README's figures come from, runs through and prints them.

@@ -4,32 +4,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
 use rota_tests::wire::{Job, JobId, Role};
-use rota_tests::{System, amqp_url, within};
+use rota_tests::{System, messages_in, within};
 use serde_json::json;
-
-async fn messages_in(queue: &str) -> u32 {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("connects");
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the queue exists");
-    let _ = conn.close(200, "bye".into()).await;
-    q.message_count()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_are_not_piled_up_while_the_scheduler_is_down() {

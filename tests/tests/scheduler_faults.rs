@@ -9,7 +9,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
-use rota_tests::{System, alive, amqp_url, free_addrs, http_get, probe_until, within};
+use rota_tests::{System, alive, amqp_url, free_addrs, http_get, messages_in, probe_until, within};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -265,22 +265,6 @@ impl Drop for SmallDisk {
     }
 }
 
-/// The messages ready in `queue`.
-async fn ready_in(ch: &lapin::Channel, queue: &str) -> u32 {
-    use lapin::options::QueueDeclareOptions;
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("the queue exists")
-    .message_count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_intake_and_the_scheduler_resumes_by_itself() {
     let sys = System::new().await;
@@ -291,7 +275,7 @@ async fn a_full_disk_stops_intake_and_the_scheduler_resumes_by_itself() {
     let _agent = sys.agent("a1", &["--data-dir", &agent_data]);
     sys.ready(true, &["a1"]).await;
     probe_until(&addr, "/readyz", 200).await;
-    let (conn, ch) = raw_channel().await;
+    let (conn, _ch) = raw_channel().await;
     let mut finished = sys
         .client
         .watch(&[rota_common::wire::EventKind::Finished])
@@ -319,7 +303,7 @@ async fn a_full_disk_stops_intake_and_the_scheduler_resumes_by_itself() {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tick.tick().await;
-            if ready_in(&ch, &sys.names.results()).await >= 5 {
+            if messages_in(&sys.names.results()).await >= 5 {
                 return;
             }
         }
@@ -417,7 +401,7 @@ async fn list_and_logs_answer_in_pages_under_the_reply_budget_and_the_cli_shows_
     let [addr] = free_addrs();
     let _scheduler = sys.scheduler_with(&["--http-addr", &addr]);
     sys.ready(true, &[]).await;
-    let (conn, ch) = raw_channel().await;
+    let (conn, _ch) = raw_channel().await;
     // One job with 3 MB of logs, and 300 with 4 KB outputs: 1.3 MB of records.
     let lines: Vec<_> = (0..30_000)
         .map(|i| rota_common::wire::LogLine {

@@ -169,13 +169,19 @@ impl Work for Forge {
         let mut protocol_fds = 0;
         for fd in writable_pipes() {
             // One write each, shorter than PIPE_BUF: never mixed into a frame being written.
-            let mut pipe = std::fs::OpenOptions::new()
+            // A pipe nobody reads (inherited from whoever started the agent) is skipped.
+            let Ok(mut pipe) = std::fs::OpenOptions::new()
                 .write(true)
-                .open(format!("/proc/self/fd/{fd}"))?;
-            for line in &lines {
-                pipe.write_all(format!("{line}\n").as_bytes())?;
+                .open(format!("/proc/self/fd/{fd}"))
+            else {
+                continue;
+            };
+            if lines
+                .iter()
+                .all(|line| pipe.write_all(format!("{line}\n").as_bytes()).is_ok())
+            {
+                protocol_fds += 1;
             }
-            protocol_fds += 1;
         }
         Ok(json!({ "real": true, "protocol_fds": protocol_fds }))
     }
