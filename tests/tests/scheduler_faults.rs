@@ -401,7 +401,7 @@ async fn list_and_logs_answer_in_pages_under_the_reply_budget_and_the_cli_shows_
     let [addr] = free_addrs();
     let _scheduler = sys.scheduler_with(&["--http-addr", &addr]);
     sys.ready(true, &[]).await;
-    let (conn, _ch) = raw_channel().await;
+    let (conn, ch) = raw_channel().await;
     // One job with 3 MB of logs, and 300 with 4 KB outputs: 1.3 MB of records.
     let lines: Vec<_> = (0..30_000)
         .map(|i| rota_common::wire::LogLine {
