@@ -188,7 +188,7 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let mut store_problem = agent.store_problem.subscribe();
-    loop {
+    'intake: loop {
         let problem = store_problem.borrow_and_update().clone();
         if let Some(why) = problem {
             // The outbox cannot be written: take no more jobs (other agents can), until it can.
@@ -199,7 +199,19 @@ pub async fn run(
                 _ = store_problem.wait_for(Option::is_none) => {}
                 _ = shutdown.cancelled() => break,
             }
-            jobs = broker.consume(jobs_spec.clone()).await?;
+            jobs = loop {
+                // Waits for the broker, should it be away too.
+                match broker.consume(jobs_spec.clone()).await {
+                    Ok(consumer) => break consumer,
+                    Err(e) => {
+                        warn!(error = %e, "cannot consume the jobs queues again yet; retrying")
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => break 'intake,
+                }
+            };
             health.unready("outbox", None);
             info!("the outbox can be written again: taking jobs again");
             continue;
