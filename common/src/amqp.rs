@@ -291,6 +291,9 @@ impl Props {
     }
 }
 
+/// Messages larger than this are published on their own channel, one at a time.
+const LARGE_MESSAGE: usize = 512 * 1024;
+
 /// How long an ack or a requeue may take: RabbitMQ does not answer either, so this is only
 /// the time to hand it to the connection.
 const SETTLE_WAIT: Duration = Duration::from_secs(5);
@@ -440,6 +443,11 @@ struct Live {
     conn: Connection,
     /// Publishes with confirms ([`Broker::publish`]).
     confirm: Reopening,
+    /// Publishes with confirms of large messages, one at a time: the broker may refuse one
+    /// (over its `max_message_size`) by closing its channel, and a publish sent on a channel
+    /// while the broker closes it costs the whole connection (`CHANNEL_ERROR - expected
+    /// 'channel.open'`). So those never share a channel with the rest, nor race each other.
+    large: Reopening,
     /// Declares, and publishes without confirms ([`Broker::notify`]).
     plain: Reopening,
     /// Cancelled when the connection fails; the supervisor then reconnects.
@@ -534,6 +542,8 @@ struct Inner {
     topology: Mutex<Topology>,
     /// Held while declaring more: a caller that needs the same must wait for it to exist.
     declaring: tokio::sync::Mutex<()>,
+    /// Held while a large message is published (see `Live::large`).
+    large: tokio::sync::Mutex<()>,
     live: watch::Sender<Option<Arc<Live>>>,
     subs: Mutex<Vec<Arc<Subscription>>>,
     closing: CancellationToken,
@@ -582,6 +592,7 @@ impl Broker {
             name: name.to_owned(),
             topology: Mutex::new(topology),
             declaring: tokio::sync::Mutex::new(()),
+            large: tokio::sync::Mutex::new(()),
             live,
             subs: Mutex::new(Vec::new()),
             closing: CancellationToken::new(),
@@ -747,8 +758,12 @@ impl Broker {
             mandatory: true,
             immediate: false,
         };
-        let channel = live
-            .confirm
+        let (which, _one_at_a_time) = if body.len() > LARGE_MESSAGE {
+            (&live.large, Some(self.inner.large.lock().await))
+        } else {
+            (&live.confirm, None)
+        };
+        let channel = which
             .get()
             .ok_or_else(|| BrokerError::Protocol("the channel is unusable".into()))?;
         let sent = async {
@@ -768,7 +783,7 @@ impl Broker {
         let confirm = match sent {
             Ok(confirm) => confirm,
             Err(e) => {
-                live.heal(&live.confirm).await;
+                live.heal(which).await;
                 return Err(match channel_error_text(&e) {
                     Some(reason) => BrokerError::Refused {
                         exchange: exchange.into(),
@@ -903,9 +918,11 @@ impl Broker {
             topology.declare(&ch).await?;
         }
         let confirm = Reopening::open(&conn, true).await?;
+        let large = Reopening::open(&conn, true).await?;
         let live = Arc::new(Live {
             conn,
             confirm,
+            large,
             plain,
             lost,
             closing: self.inner.closing.clone(),
@@ -920,6 +937,7 @@ impl Broker {
                     _ = channel_closed.notified() => {
                         healer.heal(&healer.plain).await;
                         healer.heal(&healer.confirm).await;
+                        healer.heal(&healer.large).await;
                     }
                     _ = healer.lost.cancelled() => return,
                     _ = healer.closing.cancelled() => return,
