@@ -193,38 +193,6 @@ impl Outbox {
         self.len() == 0
     }
 
-    /// Up to `n` stored results after `after` (from the start when None), in key order, with
-    /// the cursor of the next page (None at the end). Unreadable entries are skipped and logged.
-    pub fn page(&self, after: Option<Cursor>, n: usize) -> (Vec<JobResult>, Option<Cursor>) {
-        let Ok(open) = self.current() else {
-            return (Vec::new(), None);
-        };
-        let start = match after {
-            Some((uuid, attempt)) => Bound::Excluded(key(uuid, attempt).to_vec()),
-            None => Bound::Unbounded,
-        };
-        let mut out = Vec::new();
-        let mut last = None;
-        for entry in open
-            .results
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .take(n)
-        {
-            let decoded = entry
-                .map_err(anyhow::Error::from)
-                .and_then(|(_, b)| Ok(serde_json::from_slice::<JobResult>(&b)?));
-            match decoded {
-                Ok(r) => {
-                    last = Some((r.uuid, r.attempt));
-                    out.push(r);
-                }
-                Err(e) => tracing::error!(error = %e, "skipping an unreadable outbox entry"),
-            }
-        }
-        let next = if out.len() == n { last } else { None };
-        (out, next)
-    }
-
     /// Up to `n` keys of stored results after `after`, with the cursor of the next page.
     pub fn keys(&self, after: Option<Cursor>, n: usize) -> (Vec<Cursor>, Option<Cursor>) {
         let Ok(open) = self.current() else {
@@ -319,7 +287,7 @@ mod tests {
         let outbox = Outbox::open(dir.path()).expect("reopens");
         assert_eq!(outbox.get(r.uuid, 1).expect("reads"), Some(r.clone()));
         assert_eq!(outbox.get(r.uuid, 2).expect("reads"), None);
-        assert_eq!(outbox.page(None, 10), (vec![r.clone()], None));
+        assert_eq!(outbox.keys(None, 10), (vec![(r.uuid, 1)], None));
         assert!(outbox.remove(r.uuid, 1).expect("removes"));
         assert!(outbox.is_empty());
     }
@@ -333,9 +301,9 @@ mod tests {
         }
         let (mut seen, mut after) = (Vec::new(), None);
         loop {
-            let (page, next) = outbox.page(after, 10);
+            let (page, next) = outbox.keys(after, 10);
             assert!(page.len() <= 10);
-            seen.extend(page.into_iter().map(|r| r.uuid));
+            seen.extend(page.into_iter().map(|(uuid, _)| uuid));
             match next {
                 Some(c) => after = Some(c),
                 None => break,
