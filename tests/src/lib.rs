@@ -157,6 +157,23 @@ impl System {
         }
     }
 
+    /// Waits until the scheduler reports agent `id` as alive (or lost, if `!alive`), asking it
+    /// at each of its own heartbeats. Seeing an agent's heartbeat is not enough: the scheduler
+    /// may have bound its heartbeat queue after that one.
+    pub async fn scheduler_sees(&self, beats: &mut Heartbeats, id: &str, alive: bool) {
+        loop {
+            self.heartbeat_where(beats, Role::Scheduler, "scheduler", |_| true)
+                .await;
+            if let Ok(RpcReply::Agents { agents }) = self.client.call(&RpcRequest::Agents).await
+                && agents
+                    .iter()
+                    .any(|a| a.heartbeat.id == id && a.alive == alive)
+            {
+                return;
+            }
+        }
+    }
+
     /// Waits until the scheduler (if `scheduler`) and each agent of `agents` has sent a
     /// heartbeat: they are connected and serving, their queues declared.
     pub async fn ready(&self, scheduler: bool, agents: &[&str]) {

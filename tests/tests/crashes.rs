@@ -288,25 +288,19 @@ async fn a_killed_agent_is_reported_lost() {
     let _scheduler = sys.scheduler();
     let mut agent = sys.agent("l1", &[]);
     let mut beats = sys.heartbeats().await;
-    // Ask the scheduler at each of its heartbeats until it says what we wait for.
-    let mut scheduler_says = async |alive: bool| loop {
-        sys.heartbeat_where(&mut beats, Role::Scheduler, "scheduler", |_| true)
-            .await;
-        let RpcReply::Agents { agents } =
-            sys.client.call(&RpcRequest::Agents).await.expect("agents")
-        else {
-            panic!("wrong reply")
-        };
-        if agents
-            .iter()
-            .any(|a| a.heartbeat.id == "l1" && a.alive == alive)
-        {
-            return;
-        }
-    };
-    within(MINUTE, "the agent seen alive", scheduler_says(true)).await;
+    within(
+        MINUTE,
+        "the agent seen alive",
+        sys.scheduler_sees(&mut beats, "l1", true),
+    )
+    .await;
     agent.kill().await;
-    within(MINUTE, "the agent reported lost", scheduler_says(false)).await;
+    within(
+        MINUTE,
+        "the agent reported lost",
+        sys.scheduler_sees(&mut beats, "l1", false),
+    )
+    .await;
     let out = sys.cli(&["agents"]).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("LOST"));
 }

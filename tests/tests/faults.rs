@@ -511,7 +511,13 @@ async fn forged_scheduler_input(n: usize) -> Tally {
     let scheduler = sys.scheduler();
     let flags = counting_pool(&mut ledger, &sys, "g1", 2);
     let agent = start_agent(&sys, "g1", &flags);
-    sys.ready(true, &["g1"]).await;
+    let mut beats = sys.heartbeats().await;
+    within(
+        MINUTE,
+        "the scheduler seeing its agent",
+        sys.scheduler_sees(&mut beats, "g1", true),
+    )
+    .await;
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("connects");
