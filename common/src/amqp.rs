@@ -811,12 +811,13 @@ impl Broker {
 
     /// Publishes without waiting for a confirm, and drops the message when not connected:
     /// for events, heartbeats and replies, which are notifications, not records. A channel
-    /// the broker closed over one of them is opened again.
-    pub async fn notify(&self, exchange: &str, key: &str, body: &[u8], props: &Props) {
+    /// the broker closed over one of them is opened again. Returns whether the message was
+    /// handed to the connection (false: surely not sent).
+    pub async fn notify(&self, exchange: &str, key: &str, body: &[u8], props: &Props) -> bool {
         let live = self.inner.live.borrow().clone();
-        let Some(live) = live else { return };
+        let Some(live) = live else { return false };
         let Some(channel) = live.plain.get() else {
-            return;
+            return false;
         };
         let opts = BasicPublishOptions::default();
         let sent = channel.basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp());
@@ -824,12 +825,13 @@ impl Broker {
             sent = sent => sent.err(),
             _ = self.inner.closing.cancelled() => None,
         };
-        if let Some(e) = failed {
+        if let Some(e) = &failed {
             tracing::debug!(exchange, key, error = %e, "notification not sent");
         }
         if !channel.status().connected() && !self.inner.closing.is_cancelled() {
             live.heal(&live.plain).await;
         }
+        failed.is_none()
     }
 
     /// Closes the connection: consumers end, unacked deliveries return to their queues.

@@ -708,6 +708,11 @@ impl Agent {
                     tokio::time::sleep(Duration::from_millis(200) * refusals).await;
                 }
                 Err(e) => {
+                    // Unconfirmed now, so the next resend tick tries again (not only after
+                    // the receipt timeout of an earlier confirmed copy).
+                    if let Ok(mut c) = self.confirmed.lock() {
+                        c.remove(&key);
+                    }
                     return warn!(job_id = %result.uuid, error = %e, "result not sent yet; it stays in the outbox and is resent");
                 }
             }

@@ -600,8 +600,7 @@ impl Scheduler {
                 // The receipt before the ack: killed in between, the result comes back and
                 // is receipted again; the other way round, the agent would wait for a
                 // receipt that never comes.
-                self.receipt(&d, &result).await;
-                d.ack().await;
+                self.receipt_and_ack(d, &result).await;
                 if record.state == JobState::Scheduled {
                     self.clock.notify_one(); // a retry
                 }
@@ -622,22 +621,35 @@ impl Scheduler {
                     let _ = archive::write(&job_dir, &first).await;
                 }
                 info!("result already recorded; receipting it again");
-                self.receipt(&d, &result).await;
-                d.ack().await;
+                self.receipt_and_ack(d, &result).await;
             }
         }
     }
 
-    async fn receipt(&self, d: &Delivery, result: &JobResult) {
+    /// Receipts a recorded result to the agent that sent it, then acks it. A receipt that
+    /// surely did not leave (no connection, a broken channel) requeues the result instead:
+    /// it is receipted when it comes again, rather than the agent waiting for its receipt
+    /// timeout.
+    async fn receipt_and_ack(&self, d: Delivery, result: &JobResult) {
+        if self.receipt(&d, result).await {
+            d.ack().await;
+        } else {
+            d.requeue().await;
+        }
+    }
+
+    /// Receipts a recorded result to the agent that sent it. False when the receipt surely
+    /// did not leave.
+    async fn receipt(&self, d: &Delivery, result: &JobResult) -> bool {
         let Some(reply_to) = d.reply_to.as_deref() else {
-            return;
+            return true;
         };
         let message = AgentMessage::Receipt {
             uuid: result.uuid,
             attempt: result.attempt,
         };
         let Ok(body) = serde_json::to_vec(&message) else {
-            return;
+            return true;
         };
         // Unconfirmed and transient: a lost receipt only means the agent resends the result,
         // which is then receipted again.
@@ -645,7 +657,7 @@ impl Scheduler {
             transient: true,
             ..Props::default()
         };
-        self.broker.notify("", reply_to, &body, &props).await;
+        self.broker.notify("", reply_to, &body, &props).await
     }
 
     /// Announces that a run ended (`job.finished`), with the job's state after it.
