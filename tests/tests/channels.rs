@@ -36,7 +36,7 @@ async fn a_channel_closed_by_the_broker_is_opened_again() {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
-                _ = tick.tick() => broker.notify("", &queue, b"{\"n\":1}", &Props::default()).await,
+                _ = tick.tick() => { broker.notify("", &queue, b"{\"n\":1}", &Props::default()).await; }
                 d = inbox.recv() => break d.expect("the consumer lives"),
             }
         }

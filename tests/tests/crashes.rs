@@ -8,9 +8,7 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use rota_tests::wire::{
-    AgentMessage, EventKind, Job, JobId, JobRecord, JobResult, JobState, Role, RpcReply, RpcRequest,
-};
+use rota_tests::wire::{AgentMessage, EventKind, Job, JobId, JobRecord, JobResult, JobState, Role};
 use rota_tests::{System, amqp_url, within};
 use serde_json::json;
 
