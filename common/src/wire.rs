@@ -422,18 +422,54 @@ impl JobResult {
 pub enum AgentMessage {
     /// The scheduler recorded this result: the agent may forget it.
     Receipt { uuid: JobId, attempt: u32 },
+    /// The scheduler recorded these results (one message for the results of one batch).
+    Receipts { runs: Vec<Run> },
     /// Stop this job if it runs here, and do not run it if it arrives later.
     Cancel { uuid: JobId },
 }
+
+/// One run of a job: the job and its attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub struct Run {
+    pub uuid: JobId,
+    pub attempt: u32,
+}
+
+/// The most runs one `receipts` message may carry.
+pub const MAX_RECEIPTS: usize = 10_000;
 
 impl AgentMessage {
     /// Reads and checks a message to an agent from a message body.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
         let message: AgentMessage = decode("message to an agent", body)?;
-        if let AgentMessage::Receipt { attempt, .. } = &message {
-            check_attempt(*attempt)?;
+        match &message {
+            AgentMessage::Receipt { attempt, .. } => check_attempt(*attempt)?,
+            AgentMessage::Receipts { runs } => {
+                if runs.len() > MAX_RECEIPTS {
+                    return Err(format!(
+                        "a receipts message carries {} runs; at most {MAX_RECEIPTS}",
+                        runs.len()
+                    ));
+                }
+                for r in runs {
+                    check_attempt(r.attempt)?;
+                }
+            }
+            AgentMessage::Cancel { .. } => {}
         }
         Ok(message)
+    }
+
+    /// The runs this message receipts (none for a cancel).
+    pub fn receipted(&self) -> Vec<Run> {
+        match self {
+            AgentMessage::Receipt { uuid, attempt } => vec![Run {
+                uuid: *uuid,
+                attempt: *attempt,
+            }],
+            AgentMessage::Receipts { runs } => runs.clone(),
+            AgentMessage::Cancel { .. } => Vec::new(),
+        }
     }
 }
 
@@ -937,6 +973,34 @@ pub struct ScheduleInfo {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn receipts_are_read_one_or_many_and_bounded() {
+        let u = JobId::random();
+        let one = json!({"kind": "receipt", "uuid": u, "attempt": 2}).to_string();
+        let many = json!({"kind": "receipts", "runs": [{"uuid": u, "attempt": 1}, {"uuid": u, "attempt": 2}]});
+        let run = |attempt| Run { uuid: u, attempt };
+        assert_eq!(
+            AgentMessage::parse(one.as_bytes())
+                .expect("valid")
+                .receipted(),
+            vec![run(2)]
+        );
+        assert_eq!(
+            AgentMessage::parse(many.to_string().as_bytes())
+                .expect("valid")
+                .receipted(),
+            vec![run(1), run(2)]
+        );
+        let too_many = AgentMessage::Receipts {
+            runs: vec![run(1); MAX_RECEIPTS + 1],
+        };
+        let err = AgentMessage::parse(&serde_json::to_vec(&too_many).expect("valid"))
+            .expect_err("refused");
+        assert!(err.contains("at most"), "{err}");
+        let bad = json!({"kind": "receipts", "runs": [{"uuid": u, "attempt": u32::MAX}]});
+        assert!(AgentMessage::parse(bad.to_string().as_bytes()).is_err());
+    }
 
     #[test]
     fn a_minimal_job_gets_defaults() {

@@ -18,7 +18,7 @@ use rota_common::client::{Client, short_host};
 use rota_common::http::{self, Health};
 use rota_common::wire::{
     AgentId, AgentMessage, ErrorInfo, Event, EventKind, Heartbeat, Job, JobId, JobResult, Role,
-    Status,
+    Run, Status,
 };
 use rota_worker_runtime::context::BufferSink;
 use rota_worker_runtime::{Aliases, Context, Registry};
@@ -790,20 +790,9 @@ impl Agent {
     async fn receive_receipts(self: Arc<Self>, mut receipts: Consumer) {
         while let Some(d) = receipts.recv().await {
             match AgentMessage::parse(&d.body) {
-                Ok(AgentMessage::Receipt { uuid, attempt }) => {
-                    if let Err(e) = self.outbox.remove(uuid, attempt) {
-                        error!(job_id = %uuid, error = %e, "cannot remove a receipted result from the outbox");
-                    }
-                    if let Ok(mut c) = self.confirmed.lock() {
-                        c.remove(&(uuid, attempt));
-                    }
-                    if let Ok(mut r) = self.receipted.lock() {
-                        r.insert((uuid, attempt));
-                    }
-                    // Another attempt of the same job may be running here, in the same folder.
-                    if !self.cfg.keep_work_dirs && !self.runs(uuid) {
-                        let _ =
-                            tokio::fs::remove_dir_all(self.work_root.join(uuid.to_string())).await;
+                Ok(m @ (AgentMessage::Receipt { .. } | AgentMessage::Receipts { .. })) => {
+                    for Run { uuid, attempt } in m.receipted() {
+                        self.receipted(uuid, attempt).await;
                     }
                 }
                 Ok(AgentMessage::Cancel { uuid }) => {
@@ -831,6 +820,23 @@ impl Agent {
                 }
             }
             d.ack().await;
+        }
+    }
+
+    /// The scheduler recorded this run: forget its result, and its folder unless another
+    /// attempt of the job is running here, in the same folder.
+    async fn receipted(&self, uuid: JobId, attempt: u32) {
+        if let Err(e) = self.outbox.remove(uuid, attempt) {
+            error!(job_id = %uuid, error = %e, "cannot remove a receipted result from the outbox");
+        }
+        if let Ok(mut c) = self.confirmed.lock() {
+            c.remove(&(uuid, attempt));
+        }
+        if let Ok(mut r) = self.receipted.lock() {
+            r.insert((uuid, attempt));
+        }
+        if !self.cfg.keep_work_dirs && !self.runs(uuid) {
+            let _ = tokio::fs::remove_dir_all(self.work_root.join(uuid.to_string())).await;
         }
     }
 
