@@ -28,7 +28,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::{AgentConfig, Location};
 use crate::container::{DockerSpec, Engine};
-use crate::fit;
+use crate::fit::{self, Sealed};
 use crate::intake::{self, Admitted, Limits, Refusal};
 use crate::metrics::AgentMetrics;
 use crate::outbox::Outbox;
@@ -128,14 +128,25 @@ pub async fn run(
         Arc::new(registry),
     )
     .await?;
+    // Workers in containers run as their own user, and make their job's folder when their
+    // Work first asks for it: the folder they make it in is theirs.
+    let job_dir_owner = match engine {
+        Some(_) if nix::unistd::geteuid().is_root() => Some(cfg.docker.uid_gid()?),
+        _ => None,
+    };
+    if let Some((uid, gid)) = job_dir_owner {
+        std::os::unix::fs::chown(&work_root, Some(uid), Some(gid)).with_context(|| {
+            format!(
+                "cannot give {} to the containers' user {uid}:{gid}",
+                work_root.display()
+            )
+        })?;
+    }
     let agent = Arc::new(Agent {
         id: id.clone(),
         agent_queue,
         work_root,
-        job_dir_owner: match engine {
-            Some(_) if nix::unistd::geteuid().is_root() => Some(cfg.docker.uid_gid()?),
-            _ => None,
-        },
+        job_dir_owner,
         names: names.clone(),
         broker: broker.clone(),
         outbox,
@@ -336,9 +347,9 @@ struct Resend {
 /// What happens to a job's delivery once its run is over.
 enum Disposition {
     /// Store this result, then ack and send it.
-    Store(JobResult),
+    Store(Box<JobResult>),
     /// The result is stored already: ack and send it again.
-    Resend(JobResult),
+    Resend(Sealed),
     /// The scheduler has recorded this run already: ack, nothing more.
     Ack,
     /// Hand the job back to RabbitMQ, to run later (here or elsewhere).
@@ -453,7 +464,7 @@ impl Agent {
         if self.cancelled.lock().is_ok_and(|c| c.contains(&uuid)) {
             info!("cancelled before it started: not running it");
             let now = Utc::now();
-            return Disposition::Store(JobResult {
+            return Disposition::Store(Box::new(JobResult {
                 uuid,
                 attempt: job.attempt,
                 work_type: job.work_type.clone(),
@@ -467,7 +478,7 @@ impl Agent {
                 started_at: now,
                 finished_at: now,
                 job,
-            });
+            }));
         }
         let mut worker = match self.pool.get().await {
             Ok(w) => w,
@@ -476,18 +487,17 @@ impl Agent {
                 return Disposition::Requeue;
             }
         };
-        self.event(EventKind::Started, &job, uuid, None, Some(job.clone()))
-            .await;
+        let announcing = self.announce_start(&job, uuid).await;
         let work_dir = self.work_root.join(uuid.to_string());
         let sink = Arc::new(self.progress_sink(&job, uuid));
         let started_at = Utc::now();
-        let made =
-            tokio::fs::create_dir_all(&work_dir)
-                .await
-                .and_then(|()| match self.job_dir_owner {
-                    Some((uid, gid)) => std::os::unix::fs::chown(&work_dir, Some(uid), Some(gid)),
-                    None => Ok(()),
-                });
+        // The folder is made when the Work first asks for it; kept folders (the demo, and
+        // debugging) are made up front, so that every job has one.
+        let made = if self.cfg.keep_work_dirs {
+            self.make_owned_dir(&work_dir)
+        } else {
+            Ok(())
+        };
         let outcome = match made {
             Ok(()) => {
                 let ctx = Context::new(
@@ -508,6 +518,9 @@ impl Agent {
                 ),
             ),
         };
+        if let Some(announcing) = announcing {
+            announcing.abort();
+        }
         let worker_id = worker.id.clone();
         drop(worker);
         if self.abandon.is_cancelled() && outcome.status != Status::Succeeded {
@@ -515,7 +528,7 @@ impl Agent {
             return Disposition::Requeue;
         }
         let (logs, logs_dropped) = sink.take_logs();
-        Disposition::Store(JobResult {
+        Disposition::Store(Box::new(JobResult {
             uuid,
             attempt: job.attempt,
             work_type: job.work_type.clone(),
@@ -529,17 +542,34 @@ impl Agent {
             started_at,
             finished_at: Utc::now(),
             job,
-        })
+        }))
     }
 
     /// Carries out a disposition for every delivery of the job. A result is stored before
     /// the job stops counting as running here, so that a redelivery finds it either joined
     /// to the run or stored (and is acked with the stored result).
+    ///
+    /// A new result is sent while it is made durable, not after: the scheduler has it without
+    /// waiting for this disk. The job is acked only once the result is durable, so a crash in
+    /// between hands the job back to RabbitMQ, and a second result of it is recorded once.
     async fn settle(&self, held: Held, disposition: Disposition) {
         match disposition {
             Disposition::Store(result) => {
-                let result = fit::fit(result, self.cfg.max_result_bytes);
-                if !self.store(&result).await {
+                let (result, sealed) = match fit::seal(*result, self.cfg.max_result_bytes) {
+                    Ok(sealed) => sealed,
+                    Err(e) => {
+                        error!(error = %e, "cannot encode the result; handing the job back to RabbitMQ");
+                        return requeue_all(self.release(held)).await;
+                    }
+                };
+                let written = self.outbox.write(&sealed).is_ok();
+                let stored = if written {
+                    let (stored, ()) = tokio::join!(self.store(&sealed, true), self.send(&sealed));
+                    stored
+                } else {
+                    self.store(&sealed, false).await
+                };
+                if !stored {
                     info!(
                         "shutdown grace is over before the result could be stored; handing the job back to RabbitMQ"
                     );
@@ -548,7 +578,9 @@ impl Agent {
                 ack_all(self.release(held)).await;
                 info!(status = %result.status, worker = %result.worker, "job finished");
                 self.metrics.jobs.count(&result);
-                self.send(&result).await;
+                if !written {
+                    self.send(&sealed).await;
+                }
             }
             Disposition::Resend(stored) => {
                 ack_all(self.release(held)).await;
@@ -559,26 +591,34 @@ impl Agent {
         }
     }
 
-    /// Stores a result, waiting while the outbox cannot be written (a full disk): the agent
-    /// then takes no jobs and says why on `/readyz`, and reopens the outbox until a write
+    /// Makes a result durable in the outbox (`written`: it is written already and only needs
+    /// the flush), waiting while the outbox cannot be written (a full disk): the agent then
+    /// takes no jobs and says why on `/readyz`, and reopens the outbox until a write
     /// succeeds. False if the shutdown grace ended first.
-    async fn store(&self, result: &JobResult) -> bool {
+    async fn store(&self, result: &Sealed, mut written: bool) -> bool {
         let mut backoff =
             rota_common::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
-            match self.outbox.put(result).await {
+            let stored = if written {
+                self.outbox.commit().await
+            } else {
+                self.outbox.put(result).await
+            };
+            match stored {
                 Ok(()) => {
                     self.store_problem.send_if_modified(|p| p.take().is_some());
                     return true;
                 }
                 Err(e) => self.store_failed(&e),
             }
+            // A failed flush may have lost the write: write it again.
+            written = false;
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = self.abandon.cancelled() => return false,
             }
             if !self.outbox.failed() {
-                continue; // nothing was written: it waits for room (see Outbox::put)
+                continue; // nothing was written: it waits for room (see Outbox::write)
             }
             match self.outbox.reopen().await {
                 Ok(()) => info!("reopened the outbox after a failed write"),
@@ -652,26 +692,29 @@ impl Agent {
             finished_at: now,
             job: *job,
         };
-        let result = fit::fit(result, self.cfg.max_result_bytes);
-        if !self.store(&result).await {
+        let (result, sealed) = match fit::seal(result, self.cfg.max_result_bytes) {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                error!(error = %e, "cannot encode the result of a refused job; handing it back to RabbitMQ");
+                d.requeue().await;
+                return;
+            }
+        };
+        if !self.store(&sealed, false).await {
             d.requeue().await;
             return;
         }
         d.ack().await;
         self.metrics.jobs.count(&result);
-        self.send(&result).await;
+        self.send(&sealed).await;
     }
 
     /// Publishes a stored result to the results queue (confirmed). When it is not confirmed
     /// it stays in the outbox and the resend timer tries again. A result that RabbitMQ
     /// refuses outright (larger than its `max_message_size`) is tried [`MAX_REFUSALS`]
     /// times, then replaced by a failed result that says why.
-    async fn send(&self, result: &JobResult) {
-        let key = (result.uuid, result.attempt);
-        let body = match serde_json::to_vec(result) {
-            Ok(b) => b,
-            Err(e) => return error!(error = %e, "cannot encode a result"),
-        };
+    async fn send(&self, result: &Sealed) {
+        let key = result.key();
         let props = Props {
             message_id: Some(format!("{}/{}", result.uuid, result.attempt)),
             reply_to: Some(self.agent_queue.clone()),
@@ -681,10 +724,14 @@ impl Agent {
         let refused = loop {
             let sent = self
                 .broker
-                .publish("", &self.names.results(), &body, &props)
+                .publish("", &self.names.results(), &result.body, &props)
                 .await;
             match sent {
                 Ok(()) => {
+                    // The receipt may have come before the confirm: then it is settled.
+                    if self.receipted.lock().is_ok_and(|r| r.contains(&key)) {
+                        return;
+                    }
                     let wait = self.cfg.receipt_timeout;
                     if let Ok(mut c) = self.confirmed.lock() {
                         let next = c.get(&key).map_or(wait, |r| r.wait.saturating_mul(2));
@@ -717,14 +764,20 @@ impl Agent {
                 }
             }
         };
-        if fit::is_replacement(result) {
-            return error!(job_id = %result.uuid, error = %refused, "RabbitMQ refuses even the short failed result; it stays in the outbox. \
-                Raise the broker's max_message_size, or lower --max-job-bytes");
-        }
+        let result = match result.result() {
+            Ok(r) if !fit::is_replacement(&r) => r,
+            _ => {
+                return error!(job_id = %result.uuid, error = %refused, "RabbitMQ refuses even the short failed result; it stays in the outbox. \
+                    Raise the broker's max_message_size, or lower --max-job-bytes");
+            }
+        };
         error!(job_id = %result.uuid, error = %refused, "RabbitMQ refused the result {MAX_REFUSALS} times; replacing it with a failed result that says why");
-        let failed = fit::refused(result.clone(), &refused.to_string());
-        if self.store(&failed).await {
-            Box::pin(self.send(&failed)).await;
+        let failed = fit::refused(result, &refused.to_string());
+        let Ok(sealed) = Sealed::of(&failed) else {
+            return;
+        };
+        if self.store(&sealed, false).await {
+            Box::pin(self.send(&sealed)).await;
         }
     }
 
@@ -757,8 +810,8 @@ impl Agent {
             count += due.len();
             futures::stream::iter(due)
                 .for_each_concurrent(64, |(uuid, attempt)| async move {
-                    if let Ok(Some(r)) = self.outbox.get(uuid, attempt) {
-                        self.send(&r).await;
+                    if let Ok(Some(stored)) = self.outbox.get(uuid, attempt) {
+                        self.send(&stored).await;
                     }
                 })
                 .await;
@@ -835,8 +888,19 @@ impl Agent {
         if let Ok(mut r) = self.receipted.lock() {
             r.insert((uuid, attempt));
         }
-        if !self.cfg.keep_work_dirs && !self.runs(uuid) {
-            let _ = tokio::fs::remove_dir_all(self.work_root.join(uuid.to_string())).await;
+        let dir = self.work_root.join(uuid.to_string());
+        // Most jobs never made one: a look costs less than a removal on the blocking pool.
+        if !self.cfg.keep_work_dirs && !self.runs(uuid) && dir.symlink_metadata().is_ok() {
+            let _ = tokio::fs::remove_dir_all(dir).await;
+        }
+    }
+
+    /// Makes a folder that the job's worker can write (in a container, as its user).
+    fn make_owned_dir(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        match self.job_dir_owner {
+            Some((uid, gid)) => std::os::unix::fs::chown(dir, Some(uid), Some(gid)),
+            None => Ok(()),
         }
     }
 
@@ -892,27 +956,32 @@ impl Agent {
         .with_submit(submit)
     }
 
-    async fn event(
-        &self,
-        kind: EventKind,
-        job: &Job,
-        uuid: JobId,
-        status: Option<Status>,
-        with_job: Option<Job>,
-    ) {
+    /// Announces `job.started` for a job that starts now: at once with no `--started-delay`,
+    /// else only if it still runs after that delay (a result implies the start, so most short
+    /// jobs need no event). Drop the returned guard when the run ends.
+    async fn announce_start(&self, job: &Job, uuid: JobId) -> Option<tokio::task::JoinHandle<()>> {
         let event = Event {
-            event: kind,
+            event: EventKind::Started,
             uuid,
             attempt: job.attempt,
             work_type: job.work_type.clone(),
             agent: Some(self.id.clone()),
             time: Utc::now(),
-            status,
+            status: None,
             state: None,
             progress: None,
-            job: with_job,
+            job: Some(job.clone()),
         };
-        publish_event(&self.broker, &self.names, &event).await;
+        let delay = self.cfg.started_delay;
+        if delay.is_zero() {
+            publish_event(&self.broker, &self.names, &event).await;
+            return None;
+        }
+        let (broker, names) = (self.broker.clone(), self.names.clone());
+        Some(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            publish_event(&broker, &names, &event).await;
+        }))
     }
 
     fn running_ids(&self) -> Vec<JobId> {
@@ -945,7 +1014,7 @@ impl Agent {
             tracker.wait().await;
         }
         self.resend_due(Due::Unconfirmed).await;
-        if let Err(e) = self.outbox.flush().await {
+        if let Err(e) = self.outbox.commit().await {
             error!(error = %e, "cannot flush the outbox");
         }
     }

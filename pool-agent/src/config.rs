@@ -100,6 +100,11 @@ pub struct AgentConfig {
     #[arg(long, env = "ROTA_RESEND_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     pub resend_interval: Duration,
 
+    /// `job.started` is announced only for a job still running after this long: a result
+    /// implies the start, so short jobs cost no event. 0 announces every start at once.
+    #[arg(long, env = "ROTA_STARTED_DELAY", value_parser = parse_duration, default_value = "100ms")]
+    pub started_delay: Duration,
+
     /// A confirmed result with no receipt after this long is sent again, but only while the
     /// scheduler consumes results (while it is down, the copy waits in the results queue);
     /// the wait doubles with each resend.

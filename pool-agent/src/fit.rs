@@ -13,11 +13,49 @@
 //! [`refused`] is the last resort when the broker still refuses a stored result.
 
 use chrono::Utc;
-use rota_common::wire::{ErrorInfo, JobResult, Level, LogLine, Status};
+use rota_common::wire::{ErrorInfo, JobId, JobResult, Level, LogLine, Status};
 use serde_json::Value;
 
 /// The error kind of a result whose output was too large to send.
 pub const TOO_LARGE: &str = "result_too_large";
+
+/// A result encoded once: the bytes the outbox keeps and the broker carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sealed {
+    pub uuid: JobId,
+    pub attempt: u32,
+    pub body: Vec<u8>,
+}
+
+impl Sealed {
+    pub fn of(result: &JobResult) -> serde_json::Result<Self> {
+        Ok(Self {
+            uuid: result.uuid,
+            attempt: result.attempt,
+            body: serde_json::to_vec(result)?,
+        })
+    }
+
+    pub fn key(&self) -> (JobId, u32) {
+        (self.uuid, self.attempt)
+    }
+
+    /// The result again (only where it must be changed: a result the broker refused).
+    pub fn result(&self) -> serde_json::Result<JobResult> {
+        serde_json::from_slice(&self.body)
+    }
+}
+
+/// `result` made to fit `max_bytes` (see [`fit`]) and encoded: once, when it fits already.
+pub fn seal(result: JobResult, max_bytes: usize) -> serde_json::Result<(JobResult, Sealed)> {
+    let sealed = Sealed::of(&result)?;
+    if sealed.body.len() <= max_bytes {
+        return Ok((result, sealed));
+    }
+    let result = fit(result, max_bytes);
+    let sealed = Sealed::of(&result)?;
+    Ok((result, sealed))
+}
 
 fn size(result: &JobResult) -> usize {
     serde_json::to_vec(result).map_or(usize::MAX, |b| b.len())
@@ -139,6 +177,17 @@ mod tests {
     fn a_result_that_fits_is_unchanged() {
         let r = result(json!("ok"), 10);
         assert_eq!(fit(r.clone(), 1 << 20), r);
+        let (same, sealed) = seal(r.clone(), 1 << 20).expect("encodes");
+        assert_eq!(same, r);
+        assert_eq!(sealed.result().expect("decodes"), r);
+    }
+
+    #[test]
+    fn a_sealed_result_is_the_fitted_one() {
+        let (fitted, sealed) = seal(result(json!("ok"), 1000), 20_000).expect("encodes");
+        assert!(sealed.body.len() <= 20_000);
+        assert!(fitted.logs_dropped > 0);
+        assert_eq!(sealed.result().expect("decodes"), fitted);
     }
 
     #[test]

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rota_common::group_commit::{FileSync, GroupCommit, ensure_room};
-use rota_common::wire::{JobId, JobResult};
+use rota_common::wire::JobId;
+
+use crate::fit::Sealed;
 
 /// Results not yet receipted, keyed by job id and attempt.
 #[derive(Clone)]
@@ -146,33 +148,50 @@ impl Outbox {
         self.failed.load(Ordering::SeqCst)
     }
 
-    /// Stores `result` and waits until it is on disk.
-    pub async fn put(&self, result: &JobResult) -> anyhow::Result<()> {
-        let value = serde_json::to_vec(result)?;
+    /// Stores a result and waits until it is on disk.
+    pub async fn put(&self, result: &Sealed) -> anyhow::Result<()> {
+        self.write(result)?;
+        self.commit().await
+    }
+
+    /// Writes a result without waiting for the disk: a later [`Outbox::commit`] makes it
+    /// durable. It can be read (and removed) at once.
+    pub fn write(&self, result: &Sealed) -> anyhow::Result<()> {
         // Not even tried without room: see `ensure_room`.
-        ensure_room(&self.dir, value.len() as u64).map_err(anyhow::Error::msg)?;
-        let open = self.current()?;
-        let written = open
+        ensure_room(&self.dir, result.body.len() as u64).map_err(anyhow::Error::msg)?;
+        let written = self
+            .current()?
             .results
-            .insert(key(result.uuid, result.attempt), value)
+            .insert(key(result.uuid, result.attempt), result.body.as_slice())
             .with_context(|| format!("cannot write to the outbox {}", self.dir.display()));
-        let flushed = match written {
-            Ok(_) => open.durable.commit().await.map_err(|e| {
+        if written.is_err() {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        written.map(|_| ())
+    }
+
+    /// Waits until every earlier write is on disk (one flush for all who wait at once).
+    pub async fn commit(&self) -> anyhow::Result<()> {
+        let flushed =
+            self.current()?.durable.commit().await.map_err(|e| {
                 anyhow::anyhow!("cannot flush the outbox {}: {e}", self.dir.display())
-            }),
-            Err(e) => Err(e),
-        };
+            });
         if flushed.is_err() {
             self.failed.store(true, Ordering::SeqCst);
         }
         flushed
     }
 
-    pub fn get(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<JobResult>> {
-        match self.current()?.results.get(key(uuid, attempt))? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
-            None => Ok(None),
-        }
+    pub fn get(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<Sealed>> {
+        Ok(self
+            .current()?
+            .results
+            .get(key(uuid, attempt))?
+            .map(|body| Sealed {
+                uuid,
+                attempt,
+                body: body.to_vec(),
+            }))
     }
 
     /// Forgets a receipted result. Flushed lazily: after a crash it may come back and be
@@ -237,24 +256,19 @@ impl Outbox {
             .map(|f| f.finished_at)
             .min()
     }
-
-    /// Waits until every earlier write is on disk.
-    pub async fn flush(&self) -> anyhow::Result<()> {
-        self.current()?
-            .durable
-            .commit()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot flush the outbox: {e}"))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use chrono::Utc;
-    use rota_common::wire::{AgentId, Job, Status};
+    use rota_common::wire::{AgentId, Job, JobResult, Status};
     use serde_json::Value;
 
     use super::*;
+
+    fn sealed(r: &JobResult) -> Sealed {
+        Sealed::of(r).expect("encodes")
+    }
 
     fn result(attempt: u32) -> JobResult {
         let mut job = Job::new("demo.echo", Value::Null);
@@ -282,10 +296,10 @@ mod tests {
         let r = result(1);
         {
             let outbox = Outbox::open(dir.path()).expect("opens");
-            outbox.put(&r).await.expect("stores");
+            outbox.put(&sealed(&r)).await.expect("stores");
         }
         let outbox = Outbox::open(dir.path()).expect("reopens");
-        assert_eq!(outbox.get(r.uuid, 1).expect("reads"), Some(r.clone()));
+        assert_eq!(outbox.get(r.uuid, 1).expect("reads"), Some(sealed(&r)));
         assert_eq!(outbox.get(r.uuid, 2).expect("reads"), None);
         assert_eq!(outbox.keys(None, 10), (vec![(r.uuid, 1)], None));
         assert!(outbox.remove(r.uuid, 1).expect("removes"));
@@ -297,7 +311,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let outbox = Outbox::open(dir.path()).expect("opens");
         for _ in 0..25 {
-            outbox.put(&result(1)).await.expect("stores");
+            outbox.put(&sealed(&result(1))).await.expect("stores");
         }
         let (mut seen, mut after) = (Vec::new(), None);
         loop {
@@ -319,13 +333,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let outbox = Outbox::open(dir.path()).expect("opens");
         let r = result(1);
-        outbox.put(&r).await.expect("stores");
+        outbox.put(&sealed(&r)).await.expect("stores");
         outbox.reopen().await.expect("reopens in the same process");
-        assert_eq!(outbox.get(r.uuid, 1).expect("reads"), Some(r));
+        assert_eq!(outbox.get(r.uuid, 1).expect("reads"), Some(sealed(&r)));
         // A big value goes to a blob file of its own, which the flush syncs too.
         let mut big = result(2);
         big.output = Value::String("x".repeat(300 * 1024));
-        outbox.put(&big).await.expect("stores a blob");
+        outbox.put(&sealed(&big)).await.expect("stores a blob");
         assert!(
             dir.path()
                 .join("blobs")

@@ -400,7 +400,7 @@ impl Process {
         let request = ToWorker::Execute {
             ticket,
             job: Box::new(ctx.job().clone()),
-            work_dir: ctx.work_dir().to_owned(),
+            work_dir: ctx.work_dir_path().to_owned(),
         };
         if let Err(e) = self.send(&request).await {
             return (

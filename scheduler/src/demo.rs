@@ -183,6 +183,7 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         http_addr: None,
         resend_interval: Duration::from_secs(10),
         receipt_timeout: Duration::from_secs(300),
+        started_delay: Duration::from_millis(100),
         max_result_bytes: 8 * 1024 * 1024,
         shutdown_grace: Duration::from_secs(10),
         keep_work_dirs: true,

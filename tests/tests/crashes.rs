@@ -108,7 +108,7 @@ async fn a_scheduler_killed_mid_run_loses_nothing() {
         .await
         .expect("watch");
     let mut beats = sys.heartbeats().await;
-    let mut ids = publish_sleepers(&sys, 200, 10).await;
+    let mut ids = publish_sleepers(&sys, 200, 150).await;
 
     within(MINUTE, "20 jobs started", async {
         for _ in 0..20 {
@@ -143,10 +143,18 @@ async fn a_scheduler_killed_mid_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_resends_until_a_receipt_and_never_reruns_a_stored_job() {
     let sys = System::new().await;
-    // No scheduler: the test reads the results queue itself.
+    // No scheduler: the test reads the results queue itself. Every start is announced, as
+    // the witness that a job did not run again.
     let _agent = sys.agent(
         "o1",
-        &["--resend-interval", "1s", "--receipt-timeout", "1s"],
+        &[
+            "--resend-interval",
+            "1s",
+            "--receipt-timeout",
+            "1s",
+            "--started-delay",
+            "0s",
+        ],
     );
     sys.ready(false, &["o1"]).await;
     let mut beats = sys.heartbeats().await;

@@ -433,11 +433,12 @@ async fn cancel_at(location: &'static str, busy_type: &str) {
         record.attempts[0].error.as_ref().expect("error").message,
         "cancelled before it started"
     );
+    // A job long enough to be announced (--started-delay)…
     let (_, record) = sys
-        .submit_wait(&["--type", "demo.echo", "--payload", "2"])
+        .submit_wait(&["--type", "demo.sleep", "--payload", r#"{"ms": 500}"#])
         .await;
     assert_eq!(record["state"], "succeeded", "the pool goes on");
-    // The next started event is that job's: the queued one never started.
+    // …so the next started event is that job's: the queued one never started.
     let next = within(Duration::from_secs(60), "a started event", started.next())
         .await
         .expect("events");

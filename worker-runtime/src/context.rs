@@ -96,6 +96,8 @@ pub struct Context {
     job: Job,
     uuid: JobId,
     work_dir: PathBuf,
+    /// Whether `work_dir` was made (it is made the first time the Work asks for it).
+    work_dir_made: Arc<std::sync::OnceLock<Result<(), String>>>,
     aliases: Arc<Aliases>,
     sink: Arc<dyn Sink>,
     cancel: CancellationToken,
@@ -119,6 +121,7 @@ impl Context {
             job,
             uuid,
             work_dir,
+            work_dir_made: Arc::default(),
             aliases,
             sink,
             cancel,
@@ -227,8 +230,25 @@ impl Context {
             .with_context(|| format!("cannot submit child job {uuid}"))
     }
 
-    /// This job's own folder, empty at start, for scratch files.
-    pub fn work_dir(&self) -> &Path {
+    /// This job's own folder, empty at start, for scratch files. It is made the first time
+    /// a Work asks for it (most jobs need none), and removed once the scheduler has recorded
+    /// the job's result.
+    pub fn work_dir(&self) -> anyhow::Result<&Path> {
+        self.work_dir_made
+            .get_or_init(|| std::fs::create_dir_all(&self.work_dir).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create the job's working folder {}: {e}",
+                    self.work_dir.display()
+                )
+            })?;
+        Ok(&self.work_dir)
+    }
+
+    /// Where this job's folder is, whether or not it was made (for passing it on to a worker
+    /// process, which makes it when its Work asks).
+    pub fn work_dir_path(&self) -> &Path {
         &self.work_dir
     }
 
