@@ -587,7 +587,7 @@ impl Broker {
     ) -> Result<Broker, BrokerError> {
         let (live, _) = watch::channel(None);
         let inner = Arc::new(Inner {
-            url: with_heartbeat(url),
+            url: with_defaults(url),
             display_url: redact(url),
             name: name.to_owned(),
             topology: Mutex::new(topology),
@@ -1096,16 +1096,20 @@ fn channel_error_text(e: &lapin::Error) -> Option<String> {
     }
 }
 
-/// Adds `heartbeat=10` to the URL unless it names one: the broker then notices a dead peer
-/// within about 20 s, and so does the client.
-fn with_heartbeat(url: &str) -> String {
-    if url.contains("heartbeat=") {
-        url.to_owned()
-    } else if url.contains('?') {
-        format!("{url}&heartbeat=10")
-    } else {
-        format!("{url}?heartbeat=10")
+/// Adds the client's defaults to the URL where it does not name them:
+/// - `heartbeat=10`: the broker then notices a dead peer within about 20 s, and so does the
+///   client;
+/// - `frame_max=32768`: lapin keeps two buffers of 32 frames per connection, 8 MiB at
+///   RabbitMQ's default of 128 KiB and 2 MiB at 32 KiB; larger messages only take more frames.
+fn with_defaults(url: &str) -> String {
+    let mut url = url.to_owned();
+    for (key, value) in [("heartbeat", "10"), ("frame_max", "32768")] {
+        if !url.contains(&format!("{key}=")) {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            url = format!("{url}{sep}{key}={value}");
+        }
     }
+    url
 }
 
 /// The URL with its password replaced by `***`.
@@ -1127,15 +1131,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_get_a_heartbeat_and_hide_their_password() {
-        assert_eq!(with_heartbeat("amqp://h/%2f"), "amqp://h/%2f?heartbeat=10");
+    fn urls_get_the_defaults_and_hide_their_password() {
         assert_eq!(
-            with_heartbeat("amqp://h/%2f?x=1"),
-            "amqp://h/%2f?x=1&heartbeat=10"
+            with_defaults("amqp://h/%2f"),
+            "amqp://h/%2f?heartbeat=10&frame_max=32768"
         );
         assert_eq!(
-            with_heartbeat("amqp://h/?heartbeat=3"),
-            "amqp://h/?heartbeat=3"
+            with_defaults("amqp://h/%2f?x=1"),
+            "amqp://h/%2f?x=1&heartbeat=10&frame_max=32768"
+        );
+        assert_eq!(
+            with_defaults("amqp://h/?heartbeat=3&frame_max=131072"),
+            "amqp://h/?heartbeat=3&frame_max=131072"
         );
         assert_eq!(
             redact("amqp://guest:secret@h:5672/%2f"),
