@@ -153,6 +153,11 @@ pub const RESERVE: u64 = 16 * 1024 * 1024;
 /// space leaves sled refusing every later write until it is reopened, and a flush in flight
 /// then can hang for ever.
 pub fn ensure_room(dir: &Path, bytes: u64) -> Result<(), String> {
+    room_left(dir, bytes).map(|_| ())
+}
+
+/// What is left above [`RESERVE`] once `bytes` are written, or why there is not enough.
+fn room_left(dir: &Path, bytes: u64) -> Result<u64, String> {
     let stat = nix::sys::statvfs::statvfs(dir)
         .map_err(|e| format!("cannot read the free space of {}: {e}", dir.display()))?;
     let free = stat.blocks_available().saturating_mul(stat.fragment_size());
@@ -165,7 +170,42 @@ pub fn ensure_room(dir: &Path, bytes: u64) -> Result<(), String> {
             needed / 1024
         ));
     }
-    Ok(())
+    Ok(free - needed)
+}
+
+/// [`ensure_room`] for a store that writes for every job: the free space is read again only
+/// when this store's writes since the last look may have used what was left above
+/// [`RESERVE`], or [`Room::FRESH`] later (other processes use the disk too). A write the
+/// reserve does not cover fails, and the store reopens: this only makes that rarer.
+pub struct Room {
+    dir: PathBuf,
+    /// When the free space was last read, and how much may still be written since.
+    seen: Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl Room {
+    pub const FRESH: std::time::Duration = std::time::Duration::from_millis(100);
+
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            seen: Mutex::new(None),
+        }
+    }
+
+    pub fn ensure(&self, bytes: u64) -> Result<(), String> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, left)) = *seen
+            && at.elapsed() < Self::FRESH
+            && left >= bytes
+        {
+            *seen = Some((at, left - bytes));
+            return Ok(());
+        }
+        let left = room_left(&self.dir, bytes);
+        *seen = left.as_ref().ok().map(|l| (std::time::Instant::now(), *l));
+        left.map(|_| ())
+    }
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -177,6 +217,19 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    #[test]
+    fn room_is_read_again_when_the_last_look_does_not_cover_a_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let room = Room::new(dir.path());
+        room.ensure(1).expect("a byte fits");
+        room.ensure(1).expect("a byte still fits, without a look");
+        let err = room
+            .ensure(u64::MAX / 2)
+            .expect_err("no disk is that large");
+        assert!(err.contains("KiB free"), "{err}");
+        room.ensure(1).expect("small writes go on after a refusal");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn many_concurrent_commits_all_complete_with_fewer_flushes() {

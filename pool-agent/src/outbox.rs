@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use rota_common::group_commit::{FileSync, GroupCommit, ensure_room};
+use rota_common::group_commit::{FileSync, GroupCommit, Room};
 use rota_common::wire::JobId;
 
 use crate::fit::Sealed;
@@ -25,6 +25,7 @@ pub struct Outbox {
     open: Arc<RwLock<Option<Arc<Open>>>>,
     /// Set when a write failed: sled then refuses writes until it is reopened.
     failed: Arc<AtomicBool>,
+    room: Arc<Room>,
 }
 
 /// The outbox cannot be closed to be reopened: this process must end, and a new one opens it.
@@ -87,6 +88,7 @@ impl Outbox {
             dir: dir.to_owned(),
             open: Arc::new(RwLock::new(Some(Arc::new(open)))),
             failed: Arc::default(),
+            room: Arc::new(Room::new(dir)),
         })
     }
 
@@ -158,7 +160,9 @@ impl Outbox {
     /// durable. It can be read (and removed) at once.
     pub fn write(&self, result: &Sealed) -> anyhow::Result<()> {
         // Not even tried without room: see `ensure_room`.
-        ensure_room(&self.dir, result.body.len() as u64).map_err(anyhow::Error::msg)?;
+        self.room
+            .ensure(result.body.len() as u64)
+            .map_err(anyhow::Error::msg)?;
         let written = self
             .current()?
             .results
