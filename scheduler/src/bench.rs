@@ -265,8 +265,10 @@ async fn submit_all(client: Arc<Client>, sent: Sent, args: BenchArgs) -> anyhow:
             let (client, sent) = (client.clone(), sent.clone());
             async move {
                 if let Some(rate) = args.rate.filter(|r| *r > 0.0) {
-                    tokio::time::sleep_until(paced_start + Duration::from_secs_f64(i as f64 / rate))
-                        .await;
+                    tokio::time::sleep_until(
+                        paced_start + Duration::from_secs_f64(i as f64 / rate),
+                    )
+                    .await;
                 }
                 let (uuid, job) = no_op(i);
                 if let Ok(mut s) = sent.lock() {
@@ -314,7 +316,11 @@ fn no_op(i: usize) -> (JobId, Job) {
 
 async fn submit(client: &Client, via: Via, job: Job) -> anyhow::Result<()> {
     match via {
-        Via::Direct => client.publish_job(job).await.map(|_| ()).map_err(Into::into),
+        Via::Direct => client
+            .publish_job(job)
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
         Via::Rpc => client.submit(job).await.map(|_| ()),
     }
 }

@@ -37,8 +37,9 @@ const BODY: [u8; 256] = [b'x'; 256];
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1).map(|a| {
-        a.parse::<usize>()
-            .with_context(|| format!("{a:?} is not a count; usage: broker_floor [MESSAGES] [ROUND_TRIPS]"))
+        a.parse::<usize>().with_context(|| {
+            format!("{a:?} is not a count; usage: broker_floor [MESSAGES] [ROUND_TRIPS]")
+        })
     });
     let messages = args.next().transpose()?.unwrap_or(10_000);
     let round_trips = args.next().transpose()?.unwrap_or(300);
