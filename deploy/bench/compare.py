@@ -1,9 +1,9 @@
 """`deploy/bench.sh compare`: Rota, Celery 5 and the bare broker side by side, against the same
 RabbitMQ, interleaved in rounds (each round runs each system once per measure, in an order
-that turns from round to round), then one markdown table on stdout: each figure's median and
+that turns from round to round), then markdown tables on stdout: each figure's median and
 range over the rounds, the ratios Rota/Celery and Rota/floor (the median and range of the
-rounds' own ratios, since a round's runs share the machine's weather), and Rota's goals from
-issue 11. Progress goes to stderr.
+rounds' own ratios, since a round's runs share the machine's weather) and Rota's goals from
+issue 11; then the CPU per job of each part. Progress goes to stderr.
 
 The measures:
   1. end to end: N no-op jobs published at once, first publish to last result recorded (Rota:
@@ -25,7 +25,7 @@ on exit, the vhost and Rota's queues and exchanges deleted, the data folder remo
 
 Run from the repository with the project's venv, after the release build (deploy/bench.sh
 compare does both):
-  .venv/bin/python deploy/bench/compare.py [--rounds 3] [--jobs 10000] [--lone 300]
+  .venv/bin/python deploy/bench/compare.py [--rounds 3] [--jobs 10000] [--lone 300] [--paced 3000]
 """
 
 import argparse
