@@ -133,12 +133,13 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
             })
         );
     } else {
+        let how = match mode {
+            "at_once" => String::new(),
+            other => format!(", {}", other.replace('_', " ")),
+        };
         println!(
-            "jobs:        {} via {:?}, {} ({} failed)",
-            args.jobs,
-            args.via,
-            mode.replace('_', " "),
-            failed
+            "jobs:        {} via {:?} ({} failed){how}",
+            args.jobs, args.via, failed
         );
         let from = if args.drain {
             "the start line"
