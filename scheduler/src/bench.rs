@@ -1,7 +1,10 @@
 //! `scheduler bench`: pushes N no-op jobs (`demo.echo`) through a running scheduler and pool
 //! agent and prints jobs/s end to end (first publish to last result recorded), the latency
 //! from submitting a job to its `job.finished` event (which the scheduler publishes once the
-//! result is recorded), and the peak memory of each Rota process on this host.
+//! result is recorded), and the peak memory of each Rota process on this host. The jobs go
+//! all at once (by default), at a set rate (`--rate`), one at a time (`--one-at-a-time`), or
+//! are queued first and drained once told to start (`--drain`). `deploy/bench.sh compare`
+//! runs each mode beside Celery and the broker alone, reading the `--json` line.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -11,10 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
-use rota_common::client::{Client, short_host};
+use rota_common::client::{Client, Events, short_host};
 use rota_common::config::{BrokerArgs, parse_duration};
 use rota_common::wire::{EventKind, Job, JobId, RpcReply, RpcRequest, Status};
 use serde_json::json;
+use tokio::io::AsyncBufReadExt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Via {
@@ -38,84 +42,42 @@ pub struct BenchArgs {
     /// without a backlog.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Submits each job once the one before has finished: the round trip of a lone job.
+    #[arg(long, conflicts_with_all = ["rate", "drain"])]
+    pub one_at_a_time: bool,
+    /// Queues every job first, then waits for a line on standard input (sent once a pool
+    /// agent is started) and times the drain from that line to the last result recorded.
+    #[arg(long, conflicts_with = "rate")]
+    pub drain: bool,
+    /// Jobs run one at a time before the measure, and not counted.
+    #[arg(long, default_value_t = 0, conflicts_with = "drain")]
+    pub warm_up: usize,
+    /// Prints the figures as one line of JSON.
+    #[arg(long)]
+    pub json: bool,
     /// Gives up when the jobs have not all finished by then.
     #[arg(long, value_parser = parse_duration, default_value = "10m")]
     pub timeout: Duration,
 }
 
+/// The jobs submitted and not finished yet, with when each was submitted.
+type Sent = Arc<Mutex<HashMap<JobId, Instant>>>;
+
+/// What one measure gives.
+struct Measured {
+    /// From the first submit (or the start line of `--drain`) to the last result recorded.
+    elapsed: Duration,
+    /// Sorted.
+    latencies: Vec<Duration>,
+    failed: usize,
+}
+
 pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let client = Arc::new(Client::connect(&broker.amqp_url, broker.names()?, "bench").await?);
     let mut events = client.watch(&[EventKind::Finished]).await?;
-    let sent: Arc<Mutex<HashMap<JobId, Instant>>> = Arc::default();
-
-    let start = Instant::now();
-    let paced_start = tokio::time::Instant::now();
-    let submitter = {
-        let (client, sent) = (client.clone(), sent.clone());
-        tokio::spawn(async move {
-            futures::stream::iter(0..args.jobs)
-                .map(|i| {
-                    let (client, sent) = (client.clone(), sent.clone());
-                    async move {
-                        if let Some(rate) = args.rate.filter(|r| *r > 0.0) {
-                            tokio::time::sleep_until(
-                                paced_start + Duration::from_secs_f64(i as f64 / rate),
-                            )
-                            .await;
-                        }
-                        let mut job = Job::new("demo.echo", json!({ "i": i }));
-                        let uuid = JobId::random();
-                        job.uuid = Some(uuid);
-                        if let Ok(mut s) = sent.lock() {
-                            s.insert(uuid, Instant::now());
-                        }
-                        match args.via {
-                            Via::Direct => client
-                                .publish_job(job)
-                                .await
-                                .map(|_| ())
-                                .map_err(anyhow::Error::from),
-                            Via::Rpc => client.submit(job).await.map(|_| ()),
-                        }
-                    }
-                })
-                .buffer_unordered(args.concurrency.max(1))
-                .fold(
-                    Ok(()),
-                    |acc: anyhow::Result<()>, r| async move { acc.and(r) },
-                )
-                .await
-        })
-    };
-
-    let mut latencies: Vec<Duration> = Vec::with_capacity(args.jobs);
-    let mut failed = 0usize;
-    let wait = async {
-        // A job that could not be submitted never finishes: stop at the first such error.
-        let mut submitter = Some(submitter);
-        while latencies.len() < args.jobs {
-            tokio::select! {
-                event = events.next() => {
-                    let Some(event) = event else { bail!("lost the connection to RabbitMQ") };
-                    let Some(t0) = sent.lock().ok().and_then(|mut s| s.remove(&event.uuid)) else {
-                        continue;
-                    };
-                    latencies.push(t0.elapsed());
-                    if event.status != Some(Status::Succeeded) {
-                        failed += 1;
-                    }
-                }
-                done = async { submitter.as_mut().expect("checked").await }, if submitter.is_some() => {
-                    submitter = None;
-                    done.context("the submitter panicked")?.context("a job could not be submitted")?;
-                }
-            }
-        }
-        Ok(())
-    };
-    if let Ok(waited) = tokio::time::timeout(args.timeout, wait).await {
-        waited?;
-    } else {
+    let sent: Sent = Arc::default();
+    let measured = tokio::time::timeout(args.timeout, measure(&client, &mut events, &sent, &args));
+    let Ok(measured) = measured.await else {
         let missing: Vec<String> = sent
             .lock()
             .map(|s| s.keys().take(3).map(|id| id.to_string()).collect())
@@ -128,47 +90,80 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
             args.timeout,
             missing.join(", ")
         );
-    }
-    let elapsed = start.elapsed();
-
-    latencies.sort();
-    let pct = |p: f64| {
-        latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
     };
-    println!(
-        "jobs:        {} via {:?} ({} failed)",
-        args.jobs, args.via, failed
-    );
-    println!(
-        "throughput:  {:.0} jobs/s end to end ({:.2} s from first submit to last result recorded)",
-        args.jobs as f64 / elapsed.as_secs_f64(),
-        elapsed.as_secs_f64()
-    );
-    println!(
-        "latency:     p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (submit → result recorded)",
-        pct(0.50).as_secs_f64() * 1e3,
-        pct(0.99).as_secs_f64() * 1e3,
-        pct(1.0).as_secs_f64() * 1e3
-    );
-    if let Ok(RpcReply::Agents { agents }) = client.call(&RpcRequest::Agents).await {
-        let host = short_host();
-        for a in agents
+    let Measured {
+        elapsed,
+        latencies,
+        failed,
+    } = measured?;
+
+    let pct = |p: f64| {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).max(1) - 1;
+        latencies.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    let jobs_per_s = args.jobs as f64 / elapsed.as_secs_f64();
+    let peaks = peak_rss(&client).await;
+    let mode = if args.one_at_a_time {
+        "one_at_a_time"
+    } else if args.drain {
+        "drain"
+    } else if args.rate.is_some() {
+        "paced"
+    } else {
+        "at_once"
+    };
+    if args.json {
+        let peaks: Vec<_> = peaks
             .iter()
-            .filter(|a| a.alive && a.heartbeat.host == host)
-        {
-            let hb = &a.heartbeat;
-            match peak_rss_kib(hb.pid) {
+            .map(|(what, pid, kib)| json!({ "part": what, "pid": pid, "peak_rss_kib": kib }))
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "mode": mode,
+                "via": format!("{:?}", args.via).to_lowercase(),
+                "jobs": args.jobs,
+                "failed": failed,
+                "seconds": elapsed.as_secs_f64(),
+                "jobs_per_s": jobs_per_s,
+                "p50_ms": pct(0.50),
+                "p99_ms": pct(0.99),
+                "max_ms": pct(1.0),
+                "peak_rss": peaks,
+            })
+        );
+    } else {
+        let how = match mode {
+            "at_once" => String::new(),
+            other => format!(", {}", other.replace('_', " ")),
+        };
+        println!(
+            "jobs:        {} via {:?} ({} failed){how}",
+            args.jobs, args.via, failed
+        );
+        let from = if args.drain {
+            "the start line"
+        } else {
+            "first submit"
+        };
+        println!(
+            "throughput:  {jobs_per_s:.0} jobs/s end to end ({:.2} s from {from} to last result \
+             recorded)",
+            elapsed.as_secs_f64()
+        );
+        println!(
+            "latency:     p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (submit → result recorded)",
+            pct(0.50),
+            pct(0.99),
+            pct(1.0)
+        );
+        for (what, pid, kib) in &peaks {
+            match kib {
                 Some(kib) => println!(
-                    "peak RSS:    {:>7.1} MiB  {:?} {} (pid {})",
-                    kib as f64 / 1024.0,
-                    hb.role,
-                    hb.id,
-                    hb.pid
+                    "peak RSS:    {:>7.1} MiB  {what} (pid {pid})",
+                    *kib as f64 / 1024.0
                 ),
-                None => println!(
-                    "peak RSS:    unknown for {:?} {} (pid {})",
-                    hb.role, hb.id, hb.pid
-                ),
+                None => println!("peak RSS:    unknown for {what} (pid {pid})"),
             }
         }
     }
@@ -178,6 +173,178 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Runs the warm-up, then the measure `args` asks for.
+async fn measure(
+    client: &Arc<Client>,
+    events: &mut Events,
+    sent: &Sent,
+    args: &BenchArgs,
+) -> anyhow::Result<Measured> {
+    for i in 0..args.warm_up {
+        round_trip(client, events, args.via, i).await?;
+    }
+    if args.one_at_a_time {
+        let start = Instant::now();
+        let mut latencies = Vec::with_capacity(args.jobs);
+        let mut failed = 0;
+        for i in 0..args.jobs {
+            let (latency, succeeded) = round_trip(client, events, args.via, i).await?;
+            latencies.push(latency);
+            failed += usize::from(!succeeded);
+        }
+        latencies.sort();
+        return Ok(Measured {
+            elapsed: start.elapsed(),
+            latencies,
+            failed,
+        });
+    }
+
+    let mut start = Instant::now();
+    let mut submitter = Some(tokio::spawn(submit_all(
+        client.clone(),
+        sent.clone(),
+        args.clone(),
+    )));
+    if args.drain {
+        if let Some(queued) = submitter.take() {
+            queued
+                .await
+                .context("the submitter panicked")?
+                .context("a job could not be queued")?;
+        }
+        eprintln!(
+            "queued {} jobs; the drain is timed from the next line on standard input",
+            args.jobs
+        );
+        let mut line = String::new();
+        tokio::io::BufReader::new(tokio::io::stdin())
+            .read_line(&mut line)
+            .await
+            .context("cannot read standard input")?;
+        start = Instant::now();
+        if let Ok(mut s) = sent.lock() {
+            s.values_mut().for_each(|t| *t = start);
+        }
+    }
+
+    let mut latencies: Vec<Duration> = Vec::with_capacity(args.jobs);
+    let mut failed = 0usize;
+    // A job that could not be submitted never finishes: stop at the first such error.
+    while latencies.len() < args.jobs {
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { bail!("lost the connection to RabbitMQ") };
+                let Some(t0) = sent.lock().ok().and_then(|mut s| s.remove(&event.uuid)) else {
+                    continue;
+                };
+                latencies.push(t0.elapsed());
+                failed += usize::from(event.status != Some(Status::Succeeded));
+            }
+            done = async { submitter.as_mut().expect("checked").await }, if submitter.is_some() => {
+                submitter = None;
+                done.context("the submitter panicked")?.context("a job could not be submitted")?;
+            }
+        }
+    }
+    latencies.sort();
+    Ok(Measured {
+        elapsed: start.elapsed(),
+        latencies,
+        failed,
+    })
+}
+
+/// Submits `args.jobs` jobs, `args.concurrency` at once (paced by `args.rate`), noting in
+/// `sent` when each went.
+async fn submit_all(client: Arc<Client>, sent: Sent, args: BenchArgs) -> anyhow::Result<()> {
+    let paced_start = tokio::time::Instant::now();
+    futures::stream::iter(0..args.jobs)
+        .map(|i| {
+            let (client, sent) = (client.clone(), sent.clone());
+            async move {
+                if let Some(rate) = args.rate.filter(|r| *r > 0.0) {
+                    tokio::time::sleep_until(
+                        paced_start + Duration::from_secs_f64(i as f64 / rate),
+                    )
+                    .await;
+                }
+                let (uuid, job) = no_op(i);
+                if let Ok(mut s) = sent.lock() {
+                    s.insert(uuid, Instant::now());
+                }
+                submit(&client, args.via, job).await
+            }
+        })
+        .buffer_unordered(args.concurrency.max(1))
+        .fold(
+            Ok(()),
+            |acc: anyhow::Result<()>, r| async move { acc.and(r) },
+        )
+        .await
+}
+
+/// Submits one job and waits for its `job.finished` event: the time it took, and whether
+/// the job succeeded.
+async fn round_trip(
+    client: &Client,
+    events: &mut Events,
+    via: Via,
+    i: usize,
+) -> anyhow::Result<(Duration, bool)> {
+    let (uuid, job) = no_op(i);
+    let t0 = Instant::now();
+    submit(client, via, job).await?;
+    loop {
+        let Some(event) = events.next().await else {
+            bail!("lost the connection to RabbitMQ")
+        };
+        if event.uuid == uuid {
+            return Ok((t0.elapsed(), event.status == Some(Status::Succeeded)));
+        }
+    }
+}
+
+/// The `i`-th no-op job, with its id.
+fn no_op(i: usize) -> (JobId, Job) {
+    let mut job = Job::new("demo.echo", json!({ "i": i }));
+    let uuid = JobId::random();
+    job.uuid = Some(uuid);
+    (uuid, job)
+}
+
+async fn submit(client: &Client, via: Via, job: Job) -> anyhow::Result<()> {
+    match via {
+        Via::Direct => client
+            .publish_job(job)
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
+        Via::Rpc => client.submit(job).await.map(|_| ()),
+    }
+}
+
+/// Each live Rota process on this host (as "Role id"), with its pid and peak resident set
+/// size in KiB (None when unreadable).
+async fn peak_rss(client: &Client) -> Vec<(String, u32, Option<u64>)> {
+    let Ok(RpcReply::Agents { agents }) = client.call(&RpcRequest::Agents).await else {
+        return Vec::new();
+    };
+    let host = short_host();
+    agents
+        .iter()
+        .filter(|a| a.alive && a.heartbeat.host == host)
+        .map(|a| {
+            let hb = &a.heartbeat;
+            (
+                format!("{:?} {}", hb.role, hb.id),
+                hb.pid,
+                peak_rss_kib(hb.pid),
+            )
+        })
+        .collect()
 }
 
 /// The peak resident set size of a process (VmHWM), in KiB.

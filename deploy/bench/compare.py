@@ -1,0 +1,567 @@
+"""`deploy/bench.sh compare`: Rota, Celery 5 and the bare broker side by side, against the same
+RabbitMQ, interleaved in rounds (each round runs each system once per measure, in an order
+that turns from round to round), then markdown tables on stdout: each figure's median and
+range over the rounds, the ratios Rota/Celery and Rota/floor (the median and range of the
+rounds' own ratios, since a round's runs share the machine's weather) and Rota's goals from
+issue 11; then the CPU per job of each part. Progress goes to stderr.
+
+The measures:
+  1. end to end: N no-op jobs published at once, first publish to last result recorded (Rota:
+     by the scheduler; Celery: fetched through its rpc backend; the floor: consumed);
+  2. drain: N jobs queued with no worker running, timed from the worker's start to the last
+     result;
+  3. one at a time: publish, wait for the result, next (after a warm-up): p50 and p99;
+  4. paced: Rota at half the rate it reached in (1) in the same round: p99;
+  5. memory and disk: RSS of an idle pool agent (and of an idle Celery worker), the
+     scheduler's RSS after the runs, its store on disk per recorded job;
+  6. CPU per job of each part (user + sys from /proc/PID/stat around measure 1).
+
+Rota runs as shipped: a release `scheduler run` and one `pool-agent run` with `local` workers
+(namespace rota-bench-compare), driven by `scheduler bench --json`. Celery runs from
+celery_noop.py (acks_late, rpc results, prefork x2) on the vhost rota-bench-celery, published
+with its own client (persistent, unconfirmed). The floor is the broker_floor example (lapin,
+persistent + confirms, publishing and consuming at once). Everything started here is stopped
+on exit, the vhost and Rota's queues and exchanges deleted, the data folder removed.
+
+Run from the repository with the project's venv, after the release build (deploy/bench.sh
+compare does both):
+  .venv/bin/python deploy/bench/compare.py [--rounds 3] [--jobs 10000] [--lone 300] [--paced 3000]
+"""
+
+import argparse
+import base64
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from celery.result import ResultSet
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+BIN = ROOT / "target" / "release"
+NAMESPACE = "rota-bench-compare"
+VHOST = "rota-bench-celery"
+AMQP_URL = os.environ.get("ROTA_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+TICK = os.sysconf("SC_CLK_TCK")
+WARM_UP = 20
+
+
+def say(*what):
+    print("compare:", *what, file=sys.stderr, flush=True)
+
+
+# ---- the broker ---------------------------------------------------------------------------
+
+
+class Management:
+    """RabbitMQ's management API (on port 15672 of the AMQP host, with the AMQP user)."""
+
+    def __init__(self, amqp_url):
+        u = urllib.parse.urlsplit(amqp_url)
+        self.base = f"http://{u.hostname}:15672/api"
+        user, password = urllib.parse.unquote(u.username or "guest"), urllib.parse.unquote(u.password or "guest")
+        self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Authorization", self.auth)
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                text = r.read()
+                return json.loads(text) if text else None
+        except urllib.error.HTTPError as e:
+            if e.code == 404 and method == "DELETE":
+                return None
+            raise SystemExit(f"RabbitMQ's management API refused {method} {path}: {e}") from e
+        except urllib.error.URLError as e:
+            raise SystemExit(
+                f"cannot reach RabbitMQ's management API at {self.base} ({e.reason}); "
+                "enable it with `rabbitmq-plugins enable rabbitmq_management` (deploy/setup.sh does)"
+            ) from e
+
+    def fresh_vhost(self, vhost, user):
+        self.call("DELETE", f"/vhosts/{vhost}")
+        self.call("PUT", f"/vhosts/{vhost}", {})
+        self.call("PUT", f"/permissions/{vhost}/{user}", {"configure": ".*", "write": ".*", "read": ".*"})
+
+    def delete_namespace(self, vhost, prefix):
+        """Deletes the queues and exchanges of `vhost` whose names start with `prefix`."""
+        v = urllib.parse.quote(vhost, safe="")
+        for kind in ("queues", "exchanges"):
+            for item in self.call("GET", f"/{kind}/{v}?columns=name") or []:
+                name = item["name"]
+                if name.startswith(prefix):
+                    self.call("DELETE", f"/{kind}/{v}/{urllib.parse.quote(name, safe='')}")
+
+
+def rabbitmq_pid():
+    """The pid of the RabbitMQ node on this host (beam.smp), or None."""
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "comm").read_text().strip() == "beam.smp":
+                    return int(p.name)
+            except OSError:
+                pass
+    return None
+
+
+# ---- processes ----------------------------------------------------------------------------
+
+
+def cpu_seconds(pid):
+    """User + system CPU of a process and of its live children (the prefork pool), in seconds."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / TICK
+
+
+def children(pid):
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def memory_kib(pid, field="VmRSS", source="status"):
+    """A memory figure of /proc/PID/{source} (VmRSS, VmHWM; Pss of smaps_rollup), summed over the
+    process and its live children, in KiB."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/{source}").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def self_cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Processes:
+    """The long-running processes started here, stopped (TERM, then KILL) on exit."""
+
+    def __init__(self):
+        self.running = {}
+
+    def start(self, name, argv, log, **kw):
+        say(f"starting {name}")
+        self.running[name] = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **kw
+        )
+        return self.running[name]
+
+    def stop(self, name):
+        p = self.running.pop(name, None)
+        if p is None:
+            return
+        p.terminate()
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            say(f"{name} did not stop within 30 s of SIGTERM: killing it")
+            p.kill()
+            p.wait()
+
+    def stop_all(self):
+        for name in list(self.running):
+            self.stop(name)
+
+
+def run_json(argv, env=None, what=""):
+    """Runs a program that prints one JSON line last; its parsed figures."""
+    out = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{what or argv[0]} failed (exit {out.returncode}); see the messages above")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- Rota ---------------------------------------------------------------------------------
+
+
+class Rota:
+    name = "Rota"
+
+    def __init__(self, procs, data):
+        self.procs, self.data = procs, data
+        self.env = {**os.environ, "ROTA_NAMESPACE": NAMESPACE, "ROTA_AMQP_URL": AMQP_URL}
+        self.recorded = 0
+        (data / "scheduler").mkdir()
+        (data / "agent").mkdir()
+        self.log = open(data / "rota.log", "ab")
+
+    def start(self):
+        self.scheduler = self.procs.start(
+            "the scheduler",
+            [BIN / "scheduler", "run", "--data-dir", self.data / "scheduler", "--heartbeat-interval", "1s"],
+            self.log, env=self.env,
+        )
+        self.start_agent()
+        self.bench("--jobs", "1", "--warm-up", str(WARM_UP), "--one-at-a-time")
+
+    def start_agent(self):
+        self.agent = self.procs.start(
+            "the pool agent",
+            [BIN / "pool-agent", "run", "--data-dir", self.data / "agent", "--heartbeat-interval", "1s",
+             "--id", "bench", "--worker-location", "local", "--pool-max-size", "16"],
+            self.log, env=self.env,
+        )
+
+    def bench(self, *flags):
+        figures = run_json([BIN / "scheduler", "bench", "--json", *flags], env=self.env, what="scheduler bench")
+        self.recorded += figures["jobs"] + (WARM_UP if "--warm-up" in flags else 0)
+        if figures["failed"]:
+            raise SystemExit(f"{figures['failed']} of Rota's no-op jobs failed; see {self.log.name}")
+        return figures
+
+    def at_once(self, jobs):
+        mq = rabbitmq_pid()
+        before = (cpu_seconds(self.scheduler.pid), cpu_seconds(self.agent.pid), children_cpu(), mq and cpu_seconds(mq))
+        f = self.bench("--jobs", str(jobs))
+        after = (cpu_seconds(self.scheduler.pid), cpu_seconds(self.agent.pid), children_cpu(), mq and cpu_seconds(mq))
+        parts = ["scheduler", "pool agent", "client (scheduler bench)", "RabbitMQ"]
+        cpu = {p: (a - b) / jobs * 1e3 for p, a, b in zip(parts, after, before) if a is not None}
+        return {"jobs_per_s": f["jobs_per_s"], "cpu_ms": cpu}
+
+    def drain(self, jobs):
+        self.procs.stop("the pool agent")
+        bench = subprocess.Popen(
+            [BIN / "scheduler", "bench", "--json", "--drain", "--jobs", str(jobs)],
+            env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            for line in bench.stderr:
+                if line.startswith("queued "):
+                    break
+                sys.stderr.write(line)
+            else:
+                raise SystemExit("scheduler bench --drain ended before queueing its jobs")
+            bench.stdin.write("go\n")
+            bench.stdin.flush()
+            self.start_agent()
+            out, err = bench.communicate()
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+                bench.wait()
+        sys.stderr.write(err)
+        if bench.returncode != 0:
+            raise SystemExit(f"scheduler bench --drain failed (exit {bench.returncode})")
+        f = json.loads(out.strip().splitlines()[-1])
+        self.recorded += f["jobs"]
+        return {"jobs_per_s": f["jobs_per_s"]}
+
+    def one_at_a_time(self, jobs):
+        f = self.bench("--one-at-a-time", "--jobs", str(jobs), "--warm-up", str(WARM_UP))
+        return {"p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"]}
+
+    def paced(self, rate, jobs):
+        f = self.bench("--rate", f"{rate:.0f}", "--jobs", str(jobs))
+        return {"rate": rate, "p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"]}
+
+    def idle_agent_mib(self):
+        return memory_kib(self.agent.pid) / 1024
+
+    def scheduler_mib(self):
+        return memory_kib(self.scheduler.pid) / 1024, memory_kib(self.scheduler.pid, "VmHWM") / 1024
+
+    def disk_bytes(self):
+        """The scheduler's data folder on disk: (in all, of which in the jobs' folders, work/)."""
+        total = folders = 0
+        root = self.data / "scheduler"
+        for p in root.rglob("*"):
+            if p.is_file():
+                size = p.stat().st_blocks * 512
+                total += size
+                folders += size if "work" in p.relative_to(root).parts else 0
+        return total, folders
+
+
+# ---- Celery -------------------------------------------------------------------------------
+
+
+class Celery:
+    name = "Celery"
+
+    def __init__(self, procs, data):
+        self.procs = procs
+        u = urllib.parse.urlsplit(AMQP_URL)
+        self.url = urllib.parse.urlunsplit(u._replace(path="/" + VHOST))
+        os.environ["ROTA_BENCH_CELERY_URL"] = self.url
+        sys.path.insert(0, str(HERE))
+        import celery_noop  # noqa: E402 (needs the URL above)
+
+        self.noop = celery_noop.noop
+        self.log = open(data / "celery.log", "ab")
+
+    def start(self):
+        self.start_worker()
+        for _ in range(WARM_UP):
+            self.noop.delay().get(timeout=120)
+
+    def start_worker(self):
+        self.worker = self.procs.start(
+            "the Celery worker",
+            [Path(sys.executable).parent / "celery", "--workdir", HERE, "-A", "celery_noop", "worker",
+             "--pool", "prefork", "--concurrency", "2", "--loglevel", "WARNING",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            self.log,
+        )
+
+    def fetch(self, results):
+        # One ResultSet: Celery then drains the rpc reply queue for all of them (a get() per
+        # result waits on the broker for each, and is several times slower).
+        ResultSet(results).get(timeout=600)
+
+    def at_once(self, jobs):
+        mq = rabbitmq_pid()
+        before = (cpu_seconds(self.worker.pid), self_cpu(), mq and cpu_seconds(mq))
+        t0 = time.perf_counter()
+        self.fetch([self.noop.delay() for _ in range(jobs)])
+        seconds = time.perf_counter() - t0
+        after = (cpu_seconds(self.worker.pid), self_cpu(), mq and cpu_seconds(mq))
+        parts = ["worker (prefork ×2)", "client (this script)", "RabbitMQ"]
+        cpu = {p: (a - b) / jobs * 1e3 for p, a, b in zip(parts, after, before) if a is not None}
+        return {"jobs_per_s": jobs / seconds, "cpu_ms": cpu}
+
+    def drain(self, jobs):
+        self.procs.stop("the Celery worker")
+        results = [self.noop.delay() for _ in range(jobs)]
+        t0 = time.perf_counter()
+        self.start_worker()
+        self.fetch(results)
+        return {"jobs_per_s": jobs / (time.perf_counter() - t0)}
+
+    def one_at_a_time(self, jobs):
+        for _ in range(WARM_UP):
+            self.noop.delay().get(timeout=60)
+        latencies = []
+        for _ in range(jobs):
+            t0 = time.perf_counter()
+            self.noop.delay().get(timeout=60)
+            latencies.append((time.perf_counter() - t0) * 1e3)
+        return {"p50_ms": percentile(latencies, 0.50), "p99_ms": percentile(latencies, 0.99)}
+
+    def idle_worker_mib(self):
+        # PSS: its three processes share most of their pages, which RSS would count three times.
+        return memory_kib(self.worker.pid, "Pss", "smaps_rollup") / 1024
+
+
+# ---- the floor ----------------------------------------------------------------------------
+
+
+class Floor:
+    name = "floor"
+
+    def run(self, messages, round_trips):
+        before = children_cpu()
+        mq = rabbitmq_pid()
+        mq_before = mq and cpu_seconds(mq)
+        f = run_json([BIN / "examples" / "broker_floor", str(messages), str(round_trips)], what="broker_floor")
+        f["cpu_ms"] = {"floor program": (children_cpu() - before) / max(messages, 1) * 1e3}
+        if mq:
+            f["cpu_ms"]["RabbitMQ"] = (cpu_seconds(mq) - mq_before) / max(messages, 1) * 1e3
+        return f
+
+    def at_once(self, jobs):
+        f = self.run(jobs, 0)
+        return {"jobs_per_s": f["msg_per_s"], "cpu_ms": f["cpu_ms"]}
+
+    def one_at_a_time(self, jobs):
+        f = self.run(0, jobs)
+        return {"p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"]}
+
+
+# ---- figures ------------------------------------------------------------------------------
+
+
+def percentile(values, p):
+    s = sorted(values)
+    return s[max(1, min(len(s), int(-(-len(s) * p // 1)))) - 1]
+
+
+def spread(values, fmt):
+    """'median (min–max)' of the values, each printed with fmt."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    m = statistics.median(values)
+    if len(values) == 1:
+        return fmt(m)
+    return f"{fmt(m)} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def rate(v):
+    return f"{v:,.0f}"
+
+
+def ms(v):
+    return f"{v:.1f}" if v < 10 else f"{v:.0f}"
+
+
+def times(v):
+    return f"{v:.2f}×"
+
+
+def ratios(a, b):
+    return [x / y for x, y in zip(a, b) if x is not None and y]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=10_000, help="jobs of measures 1 and 2")
+    ap.add_argument("--lone", type=int, default=300, help="jobs of measure 3, one at a time")
+    ap.add_argument("--paced", type=int, default=3_000, help="jobs of measure 4")
+    args = ap.parse_args()
+
+    # SIGTERM (and SIGHUP) end the run like Ctrl-C does: through the clean-up below.
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+
+    mgmt = Management(AMQP_URL)
+    user = urllib.parse.unquote(urllib.parse.urlsplit(AMQP_URL).username or "guest")
+    data = Path(tempfile.mkdtemp(prefix="rota-compare-"))
+    procs = Processes()
+    try:
+        mgmt.fresh_vhost(VHOST, user)
+        mgmt.delete_namespace("/", NAMESPACE + ".")
+        rota, celery, floor = Rota(procs, data), Celery(procs, data), Floor()
+        rota.start()
+        celery.start()
+        idle = {"agent": rota.idle_agent_mib(), "celery": celery.idle_worker_mib()}
+        say(f"all started (logs in {data}); {args.rounds} rounds")
+        res = {s: {m: [] for m in ("at_once", "drain", "lone", "paced")} for s in ("Rota", "Celery", "floor")}
+        systems = [rota, celery, floor]
+        for r in range(args.rounds):
+            order = systems[r % 3:] + systems[:r % 3]
+            for s in order:
+                say(f"round {r + 1}: {s.name}, {args.jobs:,} at once")
+                res[s.name]["at_once"].append(s.at_once(args.jobs))
+                say(f"  {res[s.name]['at_once'][-1]['jobs_per_s']:,.0f}/s")
+            for s in order:
+                if hasattr(s, "drain"):
+                    say(f"round {r + 1}: {s.name}, drain of {args.jobs:,} queued")
+                    res[s.name]["drain"].append(s.drain(args.jobs))
+                    say(f"  {res[s.name]['drain'][-1]['jobs_per_s']:,.0f}/s")
+            for s in order:
+                say(f"round {r + 1}: {s.name}, {args.lone} one at a time")
+                res[s.name]["lone"].append(s.one_at_a_time(args.lone))
+                say(f"  p50 {res[s.name]['lone'][-1]['p50_ms']:.2f} ms")
+            half = res["Rota"]["at_once"][-1]["jobs_per_s"] / 2
+            say(f"round {r + 1}: Rota, {args.paced:,} paced at {half:,.0f}/s")
+            res["Rota"]["paced"].append(rota.paced(half, args.paced))
+            say(f"  p99 {res['Rota']['paced'][-1]['p99_ms']:.1f} ms")
+        idle["agent after"] = rota.idle_agent_mib()
+        sched_rss, sched_peak = rota.scheduler_mib()
+        disk = rota.disk_bytes()
+        print(table(args, res, idle, sched_rss, sched_peak, disk, rota.recorded))
+    except KeyboardInterrupt as e:
+        say(f"interrupted ({e or 'SIGINT'}); stopping everything")
+        return 130
+    finally:
+        procs.stop_all()
+        try:
+            mgmt.call("DELETE", f"/vhosts/{VHOST}")
+            mgmt.delete_namespace("/", NAMESPACE + ".")
+        except SystemExit as e:
+            say(f"could not clean RabbitMQ up: {e}")
+        say(f"removing {data} (a folder per recorded job: this takes a while)")
+        shutil.rmtree(data, ignore_errors=True)
+    return 0
+
+
+def table(args, res, idle, sched_rss, sched_peak, disk, recorded):
+    get = lambda s, m, k: [x[k] for x in res[s][m]]  # noqa: E731
+    rota_e2e, celery_e2e, floor_e2e = (get(s, "at_once", "jobs_per_s") for s in ("Rota", "Celery", "floor"))
+    rota_drain, celery_drain = (get(s, "drain", "jobs_per_s") for s in ("Rota", "Celery"))
+    rota_p50, celery_p50, floor_p50 = (get(s, "lone", "p50_ms") for s in ("Rota", "Celery", "floor"))
+    rota_p99, celery_p99, floor_p99 = (get(s, "lone", "p99_ms") for s in ("Rota", "Celery", "floor"))
+    paced_p99 = get("Rota", "paced", "p99_ms")
+    paced_rate = get("Rota", "paced", "rate")
+    met = lambda ok: "**yes**" if ok else "no"  # noqa: E731
+    med = statistics.median
+    per_job = [b / max(recorded, 1) / 1024 for b in (disk[0], disk[0] - disk[1], disk[1])]
+    rows = [
+        ("end to end, jobs/s", spread(rota_e2e, rate), spread(celery_e2e, rate), spread(floor_e2e, rate),
+         spread(ratios(rota_e2e, celery_e2e), times), spread(ratios(rota_e2e, floor_e2e), times),
+         "≥ 4× Celery (moonshot: ≥ 0.5× floor)", met(med(ratios(rota_e2e, celery_e2e)) >= 4)),
+        ("drain of queued jobs, jobs/s", spread(rota_drain, rate), spread(celery_drain, rate), "—",
+         spread(ratios(rota_drain, celery_drain), times), "—", "≥ 2× Celery",
+         met(med(ratios(rota_drain, celery_drain)) >= 2)),
+        ("one at a time, p50 ms", spread(rota_p50, ms), spread(celery_p50, ms), spread(floor_p50, ms),
+         spread(ratios(rota_p50, celery_p50), times), spread(ratios(rota_p50, floor_p50), times),
+         "≤ Celery's p50", met(med(ratios(rota_p50, celery_p50)) <= 1)),
+        ("one at a time, p99 ms", spread(rota_p99, ms), spread(celery_p99, ms), spread(floor_p99, ms),
+         spread(ratios(rota_p99, celery_p99), times), spread(ratios(rota_p99, floor_p99), times),
+         f"≤ 3× Celery's p50 (is {spread(ratios(rota_p99, celery_p50), times)})",
+         met(med(ratios(rota_p99, celery_p50)) <= 3)),
+        ("paced at half of Rota's rate in the round, p99 ms",
+         f"{spread(paced_p99, ms)} at {spread(paced_rate, rate)} jobs/s",
+         "—", "—", "—", "—", "≤ 20 ms", met(med(paced_p99) <= 20)),
+        ("idle agent RSS, MiB (at start / after the runs)",
+         f"{idle['agent']:.1f} / {idle['agent after']:.1f}", f"{idle['celery']:.1f} (idle worker, prefork ×2: PSS of its 3 processes)",
+         "—", "—", "—", "≤ 20 MiB", met(max(idle["agent"], idle["agent after"]) <= 20)),
+        (f"scheduler RSS after {recorded:,} jobs, MiB (now / peak)", f"{sched_rss:.0f} / {sched_peak:.0f}",
+         "—", "—", "—", "—", "≤ 64 MiB after 1,000,000 jobs", "— (not run to 1M)"),
+        ("scheduler's data folder on disk per recorded job, KiB",
+         "{:.1f} (store {:.1f} + job folders {:.1f}; {:,.0f} MiB)".format(*per_job, disk[0] / 2**20),
+         "— (keeps no results)", "—", "—", "—", "≤ 2 KiB in the store; folders only when used",
+         met(per_job[0] <= 2)),
+    ]
+    out = [
+        f"{args.rounds} rounds of {args.jobs:,} no-op jobs at once, a drain of {args.jobs:,}, "
+        f"{args.lone} one at a time (after {WARM_UP} not counted) and {args.paced:,} paced; "
+        "median (range) over the rounds; ratios are the median (range) of each round's own ratio.",
+        "",
+        "| measure | Rota | Celery 5 | floor (lapin) | Rota/Celery | Rota/floor | goal | met |",
+        "|---|---|---|---|---|---|---|---|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        "CPU per job in measure 1, user + system, ms (median (range) over the rounds):",
+        "",
+        "| system | part | CPU ms per job |",
+        "|---|---|---|",
+    ]
+    for s in ("Rota", "Celery", "floor"):
+        runs = res[s]["at_once"]
+        for part in runs[0]["cpu_ms"]:
+            out.append(f"| {s} | {part} | {spread([x['cpu_ms'].get(part) for x in runs], lambda v: f'{v:.2f}')} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

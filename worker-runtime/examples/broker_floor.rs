@@ -1,0 +1,167 @@
+//! The floor under Rota's job pipeline: what the local RabbitMQ does alone, in a bare lapin
+//! loop with nothing of Rota in it. Persistent messages go into a durable queue of their own
+//! (`rota-bench-floor`, deleted before and after) on a channel with publisher confirms, while
+//! a consumer on another channel acks each one: publishing and consuming at once, the way a
+//! job travels. `deploy/bench.sh compare` sets Rota and Celery beside it.
+//!
+//!   cargo run --release -p rota-worker-runtime --example broker_floor -- [MESSAGES] [ROUND_TRIPS]
+//!
+//! Prints one JSON line: MESSAGES (default 10,000) published at once, first publish to the
+//! last one consumed and every confirm received, in messages/s; then ROUND_TRIPS (default 300,
+//! after 20 not counted) one at a time, each from its publish to its delivery and confirm,
+//! as p50 and p99 in ms. The broker is ROTA_AMQP_URL (default the local one, guest/guest).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    PublisherConfirm,
+};
+
+const QUEUE: &str = "rota-bench-floor";
+/// Confirms awaited at once while flooding.
+const WINDOW: usize = 1_000;
+/// Round trips run first and not counted.
+const WARM_UP: usize = 20;
+/// About the size of a no-op job.
+const BODY: [u8; 256] = [b'x'; 256];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1).map(|a| {
+        a.parse::<usize>().with_context(|| {
+            format!("{a:?} is not a count; usage: broker_floor [MESSAGES] [ROUND_TRIPS]")
+        })
+    });
+    let messages = args.next().transpose()?.unwrap_or(10_000);
+    let round_trips = args.next().transpose()?.unwrap_or(300);
+    let url = std::env::var("ROTA_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("cannot connect to RabbitMQ at {url}; is it running?"))?;
+    let publisher = conn.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let _ = publisher
+        .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
+        .await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    publisher
+        .queue_declare(QUEUE.into(), durable, FieldTable::default())
+        .await?;
+    let consumer_channel = conn.create_channel().await?;
+    consumer_channel
+        .basic_qos(WINDOW as u16, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_channel
+        .basic_consume(
+            QUEUE.into(),
+            "floor".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    let start = Instant::now();
+    let (published, consumed) = tokio::join!(
+        flood(&publisher, messages),
+        consume(&mut consumer, messages)
+    );
+    published?;
+    consumed?;
+    let seconds = start.elapsed().as_secs_f64();
+
+    let mut latencies = Vec::with_capacity(round_trips);
+    for i in 0..WARM_UP + round_trips {
+        let t0 = Instant::now();
+        let confirm = publish(&publisher).await?;
+        consume(&mut consumer, 1).await?;
+        confirmed(confirm.await)?;
+        if i >= WARM_UP {
+            latencies.push(t0.elapsed());
+        }
+    }
+    latencies.sort();
+    let pct = |p: f64| -> f64 {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).max(1) - 1;
+        latencies.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "messages": messages,
+            "seconds": seconds,
+            "msg_per_s": messages as f64 / seconds,
+            "round_trips": round_trips,
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+        })
+    );
+    publisher
+        .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
+        .await?;
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// Publishes `n` messages with up to [`WINDOW`] confirms outstanding, and waits for them all.
+async fn flood(channel: &Channel, n: usize) -> anyhow::Result<()> {
+    let mut pending = FuturesUnordered::new();
+    for _ in 0..n {
+        if pending.len() >= WINDOW
+            && let Some(c) = pending.next().await
+        {
+            confirmed(c)?;
+        }
+        pending.push(publish(channel).await?);
+    }
+    while let Some(c) = pending.next().await {
+        confirmed(c)?;
+    }
+    Ok(())
+}
+
+/// Publishes one persistent message, returning its confirm to await.
+async fn publish(channel: &Channel) -> anyhow::Result<PublisherConfirm> {
+    Ok(channel
+        .basic_publish(
+            "".into(),
+            QUEUE.into(),
+            BasicPublishOptions::default(),
+            &BODY,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await?)
+}
+
+fn confirmed(c: lapin::Result<Confirmation>) -> anyhow::Result<()> {
+    match c? {
+        Confirmation::Ack(_) => Ok(()),
+        other => bail!("RabbitMQ did not take a message: {other:?}"),
+    }
+}
+
+/// Receives and acks `n` messages (gives up after a minute without one).
+async fn consume(consumer: &mut Consumer, n: usize) -> anyhow::Result<()> {
+    for _ in 0..n {
+        let delivery = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .context("no message from RabbitMQ for a minute")?
+            .context("the consumer was cancelled")??;
+        delivery.ack(BasicAckOptions::default()).await?;
+    }
+    Ok(())
+}
