@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -20,6 +21,7 @@ use rota_common::Names;
 use rota_common::amqp::{Broker, ConsumeSpec, Props, QueueSpec, Startup, Topology};
 use rota_common::wire::{AgentId, AgentMessage, Job, JobId, JobResult, LogLine, Status};
 use serde_json::Value;
+use tokio::sync::Semaphore;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -29,6 +31,10 @@ struct Args {
     /// How many results to preload.
     #[arg(long, default_value_t = 10_000)]
     results: usize,
+    /// At most this many results wait in RabbitMQ: the rest are published as the first ones
+    /// are receipted (so a run of a million does not load the broker with all of them).
+    #[arg(long, default_value_t = 50_000)]
+    window: usize,
     /// Debug log lines per result (a no-op `demo.echo` logs one).
     #[arg(long, default_value_t = 1)]
     logs: usize,
@@ -73,6 +79,36 @@ async fn main() -> anyhow::Result<()> {
     outcome
 }
 
+/// Publishes `n` no-op results whose receipts go to `receipts`, one per permit of `room`.
+async fn publish(
+    broker: Broker,
+    names: Names,
+    receipts: String,
+    n: usize,
+    logs: usize,
+    room: Arc<Semaphore>,
+) -> anyhow::Result<()> {
+    let queue = names.results();
+    let mut sending = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        room.acquire().await?.forget();
+        let body = serde_json::to_vec(&no_op_result(logs))?;
+        let props = Props {
+            reply_to: Some(receipts.clone()),
+            ..Props::default()
+        };
+        let (broker, queue) = (broker.clone(), queue.clone());
+        sending.push(async move { broker.publish("", &queue, &body, &props).await });
+        while sending.len() >= 1024 {
+            sending.next().await.transpose()?;
+        }
+    }
+    while let Some(sent) = sending.next().await {
+        sent?;
+    }
+    Ok(())
+}
+
 async fn measure(
     args: &Args,
     names: &Names,
@@ -80,25 +116,30 @@ async fn measure(
     receipts: &str,
 ) -> anyhow::Result<()> {
     let loaded = Instant::now();
-    futures::stream::iter(0..args.results)
-        .map(|_| {
-            let body = serde_json::to_vec(&no_op_result(args.logs)).expect("a result serializes");
-            let props = Props {
-                reply_to: Some(receipts.to_owned()),
-                ..Props::default()
-            };
-            async move { broker.publish("", &names.results(), &body, &props).await }
-        })
-        .buffer_unordered(1024)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+    let preload = args.results.min(args.window);
+    let room = Arc::new(Semaphore::new(preload));
+    let (logs, receipts_queue) = (args.logs, receipts.to_owned());
+    publish(
+        broker.clone(),
+        names.clone(),
+        receipts_queue.clone(),
+        preload,
+        logs,
+        room.clone(),
+    )
+    .await?;
     eprintln!(
-        "preloaded {} results in {:.1} s",
-        args.results,
+        "preloaded {preload} results in {:.1} s",
         loaded.elapsed().as_secs_f64()
     );
+    let rest = tokio::spawn(publish(
+        broker.clone(),
+        names.clone(),
+        receipts_queue,
+        args.results - preload,
+        logs,
+        room.clone(),
+    ));
 
     let data = tempfile::tempdir()?;
     let mut receipted = broker
@@ -141,7 +182,9 @@ async fn measure(
             bail!("no receipt for 60 s after {runs} of {}", args.results);
         };
         let message = AgentMessage::parse(&d.body).map_err(anyhow::Error::msg)?;
-        runs += message.receipted().len();
+        let n = message.receipted().len();
+        runs += n;
+        room.add_permits(n);
         first.get_or_insert_with(Instant::now);
         d.ack().await;
         if last_report.elapsed() > Duration::from_secs(1) {
@@ -157,6 +200,7 @@ async fn measure(
         }
     }
     let took = start.elapsed();
+    rest.await??;
     let from_first = first.map_or(took, |f| f.elapsed());
     let rss = rss_kib(pid);
     peak_rss = peak_rss.max(rss);

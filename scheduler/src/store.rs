@@ -61,9 +61,10 @@ impl Writer {
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                // Ends when the last store clone is gone.
+                // Ends when the last store clone is gone. A write that panics fails alone
+                // (its caller hears that the writer failed), not every write after it.
                 while let Ok(op) = rx.recv() {
-                    op();
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(op));
                 }
             })?;
         Ok(Self { tx: Mutex::new(tx) })
@@ -462,7 +463,7 @@ impl Store {
         let op: WriteOp = Box::new(move || {
             let _ = tx.send(op(&store));
         });
-        let gone = || anyhow::anyhow!("the store's writer thread is gone");
+        let gone = || anyhow::anyhow!("the store's writer thread failed on this write");
         self.writer
             .tx
             .lock()
