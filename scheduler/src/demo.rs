@@ -23,6 +23,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::SchedulerConfig;
+use crate::archive::JobFolders;
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -165,7 +166,8 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         data_dir: dir.clone(),
         heartbeat_interval: Duration::from_secs(2),
         http_addr: None,
-        results_prefetch: 256,
+        // The demo shows a folder for each Work, as the design describes.
+        job_folders: JobFolders::Always,
         ..SchedulerConfig::default()
     };
     let agent_cfg = AgentConfig {

@@ -3,7 +3,7 @@
 //! benchmark.
 
 mod agents;
-mod archive;
+pub mod archive;
 pub mod bench;
 pub mod cli;
 pub mod cron;

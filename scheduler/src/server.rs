@@ -5,6 +5,7 @@
 //! needs a write is taken (results and started events stay in their queues, write RPCs are
 //! refused, `/readyz` says why) until a probe finds the store writing again.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,14 +29,15 @@ use rota_common::metrics::{JobCounter, Metrics};
 use rota_common::names::DEFAULT_QUEUE;
 use rota_common::wire::{
     AgentId, AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord,
-    JobResult, JobState, Role, RpcReply, RpcRequest, ScheduleInfo, ScheduleSpec, Status,
+    JobResult, JobState, MAX_RECEIPTS, Role, RpcReply, RpcRequest, Run, ScheduleInfo, ScheduleSpec,
+    Status,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::agents::Agents;
-use crate::archive;
+use crate::archive::{self, JobFolders};
 use crate::cron::CronExpr;
 use crate::intake::{self, Dropped, Input, Reason, Refused};
 use crate::pages;
@@ -57,9 +59,22 @@ pub struct SchedulerConfig {
     #[arg(long, env = "ROTA_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub heartbeat_interval: Duration,
 
-    /// How many results to record at once.
-    #[arg(long, env = "ROTA_RESULTS_PREFETCH", default_value_t = 256)]
+    /// How many results may wait to be recorded at once (they are recorded in batches of up
+    /// to half of this, so that one batch is read while the one before is flushed).
+    #[arg(long, env = "ROTA_RESULTS_PREFETCH", default_value_t = 1024)]
     pub results_prefetch: u16,
+
+    /// The store's cache, in MiB: sled keeps about this much of the store in memory (the rest
+    /// of the memory it uses does not grow with the number of jobs).
+    #[arg(long, env = "ROTA_STORE_CACHE_MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub store_cache_mib: u64,
+
+    /// Which runs get a folder under `<data-dir>/scheduler/work/<uuid>/` (`result.json` and
+    /// `logs.txt`): `used` writes it only for a run with something worth a file (a failure,
+    /// log lines above debug, a large output or payload); `always` for every run. The store
+    /// holds every result and log line either way (`scheduler status`, `scheduler logs`).
+    #[arg(long, env = "ROTA_JOB_FOLDERS", value_enum, default_value_t = JobFolders::Used)]
+    pub job_folders: JobFolders,
 
     /// Attempts of a job that does not say (`max_attempts`); 1 means no retries.
     #[arg(long, env = "ROTA_DEFAULT_MAX_ATTEMPTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -106,7 +121,9 @@ impl Default for SchedulerConfig {
             data_dir: PathBuf::from("rota-data"),
             heartbeat_interval: Duration::from_secs(5),
             http_addr: None,
-            results_prefetch: 256,
+            results_prefetch: 1024,
+            store_cache_mib: 32,
+            job_folders: JobFolders::Used,
             default_max_attempts: 1,
             default_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(3600),
@@ -167,7 +184,7 @@ pub async fn run(
     let dir = cfg.scheduler_dir();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
-    let store = Store::open(&dir, cfg.retry_policy())?;
+    let store = Store::open(&dir, cfg.retry_policy(), cfg.store_cache_mib * 1024 * 1024)?;
 
     let events_queue = names.scheduler_events();
     let beats_queue = names.private_queue(
@@ -222,6 +239,7 @@ pub async fn run(
         health: health.clone(),
         stop: CancellationToken::new(),
         reply_budget: cfg.rpc_reply_budget,
+        job_folders: cfg.job_folders,
     });
     let alive = Gauge::<i64>::default();
     metrics.register(
@@ -325,6 +343,9 @@ struct ScheduleLabel {
     schedule: String,
 }
 
+/// A result recorded but not yet durable: its delivery, the result and what recording did.
+type RecordedResult = (Delivery, JobResult, Recorded);
+
 /// How long a submission may take to be confirmed before the periodic pass queues it again.
 const IN_FLIGHT: Duration = Duration::from_secs(30);
 
@@ -358,6 +379,8 @@ struct Scheduler {
     stop: CancellationToken,
     /// See `--rpc-reply-budget`.
     reply_budget: usize,
+    /// See `--job-folders`.
+    job_folders: JobFolders,
 }
 
 impl Scheduler {
@@ -400,29 +423,49 @@ impl Scheduler {
         }
     }
 
-    /// Records results in batches: each result in its own transaction, one flush for the
-    /// batch, then the files, acks, receipts and events. A flush costs the same for one result
-    /// as for hundreds, so batching is what makes recording fast. Takes none while the store
-    /// does not write.
+    /// Records results in batches: each result in its own transaction on the store's writer
+    /// thread, one flush for the batch, then the folders, receipts (one message per agent),
+    /// acks and events. A flush costs the same for one result as for hundreds, so batching is
+    /// what makes recording fast; while one batch is flushed and receipted, the next one is
+    /// read and recorded. Takes none while the store does not write.
     async fn serve_results(self: Arc<Self>, mut consumer: Consumer, spec: ConsumeSpec) {
+        let most = usize::from(spec.prefetch / 2).max(1);
         loop {
+            let mut finishing: Option<tokio::task::JoinHandle<Vec<Delivery>>> = None;
             let unstored = loop {
                 let first = tokio::select! {
                     d = consumer.recv() => d,
                     _ = self.until(false) => break Vec::new(),
                 };
-                let Some(first) = first else { return };
+                let Some(first) = first else {
+                    if let Some(f) = finishing {
+                        let _ = f.await;
+                    }
+                    return;
+                };
                 let mut batch = vec![first];
-                while batch.len() < 512
+                while batch.len() < most
                     && let Some(d) = consumer.try_recv()
                 {
                     batch.push(d);
                 }
-                let unstored = self.record_batch(batch).await;
+                let (recorded, mut unstored) = self.record_batch(batch).await;
+                // The batch before is flushed and receipted first: its flush also covers
+                // what was just recorded, and acks keep their order.
+                if let Some(f) = finishing.take() {
+                    unstored.extend(f.await.unwrap_or_default());
+                }
                 if !unstored.is_empty() {
+                    // Not flushed: the store failed.
+                    unstored.extend(recorded.into_iter().map(|(d, _, _)| d));
                     break unstored;
                 }
+                finishing = Some(tokio::spawn(self.clone().finish_batch(recorded)));
             };
+            let mut unstored = unstored;
+            if let Some(f) = finishing.take() {
+                unstored.extend(f.await.unwrap_or_default());
+            }
             let Some(again) = self.pause_intake(consumer, unstored, &spec).await else {
                 return;
             };
@@ -544,111 +587,172 @@ impl Scheduler {
         }
     }
 
-    /// Records a batch; returns the deliveries it could not store because the store does
-    /// not write (not acked: they go back to the queue once intake is paused).
-    async fn record_batch(&self, batch: Vec<Delivery>) -> Vec<Delivery> {
-        let mut recorded = Vec::with_capacity(batch.len());
+    /// Records a batch (not yet durable): returns what was recorded and the deliveries it
+    /// could not store because the store does not write (not acked: they go back to the queue
+    /// once intake is paused).
+    async fn record_batch(&self, batch: Vec<Delivery>) -> (Vec<RecordedResult>, Vec<Delivery>) {
         let mut unstored = Vec::new();
+        let mut taken = Vec::with_capacity(batch.len());
         for d in batch {
             if !self.is_writable() {
                 unstored.push(d);
                 continue;
             }
-            let result = match intake::result(&d.body) {
-                Ok(r) => r,
-                Err(refused) => {
-                    self.refuse(d, Input::Result, refused).await;
-                    continue;
-                }
-            };
-            match self.store.record(&result) {
-                Ok(r) => recorded.push((d, result, r)),
-                Err(e) if self.store_failed(&e) => {
+            match intake::result(&d.body) {
+                Ok(r) => taken.push((d, r)),
+                Err(refused) => self.refuse(d, Input::Result, refused).await,
+            }
+        }
+        let (deliveries, results): (Vec<Delivery>, Vec<JobResult>) = taken.into_iter().unzip();
+        let outcomes = self.store.write(move |store| {
+            // After a write that failed for want of disk, the rest are not tried.
+            let mut failed = false;
+            results
+                .into_iter()
+                .map(|result| {
+                    let outcome = (!failed).then(|| store.record(&result));
+                    failed |= outcome
+                        .as_ref()
+                        .is_some_and(|o| o.as_ref().is_err_and(store::is_unwritable));
+                    (result, outcome)
+                })
+                .collect::<Vec<_>>()
+        });
+        let outcomes = match outcomes.await {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                error!(error = %e, "cannot record results; they go back to the queue");
+                self.halt(&format!("{e:#}"));
+                unstored.extend(deliveries);
+                return (Vec::new(), unstored);
+            }
+        };
+        let mut recorded = Vec::with_capacity(outcomes.len());
+        for (d, (result, outcome)) in deliveries.into_iter().zip(outcomes) {
+            match outcome {
+                Some(Ok(r)) => recorded.push((d, result, r)),
+                Some(Err(e)) if self.store_failed(&e) => {
                     warn!(job_id = %result.uuid, error = %e, "cannot record the result; it goes back to the queue");
                     unstored.push(d);
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     let refused = Refused::new(Reason::Unrecordable, format!("{e:#}"));
                     self.refuse(d, Input::Result, refused).await;
                 }
+                None => unstored.push(d),
             }
+        }
+        (recorded, unstored)
+    }
+
+    /// Makes a recorded batch durable, then writes its folders, receipts it, acks it and
+    /// announces it. Returns the deliveries whose results the flush did not make durable.
+    async fn finish_batch(self: Arc<Self>, recorded: Vec<RecordedResult>) -> Vec<Delivery> {
+        if recorded.is_empty() {
+            return Vec::new();
         }
         if let Err(e) = self.store.flush().await {
             error!(error = %e, "cannot flush the store; the results go back to the queue");
             self.store_failed(&e);
-            unstored.extend(recorded.into_iter().map(|(d, _, _)| d));
-            return unstored;
+            return recorded.into_iter().map(|(d, _, _)| d).collect();
         }
-        let finish = recorded.into_iter().map(|(d, result, r)| {
-            let span = info_span!("job", job_id = %result.uuid, r#type = %result.work_type, attempt = result.attempt);
-            self.after_record(d, result, r).instrument(span)
+        self.write_folders(&recorded).await;
+        self.receipt_and_ack(&recorded).await;
+        let announce = recorded.iter().filter_map(|(_, result, recorded)| {
+            let Recorded::New(record) = recorded else {
+                debug!(job_id = %result.uuid, attempt = result.attempt, "result already recorded; receipted it again");
+                return None;
+            };
+            debug!(job_id = %result.uuid, r#type = %result.work_type, attempt = result.attempt, status = %result.status, agent = %result.agent, state = %record.state, "result recorded");
+            self.jobs.count(result);
+            if record.state == JobState::Scheduled {
+                self.clock.notify_one(); // a retry
+            }
+            Some(self.finished(
+                record,
+                result.attempt,
+                result.status,
+                Some(result.agent.clone()),
+            ))
         });
-        futures::future::join_all(finish).await;
-        unstored
+        futures::future::join_all(announce).await;
+        Vec::new()
     }
 
-    /// A recorded result: write its folder, ack it, receipt it, announce it.
-    async fn after_record(&self, d: Delivery, result: JobResult, recorded: Recorded) {
-        let job_dir = self.store.job_dir(result.uuid);
-        match recorded {
-            Recorded::New(record) => {
-                if let Err(e) = archive::write(&job_dir, &result).await {
-                    error!(error = %e, "cannot write the job's folder (the result is recorded)");
-                }
-                info!(status = %result.status, agent = %result.agent, state = %record.state, "result recorded");
-                self.jobs.count(&result);
-                // The receipt before the ack: killed in between, the result comes back and
-                // is receipted again; the other way round, the agent would wait for a
-                // receipt that never comes.
-                self.receipt_and_ack(d, &result).await;
-                if record.state == JobState::Scheduled {
-                    self.clock.notify_one(); // a retry
-                }
-                self.finished(
-                    &record,
-                    result.attempt,
-                    result.status,
-                    Some(result.agent.clone()),
-                )
-                .await;
-            }
-            Recorded::Duplicate => {
-                // The folder of the first copy may be missing if the scheduler died after
-                // recording it: write it from the stored result.
-                if !archive::exists(&job_dir, result.attempt)
-                    && let Ok(Some(first)) = self.store.result(result.uuid, result.attempt)
+    /// Writes the folders of the recorded runs that get one (see `--job-folders`). The folder
+    /// of a result that comes again may be missing if the scheduler died after recording it:
+    /// it is written from the stored result.
+    async fn write_folders(&self, recorded: &[RecordedResult]) {
+        let wanted: Vec<(JobResult, bool)> = recorded
+            .iter()
+            .filter(|(_, result, _)| self.job_folders.wanted(result))
+            .map(|(_, result, r)| (result.clone(), matches!(r, Recorded::New(_))))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            for (result, new) in wanted {
+                let job_dir = store.job_dir(result.uuid);
+                let first = if new {
+                    Some(result)
+                } else if archive::exists(&job_dir, result.attempt) {
+                    None
+                } else {
+                    store.result(result.uuid, result.attempt).ok().flatten()
+                };
+                if let Some(first) = first
+                    && let Err(e) = archive::write(&job_dir, &first)
                 {
-                    let _ = archive::write(&job_dir, &first).await;
+                    error!(job_id = %first.uuid, error = %e, "cannot write the job's folder (the result is recorded)");
                 }
-                info!("result already recorded; receipting it again");
-                self.receipt_and_ack(d, &result).await;
+            }
+        });
+        let _ = written.await;
+    }
+
+    /// Receipts recorded results to the agents that sent them, one message per agent (at
+    /// most [`MAX_RECEIPTS`] runs each), then acks them. A receipt that surely did not leave
+    /// (no connection, a broken channel) requeues its results instead: they are receipted
+    /// when they come again, rather than the agent waiting for its receipt timeout. The
+    /// receipt before the ack: killed in between, a result comes back and is receipted again;
+    /// the other way round, the agent would wait for a receipt that never comes.
+    async fn receipt_and_ack(&self, recorded: &[RecordedResult]) {
+        let mut by_agent: BTreeMap<&str, Vec<&RecordedResult>> = BTreeMap::new();
+        let mut settle = Vec::with_capacity(recorded.len());
+        for r in recorded {
+            match r.0.reply_to.as_deref() {
+                Some(reply_to) => by_agent.entry(reply_to).or_default().push(r),
+                None => settle.push((&r.0, true)),
             }
         }
-    }
-
-    /// Receipts a recorded result to the agent that sent it, then acks it. A receipt that
-    /// surely did not leave (no connection, a broken channel) requeues the result instead:
-    /// it is receipted when it comes again, rather than the agent waiting for its receipt
-    /// timeout.
-    async fn receipt_and_ack(&self, d: Delivery, result: &JobResult) {
-        if self.receipt(&d, result).await {
-            d.ack().await;
-        } else {
-            d.requeue().await;
+        for (reply_to, results) in by_agent {
+            for chunk in results.chunks(MAX_RECEIPTS) {
+                let runs = chunk
+                    .iter()
+                    .map(|(_, result, _)| Run {
+                        uuid: result.uuid,
+                        attempt: result.attempt,
+                    })
+                    .collect();
+                let sent = self.receipt(reply_to, runs).await;
+                settle.extend(chunk.iter().map(|(d, _, _)| (d, sent)));
+            }
         }
+        let settled = settle.into_iter().map(|(d, sent)| async move {
+            if sent {
+                d.ack().await;
+            } else {
+                d.requeue().await;
+            }
+        });
+        futures::future::join_all(settled).await;
     }
 
-    /// Receipts a recorded result to the agent that sent it. False when the receipt surely
-    /// did not leave.
-    async fn receipt(&self, d: &Delivery, result: &JobResult) -> bool {
-        let Some(reply_to) = d.reply_to.as_deref() else {
-            return true;
-        };
-        let message = AgentMessage::Receipt {
-            uuid: result.uuid,
-            attempt: result.attempt,
-        };
-        let Ok(body) = serde_json::to_vec(&message) else {
+    /// Sends one receipts message to an agent's queue. False when it surely did not leave.
+    async fn receipt(&self, reply_to: &str, runs: Vec<Run>) -> bool {
+        let Ok(body) = serde_json::to_vec(&AgentMessage::Receipts { runs }) else {
             return true;
         };
         // Unconfirmed and transient: a lost receipt only means the agent resends the result,
@@ -711,7 +815,11 @@ impl Scheduler {
                     _ = self.stop.cancelled() => return,
                 }
             }
-            match self.store.started(&event) {
+            let noted = self.store.write({
+                let event = event.clone();
+                move |store| store.started(&event)
+            });
+            match noted.await.and_then(|noted| noted) {
                 Ok(record) => {
                     break record.is_some_and(|r| r.cancel_requested && !r.state.is_final());
                 }

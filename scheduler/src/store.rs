@@ -9,17 +9,20 @@
 //! ([`StoreError::Unwritable`]); the database is then reopened from disk ([`Store::probe`]),
 //! since sled refuses every write after an I/O error.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, mpsc};
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rota_common::group_commit::{FileSync, GroupCommit};
 use rota_common::wire::{
-    Attempt, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine, ScheduleInfo,
+    AgentId, Attempt, ErrorInfo, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine,
+    ScheduleInfo, Status,
 };
+use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
@@ -37,6 +40,35 @@ pub struct Store {
     policy: RetryPolicy,
     /// The attempts being published right now, each by the one pass that claimed it.
     publishing: Arc<Mutex<HashSet<(JobId, u32)>>>,
+    /// See `--store-cache-mib`.
+    cache_bytes: u64,
+    /// The thread that makes the frequent writes ([`Store::write`]).
+    writer: Arc<Writer>,
+}
+
+/// A write to make on the writer thread.
+type WriteOp = Box<dyn FnOnce() + Send>;
+
+/// The one thread that makes the frequent writes (results, started events), so that they do
+/// not hold up the async runtime and need no blocking pool.
+struct Writer {
+    tx: Mutex<mpsc::Sender<WriteOp>>,
+}
+
+impl Writer {
+    fn start() -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<WriteOp>();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                // Ends when the last store clone is gone. A write that panics fails alone
+                // (its caller hears that the writer failed), not every write after it.
+                while let Ok(op) = rx.recv() {
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(op));
+                }
+            })?;
+        Ok(Self { tx: Mutex::new(tx) })
+    }
 }
 
 /// The trees of one open database.
@@ -66,10 +98,14 @@ struct Trees {
 }
 
 impl Trees {
-    fn open(path: &Path) -> anyhow::Result<Self> {
+    fn open(path: &Path, cache_bytes: u64) -> anyhow::Result<Self> {
         // No background flusher: the group commit flushes what must be durable, and without that
         // thread the database closes (and unlocks) as soon as it is dropped.
-        let db = sled::Config::new().path(path).flush_every_ms(None).open().map_err(|e| {
+        let config = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None);
+        let db = config.open().map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the scheduler's store {}: {e} (is another scheduler using this --data-dir?)",
                 path.display()
@@ -293,6 +329,79 @@ pub enum Recorded {
     Duplicate,
 }
 
+/// A result as the store keeps it: the job it carries is left out, since the job's record
+/// holds it (results stored by older versions carry it; it is read when there).
+#[derive(Serialize, Deserialize)]
+struct KeptResult<'a> {
+    uuid: JobId,
+    attempt: u32,
+    #[serde(rename = "type")]
+    work_type: Cow<'a, str>,
+    agent: Cow<'a, AgentId>,
+    worker: Cow<'a, str>,
+    status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<Cow<'a, ErrorInfo>>,
+    #[serde(default)]
+    output: Cow<'a, serde_json::Value>,
+    #[serde(default)]
+    logs: Cow<'a, [LogLine]>,
+    #[serde(default)]
+    logs_dropped: u64,
+    started_at: DateTime<Utc>,
+    finished_at: DateTime<Utc>,
+    #[serde(default, skip_serializing)]
+    job: Option<Job>,
+}
+
+impl<'a> KeptResult<'a> {
+    fn of(r: &'a JobResult) -> Self {
+        Self {
+            uuid: r.uuid,
+            attempt: r.attempt,
+            work_type: Cow::Borrowed(&r.work_type),
+            agent: Cow::Borrowed(&r.agent),
+            worker: Cow::Borrowed(&r.worker),
+            status: r.status,
+            error: r.error.as_ref().map(Cow::Borrowed),
+            output: Cow::Borrowed(&r.output),
+            logs: Cow::Borrowed(&r.logs),
+            logs_dropped: r.logs_dropped,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            job: None,
+        }
+    }
+
+    /// The whole result again, with its job: the one it was stored with, or else `job` (the
+    /// job of its record) as it was for this attempt.
+    fn into_result(self, job: impl FnOnce() -> anyhow::Result<Job>) -> anyhow::Result<JobResult> {
+        let job = match self.job {
+            Some(job) => job,
+            None => {
+                let mut job = job()?;
+                job.attempt = self.attempt;
+                job
+            }
+        };
+        Ok(JobResult {
+            uuid: self.uuid,
+            attempt: self.attempt,
+            work_type: self.work_type.into_owned(),
+            agent: self.agent.into_owned(),
+            worker: self.worker.into_owned(),
+            status: self.status,
+            error: self.error.map(Cow::into_owned),
+            output: self.output.into_owned(),
+            logs: self.logs.into_owned(),
+            logs_dropped: self.logs_dropped,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            job,
+        })
+    }
+}
+
 fn result_key(uuid: JobId, attempt: u32) -> [u8; 20] {
     let mut k = [0u8; 20];
     k[..16].copy_from_slice(uuid.as_bytes());
@@ -328,17 +437,40 @@ fn flatten<T>(r: Result<T, TransactionError<anyhow::Error>>) -> anyhow::Result<T
 }
 
 impl Store {
-    /// Opens the store in `dir` (`dir/store`, job folders in `dir/work`).
-    pub fn open(dir: &Path, policy: RetryPolicy) -> anyhow::Result<Self> {
+    /// Opens the store in `dir` (`dir/store`, job folders in `dir/work`), with a cache of
+    /// about `cache_bytes`.
+    pub fn open(dir: &Path, policy: RetryPolicy, cache_bytes: u64) -> anyhow::Result<Self> {
         let path = dir.join("store");
-        let trees = Trees::open(&path)?;
+        let trees = Trees::open(&path, cache_bytes)?;
         Ok(Self {
             db: Arc::new(RwLock::new(Some(Arc::new(trees)))),
             path,
             work_root: dir.join("work"),
             policy,
             publishing: Arc::default(),
+            cache_bytes,
+            writer: Arc::new(Writer::start()?),
         })
+    }
+
+    /// Runs `op` on the writer thread and returns what it returns.
+    pub async fn write<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Store) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let store = self.clone();
+        let op: WriteOp = Box::new(move || {
+            let _ = tx.send(op(&store));
+        });
+        let gone = || anyhow::anyhow!("the store's writer thread failed on this write");
+        self.writer
+            .tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(op)
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
     }
 
     /// The open database's trees.
@@ -828,25 +960,33 @@ impl Store {
     fn update(
         &self,
         uuid: JobId,
-        fresh: &JobRecord,
+        fresh: impl Fn() -> JobRecord,
         change: impl Fn(&mut JobRecord) -> bool,
     ) -> anyhow::Result<JobRecord> {
         let t = self.trees()?;
-        let after = t.jobs.update_and_fetch(uuid.as_bytes(), |old| {
+        // The record as written by the closure's last run (it may run again on a conflict).
+        let after = std::cell::RefCell::new(None);
+        t.jobs.update_and_fetch(uuid.as_bytes(), |old| {
             let mut record = match old.map(serde_json::from_slice::<JobRecord>) {
                 Some(Ok(r)) => r,
                 Some(Err(_)) => return old.map(<[u8]>::to_vec), // unreadable: leave it
-                None => fresh.clone(),
+                None => fresh(),
             };
             if !change(&mut record) && old.is_some() {
+                after.replace(Some(record));
                 return old.map(<[u8]>::to_vec);
             }
             record.updated_at = Utc::now();
-            serde_json::to_vec(&record)
-                .ok()
-                .or_else(|| old.map(<[u8]>::to_vec))
+            let bytes = serde_json::to_vec(&record).ok();
+            if bytes.is_some() {
+                after.replace(Some(record));
+            }
+            bytes.or_else(|| old.map(<[u8]>::to_vec))
         })?;
-        let record: JobRecord = serde_json::from_slice(&after.context("the record vanished")?)?;
+        let record = match after.into_inner() {
+            Some(record) => record,
+            None => self.get(uuid)?.context("the record is unreadable")?,
+        };
         // Every time, not only when created: a crash between the two writes must not leave a
         // record that `list` cannot find (the key never changes, so this is idempotent).
         t.by_time.insert(time_key(&record), &[])?;
@@ -859,8 +999,8 @@ impl Store {
         let Some(job) = &event.job else {
             return Ok(None);
         };
-        let fresh = self.new_record(job.clone(), event.uuid, JobState::Running);
-        self.update(event.uuid, &fresh, |record| {
+        let fresh = || self.new_record(job.clone(), event.uuid, JobState::Running);
+        self.update(event.uuid, fresh, |record| {
             // Over, already noted, or an older attempt than the one the record waits for.
             if record.state.is_final()
                 || event.attempt < record.job.attempt
@@ -899,17 +1039,23 @@ impl Store {
             .compare_and_swap(
                 key,
                 None as Option<&[u8]>,
-                Some(serde_json::to_vec(result)?),
+                Some(serde_json::to_vec(&KeptResult::of(result))?),
             )?
             .is_ok();
+        let stored;
         let winner = if won {
-            result.clone()
+            result
         } else {
-            self.result(result.uuid, result.attempt)?
-                .context("the stored result vanished")?
+            // The job of a run is the same in every copy of its result.
+            let bytes = t.results.get(key)?.context("the stored result vanished")?;
+            let kept: KeptResult = serde_json::from_slice(&bytes)?;
+            stored = kept.into_result(|| Ok(result.job.clone()))?;
+            &stored
         };
-        let fresh = self.new_record(winner.job.clone(), winner.uuid, JobState::Queued);
-        let record = self.update(winner.uuid, &fresh, |record| {
+        // A job first seen through its result (published straight to RabbitMQ): its record
+        // is made from the job the result carries.
+        let fresh = || self.new_record(winner.job.clone(), winner.uuid, JobState::Queued);
+        let record = self.update(winner.uuid, fresh, |record| {
             let attempt = Attempt {
                 attempt: winner.attempt,
                 agent: Some(winner.agent.clone()),
@@ -977,11 +1123,15 @@ impl Store {
 
     /// Marks a job as to be cancelled; returns its record.
     pub fn request_cancel(&self, uuid: JobId, fresh: &JobRecord) -> anyhow::Result<JobRecord> {
-        self.update(uuid, fresh, |record| {
-            let change = !record.cancel_requested;
-            record.cancel_requested = true;
-            change
-        })
+        self.update(
+            uuid,
+            || fresh.clone(),
+            |record| {
+                let change = !record.cancel_requested;
+                record.cancel_requested = true;
+                change
+            },
+        )
     }
 
     pub fn get(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
@@ -995,10 +1145,15 @@ impl Store {
     /// The recorded result of one run.
     pub fn result(&self, uuid: JobId, attempt: u32) -> anyhow::Result<Option<JobResult>> {
         let t = self.trees()?;
-        match t.results.get(result_key(uuid, attempt))? {
-            Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
-            None => Ok(None),
-        }
+        let Some(bytes) = t.results.get(result_key(uuid, attempt))? else {
+            return Ok(None);
+        };
+        let kept: KeptResult = serde_json::from_slice(&bytes)?;
+        let job = || {
+            let record = self.get(uuid)?;
+            Ok(record.context("the result's job has no record")?.job)
+        };
+        kept.into_result(job).map(Some)
     }
 
     /// The log lines of every recorded run of a job.
@@ -1007,8 +1162,8 @@ impl Store {
         let mut out = Vec::new();
         for item in t.results.scan_prefix(uuid.as_bytes()) {
             let (_, v) = item?;
-            let r: JobResult = serde_json::from_slice(&v)?;
-            out.push((r.attempt, r.logs));
+            let r: KeptResult = serde_json::from_slice(&v)?;
+            out.push((r.attempt, r.logs.into_owned()));
         }
         Ok(out)
     }
@@ -1074,10 +1229,10 @@ impl Store {
         let range = result_key(uuid, from.0)..=result_key(uuid, u32::MAX);
         for item in t.results.range(range) {
             let (_, v) = item?;
-            let r: JobResult = serde_json::from_slice(&v)?;
+            let r: KeptResult = serde_json::from_slice(&v)?;
             let skip = if r.attempt == from.0 { from.1 } else { 0 };
             let mut lines = Vec::new();
-            for (i, line) in r.logs.into_iter().enumerate().skip(skip) {
+            for (i, line) in r.logs.into_owned().into_iter().enumerate().skip(skip) {
                 let size = serde_json::to_vec(&line)?.len().saturating_add(1);
                 if count >= limit || (count > 0 && used.saturating_add(size) > budget) {
                     out.push((r.attempt, lines));
@@ -1151,8 +1306,8 @@ impl Store {
                 }
             }
         }
-        let path = self.path.clone();
-        let trees = tokio::task::spawn_blocking(move || Trees::open(&path))
+        let (path, cache_bytes) = (self.path.clone(), self.cache_bytes);
+        let trees = tokio::task::spawn_blocking(move || Trees::open(&path, cache_bytes))
             .await
             .map_err(|e| StoreError::Unwritable(format!("cannot reopen the store: {e}")))?
             .map_err(|e| StoreError::Unwritable(format!("{e:#}")))?;
@@ -1209,6 +1364,8 @@ mod tests {
 
     use super::*;
 
+    const CACHE: u64 = 8 * 1024 * 1024;
+
     fn result_of(job: &Job, attempt: u32, status: Status) -> JobResult {
         JobResult {
             uuid: job.uuid.expect("has uuid"),
@@ -1234,7 +1391,7 @@ mod tests {
     #[tokio::test]
     async fn a_result_is_recorded_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), RetryPolicy::default()).expect("opens");
+        let store = Store::open(dir.path(), RetryPolicy::default(), CACHE).expect("opens");
         let mut job = Job::new("demo.echo", Value::Null);
         job.uuid = Some(JobId::random());
         let (rec, new) = store.submit(job.clone()).await.expect("submits");
@@ -1273,7 +1430,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_seen_only_through_events_and_results_is_recorded() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), RetryPolicy::default()).expect("opens");
+        let store = Store::open(dir.path(), RetryPolicy::default(), CACHE).expect("opens");
         let mut job = Job::new("demo.echo", Value::Null);
         job.uuid = Some(JobId::random());
         let uuid = job.uuid.expect("uuid");
@@ -1302,12 +1459,82 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_job_first_seen_through_its_result_is_recorded_whole_from_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let mut job = job_with_id("demo.echo");
+        job.payload = serde_json::json!({"n": 7});
+        let uuid = job.uuid.expect("uuid");
+        let result = result_of(&job, 1, Status::Succeeded);
+        let Recorded::New(record) = store.record(&result).expect("records") else {
+            panic!("a first result is new");
+        };
+        assert_eq!(record.state, JobState::Succeeded);
+        assert_eq!(record.job.payload, job.payload);
+        assert_eq!(store.list(None, 10).expect("lists")[0].uuid, uuid);
+        // The stored result leaves its job out (the record has it) and gets it back.
+        let t = store.trees().expect("open");
+        let kept = t
+            .results
+            .get(result_key(uuid, 1))
+            .expect("reads")
+            .expect("kept");
+        assert!(!String::from_utf8_lossy(&kept).contains("payload"));
+        assert_eq!(store.result(uuid, 1).expect("reads"), Some(result.clone()));
+        assert!(matches!(
+            store.record(&result).expect("records"),
+            Recorded::Duplicate
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_result_stored_whole_by_an_older_version_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let job = job_with_id("demo.echo");
+        let uuid = job.uuid.expect("uuid");
+        store.submit(job.clone()).await.expect("submits");
+        let old = result_of(&job, 1, Status::Succeeded);
+        let t = store.trees().expect("open");
+        let whole = serde_json::to_vec(&old).expect("json");
+        t.results
+            .insert(result_key(uuid, 1), whole)
+            .expect("writes");
+        assert_eq!(store.result(uuid, 1).expect("reads"), Some(old.clone()));
+        assert_eq!(store.logs(uuid).expect("reads")[0].1, old.logs);
+        // Its copy coming again is a duplicate, and brings the record in line.
+        assert!(matches!(
+            store.record(&old).expect("records"),
+            Recorded::Duplicate
+        ));
+        let rec = store.get(uuid).expect("reads").expect("exists");
+        assert_eq!(rec.state, JobState::Succeeded);
+    }
+
+    #[tokio::test]
+    async fn the_writer_thread_records_for_every_clone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let job = job_with_id("demo.echo");
+        let result = result_of(&job, 1, Status::Succeeded);
+        let recorded = store
+            .clone()
+            .write(move |s| s.record(&result))
+            .await
+            .expect("the writer runs")
+            .expect("records");
+        assert!(matches!(recorded, Recorded::New(_)));
+        store.flush().await.expect("flushes");
+        assert!(store.get(job.uuid.expect("uuid")).expect("reads").is_some());
+    }
+
     fn open(dir: &tempfile::TempDir) -> Store {
         let policy = RetryPolicy {
             max_attempts: 3,
             ..RetryPolicy::default()
         };
-        Store::open(dir.path(), policy).expect("opens")
+        Store::open(dir.path(), policy, CACHE).expect("opens")
     }
 
     fn job_with_id(work_type: &str) -> Job {

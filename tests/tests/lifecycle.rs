@@ -364,7 +364,14 @@ async fn a_scheduled_job_can_be_cancelled_and_then_never_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_and_their_folders_are_purged_after_the_retention_and_held_ones_stay() {
     let sys = System::new().await;
-    let _scheduler = sys.scheduler_with(&["--retention", "5s", "--purge-interval", "200ms"]);
+    let _scheduler = sys.scheduler_with(&[
+        "--retention",
+        "5s",
+        "--purge-interval",
+        "200ms",
+        "--job-folders",
+        "always",
+    ]);
     let _agent = sys.agent("g1", &[]);
     let (_, held) = cli_json(&sys, &["submit", "--type", "demo.echo", "--delay", "1h"]).await;
     let held = record(held);
