@@ -499,7 +499,7 @@ def main():
             mgmt.delete_namespace("/", NAMESPACE + ".")
         except SystemExit as e:
             say(f"could not clean RabbitMQ up: {e}")
-        say(f"removing {data} (a folder per recorded job: this takes a while)")
+        say(f"removing {data}")
         shutil.rmtree(data, ignore_errors=True)
     return 0
 
