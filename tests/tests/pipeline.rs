@@ -172,6 +172,52 @@ async fn events_watched_in_a_select_loop_are_all_seen() {
     .await;
 }
 
+/// `job.started` is announced only for a job still running after the agent's
+/// `--started-delay`: a short job is recorded from its result alone, with its start time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_jobs_that_run_past_the_started_delay_announce_their_start() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("d1", &["--started-delay", "200ms"]);
+    sys.ready(true, &["d1"]).await;
+    let mut events = sys
+        .client
+        .watch(&[EventKind::Started, EventKind::Finished])
+        .await
+        .expect("watch");
+    let short = sys
+        .client
+        .publish_job(Job::new("demo.echo", json!("short")))
+        .await
+        .expect("published");
+    let long = sys
+        .client
+        .publish_job(Job::new("demo.sleep", json!({"ms": 1000})))
+        .await
+        .expect("published");
+    let mut started = Vec::new();
+    let mut finished = HashSet::new();
+    within(MINUTE, "both jobs finished", async {
+        // The long job finishes last, long after any start of the short one was announced.
+        while !finished.contains(&long) {
+            let e = events.next().await.expect("events");
+            match e.event {
+                EventKind::Started => started.push(e.uuid),
+                EventKind::Finished => {
+                    finished.insert(e.uuid);
+                }
+                EventKind::Progress => {}
+            }
+        }
+    })
+    .await;
+    assert!(finished.contains(&short), "the short job was recorded");
+    assert_eq!(started, vec![long], "only the long job announced its start");
+    let record = sys.client.status(short).await.expect("status");
+    assert_eq!(record.state, JobState::Succeeded);
+    assert!(record.attempts[0].started_at.is_some(), "{record:?}");
+}
+
 /// A producer in any language: plain AMQP, no Rota code, no uuid, the seed's `classname`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_published_with_plain_amqp_are_run_and_recorded() {
