@@ -715,9 +715,13 @@ impl Agent {
     /// times, then replaced by a failed result that says why.
     async fn send(&self, result: &Sealed) {
         let key = result.key();
+        // Transient: the outbox is the result's durable copy until the receipt, and every
+        // reconnect sends again what is not receipted (a broker restart drops transient
+        // messages and closes the connection). RabbitMQ then keeps it off its disk.
         let props = Props {
             message_id: Some(format!("{}/{}", result.uuid, result.attempt)),
             reply_to: Some(self.agent_queue.clone()),
+            transient: true,
             ..Props::default()
         };
         let mut refusals = 0;
