@@ -424,8 +424,8 @@ impl Scheduler {
     }
 
     /// Records results in batches: each result in its own transaction on the store's writer
-    /// thread, one flush for the batch, then the folders, receipts (one message per agent),
-    /// acks and events. A flush costs the same for one result as for hundreds, so batching is
+    /// thread, the events, one flush for the batch, then the folders, receipts (one message
+    /// per agent) and acks. A flush costs the same for one result as for hundreds, so batching is
     /// what makes recording fast; while one batch is flushed and receipted, the next one is
     /// read and recorded. Takes none while the store does not write.
     async fn serve_results(self: Arc<Self>, mut consumer: Consumer, spec: ConsumeSpec) {
@@ -645,29 +645,22 @@ impl Scheduler {
         (recorded, unstored)
     }
 
-    /// Makes a recorded batch durable, then writes its folders, receipts it, acks it and
-    /// announces it. Returns the deliveries whose results the flush did not make durable.
+    /// Announces a recorded batch, makes it durable, then writes its folders, receipts it and
+    /// acks it. Returns the deliveries whose results the flush did not make durable.
     async fn finish_batch(self: Arc<Self>, recorded: Vec<RecordedResult>) -> Vec<Delivery> {
         if recorded.is_empty() {
             return Vec::new();
         }
-        if let Err(e) = self.store.flush().await {
-            error!(error = %e, "cannot flush the store; the results go back to the queue");
-            self.store_failed(&e);
-            return recorded.into_iter().map(|(d, _, _)| d).collect();
-        }
-        self.write_folders(&recorded).await;
-        self.receipt_and_ack(&recorded).await;
+        // Announced once recorded, before the flush: a watcher can read the record at once,
+        // and the flush (about a millisecond) is off its path. Should the flush fail, or the
+        // scheduler die before it, the results are still in their queue, and are recorded
+        // and announced again, with the same outcome.
         let announce = recorded.iter().filter_map(|(_, result, recorded)| {
             let Recorded::New(record) = recorded else {
                 debug!(job_id = %result.uuid, attempt = result.attempt, "result already recorded; receipted it again");
                 return None;
             };
             debug!(job_id = %result.uuid, r#type = %result.work_type, attempt = result.attempt, status = %result.status, agent = %result.agent, state = %record.state, "result recorded");
-            self.jobs.count(result);
-            if record.state == JobState::Scheduled {
-                self.clock.notify_one(); // a retry
-            }
             Some(self.finished(
                 record,
                 result.attempt,
@@ -676,6 +669,21 @@ impl Scheduler {
             ))
         });
         futures::future::join_all(announce).await;
+        if let Err(e) = self.store.flush().await {
+            error!(error = %e, "cannot flush the store; the results go back to the queue");
+            self.store_failed(&e);
+            return recorded.into_iter().map(|(d, _, _)| d).collect();
+        }
+        self.write_folders(&recorded).await;
+        self.receipt_and_ack(&recorded).await;
+        for (_, result, recorded) in &recorded {
+            if let Recorded::New(record) = recorded {
+                self.jobs.count(result);
+                if record.state == JobState::Scheduled {
+                    self.clock.notify_one(); // a retry, now durable
+                }
+            }
+        }
         Vec::new()
     }
 
