@@ -148,15 +148,8 @@ impl FileSync {
 /// segments of 512 KiB, and each large value is a file of its own.
 pub const RESERVE: u64 = 16 * 1024 * 1024;
 
-/// Fails (saying how much is free) when the filesystem of `dir` has less than `bytes` plus
-/// [`RESERVE`] free. Stores check before they write, because a write that fails for want of
-/// space leaves sled refusing every later write until it is reopened, and a flush in flight
-/// then can hang for ever.
-pub fn ensure_room(dir: &Path, bytes: u64) -> Result<(), String> {
-    room_left(dir, bytes).map(|_| ())
-}
-
-/// What is left above [`RESERVE`] once `bytes` are written, or why there is not enough.
+/// What is left above [`RESERVE`] once `bytes` are written, or why there is not enough
+/// (saying how much is free).
 fn room_left(dir: &Path, bytes: u64) -> Result<u64, String> {
     let stat = nix::sys::statvfs::statvfs(dir)
         .map_err(|e| format!("cannot read the free space of {}: {e}", dir.display()))?;
@@ -173,10 +166,13 @@ fn room_left(dir: &Path, bytes: u64) -> Result<u64, String> {
     Ok(free - needed)
 }
 
-/// [`ensure_room`] for a store that writes for every job: the free space is read again only
-/// when this store's writes since the last look may have used what was left above
-/// [`RESERVE`], or [`Room::FRESH`] later (other processes use the disk too). A write the
-/// reserve does not cover fails, and the store reopens: this only makes that rarer.
+/// Room on a store's filesystem for what it writes, plus [`RESERVE`]. Stores check before they
+/// write, because a write that fails for want of space leaves sled refusing every later write
+/// until it is reopened, and a flush in flight then can hang for ever. A store writes for every
+/// job, so the free space is read again only when its writes since the last look may have used
+/// what was left above [`RESERVE`], or [`Room::FRESH`] later (other processes use the disk
+/// too). A write the reserve does not cover fails, and the store reopens: this only makes that
+/// rarer.
 pub struct Room {
     dir: PathBuf,
     /// When the free space was last read, and how much may still be written since.

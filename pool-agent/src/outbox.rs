@@ -159,7 +159,7 @@ impl Outbox {
     /// Writes a result without waiting for the disk: a later [`Outbox::commit`] makes it
     /// durable. It can be read (and removed) at once.
     pub fn write(&self, result: &Sealed) -> anyhow::Result<()> {
-        // Not even tried without room: see `ensure_room`.
+        // Not even tried without room: see `Room`.
         self.room
             .ensure(result.body.len() as u64)
             .map_err(anyhow::Error::msg)?;
