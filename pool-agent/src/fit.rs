@@ -1,6 +1,6 @@
 //! Results that always fit through the broker. RabbitMQ refuses a message larger than its
 //! `max_message_size` (16 MiB by default on 4.x, often lowered), and a result carries the
-//! output, the logs and the job again. Before a result is stored, [`fit`] makes it fit
+//! output, the logs and the job again. Before a result is stored, [`seal`] makes it fit
 //! `--max-result-bytes`:
 //!
 //! 1. log lines are cut from the middle (the first and the last are kept), with a line that
@@ -46,7 +46,7 @@ impl Sealed {
     }
 }
 
-/// `result` made to fit `max_bytes` (see [`fit`]) and encoded: once, when it fits already.
+/// `result` made to fit `max_bytes` (see the module's text) and encoded: once, when it fits already.
 pub fn seal(result: JobResult, max_bytes: usize) -> serde_json::Result<(JobResult, Sealed)> {
     let sealed = Sealed::of(&result)?;
     if sealed.body.len() <= max_bytes {
@@ -62,7 +62,7 @@ fn size(result: &JobResult) -> usize {
 }
 
 /// `result`, made to fit `max_bytes` when encoded (see the module's text for how).
-pub fn fit(mut result: JobResult, max_bytes: usize) -> JobResult {
+fn fit(mut result: JobResult, max_bytes: usize) -> JobResult {
     if size(&result) <= max_bytes {
         return result;
     }
