@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use rota_common::client::Events;
-use rota_common::wire::{EventKind, Job, JobId, JobRecord, Role};
+use rota_common::wire::{EventKind, Job, JobId, JobRecord, Role, Status};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -479,8 +479,16 @@ pub struct Tally {
     pub jobs: usize,
     /// Accepted (RabbitMQ confirmed them) and never recorded with a final state.
     pub lost: usize,
-    /// Recorded with more than one final outcome (`job.finished` events or recorded runs).
+    /// Recorded with more than one final outcome: two recorded runs of one attempt, or final
+    /// `job.finished` events that disagree.
     pub recorded_twice: usize,
+    /// Jobs whose final `job.finished` event came more than once, the same each time. Events
+    /// are at least once: a scheduler killed after announcing a batch and before flushing it
+    /// records and announces it again on restart. Only such faults allow them
+    /// ([`Tally::events_may_repeat`]); anywhere else a repeat would be a second recording.
+    pub repeated_events: usize,
+    /// Whether the fault may repeat a final event (it kills the scheduler).
+    pub events_may_repeat: bool,
     /// The most runs of one job, on all agents together.
     pub max_runs: usize,
     /// The most runs of one job on one agent that was not killed.
@@ -506,6 +514,7 @@ impl Tally {
         self.problems.is_empty()
             && self.lost == 0
             && self.recorded_twice == 0
+            && (self.repeated_events == 0 || self.events_may_repeat)
             && self.max_runs_on_surviving_agent <= 1
             && self.max_runs <= max_runs
     }
@@ -551,18 +560,19 @@ impl Tally {
     /// A Markdown table, one row per fault.
     pub fn table(tallies: &[Tally]) -> String {
         let mut t = String::from(
-            "| fault | injections | jobs | lost | recorded twice | max runs on a surviving agent | max runs | other failures |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+            "| fault | injections | jobs | lost | recorded twice | final event repeated | max runs on a surviving agent | max runs | other failures |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
         );
         for x in tallies {
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 x.fault,
                 x.injections,
                 x.jobs,
                 x.lost,
                 x.recorded_twice,
+                x.repeated_events,
                 x.max_runs_on_surviving_agent,
                 x.max_runs,
                 if x.problems.is_empty() {
@@ -584,8 +594,8 @@ pub struct Ledger {
     accepted_set: HashSet<JobId>,
     /// `job.started` events per job and agent.
     started: HashMap<JobId, Vec<String>>,
-    /// `job.finished` events with a final state, per job.
-    finals: HashMap<JobId, usize>,
+    /// `job.finished` events with a final state, per job: each one's attempt and status.
+    finals: HashMap<JobId, Vec<(u32, Option<Status>)>>,
     /// Jobs that the scheduler's records show ended (whatever their events said).
     ended: HashSet<JobId>,
     /// Agent id → its runs folder.
@@ -671,7 +681,10 @@ impl Ledger {
                 .or_default()
                 .push(e.agent.map(|a| a.to_string()).unwrap_or_default()),
             EventKind::Finished if e.state.is_some_and(|s| s.is_final()) => {
-                *self.finals.entry(e.uuid).or_default() += 1;
+                self.finals
+                    .entry(e.uuid)
+                    .or_default()
+                    .push((e.attempt, e.status));
             }
             _ => {}
         }
@@ -727,8 +740,8 @@ impl Ledger {
 
     /// Waits (at most `limit`) until every accepted job is recorded with a final state; whether
     /// they all were. Its `job.finished` event says so at once; the scheduler's records, read at
-    /// each of its heartbeats, say so too when that event was never sent (a scheduler killed
-    /// between recording and announcing). A job never recorded is counted lost by
+    /// each of its heartbeats, say so too when that event was never sent (events are notifications:
+    /// a scheduler killed between writing a record and announcing it may never announce it). A job never recorded is counted lost by
     /// [`Ledger::tally_into`].
     pub async fn recorded(&mut self, sys: &System, limit: Duration) -> bool {
         let mut beats = sys.heartbeats().await;
@@ -836,7 +849,8 @@ impl Ledger {
                     tally.note(format!("{id}: never recorded"));
                 }
             }
-            let finals = self.finals.get(id).copied().unwrap_or(0);
+            let finals = self.finals.get(id).map(Vec::as_slice).unwrap_or_default();
+            let outcomes: HashSet<_> = finals.iter().collect();
             let mut per_attempt: HashMap<u32, usize> = HashMap::new();
             for a in record.iter().flat_map(|r| &r.attempts) {
                 if a.status.is_some() {
@@ -844,10 +858,16 @@ impl Ledger {
                 }
             }
             let twice_in_record = per_attempt.values().any(|n| *n > 1);
-            if finals > 1 || twice_in_record {
+            if outcomes.len() > 1 || twice_in_record {
                 tally.recorded_twice += 1;
                 tally.note(format!(
-                    "{id}: {finals} final job.finished events, recorded runs per attempt {per_attempt:?}"
+                    "{id}: final job.finished events (attempt, status) {finals:?}, recorded runs per attempt {per_attempt:?}"
+                ));
+            } else if finals.len() > 1 {
+                tally.repeated_events += 1;
+                tally.note(format!(
+                    "{id}: the same final job.finished event {} times",
+                    finals.len()
                 ));
             }
             let on = runs.get(id).map(Vec::as_slice).unwrap_or_default();
@@ -908,8 +928,12 @@ mod tests {
         assert!(t.holds(2));
         t.max_runs_on_surviving_agent = 2;
         assert!(!t.holds(2));
-        assert!(Tally::table(&[t.clone()]).contains("| x | 0 | 0 | 0 | 0 | 2 | 2 | none |"));
+        assert!(Tally::table(&[t.clone()]).contains("| x | 0 | 0 | 0 | 0 | 0 | 2 | 2 | none |"));
         t.max_runs_on_surviving_agent = 1;
+        t.repeated_events = 1;
+        assert!(!t.holds(2));
+        t.events_may_repeat = true;
+        assert!(t.holds(2));
         t.problem("no 503");
         assert!(!t.holds(2));
     }
