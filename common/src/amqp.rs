@@ -27,7 +27,7 @@ use crate::Names;
 use crate::backoff::Backoff;
 
 /// What went wrong talking to the broker, by what the caller should do next.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// No connection (yet): try again later; the broker heals itself.
     #[error("not connected to RabbitMQ at {0}")]
