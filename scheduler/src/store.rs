@@ -1,13 +1,19 @@
-//! The scheduler's sled store: every job's record, every result (with its logs), the jobs
-//! recorded but not yet confirmed by RabbitMQ, an index by creation time for listing, and
-//! what the scheduler's clock needs: the schedules, the timers of held jobs (delayed jobs and
-//! retries), the unique keys of unfinished jobs and the children of each job.
-//! Recording a result checks whether that run was recorded already, so whatever arrives twice
-//! is recorded once; the other changes that span trees are sled transactions.
+//! The scheduler's store, on fjall (an LSM tree: see "The store engine" in the README): every
+//! job's record, every result (with its logs), the jobs recorded but not yet confirmed by
+//! RabbitMQ, an index by creation time for listing, and what the scheduler's clock needs: the
+//! schedules, the timers of held jobs (delayed jobs and retries), the unique keys of unfinished
+//! jobs and the children of each job.
+//!
+//! Every change is one fjall single-writer transaction, across keyspaces: one write
+//! transaction at a time (a lock is held from its start to its commit), which reads what was
+//! committed before it and its own writes. A check and the writes that depend on it (is this
+//! run recorded already? is this unique key free?) are therefore one atomic step, whatever
+//! thread makes them, and whatever arrives twice is recorded once.
 //! Each attempt waiting to be published is claimed by one publishing pass at a time
 //! ([`PublishClaim`]). Listing and logs are read in pages. A write that fails is typed
 //! ([`StoreError::Unwritable`]); the database is then reopened from disk ([`Store::probe`]),
-//! since sled refuses every write after an I/O error.
+//! since fjall refuses every write after an I/O error. A sled store left by an older version
+//! is moved over on first start ([`migrate_from_sled`]).
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -17,14 +23,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use rota_common::group_commit::{FileSync, GroupCommit};
+use fjall::config::PinningPolicy;
+use fjall::{
+    KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
+    SingleWriterWriteTx,
+};
+use rota_common::group_commit::GroupCommit;
 use rota_common::wire::{
     AgentId, Attempt, ErrorInfo, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine,
     ScheduleInfo, Status,
 };
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use crate::retries::RetryPolicy;
 
@@ -71,68 +80,212 @@ impl Writer {
     }
 }
 
-/// The trees of one open database.
+/// The keyspaces of one open database (sled's trees of older versions, the same keys and
+/// values).
 struct Trees {
+    db: SingleWriterTxDatabase,
     /// uuid → JobRecord
-    jobs: sled::Tree,
+    jobs: Keyspace,
     /// uuid + attempt → JobResult
-    results: sled::Tree,
+    results: Keyspace,
     /// uuid → the attempt waiting to be published and since when ([`pending`]), for jobs
     /// recorded but not yet confirmed by the broker (an empty value: written by an older version)
-    unpublished: sled::Tree,
+    unpublished: Keyspace,
     /// created-at (ns, big-endian) + uuid → () for listing newest first
-    by_time: sled::Tree,
+    by_time: Keyspace,
     /// due time (ns, big-endian) + uuid → () for jobs held in state `scheduled`
-    timers: sled::Tree,
+    timers: Keyspace,
     /// unique key → uuid of the job that holds it (while that job is not over)
-    unique: sled::Tree,
+    unique: Keyspace,
     /// parent uuid + child uuid → ()
-    children: sled::Tree,
+    children: Keyspace,
     /// name → ScheduleInfo
-    schedules: sled::Tree,
+    schedules: Keyspace,
     /// One key, rewritten by [`Store::probe`] to learn whether the store writes again.
-    probe: sled::Tree,
-    /// Flushes the database for every writer at once; last, so that the trees are gone when
-    /// its thread, which owns the database, ends.
+    probe: Keyspace,
+    /// Makes the journal durable for every writer at once; last, so that the keyspaces are
+    /// gone when its thread, which owns a handle on the database, ends.
     durable: GroupCommit,
 }
 
+type Keyspace = SingleWriterTxKeyspace;
+type WriteTx<'a> = SingleWriterWriteTx<'a>;
+
+/// The keyspaces, by name: the trees of a sled store, too.
+const KEYSPACES: [&str; 9] = [
+    "jobs",
+    "results",
+    "unpublished",
+    "by_time",
+    "timers",
+    "unique",
+    "children",
+    "schedules",
+    "probe",
+];
+
+/// The least the journal may hold before fjall writes its memtables out (fjall's minimum).
+const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The keyspaces written for every job recorded; the others stay small.
+const BUSY: [&str; 4] = ["jobs", "results", "by_time", "unpublished"];
+
+/// The memtable of a keyspace that is not [`BUSY`] (fjall's least).
+const SMALL_MEMTABLE: u64 = 1024 * 1024;
+
 impl Trees {
+    /// Opens (or creates) the database in `path`, in about `cache_bytes` of memory: half of
+    /// it is the block cache, and the memtables (what was written and not yet in a table on
+    /// disk) hold at most an eighth each for the [`BUSY`] keyspaces, 1 MiB for the others.
     fn open(path: &Path, cache_bytes: u64) -> anyhow::Result<Self> {
-        // No background flusher: the group commit flushes what must be durable, and without that
-        // thread the database closes (and unlocks) as soon as it is dropped.
-        let config = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(None);
-        let db = config.open().map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the scheduler's store {}: {e} (is another scheduler using this --data-dir?)",
-                path.display()
-            )
-        })?;
+        let db = SingleWriterTxDatabase::builder(path)
+            .cache_size(cache_bytes / 2)
+            // The group commit makes the journal durable; a transaction only appends to it.
+            .manual_journal_persist(true)
+            .max_journaling_size(JOURNAL_BYTES)
+            .open()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the scheduler's store {}: {e} (is another scheduler using this --data-dir?)",
+                    path.display()
+                )
+            })?;
+        let busy = (cache_bytes / 8).max(SMALL_MEMTABLE);
+        let memtables =
+            busy * BUSY.len() as u64 + SMALL_MEMTABLE * (KEYSPACES.len() - BUSY.len()) as u64;
+        let open = |name: &str| {
+            let memtable = if BUSY.contains(&name) {
+                busy
+            } else {
+                SMALL_MEMTABLE
+            };
+            db.keyspace(name, || {
+                // Index and filter blocks go through the cache too: pinned, they would take
+                // memory that grows with the store.
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(memtable)
+                    .index_block_pinning_policy(PinningPolicy::all(false))
+                    .filter_block_pinning_policy(PinningPolicy::all(false))
+            })
+        };
         Ok(Self {
-            jobs: db.open_tree("jobs")?,
-            results: db.open_tree("results")?,
-            unpublished: db.open_tree("unpublished")?,
-            by_time: db.open_tree("by_time")?,
-            timers: db.open_tree("timers")?,
-            unique: db.open_tree("unique")?,
-            children: db.open_tree("children")?,
-            schedules: db.open_tree("schedules")?,
-            probe: db.open_tree("probe")?,
+            jobs: open("jobs")?,
+            results: open("results")?,
+            unpublished: open("unpublished")?,
+            by_time: open("by_time")?,
+            timers: open("timers")?,
+            unique: open("unique")?,
+            children: open("children")?,
+            schedules: open("schedules")?,
+            probe: open("probe")?,
             durable: {
-                // sled's flush survives a crash; the file sync makes it survive a power cut.
-                let files = FileSync::new(path);
+                let db = db.clone();
+                let failed = |e: fjall::Error| format!("cannot sync the store's journal: {e}");
                 GroupCommit::start("store", move || {
-                    db.flush().map_err(|e| e.to_string())?;
-                    files
-                        .sync()
-                        .map_err(|e| format!("cannot sync the store's files: {e}"))
+                    // Flushes the journal's buffer and syncs it (`fsync`): what a transaction
+                    // committed before survives a power cut.
+                    db.persist(PersistMode::SyncAll).map_err(failed)?;
+                    // fjall writes memtables out on its own threads, and does not hold writers
+                    // back until they have: a writer that outpaces them waits here, so that
+                    // memory stays bounded. Whenever the memtables hold more than their
+                    // limits add up to, one of them is due to be written out, so this ends
+                    // (or fails, once fjall stopped on an error).
+                    while db.write_buffer_size() > memtables {
+                        std::thread::sleep(Duration::from_millis(1));
+                        db.persist(PersistMode::Buffer).map_err(failed)?;
+                    }
+                    Ok(())
                 })?
             },
+            db,
         })
     }
+
+    /// The keyspace named `name` (one of [`KEYSPACES`]).
+    fn named(&self, name: &str) -> Option<&Keyspace> {
+        Some(match name {
+            "jobs" => &self.jobs,
+            "results" => &self.results,
+            "unpublished" => &self.unpublished,
+            "by_time" => &self.by_time,
+            "timers" => &self.timers,
+            "unique" => &self.unique,
+            "children" => &self.children,
+            "schedules" => &self.schedules,
+            "probe" => &self.probe,
+            _ => return None,
+        })
+    }
+}
+
+/// Moves a sled store left in `path` by an older version to fjall, once: every tree is
+/// copied as it is into the keyspace of its name, in `<path>.migrating`, made durable, then
+/// put in the store's place; the sled folder is kept as `<path>.sled`. A start cut short
+/// anywhere redoes the copy, or finishes the renames.
+pub fn migrate_from_sled(path: &Path) -> anyhow::Result<()> {
+    let migrating = path.with_extension("migrating");
+    let kept = path.with_extension("sled");
+    if !path.exists() && migrating.exists() && kept.exists() {
+        // Cut short between the two renames: the copy is whole.
+        std::fs::rename(&migrating, path)?;
+        return sync_parent(path);
+    }
+    // sled's folder has its `conf` file; fjall's has none.
+    if !path.join("conf").is_file() {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        !kept.exists(),
+        "cannot move the sled store {} to fjall: {} is in the way (an older copy of it?); move it elsewhere and start again",
+        path.display(),
+        kept.display()
+    );
+    tracing::info!(store = %path.display(), "moving the store from sled to fjall (once)");
+    let started = std::time::Instant::now();
+    if migrating.exists() {
+        std::fs::remove_dir_all(&migrating)?;
+    }
+    let old = sled::Config::new()
+        .path(path)
+        .flush_every_ms(None)
+        .open()
+        .with_context(|| format!("cannot open the sled store {} to move it", path.display()))?;
+    let new = Trees::open(&migrating, 32 * 1024 * 1024)?;
+    let mut copied = 0u64;
+    for name in KEYSPACES {
+        let keyspace = new.named(name).context("a keyspace of every tree")?;
+        let mut tx = new.db.write_tx();
+        for item in old.open_tree(name)?.iter() {
+            let (key, value) = item?;
+            tx.insert(keyspace, key.as_ref(), value.as_ref());
+            copied += 1;
+            if copied.is_multiple_of(10_000) {
+                tx.commit()?;
+                tx = new.db.write_tx();
+            }
+        }
+        tx.commit()?;
+    }
+    new.db.persist(PersistMode::SyncAll)?;
+    drop((new, old));
+    std::fs::rename(path, &kept)?;
+    std::fs::rename(&migrating, path)?;
+    sync_parent(path)?;
+    tracing::info!(
+        store = %path.display(),
+        entries = copied,
+        seconds = started.elapsed().as_secs_f64(),
+        sled_copy = %kept.display(),
+        "moved the store from sled to fjall; the sled folder is kept (delete it once you no longer need it)"
+    );
+    Ok(())
+}
+
+/// Makes the renames in the folder of `path` durable.
+fn sync_parent(path: &Path) -> anyhow::Result<()> {
+    let parent = path.parent().context("the store has a parent folder")?;
+    std::fs::File::open(parent)?.sync_all()?;
+    Ok(())
 }
 
 /// The right to publish one attempt of a job, held by one pass at a time (the clock, a
@@ -181,56 +334,102 @@ fn pending_is(v: &[u8], attempt: u32) -> bool {
     read_pending(v).is_none_or(|(a, _)| a == attempt)
 }
 
-/// The trees a new job goes into, inside a transaction.
-struct NewJobTx<'a> {
-    jobs: &'a TransactionalTree,
-    unpublished: &'a TransactionalTree,
-    by_time: &'a TransactionalTree,
-    unique: &'a TransactionalTree,
-    timers: &'a TransactionalTree,
-    children: &'a TransactionalTree,
+/// Records `fresh` (queued, or scheduled when its `run_at` is still ahead) in `tx` unless its
+/// uuid is known or an unfinished job holds its unique key: then that job, and false.
+fn insert_new(
+    tx: &mut WriteTx,
+    t: &Trees,
+    mut fresh: JobRecord,
+    now: DateTime<Utc>,
+) -> anyhow::Result<(JobRecord, bool)> {
+    let uuid = fresh.uuid;
+    if let Some(old) = tx.get(&t.jobs, uuid.as_bytes())? {
+        return Ok((serde_json::from_slice(&old)?, false));
+    }
+    if let Some(key) = &fresh.job.unique_key
+        && let Some(holder) = tx.get(&t.unique, key.as_bytes())?
+        && let Some(record) = tx.get(&t.jobs, &holder)?
+    {
+        let record: JobRecord = serde_json::from_slice(&record)?;
+        if !record.state.is_final() {
+            return Ok((record, false));
+        }
+    }
+    match fresh.job.run_at {
+        Some(at) if at > now => {
+            fresh.state = JobState::Scheduled;
+            fresh.next_run_at = Some(at);
+            tx.insert(&t.timers, timer_key(at, uuid), EMPTY);
+        }
+        _ => {
+            fresh.state = JobState::Queued;
+            tx.insert(
+                &t.unpublished,
+                uuid.as_bytes().as_slice(),
+                pending(fresh.job.attempt, now).as_slice(),
+            );
+        }
+    }
+    tx.insert(
+        &t.jobs,
+        uuid.as_bytes().as_slice(),
+        serde_json::to_vec(&fresh)?,
+    );
+    tx.insert(&t.by_time, time_key(&fresh), EMPTY);
+    if let Some(key) = &fresh.job.unique_key {
+        tx.insert(&t.unique, key.as_str(), uuid.as_bytes().as_slice());
+    }
+    if let Some(parent) = fresh.job.parent {
+        tx.insert(&t.children, pair_key(parent, uuid).as_slice(), EMPTY);
+    }
+    Ok((fresh, true))
 }
 
-impl NewJobTx<'_> {
-    /// Records `fresh` (queued, or scheduled when its `run_at` is still ahead) unless its uuid
-    /// is known or an unfinished job holds its unique key: then that job, and false.
-    fn insert(&self, mut fresh: JobRecord, now: DateTime<Utc>) -> Tx<(JobRecord, bool)> {
-        let uuid = fresh.uuid;
-        if let Some(old) = self.jobs.get(uuid.as_bytes())? {
-            return Ok((decode::<JobRecord>(&old)?, false));
-        }
-        if let Some(key) = &fresh.job.unique_key
-            && let Some(holder) = self.unique.get(key.as_bytes())?
-            && let Some(record) = self.jobs.get(&holder)?
-        {
-            let record: JobRecord = decode(&record)?;
-            if !record.state.is_final() {
-                return Ok((record, false));
-            }
-        }
-        match fresh.job.run_at {
-            Some(at) if at > now => {
-                fresh.state = JobState::Scheduled;
-                fresh.next_run_at = Some(at);
-                self.timers.insert(timer_key(at, uuid).as_slice(), &[])?;
-            }
-            _ => {
-                fresh.state = JobState::Queued;
-                self.unpublished
-                    .insert(uuid.as_bytes(), &pending(fresh.job.attempt, now))?;
-            }
-        }
-        self.jobs.insert(uuid.as_bytes(), encode(&fresh)?)?;
-        self.by_time.insert(time_key(&fresh), &[])?;
-        if let Some(key) = &fresh.job.unique_key {
-            self.unique.insert(key.as_bytes(), uuid.as_bytes())?;
-        }
-        if let Some(parent) = fresh.job.parent {
-            self.children
-                .insert(pair_key(parent, uuid).as_slice(), &[])?;
-        }
-        Ok((fresh, true))
+/// The value of the keys that are an index alone.
+const EMPTY: &[u8] = &[];
+
+/// Applies `change` to the record of `uuid` in `tx` (creating it from `fresh` when absent);
+/// `change` returns false to leave the record as it is. Returns the record after.
+fn update(
+    tx: &mut WriteTx,
+    t: &Trees,
+    uuid: JobId,
+    fresh: impl FnOnce() -> JobRecord,
+    change: impl FnOnce(&mut JobRecord) -> bool,
+) -> anyhow::Result<JobRecord> {
+    let old = tx.get(&t.jobs, uuid.as_bytes())?;
+    let mut record = match &old {
+        Some(bytes) => serde_json::from_slice(bytes)
+            .with_context(|| format!("the stored record of job {uuid} is unreadable"))?,
+        None => fresh(),
+    };
+    if !change(&mut record) && old.is_some() {
+        return Ok(record);
     }
+    record.updated_at = Utc::now();
+    tx.insert(
+        &t.jobs,
+        uuid.as_bytes().as_slice(),
+        serde_json::to_vec(&record)?,
+    );
+    tx.insert(&t.by_time, time_key(&record), EMPTY);
+    Ok(record)
+}
+
+/// Removes the `unpublished` entry of `uuid` in `tx` if the attempt it names passes `which`.
+fn clear_pending(
+    tx: &mut WriteTx,
+    t: &Trees,
+    uuid: JobId,
+    which: impl Fn(u32) -> bool,
+) -> anyhow::Result<()> {
+    let Some(old) = tx.get(&t.unpublished, uuid.as_bytes())? else {
+        return Ok(());
+    };
+    if read_pending(&old).is_none_or(|(attempt, _)| which(attempt)) {
+        tx.remove(&t.unpublished, uuid.as_bytes().as_slice());
+    }
+    Ok(())
 }
 
 /// A store failure that its callers decide on.
@@ -250,8 +449,12 @@ pub fn is_unwritable(e: &anyhow::Error) -> bool {
             cause.downcast_ref::<StoreError>(),
             Some(StoreError::Unwritable(_))
         ) || matches!(
-            cause.downcast_ref::<sled::Error>(),
-            Some(sled::Error::Io(_))
+            cause.downcast_ref::<fjall::Error>(),
+            Some(
+                fjall::Error::Io(_)
+                    | fjall::Error::Poisoned
+                    | fjall::Error::Storage(fjall::LsmError::Io(_))
+            )
         )
     })
 }
@@ -285,18 +488,9 @@ fn cut_line(mut line: LogLine, budget: usize, whole: &Path) -> LogLine {
     }
 }
 
-/// What [`Store::probe`] writes beside the database to learn whether the disk has room: a
-/// sled log segment (512 KiB) and some.
+/// What [`Store::probe`] writes beside the database to learn whether the disk has room: room
+/// for a journal's buffer and a memtable written out, and some.
 const PROBE_BYTES: usize = 1024 * 1024;
-
-type Tx<T> = Result<T, ConflictableTransactionError<anyhow::Error>>;
-
-/// A reason to refuse, from inside a transaction.
-fn refuse<T>(message: String) -> Tx<T> {
-    Err(ConflictableTransactionError::Abort(anyhow::anyhow!(
-        message
-    )))
-}
 
 fn timer_key(at: DateTime<Utc>, uuid: JobId) -> Vec<u8> {
     let nanos = at.timestamp_nanos_opt().unwrap_or_default().max(0);
@@ -416,31 +610,12 @@ fn time_key(record: &JobRecord) -> Vec<u8> {
     k
 }
 
-fn encode<T: serde::Serialize>(
-    v: &T,
-) -> Result<Vec<u8>, ConflictableTransactionError<anyhow::Error>> {
-    serde_json::to_vec(v).map_err(|e| ConflictableTransactionError::Abort(e.into()))
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    b: &[u8],
-) -> Result<T, ConflictableTransactionError<anyhow::Error>> {
-    serde_json::from_slice(b).map_err(|e| ConflictableTransactionError::Abort(e.into()))
-}
-
-fn flatten<T>(r: Result<T, TransactionError<anyhow::Error>>) -> anyhow::Result<T> {
-    match r {
-        Ok(v) => Ok(v),
-        Err(TransactionError::Abort(e)) => Err(e),
-        Err(TransactionError::Storage(e)) => Err(e.into()),
-    }
-}
-
 impl Store {
     /// Opens the store in `dir` (`dir/store`, job folders in `dir/work`), with a cache of
-    /// about `cache_bytes`.
+    /// about `cache_bytes`, first moving a sled store of an older version to fjall.
     pub fn open(dir: &Path, policy: RetryPolicy, cache_bytes: u64) -> anyhow::Result<Self> {
         let path = dir.join("store");
+        migrate_from_sled(&path)?;
         let trees = Trees::open(&path, cache_bytes)?;
         Ok(Self {
             db: Arc::new(RwLock::new(Some(Arc::new(trees)))),
@@ -512,27 +687,13 @@ impl Store {
         let t = self.trees()?;
         let uuid = job.uuid.context("a submitted job needs its uuid")?;
         let fresh = self.new_record(job, uuid, JobState::Queued);
-        let now = Utc::now();
-        let r = (
-            &t.jobs,
-            &t.unpublished,
-            &t.by_time,
-            &t.unique,
-            &t.timers,
-            &t.children,
-        )
-            .transaction(|(jobs, unpublished, by_time, unique, timers, children)| {
-                let tx = NewJobTx {
-                    jobs,
-                    unpublished,
-                    by_time,
-                    unique,
-                    timers,
-                    children,
-                };
-                tx.insert(fresh.clone(), now)
-            });
-        let out = flatten(r)?;
+        // The transaction (its lock) ends before the flush is awaited.
+        let out = {
+            let mut tx = t.db.write_tx();
+            let out = insert_new(&mut tx, &t, fresh, Utc::now())?;
+            tx.commit()?;
+            out
+        };
         if out.1 {
             self.flush().await?;
         }
@@ -551,56 +712,42 @@ impl Store {
     ) -> anyhow::Result<Vec<JobRecord>> {
         let t = self.trees()?;
         let now = Utc::now();
-        let fresh: Vec<(DateTime<Utc>, JobId)> =
-            instants.iter().map(|at| (*at, JobId::random())).collect();
-        let r = (
-            &t.schedules,
-            &t.jobs,
-            &t.unpublished,
-            &t.by_time,
-            &t.unique,
-            &t.timers,
-            &t.children,
-        )
-            .transaction(
-                |(schedules, jobs, unpublished, by_time, unique, timers, children)| {
-                    let Some(bytes) = schedules.get(name.as_bytes())? else {
-                        return Ok(Vec::new()); // removed meanwhile
-                    };
-                    let mut info: ScheduleInfo = decode(&bytes)?;
-                    if info.paused || info.last_fire.is_some_and(|last| last >= through) {
-                        return Ok(Vec::new()); // paused meanwhile, or handled already
-                    }
-                    let tx = NewJobTx {
-                        jobs,
-                        unpublished,
-                        by_time,
-                        unique,
-                        timers,
-                        children,
-                    };
-                    let mut out = Vec::new();
-                    for (at, uuid) in &fresh {
-                        if info.last_fire.is_some_and(|last| last >= *at) {
-                            continue;
-                        }
-                        let mut job = info.spec.job();
-                        job.uuid = Some(*uuid);
-                        job.run_at = Some(*at);
-                        let (record, new) =
-                            tx.insert(self.new_record(job, *uuid, JobState::Queued), now)?;
-                        info.last_job = Some(record.uuid);
-                        if new {
-                            out.push(record);
-                        }
-                    }
-                    info.last_fire = Some(through);
-                    info.next_fire = next;
-                    schedules.insert(name.as_bytes(), encode(&info)?)?;
-                    Ok(out)
-                },
-            );
-        let out = flatten(r)?;
+        // The transaction (its lock) ends before the flush is awaited.
+        let out = {
+            let mut tx = t.db.write_tx();
+            let Some(bytes) = tx.get(&t.schedules, name)? else {
+                return Ok(Vec::new()); // removed meanwhile
+            };
+            let mut info: ScheduleInfo = serde_json::from_slice(&bytes)?;
+            if info.paused || info.last_fire.is_some_and(|last| last >= through) {
+                return Ok(Vec::new()); // paused meanwhile, or handled already
+            }
+            let mut out = Vec::new();
+            for at in instants {
+                if info.last_fire.is_some_and(|last| last >= *at) {
+                    continue;
+                }
+                let uuid = JobId::random();
+                let mut job = info.spec.job();
+                job.uuid = Some(uuid);
+                job.run_at = Some(*at);
+                let (record, new) = insert_new(
+                    &mut tx,
+                    &t,
+                    self.new_record(job, uuid, JobState::Queued),
+                    now,
+                )?;
+                info.last_job = Some(record.uuid);
+                if new {
+                    out.push(record);
+                }
+            }
+            info.last_fire = Some(through);
+            info.next_fire = next;
+            tx.insert(&t.schedules, name, serde_json::to_vec(&info)?);
+            tx.commit()?;
+            out
+        };
         self.flush().await?;
         Ok(out)
     }
@@ -610,8 +757,8 @@ impl Store {
         let t = self.trees()?;
         let end = timer_key(now, JobId(uuid::Uuid::max()));
         let mut out = Vec::new();
-        for key in t.timers.range(..=end).keys().take(limit) {
-            let key = key?;
+        for item in t.db.read_tx().range(&t.timers, ..=end).take(limit) {
+            let key = item.key()?;
             out.extend(id_from(&key[8..]));
         }
         Ok(out)
@@ -620,11 +767,14 @@ impl Store {
     /// When the next held job is due.
     pub fn next_due(&self) -> anyhow::Result<Option<DateTime<Utc>>> {
         let t = self.trees()?;
-        Ok(t.timers.first()?.map(|(key, _)| {
-            let mut nanos = [0u8; 8];
-            nanos.copy_from_slice(&key[..8]);
-            DateTime::from_timestamp_nanos(i64::from_be_bytes(nanos))
-        }))
+        let Some(first) = t.timers.first_key_value() else {
+            return Ok(None);
+        };
+        let key = first.key()?;
+        let nanos = key.get(..8).context("a timer's key starts with its time")?;
+        Ok(Some(DateTime::from_timestamp_nanos(i64::from_be_bytes(
+            nanos.try_into()?,
+        ))))
     }
 
     /// Moves a held job whose time has come to `queued` (to publish) and drops its timers.
@@ -635,36 +785,50 @@ impl Store {
         now: DateTime<Utc>,
     ) -> anyhow::Result<Option<JobRecord>> {
         let t = self.trees()?;
-        let r = (&t.jobs, &t.unpublished).transaction(|(jobs, unpublished)| {
-            let Some(bytes) = jobs.get(uuid.as_bytes())? else {
-                return Ok(None);
-            };
-            let mut record: JobRecord = decode(&bytes)?;
-            let due = record.state == JobState::Scheduled
-                && record.next_run_at.is_some_and(|at| at <= now);
-            if !due {
-                return Ok(None);
+        // The transaction (its lock) ends before the flush is awaited.
+        let out = {
+            let mut tx = t.db.write_tx();
+            // The job's due timers go (a job held for later keeps its later one).
+            let end = timer_key(now, JobId(uuid::Uuid::max()));
+            let mut due = Vec::new();
+            for item in tx.range(&t.timers, ..=end) {
+                let key = item.key()?;
+                if id_from(&key[8..]) == Some(uuid) {
+                    due.push(key);
+                }
             }
-            record.state = JobState::Queued;
-            record.next_run_at = None;
-            record.updated_at = now;
-            jobs.insert(uuid.as_bytes(), encode(&record)?)?;
-            unpublished.insert(uuid.as_bytes(), &pending(record.job.attempt, now))?;
-            Ok(Some(record))
-        });
-        let out = flatten(r)?;
-        // The job's due timers go (a job held for later keeps its later one).
-        let end = timer_key(now, JobId(uuid::Uuid::max()));
-        let due: Vec<_> = t
-            .timers
-            .range(..=end)
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| id_from(&k[8..]) == Some(uuid))
-            .collect();
-        for key in due {
-            t.timers.remove(key)?;
-        }
+            for key in due {
+                tx.remove(&t.timers, key);
+            }
+            let out = match tx.get(&t.jobs, uuid.as_bytes())? {
+                Some(bytes) => {
+                    let mut record: JobRecord = serde_json::from_slice(&bytes)?;
+                    let due = record.state == JobState::Scheduled
+                        && record.next_run_at.is_some_and(|at| at <= now);
+                    due.then(|| {
+                        record.state = JobState::Queued;
+                        record.next_run_at = None;
+                        record.updated_at = now;
+                        record
+                    })
+                }
+                None => None,
+            };
+            if let Some(record) = &out {
+                tx.insert(
+                    &t.jobs,
+                    uuid.as_bytes().as_slice(),
+                    serde_json::to_vec(record)?,
+                );
+                tx.insert(
+                    &t.unpublished,
+                    uuid.as_bytes().as_slice(),
+                    pending(record.job.attempt, now).as_slice(),
+                );
+            }
+            tx.commit()?;
+            out
+        };
         self.flush().await?;
         Ok(out)
     }
@@ -673,59 +837,63 @@ impl Store {
     /// if the job is not held (then agents must be told).
     pub async fn cancel_scheduled(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
         let t = self.trees()?;
-        let r = (&t.jobs, &t.timers, &t.unique).transaction(|(jobs, timers, unique)| {
-            let Some(bytes) = jobs.get(uuid.as_bytes())? else {
+        // The transaction (its lock) ends before the flush is awaited.
+        let record = {
+            let mut tx = t.db.write_tx();
+            let Some(bytes) = tx.get(&t.jobs, uuid.as_bytes())? else {
                 return Ok(None);
             };
-            let mut record: JobRecord = decode(&bytes)?;
+            let mut record: JobRecord = serde_json::from_slice(&bytes)?;
             if record.state != JobState::Scheduled {
                 return Ok(None);
             }
             if let Some(at) = record.next_run_at.take() {
-                timers.remove(timer_key(at, uuid).as_slice())?;
+                tx.remove(&t.timers, timer_key(at, uuid));
             }
             record.state = JobState::Cancelled;
             record.cancel_requested = true;
             record.updated_at = Utc::now();
             if let Some(key) = &record.job.unique_key
-                && unique.get(key.as_bytes())?.as_deref() == Some(uuid.as_bytes().as_slice())
+                && tx.get(&t.unique, key.as_bytes())?.as_deref() == Some(uuid.as_bytes().as_slice())
             {
-                unique.remove(key.as_bytes())?;
+                tx.remove(&t.unique, key.as_str());
             }
-            jobs.insert(uuid.as_bytes(), encode(&record)?)?;
-            Ok(Some(record))
-        });
-        let out = flatten(r)?;
-        if out.is_some() {
-            self.flush().await?;
-        }
-        Ok(out)
+            tx.insert(
+                &t.jobs,
+                uuid.as_bytes().as_slice(),
+                serde_json::to_vec(&record)?,
+            );
+            tx.commit()?;
+            record
+        };
+        self.flush().await?;
+        Ok(Some(record))
     }
 
     /// Queues a job that ended without success once more, as its next attempt.
     pub async fn retry(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
         let t = self.trees()?;
-        let r = (&t.jobs, &t.unpublished, &t.unique).transaction(|(jobs, unpublished, unique)| {
-            let Some(bytes) = jobs.get(uuid.as_bytes())? else {
-                return refuse(format!("no job {uuid} is recorded"));
+        // The transaction (its lock) ends before the flush is awaited.
+        let record = {
+            let mut tx = t.db.write_tx();
+            let Some(bytes) = tx.get(&t.jobs, uuid.as_bytes())? else {
+                anyhow::bail!("no job {uuid} is recorded");
             };
-            let mut record: JobRecord = decode(&bytes)?;
+            let mut record: JobRecord = serde_json::from_slice(&bytes)?;
             if !record.state.is_final() {
-                return refuse(format!(
+                anyhow::bail!(
                     "job {uuid} is {}, not over: there is nothing to retry yet",
                     record.state
-                ));
+                );
             }
             if record.state == JobState::Succeeded {
-                return refuse(format!(
+                anyhow::bail!(
                     "job {uuid} succeeded: there is nothing to retry (submit it again instead)"
-                ));
+                );
             }
             let last = record.attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
             let Some(next) = last.max(record.job.attempt).checked_add(1) else {
-                return refuse(format!(
-                    "job {uuid} has used every attempt number: submit it again instead"
-                ));
+                anyhow::bail!("job {uuid} has used every attempt number: submit it again instead");
             };
             record.job.attempt = next;
             record.state = JobState::Queued;
@@ -733,35 +901,40 @@ impl Store {
             record.next_run_at = None;
             record.updated_at = Utc::now();
             if let Some(key) = &record.job.unique_key {
-                let free = match unique.get(key.as_bytes())? {
+                let free = match tx.get(&t.unique, key.as_bytes())? {
                     None => true,
-                    Some(holder) => match jobs.get(&holder)? {
-                        Some(b) => decode::<JobRecord>(&b)?.state.is_final(),
+                    Some(holder) => match tx.get(&t.jobs, &holder)? {
+                        Some(b) => serde_json::from_slice::<JobRecord>(&b)?.state.is_final(),
                         None => true,
                     },
                 };
                 if free {
-                    unique.insert(key.as_bytes(), uuid.as_bytes())?;
+                    tx.insert(&t.unique, key.as_str(), uuid.as_bytes().as_slice());
                 }
             }
-            jobs.insert(uuid.as_bytes(), encode(&record)?)?;
-            unpublished.insert(
-                uuid.as_bytes(),
-                &pending(record.job.attempt, record.updated_at),
-            )?;
-            Ok(record)
-        });
-        let out = flatten(r)?;
+            tx.insert(
+                &t.jobs,
+                uuid.as_bytes().as_slice(),
+                serde_json::to_vec(&record)?,
+            );
+            tx.insert(
+                &t.unpublished,
+                uuid.as_bytes().as_slice(),
+                pending(record.job.attempt, record.updated_at).as_slice(),
+            );
+            tx.commit()?;
+            record
+        };
         self.flush().await?;
-        Ok(out)
+        Ok(record)
     }
 
     /// The jobs that `parent`'s Work submitted.
     pub fn children_of(&self, parent: JobId) -> anyhow::Result<Vec<JobId>> {
         let t = self.trees()?;
         let mut out = Vec::new();
-        for key in t.children.scan_prefix(parent.as_bytes()).keys() {
-            out.extend(id_from(&key?[16..]));
+        for item in t.db.read_tx().prefix(&t.children, parent.as_bytes()) {
+            out.extend(id_from(&item.key()?[16..]));
         }
         Ok(out)
     }
@@ -769,16 +942,15 @@ impl Store {
     /// Every schedule, by name.
     pub fn schedules(&self) -> anyhow::Result<Vec<ScheduleInfo>> {
         let t = self.trees()?;
-        t.schedules
-            .iter()
-            .values()
-            .map(|v| Ok(serde_json::from_slice(&v?)?))
+        t.db.read_tx()
+            .iter(&t.schedules)
+            .map(|item| Ok(serde_json::from_slice(&item.value()?)?))
             .collect()
     }
 
     pub fn schedule(&self, name: &str) -> anyhow::Result<Option<ScheduleInfo>> {
         let t = self.trees()?;
-        match t.schedules.get(name.as_bytes())? {
+        match t.schedules.get(name)? {
             Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
             None => Ok(None),
         }
@@ -792,24 +964,21 @@ impl Store {
         change: impl Fn(Option<ScheduleInfo>) -> Result<Option<ScheduleInfo>, String>,
     ) -> anyhow::Result<Option<ScheduleInfo>> {
         let t = self.trees()?;
-        let r = t.schedules.transaction(|schedules| {
-            let old = match schedules.get(name.as_bytes())? {
-                Some(b) => Some(decode::<ScheduleInfo>(&b)?),
+        // The transaction (its lock) ends before the flush is awaited.
+        let out = {
+            let mut tx = t.db.write_tx();
+            let old = match tx.get(&t.schedules, name)? {
+                Some(b) => Some(serde_json::from_slice::<ScheduleInfo>(&b)?),
                 None => None,
             };
-            match change(old) {
-                Ok(Some(info)) => {
-                    schedules.insert(name.as_bytes(), encode(&info)?)?;
-                    Ok(Some(info))
-                }
-                Ok(None) => {
-                    schedules.remove(name.as_bytes())?;
-                    Ok(None)
-                }
-                Err(message) => refuse(message),
+            let out = change(old).map_err(anyhow::Error::msg)?;
+            match &out {
+                Some(info) => tx.insert(&t.schedules, name, serde_json::to_vec(info)?),
+                None => tx.remove(&t.schedules, name),
             }
-        });
-        let out = flatten(r)?;
+            tx.commit()?;
+            out
+        };
         self.flush().await?;
         Ok(out)
     }
@@ -822,39 +991,45 @@ impl Store {
         // Created before the cutoff is necessary (a record changes only after it is created).
         let end = timer_key(cutoff, JobId(uuid::Uuid::nil()));
         let mut dirs = Vec::new();
-        for key in t.by_time.range(..end).keys() {
+        for item in t.db.read_tx().range(&t.by_time, ..end) {
             if dirs.len() >= limit {
                 break;
             }
-            let key = key?;
+            let key = item.key()?;
             let Some(uuid) = id_from(&key[8..]) else {
                 continue;
             };
-            if let Some(record) = self.get(uuid)? {
+            // One job at a time, each whole or not at all.
+            let mut tx = t.db.write_tx();
+            if let Some(bytes) = tx.get(&t.jobs, uuid.as_bytes())? {
+                let record: JobRecord = serde_json::from_slice(&bytes)?;
                 if !record.state.is_final() || record.updated_at >= cutoff {
                     continue;
                 }
-                for k in t.results.scan_prefix(uuid.as_bytes()).keys() {
-                    t.results.remove(k?)?;
+                let mut gone = Vec::new();
+                for item in tx.prefix(&t.results, uuid.as_bytes()) {
+                    gone.push((&t.results, item.key()?));
                 }
-                for k in t.children.scan_prefix(uuid.as_bytes()).keys() {
-                    t.children.remove(k?)?;
+                for item in tx.prefix(&t.children, uuid.as_bytes()) {
+                    gone.push((&t.children, item.key()?));
+                }
+                for (keyspace, key) in gone {
+                    tx.remove(keyspace, key);
                 }
                 if let Some(parent) = record.job.parent {
-                    t.children.remove(pair_key(parent, uuid))?;
+                    tx.remove(&t.children, pair_key(parent, uuid).as_slice());
                 }
-                if let Some(unique) = &record.job.unique_key {
-                    let _ = t.unique.compare_and_swap(
-                        unique.as_bytes(),
-                        Some(uuid.as_bytes().as_slice()),
-                        None as Option<&[u8]>,
-                    )?;
+                if let Some(unique) = &record.job.unique_key
+                    && tx.get(&t.unique, unique.as_bytes())?.as_deref()
+                        == Some(uuid.as_bytes().as_slice())
+                {
+                    tx.remove(&t.unique, unique.as_str());
                 }
-                t.unpublished.remove(uuid.as_bytes())?;
-                t.jobs.remove(uuid.as_bytes())?;
+                tx.remove(&t.unpublished, uuid.as_bytes().as_slice());
+                tx.remove(&t.jobs, uuid.as_bytes().as_slice());
             }
-            // Last, so that a purge cut short by a crash is found and finished next time.
-            t.by_time.remove(&key)?;
+            tx.remove(&t.by_time, key);
+            tx.commit()?;
             dirs.push(self.job_dir(uuid));
         }
         Ok(dirs)
@@ -892,28 +1067,11 @@ impl Store {
     /// The broker confirmed the claimed attempt: it no longer needs publishing (a later
     /// attempt that waits meanwhile stays waiting).
     pub fn published(&self, claim: &PublishClaim) -> anyhow::Result<()> {
-        self.clear_pending(claim.uuid, |attempt| attempt == claim.attempt)
-    }
-
-    /// Removes the `unpublished` entry of `uuid` if the attempt it names passes `which`.
-    fn clear_pending(&self, uuid: JobId, which: impl Fn(u32) -> bool) -> anyhow::Result<()> {
         let t = self.trees()?;
-        loop {
-            let Some(old) = t.unpublished.get(uuid.as_bytes())? else {
-                return Ok(());
-            };
-            if read_pending(&old).is_some_and(|(attempt, _)| !which(attempt)) {
-                return Ok(());
-            }
-            let swapped = t.unpublished.compare_and_swap(
-                uuid.as_bytes(),
-                Some(old),
-                None as Option<&[u8]>,
-            )?;
-            if swapped.is_ok() {
-                return Ok(());
-            }
-        }
+        let mut tx = t.db.write_tx();
+        clear_pending(&mut tx, &t, claim.uuid, |attempt| attempt == claim.attempt)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// The jobs the republish pass should queue: recorded but not confirmed, handed over to
@@ -921,8 +1079,8 @@ impl Store {
     pub fn republishable(&self, cutoff: DateTime<Utc>) -> anyhow::Result<Vec<JobRecord>> {
         let t = self.trees()?;
         let mut out = Vec::new();
-        for item in t.unpublished.iter() {
-            let (key, value) = item?;
+        for item in t.db.read_tx().iter(&t.unpublished) {
+            let (key, value) = item.into_inner()?;
             let Some(uuid) = id_from(&key) else {
                 continue;
             };
@@ -947,8 +1105,8 @@ impl Store {
     pub fn unpublished(&self) -> anyhow::Result<Vec<JobRecord>> {
         let t = self.trees()?;
         let mut out = Vec::new();
-        for key in t.unpublished.iter().keys() {
-            if let Some(bytes) = t.jobs.get(key?)? {
+        for item in t.db.read_tx().iter(&t.unpublished) {
+            if let Some(bytes) = t.jobs.get(item.key()?)? {
                 out.push(serde_json::from_slice(&bytes)?);
             }
         }
@@ -960,36 +1118,13 @@ impl Store {
     fn update(
         &self,
         uuid: JobId,
-        fresh: impl Fn() -> JobRecord,
-        change: impl Fn(&mut JobRecord) -> bool,
+        fresh: impl FnOnce() -> JobRecord,
+        change: impl FnOnce(&mut JobRecord) -> bool,
     ) -> anyhow::Result<JobRecord> {
         let t = self.trees()?;
-        // The record as written by the closure's last run (it may run again on a conflict).
-        let after = std::cell::RefCell::new(None);
-        t.jobs.update_and_fetch(uuid.as_bytes(), |old| {
-            let mut record = match old.map(serde_json::from_slice::<JobRecord>) {
-                Some(Ok(r)) => r,
-                Some(Err(_)) => return old.map(<[u8]>::to_vec), // unreadable: leave it
-                None => fresh(),
-            };
-            if !change(&mut record) && old.is_some() {
-                after.replace(Some(record));
-                return old.map(<[u8]>::to_vec);
-            }
-            record.updated_at = Utc::now();
-            let bytes = serde_json::to_vec(&record).ok();
-            if bytes.is_some() {
-                after.replace(Some(record));
-            }
-            bytes.or_else(|| old.map(<[u8]>::to_vec))
-        })?;
-        let record = match after.into_inner() {
-            Some(record) => record,
-            None => self.get(uuid)?.context("the record is unreadable")?,
-        };
-        // Every time, not only when created: a crash between the two writes must not leave a
-        // record that `list` cannot find (the key never changes, so this is idempotent).
-        t.by_time.insert(time_key(&record), &[])?;
+        let mut tx = t.db.write_tx();
+        let record = update(&mut tx, &t, uuid, fresh, change)?;
+        tx.commit()?;
         Ok(record)
     }
 
@@ -1028,34 +1163,32 @@ impl Store {
     /// Records a result once: a run already recorded is a [`Recorded::Duplicate`]. Not
     /// durable until [`Store::flush`] (callers flush once for a batch).
     ///
-    /// The result is kept first, with an atomic insert-if-absent that decides which copy
-    /// wins; the job's record is then brought in line with the winner. A crash in between
-    /// is mended when the result comes again (the agent resends until receipted).
+    /// One transaction keeps the result if this run has none yet, brings the job's record and
+    /// its indexes in line with the result kept, and clears the job's wait to be published.
+    /// It runs alone (fjall's single writer) and sees every transaction committed before it,
+    /// so two copies of a result, on whatever threads, cannot both find the run unrecorded.
     pub fn record(&self, result: &JobResult) -> anyhow::Result<Recorded> {
         let t = self.trees()?;
         let key = result_key(result.uuid, result.attempt);
-        let won = t
-            .results
-            .compare_and_swap(
-                key,
-                None as Option<&[u8]>,
-                Some(serde_json::to_vec(&KeptResult::of(result))?),
-            )?
-            .is_ok();
+        let mut tx = t.db.write_tx();
         let stored;
-        let winner = if won {
-            result
-        } else {
-            // The job of a run is the same in every copy of its result.
-            let bytes = t.results.get(key)?.context("the stored result vanished")?;
-            let kept: KeptResult = serde_json::from_slice(&bytes)?;
-            stored = kept.into_result(|| Ok(result.job.clone()))?;
-            &stored
+        let (won, winner) = match tx.get(&t.results, key)? {
+            None => {
+                let kept = serde_json::to_vec(&KeptResult::of(result))?;
+                tx.insert(&t.results, key.as_slice(), kept);
+                (true, result)
+            }
+            Some(bytes) => {
+                // The job of a run is the same in every copy of its result.
+                let kept: KeptResult = serde_json::from_slice(&bytes)?;
+                stored = kept.into_result(|| Ok(result.job.clone()))?;
+                (false, &stored)
+            }
         };
         // A job first seen through its result (published straight to RabbitMQ): its record
         // is made from the job the result carries.
         let fresh = || self.new_record(winner.job.clone(), winner.uuid, JobState::Queued);
-        let record = self.update(winner.uuid, fresh, |record| {
+        let record = update(&mut tx, &t, winner.uuid, fresh, |record| {
             let attempt = Attempt {
                 attempt: winner.attempt,
                 agent: Some(winner.agent.clone()),
@@ -1088,37 +1221,31 @@ impl Store {
             }
             true
         })?;
-        self.keep_indexes_in_line(&record)?;
+        // The indexes that follow a record's state: a held job has its timer; a job that is
+        // over gives back its unique key.
+        if record.state == JobState::Scheduled
+            && let Some(at) = record.next_run_at
+        {
+            tx.insert(&t.timers, timer_key(at, record.uuid), EMPTY);
+        }
+        if record.state.is_final()
+            && let Some(key) = &record.job.unique_key
+            && tx.get(&t.unique, key.as_bytes())?.as_deref()
+                == Some(record.uuid.as_bytes().as_slice())
+        {
+            tx.remove(&t.unique, key.as_str());
+        }
         // It ran, so it was published, whatever the broker's confirm said (a later attempt
         // that waits to be published still does).
-        self.clear_pending(result.uuid, |attempt| attempt <= result.attempt)?;
+        clear_pending(&mut tx, &t, result.uuid, |attempt| {
+            attempt <= result.attempt
+        })?;
+        tx.commit()?;
         Ok(if won {
             Recorded::New(Box::new(record))
         } else {
             Recorded::Duplicate
         })
-    }
-
-    /// The indexes that follow a record's state: a held job has its timer; a job that is over
-    /// gives back its unique key. Idempotent, so a crash between the record and its indexes is
-    /// mended when the result comes again.
-    fn keep_indexes_in_line(&self, record: &JobRecord) -> anyhow::Result<()> {
-        let t = self.trees()?;
-        if record.state == JobState::Scheduled
-            && let Some(at) = record.next_run_at
-        {
-            t.timers.insert(timer_key(at, record.uuid), &[])?;
-        }
-        if record.state.is_final()
-            && let Some(key) = &record.job.unique_key
-        {
-            let _ = t.unique.compare_and_swap(
-                key.as_bytes(),
-                Some(record.uuid.as_bytes().as_slice()),
-                None as Option<&[u8]>,
-            )?;
-        }
-        Ok(())
     }
 
     /// Marks a job as to be cancelled; returns its record.
@@ -1160,8 +1287,8 @@ impl Store {
     pub fn logs(&self, uuid: JobId) -> anyhow::Result<Vec<(u32, Vec<LogLine>)>> {
         let t = self.trees()?;
         let mut out = Vec::new();
-        for item in t.results.scan_prefix(uuid.as_bytes()) {
-            let (_, v) = item?;
+        for item in t.db.read_tx().prefix(&t.results, uuid.as_bytes()) {
+            let v = item.value()?;
             let r: KeptResult = serde_json::from_slice(&v)?;
             out.push((r.attempt, r.logs.into_owned()));
         }
@@ -1180,15 +1307,16 @@ impl Store {
         budget: usize,
     ) -> anyhow::Result<(Vec<JobRecord>, Option<Vec<u8>>)> {
         let t = self.trees()?;
+        let snapshot = t.db.read_tx();
         let keys = match before {
-            Some(key) => t.by_time.range(..key),
-            None => t.by_time.iter(),
+            Some(key) => snapshot.range(&t.by_time, ..key),
+            None => snapshot.iter(&t.by_time),
         };
         let mut out = Vec::new();
         let mut used = 0usize;
         let mut last: Option<Vec<u8>> = None;
-        for key in keys.keys().rev() {
-            let key = key?;
+        for item in keys.rev() {
+            let key = item.key()?;
             if out.len() >= limit {
                 return Ok((out, last));
             }
@@ -1227,8 +1355,8 @@ impl Store {
         let mut used = 0usize;
         let mut count = 0usize;
         let range = result_key(uuid, from.0)..=result_key(uuid, u32::MAX);
-        for item in t.results.range(range) {
-            let (_, v) = item?;
+        for item in t.db.read_tx().range(&t.results, range) {
+            let v = item.value()?;
             let r: KeptResult = serde_json::from_slice(&v)?;
             let skip = if r.attempt == from.0 { from.1 } else { 0 };
             let mut lines = Vec::new();
@@ -1257,11 +1385,11 @@ impl Store {
     pub fn list(&self, state: Option<JobState>, limit: usize) -> anyhow::Result<Vec<JobRecord>> {
         let t = self.trees()?;
         let mut out = Vec::new();
-        for key in t.by_time.iter().keys().rev() {
+        for item in t.db.read_tx().iter(&t.by_time).rev() {
             if out.len() >= limit {
                 break;
             }
-            let key = key?;
+            let key = item.key()?;
             let Some(bytes) = t.jobs.get(&key[8..])? else {
                 continue;
             };
@@ -1273,17 +1401,18 @@ impl Store {
         Ok(out)
     }
 
+    /// About how many jobs are recorded (exact until records are removed).
     pub fn len(&self) -> usize {
-        self.trees().map_or(0, |t| t.jobs.len())
+        self.trees().map_or(0, |t| t.jobs.approximate_len())
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Closes the database and opens it again from disk. Needed after a write failed: sled
-    /// then refuses every later write (its I/O error sticks), and what it holds in memory
-    /// may not be on disk; the database read back holds exactly what is, as after a crash.
+    /// Closes the database and opens it again from disk. Needed after a write failed: fjall
+    /// then refuses every later write (it is "poisoned"), and what it holds in memory may
+    /// not be on disk; the database read back holds exactly what is, as after a crash.
     pub async fn reopen(&self) -> Result<(), StoreError> {
         let old = self
             .db
@@ -1295,7 +1424,7 @@ impl Store {
             for _ in 0..100 {
                 match Arc::try_unwrap(old) {
                     Ok(trees) => {
-                        // Joins the flushing thread: not on the runtime.
+                        // Joins the flushing thread and fjall's workers: not on the runtime.
                         let _ = tokio::task::spawn_blocking(move || drop(trees)).await;
                         break;
                     }
@@ -1318,7 +1447,8 @@ impl Store {
     /// Whether the store writes again: a space check beside the database, then the database
     /// reopened (see [`Store::reopen`]) and one small write made durable.
     pub async fn probe(&self) -> Result<(), StoreError> {
-        // A sled log segment's worth of bytes must fit, or reopening only fails again.
+        // A journal buffer's and a memtable's worth of bytes must fit, or reopening only
+        // fails again.
         let room = self.path.with_extension("probe");
         let fits = tokio::task::spawn_blocking(move || {
             use std::io::Write as _;
@@ -1336,7 +1466,7 @@ impl Store {
         let t = self.trees()?;
         let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
         t.probe
-            .insert("probe", &now.to_be_bytes())
+            .insert("probe", now.to_be_bytes().as_slice())
             .map_err(|e| StoreError::Unwritable(e.to_string()))?;
         drop(t);
         self.flush()
@@ -1499,7 +1629,7 @@ mod tests {
         let t = store.trees().expect("open");
         let whole = serde_json::to_vec(&old).expect("json");
         t.results
-            .insert(result_key(uuid, 1), whole)
+            .insert(result_key(uuid, 1).as_slice(), whole)
             .expect("writes");
         assert_eq!(store.result(uuid, 1).expect("reads"), Some(old.clone()));
         assert_eq!(store.logs(uuid).expect("reads")[0].1, old.logs);
