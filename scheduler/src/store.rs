@@ -1674,6 +1674,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sled_store_of_an_older_version_is_moved_to_fjall_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        // What an older version leaves: its trees, with what this version writes in them.
+        let other = tempfile::tempdir().expect("tempdir");
+        let source = open(&other);
+        let job = job_with_id("demo.echo");
+        let uuid = job.uuid.expect("uuid");
+        source.submit(job.clone()).await.expect("submits");
+        let result = result_of(&job, 1, Status::Succeeded);
+        source.record(&result).expect("records");
+        let mut held = job_with_id("demo.echo");
+        held.run_at = Some(Utc::now() + chrono::Duration::hours(1));
+        held.unique_key = Some("nightly".into());
+        source.submit(held.clone()).await.expect("submits");
+        let sled = sled::open(&path).expect("sled opens");
+        let t = source.trees().expect("open");
+        for name in KEYSPACES {
+            let tree = sled.open_tree(name).expect("a tree");
+            let keyspace = t.named(name).expect("a keyspace");
+            for item in t.db.read_tx().iter(keyspace) {
+                let (key, value) = item.into_inner().expect("reads");
+                tree.insert(key.as_ref(), value.as_ref()).expect("writes");
+            }
+        }
+        sled.flush().expect("flushes");
+        drop((sled, t));
+
+        let store = open(&dir);
+        let record = store.get(uuid).expect("reads").expect("moved");
+        assert_eq!(record.state, JobState::Succeeded);
+        assert_eq!(store.result(uuid, 1).expect("reads"), Some(result));
+        assert_eq!(store.list(None, 10).expect("lists").len(), 2);
+        assert!(store.next_due().expect("reads").is_some(), "the timer moved");
+        let mut twin = job_with_id("demo.echo");
+        twin.unique_key = Some("nightly".into());
+        assert!(!store.submit(twin).await.expect("submits").1, "the key moved");
+        assert!(dir.path().join("store.sled/conf").is_file(), "sled's folder is kept");
+        drop(store);
+
+        // Opened again: nothing to move. A start cut short between the two renames is
+        // finished by the next one.
+        std::fs::rename(&path, path.with_extension("migrating")).expect("renames");
+        let store = open(&dir);
+        assert!(store.get(uuid).expect("reads").is_some());
+        assert!(!path.with_extension("migrating").exists());
+    }
+
+    #[tokio::test]
     async fn a_late_result_of_an_older_attempt_is_recorded_but_changes_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(&dir);
