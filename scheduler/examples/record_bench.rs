@@ -1,11 +1,12 @@
 //! The scheduler alone: preloads N no-op results into the results queue of a namespace of its
-//! own, starts `scheduler run` (the binary given, so two builds can be compared side by side)
-//! with nothing else running, and reports how fast it records them (start-up included, until
-//! the last receipt), its memory and its store's bytes per job.
+//! own, starts `scheduler run` with nothing else running, and reports how fast it records them
+//! (start-up included, until the last receipt), its memory and its store's bytes per job.
+//! Each `--scheduler` given is measured in turn, in the order given, so that two builds are
+//! compared side by side in one run.
 //!
 //! ```text
 //! cargo run --release -p rota-scheduler --example record_bench -- \
-//!     --scheduler target/release/scheduler --results 10000
+//!     --scheduler old/scheduler --scheduler target/release/scheduler --results 1000000
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -25,9 +26,9 @@ use tokio::sync::Semaphore;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// The `scheduler` binary to measure.
-    #[arg(long)]
-    scheduler: PathBuf,
+    /// A `scheduler` binary to measure (several: each in turn).
+    #[arg(long, required = true)]
+    scheduler: Vec<PathBuf>,
     /// How many results to preload.
     #[arg(long, default_value_t = 10_000)]
     results: usize,
@@ -41,7 +42,7 @@ struct Args {
     /// Where the scheduler's log goes (nowhere unless set).
     #[arg(long)]
     log: Option<PathBuf>,
-    /// Extra arguments for `scheduler run` (e.g. `--store-cache=16MiB`).
+    /// Extra arguments for `scheduler run` (e.g. `--store-cache-mib=16`).
     #[arg(long, allow_hyphen_values = true)]
     extra: Vec<String>,
     #[arg(
@@ -55,14 +56,23 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let namespace = format!("recbench{}", std::process::id());
+    for (i, scheduler) in args.scheduler.iter().enumerate() {
+        eprintln!("measuring {}", scheduler.display());
+        run(&args, scheduler, i).await?;
+    }
+    Ok(())
+}
+
+/// Measures one `scheduler` binary in a namespace of its own (the `i`th of this run).
+async fn run(args: &Args, scheduler: &Path, i: usize) -> anyhow::Result<()> {
+    let namespace = format!("recbench{}x{i}", std::process::id());
     let names = Names::new(&namespace).map_err(anyhow::Error::msg)?;
     let receipts = names.private_queue("bench.receipts", "agent");
     let mut topology = Topology::core(&names);
     topology.queue(QueueSpec::private(receipts.clone()));
     let broker =
         Broker::connect(&args.amqp_url, "record_bench", topology, Startup::FailFast).await?;
-    let outcome = measure(&args, &names, &broker, &receipts).await;
+    let outcome = measure(args, scheduler, &names, &broker, &receipts).await;
     for queue in [names.results(), names.rpc(), names.dead()] {
         let _ = broker.delete_queue(&queue).await;
     }
@@ -111,6 +121,7 @@ async fn publish(
 
 async fn measure(
     args: &Args,
+    scheduler: &Path,
     names: &Names,
     broker: &Broker,
     receipts: &str,
@@ -151,7 +162,7 @@ async fn measure(
         })
         .await?;
     let start = Instant::now();
-    let mut child = tokio::process::Command::new(&args.scheduler)
+    let mut child = tokio::process::Command::new(scheduler)
         .arg("run")
         .arg("--data-dir")
         .arg(data.path())
@@ -168,7 +179,7 @@ async fn measure(
         })
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start {}", args.scheduler.display()))?;
+        .with_context(|| format!("cannot start {}", scheduler.display()))?;
     let pid = child.id().context("the scheduler has no pid")?;
     let (mut runs, mut first) = (0usize, None);
     let mut peak_rss = 0;
@@ -210,8 +221,9 @@ async fn measure(
     let store = dir_bytes(&data.path().join("scheduler/store"));
     let work = dir_bytes(&data.path().join("scheduler/work"));
     println!(
-        "{} results: {:.0} results/s from start ({:.2} s), {:.0}/s from the first receipt; \
+        "{}: {} results: {:.0} results/s from start ({:.2} s), {:.0}/s from the first receipt; \
          RSS {} MiB at the end (peak seen {} MiB); store {} bytes/job, job folders {} bytes/job",
+        scheduler.display(),
         args.results,
         args.results as f64 / took.as_secs_f64(),
         took.as_secs_f64(),

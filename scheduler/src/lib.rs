@@ -1,4 +1,4 @@
-//! The scheduler: records every job and result in its sled store, answers RPC, and tracks the
+//! The scheduler: records every job and result in its fjall store, answers RPC, and tracks the
 //! other parts; plus the command line that talks to it, the all-in-one demo and the
 //! benchmark.
 

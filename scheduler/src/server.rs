@@ -64,8 +64,9 @@ pub struct SchedulerConfig {
     #[arg(long, env = "ROTA_RESULTS_PREFETCH", default_value_t = 1024)]
     pub results_prefetch: u16,
 
-    /// The store's cache, in MiB: sled keeps about this much of the store in memory (the rest
-    /// of the memory it uses does not grow with the number of jobs).
+    /// The store's memory, in MiB: half is fjall's block cache, the rest bounds what was
+    /// written and is not yet in its tables on disk (the memory the store uses does not grow
+    /// with the number of jobs).
     #[arg(long, env = "ROTA_STORE_CACHE_MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub store_cache_mib: u64,
 

@@ -49,10 +49,25 @@ pub struct Store {
     policy: RetryPolicy,
     /// The attempts being published right now, each by the one pass that claimed it.
     publishing: Arc<Mutex<HashSet<(JobId, u32)>>>,
+    /// The runs recorded first whose durability is not yet known ([`Undurable`]).
+    undurable: Arc<Mutex<Undurable>>,
     /// See `--store-cache-mib`.
     cache_bytes: u64,
     /// The thread that makes the frequent writes ([`Store::write`]).
     writer: Arc<Writer>,
+}
+
+/// The runs (uuid, attempt) recorded first since the last flush, and those whose flush
+/// failed. A flush that fails may still have put some of its writes on disk, to be read back
+/// when the store is reopened; the results of those runs come again (none was acked), and
+/// the first copy to come is then reported as [`Recorded::New`], as it would be had nothing
+/// reached the disk: its run is announced, counted and receipted once it is durable.
+#[derive(Default)]
+struct Undurable {
+    /// Recorded first since the last flush that covers them.
+    fresh: HashSet<(JobId, u32)>,
+    /// Recorded, but the flush that covered them failed.
+    owed: HashSet<(JobId, u32)>,
 }
 
 /// A write to make on the writer thread.
@@ -517,7 +532,8 @@ pub type LogsPage = (Vec<(u32, Vec<LogLine>)>, Option<(u32, usize)>);
 /// What recording a result did.
 #[derive(Debug)]
 pub enum Recorded {
-    /// First time this run was recorded: the job's record after it.
+    /// First time this run was recorded (or its first copy since a flush that failed, see
+    /// [`Undurable`]): the job's record after it.
     New(Box<JobRecord>),
     /// This run was recorded before; nothing changed.
     Duplicate,
@@ -623,6 +639,7 @@ impl Store {
             work_root: dir.join("work"),
             policy,
             publishing: Arc::default(),
+            undurable: Arc::default(),
             cache_bytes,
             writer: Arc::new(Writer::start()?),
         })
@@ -1241,7 +1258,20 @@ impl Store {
             attempt <= result.attempt
         })?;
         tx.commit()?;
-        Ok(if won {
+        let run = (result.uuid, result.attempt);
+        let mut undurable = self.undurable();
+        let first = if won {
+            undurable.fresh.insert(run);
+            true
+        } else {
+            // Recorded before a flush that failed: this copy is the first one to count.
+            let owed = undurable.owed.remove(&run);
+            if owed {
+                undurable.fresh.insert(run);
+            }
+            owed
+        };
+        Ok(if first {
             Recorded::New(Box::new(record))
         } else {
             Recorded::Duplicate
@@ -1480,10 +1510,28 @@ impl Store {
     /// Waits until every earlier write is on disk.
     pub async fn flush(&self) -> anyhow::Result<()> {
         let t = self.trees()?;
-        t.durable
-            .commit()
-            .await
-            .map_err(|e| StoreError::Unwritable(format!("cannot flush the store: {e}")).into())
+        let covered: Vec<(JobId, u32)> = self.undurable().fresh.iter().copied().collect();
+        let flushed = t.durable.commit().await;
+        let mut undurable = self.undurable();
+        match flushed {
+            Ok(()) => {
+                for run in &covered {
+                    undurable.fresh.remove(run);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let fresh = std::mem::take(&mut undurable.fresh);
+                undurable.owed.extend(fresh);
+                Err(StoreError::Unwritable(format!("cannot flush the store: {e}")).into())
+            }
+        }
+    }
+
+    fn undurable(&self) -> std::sync::MutexGuard<'_, Undurable> {
+        self.undurable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -1707,11 +1755,20 @@ mod tests {
         assert_eq!(record.state, JobState::Succeeded);
         assert_eq!(store.result(uuid, 1).expect("reads"), Some(result));
         assert_eq!(store.list(None, 10).expect("lists").len(), 2);
-        assert!(store.next_due().expect("reads").is_some(), "the timer moved");
+        assert!(
+            store.next_due().expect("reads").is_some(),
+            "the timer moved"
+        );
         let mut twin = job_with_id("demo.echo");
         twin.unique_key = Some("nightly".into());
-        assert!(!store.submit(twin).await.expect("submits").1, "the key moved");
-        assert!(dir.path().join("store.sled/conf").is_file(), "sled's folder is kept");
+        assert!(
+            !store.submit(twin).await.expect("submits").1,
+            "the key moved"
+        );
+        assert!(
+            dir.path().join("store.sled/conf").is_file(),
+            "sled's folder is kept"
+        );
         drop(store);
 
         // Opened again: nothing to move. A start cut short between the two renames is
