@@ -64,9 +64,10 @@ pub struct SchedulerConfig {
     #[arg(long, env = "ROTA_RESULTS_PREFETCH", default_value_t = 1024)]
     pub results_prefetch: u16,
 
-    /// The store's memory, in MiB: half is fjall's block cache, the rest bounds what was
-    /// written and is not yet in its tables on disk (the memory the store uses does not grow
-    /// with the number of jobs).
+    /// The store's memory, in MiB: a quarter is fjall's block cache, a quarter at most what
+    /// was written and is not yet in its tables on disk, the rest what its flushes and
+    /// compactions hold meanwhile (the memory the store uses does not grow with the number
+    /// of jobs).
     #[arg(long, env = "ROTA_STORE_CACHE_MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub store_cache_mib: u64,
 
