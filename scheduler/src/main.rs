@@ -12,10 +12,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The daemon logs everything; the commands a person runs show only what matters.
+    // The daemon logs everything but its store's routine (fjall logs each table it opens); the
+    // commands a person runs show only what matters.
     let daemon = matches!(cli.command, Command::Run(_));
     let default_filter = if daemon {
-        "info,lapin=off"
+        "info,lapin=off,fjall=warn,lsm_tree=warn"
     } else {
         "warn,lapin=off"
     };

@@ -1434,7 +1434,8 @@ impl Store {
         Ok(out)
     }
 
-    /// About how many jobs are recorded (exact until records are removed).
+    /// About how many jobs are recorded: fjall's estimate, which counts a record rewritten
+    /// (or removed) more than once until its tables are compacted.
     pub fn len(&self) -> usize {
         self.trees().map_or(0, |t| t.jobs.approximate_len())
     }
