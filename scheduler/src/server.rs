@@ -695,21 +695,22 @@ impl Scheduler {
                 None => *fate = Fate::Unstored,
             }
         }
-        let mut settled_here = vec![true; deliveries.len()];
+        // Whether a delivery has a recorded result, to settle once it is durable.
+        let mut pending = vec![false; deliveries.len()];
         for (i, _, _) in &recorded {
-            settled_here[*i] = deliveries[*i].1 != Fate::Record;
+            pending[*i] = true;
         }
         let mut unstored = Vec::new();
-        for ((d, fate), here) in deliveries.iter().zip(settled_here) {
+        for ((d, fate), pending) in deliveries.iter().zip(pending) {
             match fate {
                 Fate::Unstored => unstored.push(d.clone()),
                 Fate::Requeue => {
                     d.requeue().await;
                 }
-                Fate::Record if here => {
+                Fate::Record if !pending => {
                     d.ack().await; // every entry was dead-lettered
                 }
-                Fate::Record => {}
+                Fate::Record => {} // by finish_batch, once durable
             }
         }
         let recorded = recorded
