@@ -218,7 +218,7 @@ fn management_addr() -> String {
 
 /// One request to the management API over plain HTTP/1.0 (so the body is never chunked), as
 /// guest: the status and the body.
-async fn management(method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+pub async fn management(method: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let addr = management_addr();
     let mut stream = TcpStream::connect(&addr)
         .await
@@ -375,7 +375,7 @@ impl Drop for MaxMessageSize {
 }
 
 fn rabbitmqctl_eval(expr: &str) -> anyhow::Result<String> {
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = crate::rabbitmqctl()
         .args(["eval", expr])
         .output()
         .context("runs rabbitmqctl")?;

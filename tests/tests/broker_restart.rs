@@ -10,7 +10,7 @@ use rota_tests::{System, free_addrs, http_get, probe_until, within};
 use serde_json::json;
 
 fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("rabbitmqctl")
+    let status = rota_tests::rabbitmqctl()
         .args(args)
         .status()
         .expect("rabbitmqctl runs");

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
 
 /// API groups of custom resources, which the schemas do not cover: checked for shape here.
-const CUSTOM_GROUPS: [&str; 1] = ["keda.sh"];
+const CUSTOM_GROUPS: [&str; 2] = ["keda.sh", "rabbitmq.com"];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -233,6 +233,46 @@ fn every_component_is_used_by_an_overlay() {
                 dir.display()
             );
         }
+    }
+}
+
+#[test]
+fn production_runs_a_three_node_rabbitmq_cluster_with_quorum_queues() {
+    let prod = rendered("overlays/production");
+    let cluster = prod
+        .find("RabbitmqCluster", "rabbitmq")
+        .expect("a RabbitmqCluster named rabbitmq");
+    assert_eq!(cluster["spec"]["replicas"], 3, "{}", describe(cluster));
+    let conf = text_at(cluster, &["spec", "rabbitmq", "additionalConfig"]).expect("its config");
+    let dev =
+        rendered("overlays/dev").generated("ConfigMap", "rabbitmq-config")["data"]["10-rota.conf"]
+            .as_str()
+            .expect("10-rota.conf");
+    let timeout = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("consumer_timeout"))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        timeout(conf.trim_start()),
+        timeout(dev),
+        "the same consumer_timeout as the dev RabbitMQ"
+    );
+    assert!(
+        conf.contains("deprecated_features.permit.global_qos = false"),
+        "{conf}"
+    );
+    assert!(
+        prod.find("StatefulSet", "rabbitmq").is_none(),
+        "not the dev RabbitMQ too"
+    );
+    for name in ["scheduler", "pool-agent"] {
+        let container = &prod.statefulset(name)["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            env(container, "ROTA_QUEUE_TYPE")["value"],
+            "quorum",
+            "{name}"
+        );
     }
 }
 
