@@ -19,7 +19,7 @@ failed=()
 suite() {
   local broker="$1"; shift
   printf '\n=== the test suite on %s ===\n\n' "$broker" >&2
-  if env "$@" cargo test --workspace --locked "${args[@]}"; then
+  if env "$@" cargo test --workspace --locked --no-fail-fast "${args[@]}"; then
     printf '\n=== passed on %s ===\n' "$broker" >&2
   else
     printf '\n=== FAILED on %s ===\n' "$broker" >&2

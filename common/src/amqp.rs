@@ -686,6 +686,9 @@ struct Inner {
     urls: Vec<String>,
     /// Which of them to try first: the one connected to, or the next after it failed.
     node: AtomicUsize,
+    /// Each node's RabbitMQ major version, read at the first connection to it (and kept: a
+    /// node upgraded meanwhile leaves this part as it started).
+    majors: Mutex<Vec<Option<u32>>>,
     display_url: String,
     name: String,
     /// What is declared, and declared again on every new connection.
@@ -750,6 +753,7 @@ impl Broker {
         let inner = Arc::new(Inner {
             urls: urls.iter().map(|u| with_defaults(u)).collect(),
             node: AtomicUsize::new(0),
+            majors: Mutex::new(vec![None; urls.len()]),
             display_url: urls.iter().map(|u| redact(u)).collect::<Vec<_>>().join(","),
             name: name.to_owned(),
             topology: Mutex::new(topology),
@@ -779,7 +783,8 @@ impl Broker {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(url = %broker.inner.display_url, error = %e, retry_in_ms = delay.as_millis() as u64,
-                        "cannot reach RabbitMQ; retrying (start it, or check --amqp-url)");
+                        "cannot connect to RabbitMQ, or declare Rota's exchanges and queues there; \
+                         retrying (start it, check --amqp-url, or see the error)");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -1045,7 +1050,7 @@ impl Broker {
         let mut failed = None;
         for at in (first..first + n).map(|i| i % n) {
             let url = &self.inner.urls[at];
-            match self.open_at(url).await {
+            match self.open_at(at).await {
                 Ok(live) => {
                     self.inner.node.store(at, Ordering::SeqCst);
                     if n > 1 {
@@ -1064,14 +1069,24 @@ impl Broker {
         Err(failed.unwrap_or_else(|| BrokerError::NotConnected(self.inner.display_url.clone())))
     }
 
-    /// One connection attempt to one node: connect, declare, open channels, restore consumers.
-    async fn open_at(&self, url: &str) -> Result<Arc<Live>, BrokerError> {
-        let major = match announced_major(url).await {
+    /// One connection attempt to node `at`: connect, declare, open channels, restore consumers.
+    async fn open_at(&self, at: usize) -> Result<Arc<Live>, BrokerError> {
+        let url = &self.inner.urls[at];
+        let known = self.inner.majors.lock().ok().and_then(|m| m[at]);
+        let major = match known {
             Some(major) => major,
-            None => {
-                tracing::debug!(node = %redact(url), "cannot read the RabbitMQ version (amqps://?); taking it for 4");
-                4
-            }
+            None => match announced_major(url).await {
+                Some(major) => {
+                    if let Ok(mut m) = self.inner.majors.lock() {
+                        m[at] = Some(major);
+                    }
+                    major
+                }
+                None => {
+                    tracing::debug!(node = %redact(url), "cannot read the RabbitMQ version (amqps://, or no answer); taking it for 4");
+                    4
+                }
+            },
         };
         let props =
             ConnectionProperties::default().with_connection_name(self.inner.name.as_str().into());
@@ -1466,6 +1481,17 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefetch_is_shared_or_split_to_add_up_to_itself() {
+        assert_eq!(prefetch_shares(4, 2, true), Ok(None));
+        assert_eq!(prefetch_shares(4, 1, true), Ok(Some(vec![4])));
+        assert_eq!(prefetch_shares(4, 2, false), Ok(Some(vec![2, 2])));
+        assert_eq!(prefetch_shares(5, 3, false), Ok(Some(vec![2, 2, 1])));
+        assert_eq!(prefetch_shares(0, 2, false), Ok(Some(vec![0, 0])));
+        let refused = prefetch_shares(1, 2, false).expect_err("one delivery for two queues");
+        assert!(refused.contains("--pool-max-size"), "{refused}");
+    }
 
     #[test]
     fn urls_get_the_defaults_and_hide_their_password() {

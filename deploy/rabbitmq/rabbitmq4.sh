@@ -16,6 +16,7 @@
 #                                         #   PORT+10000+i) and NAME-epmd; prints their URLs,
 #                                         #   separated by commas (ROTA_AMQP_URL)
 #   deploy/rabbitmq/rabbitmq4.sh cluster-down NAME   # removes them
+#   deploy/rabbitmq/rabbitmq4.sh node-up NAME-i      # starts a killed node again
 #
 # Environment: DEBIAN_MIRROR (default: the first one in /etc/apt, else deb.debian.org).
 # The first build takes about a minute; needs root (debootstrap) and a Docker engine.
@@ -111,6 +112,32 @@ await_node() {
   die "$1 did not start within 2 minutes; see docker logs $1"
 }
 
+# Starts RabbitMQ in node container $1 (its VM runs), again if it fails: a node joining a
+# cluster, or rejoining it, may check whether a refused deprecated feature is in use before
+# its tables have arrived from its peers, take that for "in use" and stop
+# (failed_to_deny_deprecated_features, RabbitMQ 4.0.5); a later start finds them.
+start_app() {
+  for _ in $(seq 1 20); do
+    docker exec "$1" rabbitmqctl -q start_app >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  die "RabbitMQ did not start in $1; see docker logs $1"
+}
+
+# Starts killed node container $1 again on its data, and waits until it runs.
+node_up() {
+  for _ in 1 2 3; do
+    docker start "$1" >/dev/null
+    for _ in $(seq 1 120); do
+      docker exec "$1" rabbitmqctl -q await_startup >/dev/null 2>&1 && return 0
+      docker inspect -f '{{.State.Running}}' "$1" 2>/dev/null | grep -q true || break
+      sleep 1
+    done
+    say "$1 stopped while starting (see docker logs $1); starting it again"
+  done
+  die "$1 did not start again; see docker logs $1"
+}
+
 # A three-node cluster on this host's network: one epmd of its own (in a container, so that
 # it outlives any node), three nodes with a shared Erlang cookie, joined to the first.
 cluster() {
@@ -142,7 +169,7 @@ cluster() {
     docker exec "$name-$i" rabbitmqctl -q stop_app >/dev/null
     docker exec "$name-$i" rabbitmqctl -q join_cluster "$name-1@localhost" >/dev/null ||
       die "$name-$i could not join $name-1; see docker logs $name-$i"
-    docker exec "$name-$i" rabbitmqctl -q start_app >/dev/null
+    start_app "$name-$i"
   done
   say "cluster $name is up: nodes $name-1..3 on ports $((port + 1))-$((port + 3))"
   (IFS=,; echo "${urls[*]}")
@@ -159,6 +186,6 @@ case "${1:-start}" in
   stop) docker rm -f "$container" >/dev/null 2>&1 || true ;;
   cluster) cluster "${2:-}" "${3:-}" ;;
   cluster-down) [[ -n "${2:-}" ]] || die "usage: rabbitmq4.sh cluster-down NAME"; cluster_down "$2" ;;
-  node-up) await_node "${2:?usage: rabbitmq4.sh node-up CONTAINER}" ;;
+  node-up) node_up "${2:?usage: rabbitmq4.sh node-up CONTAINER}" ;;
   *) die "unknown command ${1}; say image, stop, cluster, cluster-down, node-up, or nothing to start the node" ;;
 esac

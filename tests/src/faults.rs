@@ -253,23 +253,33 @@ pub struct BrokerConnection {
     pub client_name: String,
 }
 
-/// The broker's client connections.
+/// The broker's client connections, from `rabbitmqctl list_connections` (the management API
+/// lists no client properties where RabbitMQ 4 refuses `management_metrics_collection`).
 pub async fn broker_connections() -> anyhow::Result<Vec<BrokerConnection>> {
-    let (status, body) = management(
-        "GET",
-        "/api/connections?columns=name,user_provided_name,client_properties",
-    )
-    .await?;
-    if status != 200 {
-        bail!("GET /api/connections answered {status}: {body}");
+    let out = tokio::task::spawn_blocking(|| {
+        crate::rabbitmqctl()
+            .args(["-q", "list_connections", "name", "client_properties"])
+            .args(["--formatter", "json"])
+            .output()
+    })
+    .await?
+    .context("runs rabbitmqctl list_connections")?;
+    if !out.status.success() {
+        bail!(
+            "rabbitmqctl list_connections: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let list: Vec<Value> = serde_json::from_str(&body).context("the connections list")?;
+    let list: Vec<Value> = serde_json::from_slice(&out.stdout).context("the connections list")?;
     Ok(list
         .iter()
         .filter_map(|c| {
-            let client_name = c["user_provided_name"]
-                .as_str()
-                .or_else(|| c["client_properties"]["connection_name"].as_str())?;
+            // [["connection_name", "longstr", "rota pool-agent …"], …]
+            let client_name = c["client_properties"]
+                .as_array()?
+                .iter()
+                .find(|p| p[0] == "connection_name")?[2]
+                .as_str()?;
             Some(BrokerConnection {
                 name: c["name"].as_str()?.to_owned(),
                 client_name: client_name.to_owned(),

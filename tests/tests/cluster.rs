@@ -35,11 +35,13 @@ impl Cluster {
             .args(["cluster", name, &port.to_string()])
             .output()
             .expect("rabbitmq4.sh runs");
-        assert!(
-            out.status.success(),
-            "the cluster did not start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            let _ = Command::new(script()).args(["cluster-down", name]).status();
+            panic!(
+                "the cluster did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let urls: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .trim()
             .split(',')
@@ -76,7 +78,6 @@ impl Cluster {
 
     /// Starts node `node` again on its data, and waits until it runs (it rejoins by itself).
     fn start(&self, node: usize) {
-        self.docker("start", node);
         let ok = Command::new(script())
             .args(["node-up", &format!("{}-{node}", self.name)])
             .status()

@@ -309,6 +309,7 @@ fn keda_problems(r: &Rendered) -> Vec<String> {
         check(match doc["kind"].as_str() {
             Some("ScaledObject") => scaled_object_problems(r, doc),
             Some("TriggerAuthentication") => trigger_authentication_problems(r, doc),
+            Some("RabbitmqCluster") => rabbitmq_cluster_problems(doc),
             _ => Err(format!(
                 "{} ({}) has no shape check: add one to tests/tests/kubernetes.rs",
                 describe(doc),
@@ -317,6 +318,21 @@ fn keda_problems(r: &Rendered) -> Vec<String> {
         });
     }
     problems
+}
+
+/// What the RabbitMQ Cluster Operator needs of a `RabbitmqCluster`, and a size that keeps a
+/// majority of a quorum queue's replicas through the loss of a node.
+fn rabbitmq_cluster_problems(cluster: &Value) -> Result<(), String> {
+    let me = describe(cluster);
+    if cluster["apiVersion"] != "rabbitmq.com/v1beta1" {
+        return Err(format!("{me} is not rabbitmq.com/v1beta1"));
+    }
+    match cluster["spec"]["replicas"].as_u64() {
+        Some(n) if n >= 3 && n % 2 == 1 => Ok(()),
+        other => Err(format!(
+            "{me} has {other:?} replicas: 3, 5 or 7 keep a quorum through a node's loss"
+        )),
+    }
 }
 
 fn scaled_object_problems(r: &Rendered, so: &Value) -> Result<(), String> {
