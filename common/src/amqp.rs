@@ -1230,6 +1230,21 @@ async fn start_consumer(
     let shares =
         prefetch_shares(sub.spec.prefetch, queues.len(), global).map_err(BrokerError::Protocol)?;
     let ch = live.conn.create_channel().await?;
+    if sub.spec.exclusive {
+        // Quorum queues accept a second "exclusive" consumer: an exclusive queue named after
+        // the queue, which only one connection can hold, keeps the others out instead.
+        for queue in queues.iter().filter(|q| topology.is_quorum(q, live.major)) {
+            let opts = QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            };
+            let lock = format!("{queue}.exclusive");
+            ch.queue_declare(lock.as_str().into(), opts, FieldTable::default())
+                .await
+                .map_err(|e| refusal(e, queue))?;
+        }
+    }
     if shares.is_none() {
         // global = true: RabbitMQ 3 then shares the prefetch among the channel's consumers.
         ch.basic_qos(sub.spec.prefetch, BasicQosOptions { global: true })
@@ -1283,19 +1298,22 @@ async fn consume_one(
         FieldTable::default(),
     )
     .await
-    .map_err(|e| {
-        let text = e.to_string();
-        if text.contains("ACCESS_REFUSED")
-            || text.contains("RESOURCE_LOCKED")
-            || text.contains("exclusive")
-        {
-            BrokerError::Locked {
-                queue: queue.to_owned(),
-            }
-        } else {
-            BrokerError::Protocol(text)
+    .map_err(|e| refusal(e, queue))
+}
+
+/// [`BrokerError::Locked`] when RabbitMQ refused `queue` because another connection holds it.
+fn refusal(e: lapin::Error, queue: &str) -> BrokerError {
+    let text = e.to_string();
+    if text.contains("ACCESS_REFUSED")
+        || text.contains("RESOURCE_LOCKED")
+        || text.contains("exclusive")
+    {
+        BrokerError::Locked {
+            queue: queue.to_owned(),
         }
-    })
+    } else {
+        BrokerError::Protocol(text)
+    }
 }
 
 /// Moves one queue's deliveries into its subscription, and starts its consumer again when
