@@ -291,13 +291,9 @@ impl Topology {
                     "queue {:?} exists as a {other} queue, and this part declares it a {kind} queue \
                      (--queue-type {}; auto means quorum on RabbitMQ 4 and later): run every part with \
                      --queue-type {other} (ROTA_QUEUE_TYPE) to keep the queue, or move its jobs to a new \
-                     queue (README: RabbitMQ 4 and clusters). RabbitMQ said: {text}",
+                     queue (README: RabbitMQ 3, RabbitMQ 4 and clusters). RabbitMQ said: {text}",
                     q.name,
-                    match q.queue_type {
-                        QueueType::Auto => "auto",
-                        QueueType::Classic => "classic",
-                        QueueType::Quorum => "quorum",
-                    },
+                    q.queue_type.as_str(),
                 )));
             }
         }

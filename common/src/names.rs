@@ -18,6 +18,15 @@ pub enum QueueType {
 }
 
 impl QueueType {
+    /// Its name on the command line (`--queue-type`) and in ROTA_QUEUE_TYPE.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Auto => "auto",
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+
     /// Whether queues of this kind are quorum queues on a broker of major version `major`.
     pub fn is_quorum_on(self, major: u32) -> bool {
         match self {

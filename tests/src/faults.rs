@@ -289,8 +289,9 @@ pub async fn broker_connections() -> anyhow::Result<Vec<BrokerConnection>> {
 }
 
 /// The broker closes the connection of the part whose process is `pid` (its name is
-/// `rota <part> … pid <pid>)`), as a failover or an operator does. Waits until the broker
-/// lists it, then closes it; returns how many were closed.
+/// `rota <part> … pid <pid>)`), as a failover or an operator does (`DELETE
+/// /api/connections/…`). Waits until the broker lists it and closes it; returns how many were
+/// closed.
 pub async fn close_connection_of(pid: u32) -> usize {
     let suffix = format!("pid {pid})");
     within(
@@ -321,7 +322,11 @@ pub async fn close_connection_of(pid: u32) -> usize {
                         closed += 1;
                     }
                 }
-                return closed;
+                // RabbitMQ 3's management API knows a connection only once its statistics
+                // arrive (every 5 s), after rabbitmqctl lists it: until then, try again.
+                if closed > 0 {
+                    return closed;
+                }
             }
         },
     )

@@ -90,11 +90,7 @@ impl System {
 
     /// The value of ROTA_QUEUE_TYPE for the parts.
     fn queue_type(&self) -> &'static str {
-        match self.names.jobs_queue_type() {
-            QueueType::Auto => "auto",
-            QueueType::Classic => "classic",
-            QueueType::Quorum => "quorum",
-        }
+        self.names.jobs_queue_type().as_str()
     }
 
     pub fn data_dir(&self) -> PathBuf {
