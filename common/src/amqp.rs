@@ -39,7 +39,7 @@ use crate::names::QueueType;
 pub const DELIVERY_LIMIT: u32 = 20;
 
 /// What went wrong talking to the broker, by what the caller should do next.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// No connection (yet): try again later; the broker heals itself.
     #[error("not connected to RabbitMQ at {0}")]

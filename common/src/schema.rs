@@ -6,7 +6,9 @@
 use schemars::{JsonSchema, schema_for};
 use serde_json::Value;
 
-use crate::wire::{AgentMessage, Event, Heartbeat, Job, JobResult, RpcReply, RpcRequest};
+use crate::wire::{
+    AgentMessage, Event, Heartbeat, Job, JobResult, ResultsMessage, RpcReply, RpcRequest,
+};
 
 /// Each message of the contract: its file name (without `.json`) and its schema.
 pub fn all() -> Vec<(&'static str, Value)> {
@@ -16,6 +18,7 @@ pub fn all() -> Vec<(&'static str, Value)> {
     vec![
         ("job", schema::<Job>()),
         ("result", schema::<JobResult>()),
+        ("results-message", schema::<ResultsMessage>()),
         ("event", schema::<Event>()),
         ("heartbeat", schema::<Heartbeat>()),
         ("agent-message", schema::<AgentMessage>()),
@@ -65,5 +68,26 @@ mod tests {
         ] {
             assert!(!v.is_valid(&bad), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn the_results_queue_takes_one_result_or_a_group() {
+        let (_, schema) = super::all()
+            .into_iter()
+            .find(|(name, _)| *name == "results-message")
+            .expect("the schema");
+        let v = jsonschema::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .expect("a valid schema");
+        let uuid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        let result = serde_json::json!({"uuid": uuid, "attempt": 1, "type": "demo.echo",
+            "agent": "a1", "worker": "w", "status": "succeeded",
+            "started_at": "2026-11-29T12:00:00Z", "finished_at": "2026-11-29T12:00:00Z",
+            "job": {"type": "demo.echo", "uuid": uuid}});
+        assert!(v.is_valid(&result));
+        assert!(v.is_valid(&serde_json::json!([result, result])));
+        assert!(!v.is_valid(&serde_json::json!([result, {"uuid": uuid}])));
+        assert!(!v.is_valid(&serde_json::json!({"uuid": uuid})));
     }
 }

@@ -416,6 +416,19 @@ impl JobResult {
     }
 }
 
+/// A message on the results queue: one result, or a group of results that an agent sends
+/// together (a JSON array) when several finished while its last message was being confirmed.
+/// Only the scheduler reads this queue; the type exists for the JSON Schema.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ResultsMessage {
+    One(Box<JobResult>),
+    Group(Vec<JobResult>),
+}
+
+/// The most results one message on the results queue may carry.
+pub const MAX_RESULT_GROUP: usize = 512;
+
 /// Messages to one pool agent on its own queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -34,6 +34,7 @@ use crate::metrics::AgentMetrics;
 use crate::outbox::Outbox;
 use crate::pool::{Pool, WorkerSpec};
 use crate::process::ProcessSpec;
+use crate::results::Results;
 
 /// Runs a pool agent until `shutdown` is cancelled, then stops taking jobs, lets running ones
 /// finish (for up to `--shutdown-grace`), hands back the rest, and returns.
@@ -142,13 +143,19 @@ pub async fn run(
             )
         })?;
     }
+    let results = Results::start(
+        broker.clone(),
+        names.results(),
+        agent_queue,
+        metrics.clone(),
+    );
     let agent = Arc::new(Agent {
         id: id.clone(),
-        agent_queue,
         work_root,
         job_dir_owner,
         names: names.clone(),
         broker: broker.clone(),
+        results,
         outbox,
         pool,
         aliases,
@@ -299,7 +306,6 @@ async fn docker_engine(
 
 struct Agent {
     id: AgentId,
-    agent_queue: String,
     /// Where each job's working folder is made.
     work_root: PathBuf,
     /// Who gets each job's folder (`docker` workers run as another user).
@@ -307,6 +313,8 @@ struct Agent {
     names: Names,
     broker: Broker,
     outbox: Outbox,
+    /// Publishes results, several in one message when several wait.
+    results: Results,
     pool: Pool,
     aliases: Arc<Aliases>,
     /// Jobs held now (received, not yet acked), by job id and attempt.
@@ -716,22 +724,9 @@ impl Agent {
     /// times, then replaced by a failed result that says why.
     async fn send(&self, result: &Sealed) {
         let key = result.key();
-        // Transient: the outbox is the result's durable copy until the receipt, and every
-        // reconnect sends again what is not receipted (a broker restart drops transient
-        // messages and closes the connection). RabbitMQ then keeps it off its disk.
-        let props = Props {
-            message_id: Some(format!("{}/{}", result.uuid, result.attempt)),
-            reply_to: Some(self.agent_queue.clone()),
-            transient: true,
-            ..Props::default()
-        };
         let mut refusals = 0;
         let refused = loop {
-            let sent = self
-                .broker
-                .publish("", &self.names.results(), &result.body, &props)
-                .await;
-            match sent {
+            match self.results.send(result).await {
                 Ok(()) => {
                     // The receipt may have come before the confirm: then it is settled.
                     if self.receipted.lock().is_ok_and(|r| r.contains(&key)) {

@@ -4,7 +4,8 @@
 //!
 //! The path of one job: [`intake`] reads and checks the delivery (dead-lettering what cannot
 //! run), [`agent`] runs it on a worker from the [`pool`], stores the result in the
-//! [`outbox`], acks, and sends the result; the receipt deletes it from the outbox.
+//! [`outbox`], acks, and sends the result (several at once when several wait: [`results`]);
+//! the receipt deletes it from the outbox.
 
 mod agent;
 pub mod config;
@@ -15,6 +16,7 @@ mod metrics;
 pub mod outbox;
 pub mod pool;
 pub mod process;
+mod results;
 
 pub use agent::run;
 pub use config::AgentConfig;

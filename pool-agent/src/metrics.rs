@@ -29,6 +29,10 @@ pub struct AgentMetrics {
     pub jobs: JobCounter,
     dead_lettered: Family<Reason, Counter>,
     dropped: Family<Dropped, Counter>,
+    /// Results RabbitMQ confirmed, and the messages that carried them (a busy agent sends
+    /// several results in one message).
+    pub results_sent: Counter,
+    pub result_messages_sent: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,11 +62,25 @@ impl AgentMetrics {
             "Messages this agent received and could not use (logged, then dropped), by input and reason",
             dropped.clone(),
         );
+        let results_sent = Counter::default();
+        shared.register(
+            "results_sent",
+            "Results sent to the scheduler and confirmed by RabbitMQ (resends included)",
+            results_sent.clone(),
+        );
+        let result_messages_sent = Counter::default();
+        shared.register(
+            "result_messages_sent",
+            "Messages that carried them: one result each, or a group when several were waiting",
+            result_messages_sent.clone(),
+        );
         Self {
             shared,
             jobs,
             dead_lettered,
             dropped,
+            results_sent,
+            result_messages_sent,
         }
     }
 

@@ -7,7 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use rota_common::metrics::Metrics;
-use rota_common::wire::{Event, EventKind, Heartbeat, JobResult, RpcRequest};
+use rota_common::wire::{Event, EventKind, Heartbeat, JobResult, MAX_RESULT_GROUP, RpcRequest};
 use serde::de::DeserializeOwned;
 
 /// The largest heartbeat read: a real one is a few KiB (its running list is bounded by the
@@ -117,21 +117,83 @@ fn json<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Refused> {
 /// job that was refused), but it must be about the job it names.
 pub fn result(body: &[u8]) -> Result<JobResult, Refused> {
     let result: JobResult = json(body, "result")?;
+    check_result(&result)?;
+    Ok(result)
+}
+
+fn check_result(result: &JobResult) -> Result<(), Refused> {
     result
         .check()
         .map_err(|e| Refused::new(Reason::Invalid, e))?;
-    if let Some(uuid) = result.job.uuid
-        && uuid != result.uuid
-    {
-        return Err(Refused::new(
+    match result.job.uuid {
+        Some(uuid) if uuid != result.uuid => Err(Refused::new(
             Reason::Invalid,
             format!(
                 "the result names job {} but carries job {uuid}",
                 result.uuid
             ),
-        ));
+        )),
+        _ => Ok(()),
     }
-    Ok(result)
+}
+
+/// An entry of a group of results that is not taken: why, and its JSON (to dead-letter it
+/// alone while the rest of its group is recorded).
+pub struct RefusedEntry {
+    pub refused: Refused,
+    pub body: Vec<u8>,
+}
+
+/// A message on the results queue: one result, or a group of them (a JSON array of at most
+/// [`MAX_RESULT_GROUP`]). The message is refused as a whole when it cannot be read at all;
+/// a bad entry of a readable group is refused alone.
+pub fn results(body: &[u8]) -> Result<Vec<Result<JobResult, RefusedEntry>>, Refused> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
+        return result(body).map(|r| vec![Ok(r)]);
+    }
+    let too_many = |n: usize| {
+        Refused::new(
+            Reason::TooLarge,
+            format!("a group of {n} results; at most {MAX_RESULT_GROUP}"),
+        )
+    };
+    let empty = || Refused::new(Reason::Unreadable, "not a valid result: an empty group");
+    // Read as results at once, as agents send them; entry by entry only when that fails.
+    if let Ok(group) = serde_json::from_slice::<Vec<JobResult>>(body) {
+        if group.len() > MAX_RESULT_GROUP {
+            return Err(too_many(group.len()));
+        }
+        if group.is_empty() {
+            return Err(empty());
+        }
+        return Ok(group
+            .into_iter()
+            .map(|r| match check_result(&r) {
+                Ok(()) => Ok(r),
+                Err(refused) => Err(RefusedEntry {
+                    refused,
+                    body: serde_json::to_vec(&r).unwrap_or_default(),
+                }),
+            })
+            .collect());
+    }
+    let entries: Vec<serde_json::Value> = json(body, "group of results")?;
+    if entries.len() > MAX_RESULT_GROUP {
+        return Err(too_many(entries.len()));
+    }
+    if entries.is_empty() {
+        return Err(empty());
+    }
+    Ok(entries
+        .into_iter()
+        .map(|entry| {
+            let body = entry.to_string().into_bytes();
+            serde_json::from_value::<JobResult>(entry)
+                .map_err(|e| Refused::new(Reason::Unreadable, format!("not a valid result: {e}")))
+                .and_then(|r| check_result(&r).map(|()| r))
+                .map_err(|refused| RefusedEntry { refused, body })
+        })
+        .collect())
 }
 
 /// A request on the RPC queue (what it asks is checked where it is answered).
@@ -258,5 +320,43 @@ mod tests {
                 .err(),
             Some(Reason::Unreadable)
         );
+    }
+
+    #[test]
+    fn a_group_of_results_refuses_only_its_bad_entries() {
+        let now = "2026-11-29T12:00:00Z";
+        let result = |uuid: uuid::Uuid, attempt: &str| {
+            format!(
+                r#"{{"uuid":"{uuid}","attempt":{attempt},"type":"demo.echo","agent":"a1","worker":"w",
+                "status":"succeeded","started_at":"{now}","finished_at":"{now}",
+                "job":{{"type":"demo.echo","uuid":"{uuid}"}}}}"#
+            )
+        };
+        let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let reasons = |body: String| -> Vec<Option<Reason>> {
+            results(body.as_bytes())
+                .expect("a readable group")
+                .into_iter()
+                .map(|e| e.err().map(|bad| bad.refused.reason))
+                .collect()
+        };
+        let one = results(result(a, "1").as_bytes()).expect("one result");
+        assert!(matches!(one.as_slice(), [Ok(r)] if r.uuid.0 == a));
+        let good = format!(" [{},{}]", result(a, "1"), result(b, "2"));
+        assert_eq!(reasons(good), [None, None]);
+        let invalid = format!("[{},{}]", result(a, "1"), result(b, "4294967295"));
+        assert_eq!(reasons(invalid), [None, Some(Reason::Invalid)]);
+        let garbage = format!("[{}, 7, {{\"uuid\": 1}}]", result(a, "1"));
+        assert_eq!(
+            reasons(garbage),
+            [None, Some(Reason::Unreadable), Some(Reason::Unreadable)]
+        );
+        for bad in [&b"[1,"[..], b"[]", b" [ ] "] {
+            let bad = results(bad).map_err(|e| e.reason).err();
+            assert_eq!(bad, Some(Reason::Unreadable));
+        }
+        let huge = format!("[{}]", vec!["0"; MAX_RESULT_GROUP + 1].join(","));
+        let huge = results(huge.as_bytes()).map_err(|e| e.reason).err();
+        assert_eq!(huge, Some(Reason::TooLarge));
     }
 }

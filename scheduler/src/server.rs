@@ -343,8 +343,22 @@ struct ScheduleLabel {
     schedule: String,
 }
 
-/// A result recorded but not yet durable: its delivery, the result and what recording did.
-type RecordedResult = (Delivery, JobResult, Recorded);
+/// A result recorded but not yet durable: the delivery that brought it (a group of results
+/// shares one), the result and what recording did.
+type RecordedResult = (Arc<Delivery>, JobResult, Recorded);
+
+/// The most bytes of messages recorded in one batch (besides `--results-prefetch / 2`
+/// messages): a message may carry a group of results.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Each delivery once (several results of a group share theirs), in order.
+fn distinct(deliveries: impl IntoIterator<Item = Arc<Delivery>>) -> Vec<Arc<Delivery>> {
+    let mut seen = std::collections::HashSet::new();
+    deliveries
+        .into_iter()
+        .filter(|d| seen.insert(Arc::as_ptr(d)))
+        .collect()
+}
 
 /// How long a submission may take to be confirmed before the periodic pass queues it again.
 const IN_FLIGHT: Duration = Duration::from_secs(30);
@@ -424,14 +438,14 @@ impl Scheduler {
     }
 
     /// Records results in batches: each result in its own transaction on the store's writer
-    /// thread, the events, one flush for the batch, then the folders, receipts (one message
-    /// per agent) and acks. A flush costs the same for one result as for hundreds, so batching is
+    /// thread (a message may bring one result or a group), the events, one flush for the batch,
+    /// then the folders, receipts (one message per agent) and acks. A flush costs the same for one result as for hundreds, so batching is
     /// what makes recording fast; while one batch is flushed and receipted, the next one is
     /// read and recorded. Takes none while the store does not write.
     async fn serve_results(self: Arc<Self>, mut consumer: Consumer, spec: ConsumeSpec) {
         let most = usize::from(spec.prefetch / 2).max(1);
         loop {
-            let mut finishing: Option<tokio::task::JoinHandle<Vec<Delivery>>> = None;
+            let mut finishing: Option<tokio::task::JoinHandle<Vec<Arc<Delivery>>>> = None;
             let unstored = loop {
                 let first = tokio::select! {
                     d = consumer.recv() => d,
@@ -443,10 +457,13 @@ impl Scheduler {
                     }
                     return;
                 };
+                let mut bytes = first.body.len();
                 let mut batch = vec![first];
                 while batch.len() < most
+                    && bytes < BATCH_BYTES
                     && let Some(d) = consumer.try_recv()
                 {
+                    bytes += d.body.len();
                     batch.push(d);
                 }
                 let (recorded, mut unstored) = self.record_batch(batch).await;
@@ -480,11 +497,11 @@ impl Scheduler {
     async fn pause_intake(
         &self,
         mut consumer: Consumer,
-        unstored: Vec<Delivery>,
+        unstored: Vec<Arc<Delivery>>,
         spec: &ConsumeSpec,
     ) -> Option<Consumer> {
         consumer.stop().await;
-        for d in unstored {
+        for d in distinct(unstored) {
             d.requeue().await;
         }
         info!(queues = ?spec.queues, "not consuming until the store writes again");
@@ -589,21 +606,49 @@ impl Scheduler {
 
     /// Records a batch (not yet durable): returns what was recorded and the deliveries it
     /// could not store because the store does not write (not acked: they go back to the queue
-    /// once intake is paused).
-    async fn record_batch(&self, batch: Vec<Delivery>) -> (Vec<RecordedResult>, Vec<Delivery>) {
-        let mut unstored = Vec::new();
-        let mut taken = Vec::with_capacity(batch.len());
+    /// once intake is paused). A bad entry of a group is dead-lettered alone; a delivery
+    /// whose entries were all dead-lettered is acked here, and one whose bad entry could not
+    /// be dead-lettered goes back to its queue whole.
+    async fn record_batch(
+        &self,
+        batch: Vec<Delivery>,
+    ) -> (Vec<RecordedResult>, Vec<Arc<Delivery>>) {
+        /// What becomes of a delivery of the batch.
+        #[derive(PartialEq)]
+        enum Fate {
+            Record,
+            Requeue,
+            Unstored,
+        }
+        let mut deliveries: Vec<(Arc<Delivery>, Fate)> = Vec::with_capacity(batch.len());
+        let mut taken: Vec<(usize, JobResult)> = Vec::with_capacity(batch.len());
         for d in batch {
             if !self.is_writable() {
-                unstored.push(d);
+                deliveries.push((Arc::new(d), Fate::Unstored));
                 continue;
             }
-            match intake::result(&d.body) {
-                Ok(r) => taken.push((d, r)),
-                Err(refused) => self.refuse(d, Input::Result, refused).await,
+            let entries = match intake::results(&d.body) {
+                Ok(entries) => entries,
+                Err(refused) => {
+                    self.refuse(&d, Input::Result, refused).await;
+                    continue;
+                }
+            };
+            let i = deliveries.len();
+            let mut fate = Fate::Record;
+            for entry in entries {
+                match entry {
+                    Ok(r) => taken.push((i, r)),
+                    Err(bad) => {
+                        if !self.refuse_entry(&d, bad).await {
+                            fate = Fate::Requeue;
+                        }
+                    }
+                }
             }
+            deliveries.push((Arc::new(d), fate));
         }
-        let (deliveries, results): (Vec<Delivery>, Vec<JobResult>) = taken.into_iter().unzip();
+        let (owners, results): (Vec<usize>, Vec<JobResult>) = taken.into_iter().unzip();
         let outcomes = self.store.write(move |store| {
             // After a write that failed for want of disk, the rest are not tried.
             let mut failed = false;
@@ -623,31 +668,59 @@ impl Scheduler {
             Err(e) => {
                 error!(error = %e, "cannot record results; they go back to the queue");
                 self.halt(&format!("{e:#}"));
-                unstored.extend(deliveries);
+                let unstored = deliveries.into_iter().map(|(d, _)| d).collect();
                 return (Vec::new(), unstored);
             }
         };
         let mut recorded = Vec::with_capacity(outcomes.len());
-        for (d, (result, outcome)) in deliveries.into_iter().zip(outcomes) {
+        for (i, (result, outcome)) in owners.into_iter().zip(outcomes) {
+            let (d, fate) = &mut deliveries[i];
             match outcome {
-                Some(Ok(r)) => recorded.push((d, result, r)),
+                Some(Ok(r)) => recorded.push((i, result, r)),
                 Some(Err(e)) if self.store_failed(&e) => {
                     warn!(job_id = %result.uuid, error = %e, "cannot record the result; it goes back to the queue");
-                    unstored.push(d);
+                    *fate = Fate::Unstored;
                 }
                 Some(Err(e)) => {
-                    let refused = Refused::new(Reason::Unrecordable, format!("{e:#}"));
-                    self.refuse(d, Input::Result, refused).await;
+                    let bad = intake::RefusedEntry {
+                        refused: Refused::new(Reason::Unrecordable, format!("{e:#}")),
+                        body: serde_json::to_vec(&result).unwrap_or_default(),
+                    };
+                    if !self.refuse_entry(d, bad).await {
+                        *fate = Fate::Requeue;
+                    }
                 }
-                None => unstored.push(d),
+                None => *fate = Fate::Unstored,
             }
         }
+        let mut settled_here = vec![true; deliveries.len()];
+        for (i, _, _) in &recorded {
+            settled_here[*i] = deliveries[*i].1 != Fate::Record;
+        }
+        let mut unstored = Vec::new();
+        for ((d, fate), here) in deliveries.iter().zip(settled_here) {
+            match fate {
+                Fate::Unstored => unstored.push(d.clone()),
+                Fate::Requeue => {
+                    d.requeue().await;
+                }
+                Fate::Record if here => {
+                    d.ack().await; // every entry was dead-lettered
+                }
+                Fate::Record => {}
+            }
+        }
+        let recorded = recorded
+            .into_iter()
+            .filter(|(i, _, _)| deliveries[*i].1 == Fate::Record)
+            .map(|(i, result, r)| (deliveries[i].0.clone(), result, r))
+            .collect();
         (recorded, unstored)
     }
 
     /// Announces a recorded batch, makes it durable, then writes its folders, receipts it and
     /// acks it. Returns the deliveries whose results the flush did not make durable.
-    async fn finish_batch(self: Arc<Self>, recorded: Vec<RecordedResult>) -> Vec<Delivery> {
+    async fn finish_batch(self: Arc<Self>, recorded: Vec<RecordedResult>) -> Vec<Arc<Delivery>> {
         if recorded.is_empty() {
             return Vec::new();
         }
@@ -672,7 +745,7 @@ impl Scheduler {
         if let Err(e) = self.store.flush().await {
             error!(error = %e, "cannot flush the store; the results go back to the queue");
             self.store_failed(&e);
-            return recorded.into_iter().map(|(d, _, _)| d).collect();
+            return distinct(recorded.into_iter().map(|(d, _, _)| d));
         }
         self.write_folders(&recorded).await;
         self.receipt_and_ack(&recorded).await;
@@ -728,13 +801,12 @@ impl Scheduler {
     /// the other way round, the agent would wait for a receipt that never comes.
     async fn receipt_and_ack(&self, recorded: &[RecordedResult]) {
         let mut by_agent: BTreeMap<&str, Vec<&RecordedResult>> = BTreeMap::new();
-        let mut settle = Vec::with_capacity(recorded.len());
         for r in recorded {
-            match r.0.reply_to.as_deref() {
-                Some(reply_to) => by_agent.entry(reply_to).or_default().push(r),
-                None => settle.push((&r.0, true)),
+            if let Some(reply_to) = r.0.reply_to.as_deref() {
+                by_agent.entry(reply_to).or_default().push(r);
             }
         }
+        let mut unsent = std::collections::HashSet::new();
         for (reply_to, results) in by_agent {
             for chunk in results.chunks(MAX_RECEIPTS) {
                 let runs = chunk
@@ -744,15 +816,22 @@ impl Scheduler {
                         attempt: result.attempt,
                     })
                     .collect();
-                let sent = self.receipt(reply_to, runs).await;
-                settle.extend(chunk.iter().map(|(d, _, _)| (d, sent)));
+                if !self.receipt(reply_to, runs).await {
+                    unsent.extend(chunk.iter().map(|(d, _, _)| Arc::as_ptr(d) as usize));
+                }
             }
         }
-        let settled = settle.into_iter().map(|(d, sent)| async move {
-            if sent {
-                d.ack().await;
-            } else {
-                d.requeue().await;
+        // Each delivery once (a group's results share one): acked when every receipt of it
+        // left.
+        let deliveries = distinct(recorded.iter().map(|(d, _, _)| d.clone()));
+        let settled = deliveries.into_iter().map(|d| {
+            let sent = !unsent.contains(&(Arc::as_ptr(&d) as usize));
+            async move {
+                if sent {
+                    d.ack().await;
+                } else {
+                    d.requeue().await;
+                }
             }
         });
         futures::future::join_all(settled).await;
@@ -864,7 +943,7 @@ impl Scheduler {
                     message: refused.to_string(),
                 };
                 self.reply(&d, &reply).await;
-                return self.refuse(d, Input::Rpc, refused).await;
+                return self.refuse(&d, Input::Rpc, refused).await;
             }
         };
         let reply = if writes(&request) && !self.is_writable() {
@@ -1431,28 +1510,43 @@ impl Scheduler {
     }
 
     /// A message not taken: counted, and kept in the dead-letter queue with its reason.
-    async fn refuse(&self, d: Delivery, input: Input, refused: Refused) {
+    async fn refuse(&self, d: &Delivery, input: Input, refused: Refused) {
         self.dropped.count(input, refused.reason);
         self.dead_letter(d, &refused.to_string()).await;
     }
 
-    async fn dead_letter(&self, d: Delivery, reason: &str) {
+    async fn dead_letter(&self, d: &Delivery, reason: &str) {
         warn!(reason, queue = %d.routing_key, "unreadable message: it goes to the dead-letter queue");
+        if self.publish_dead(&d.routing_key, &d.body, reason).await {
+            d.ack().await;
+        } else {
+            d.requeue().await;
+        }
+    }
+
+    /// Dead-letters one result of a group (its delivery is settled with the rest); false when
+    /// it could not be, and the delivery should go back to its queue.
+    async fn refuse_entry(&self, d: &Delivery, bad: intake::RefusedEntry) -> bool {
+        self.dropped.count(Input::Result, bad.refused.reason);
+        let reason = bad.refused.to_string();
+        warn!(reason, queue = %d.routing_key, "unreadable result: it goes to the dead-letter queue");
+        self.publish_dead(&d.routing_key, &bad.body, &reason).await
+    }
+
+    async fn publish_dead(&self, key: &str, body: &[u8], reason: &str) -> bool {
         let props = Props {
             headers: vec![("x-rota-reason".into(), reason.into())],
             ..Props::default()
         };
         match self
             .broker
-            .publish(&self.names.dead(), &d.routing_key, &d.body, &props)
+            .publish(&self.names.dead(), key, body, &props)
             .await
         {
-            Ok(()) => {
-                d.ack().await;
-            }
+            Ok(()) => true,
             Err(e) => {
                 error!(error = %e, "cannot dead-letter it; leaving it in its queue");
-                d.requeue().await;
+                false
             }
         }
     }

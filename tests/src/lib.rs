@@ -539,6 +539,30 @@ pub async fn messages_in(queue: &str) -> u32 {
     q.message_count()
 }
 
+/// How many results wait (ready) in the results queue `queue` now: a message carries one
+/// result or a group. Peeks at them over a connection of its own, which gives them back.
+pub async fn results_in(queue: &str) -> usize {
+    use lapin::options::BasicGetOptions;
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut results = 0;
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("basic.get")
+    {
+        results += match serde_json::from_slice::<serde_json::Value>(&m.delivery.data) {
+            Ok(serde_json::Value::Array(group)) => group.len(),
+            _ => 1,
+        };
+    }
+    // Unacked, they go back to the queue with the connection.
+    let _ = conn.close(200, "bye".into()).await;
+    results
+}
+
 /// The processes whose parent is `pid` (from /proc).
 pub fn children_of(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -118,6 +118,62 @@ async fn concurrent_first_publishes_to_a_new_queue_all_land() {
     assert_eq!(messages_in(&sys.names.jobs_queue("other")).await, 200);
 }
 
+/// A busy agent sends several results in one message: 500 queued jobs drained by one agent
+/// are all recorded once, in fewer result messages than results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_agent_sends_its_results_in_groups() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
+    let n = 500;
+    let publishes = (0..n).map(|i| {
+        sys.client
+            .publish_job(Job::new("demo.echo", json!({ "i": i })))
+    });
+    let ids: HashSet<JobId> = futures::future::join_all(publishes)
+        .await
+        .into_iter()
+        .map(|r| r.expect("RabbitMQ confirms the job"))
+        .collect();
+    let [addr] = rota_tests::free_addrs();
+    let _agent = sys.agent("g1", &["--pool-max-size", "16", "--http-addr", &addr]);
+    let mut seen = HashSet::new();
+    within(2 * MINUTE, "500 finished events", async {
+        while seen.len() < n {
+            let e = finished.next().await.expect("events");
+            if ids.contains(&e.uuid) {
+                assert!(seen.insert(e.uuid), "one finished event per job");
+            }
+        }
+    })
+    .await;
+    let jobs = sys.list_all(None).await.expect("list");
+    assert_eq!(jobs.len(), n, "one record per job");
+    assert!(jobs.iter().all(|j| j.attempts.len() == 1));
+    let (_, text) = rota_tests::http_get(&addr, "/metrics")
+        .await
+        .expect("the agent's metrics");
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (results, messages) = (
+        count("rota_results_sent_total"),
+        count("rota_result_messages_sent_total"),
+    );
+    assert!(results >= n as u64, "{results} results sent:\n{text}");
+    assert!(
+        messages < results,
+        "{results} results went in {messages} messages: none in a group"
+    );
+    println!("{results} results in {messages} messages");
+}
+
 /// `scheduler bench`, which the README's figures come from, runs through and prints them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_benchmark_prints_throughput_latency_and_memory() {

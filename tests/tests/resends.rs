@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use rota_tests::wire::{Job, JobId, Role};
-use rota_tests::{System, messages_in, within};
+use rota_tests::{System, results_in, within};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,7 +38,7 @@ async fn results_are_not_piled_up_while_the_scheduler_is_down() {
     })
     .await;
     assert_eq!(
-        messages_in(&sys.names.results()).await,
+        results_in(&sys.names.results()).await,
         5,
         "one copy of each result waits for the scheduler"
     );

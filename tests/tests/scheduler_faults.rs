@@ -9,7 +9,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
-use rota_tests::{System, alive, amqp_url, free_addrs, http_get, messages_in, probe_until, within};
+use rota_tests::{System, alive, amqp_url, free_addrs, http_get, probe_until, results_in, within};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -108,6 +108,15 @@ async fn forged_and_garbage_input_is_counted_and_dead_lettered_and_the_scheduler
         &result_body(at_max, at_max, "4294967295", "failed"),
     )
     .await;
+    // A group of results (as a busy agent sends them) with one bad entry: the good one is
+    // recorded, the bad one dead-lettered alone.
+    let (grouped, bad_entry) = (JobId::random(), JobId::random());
+    let mut group = b"[".to_vec();
+    group.extend(result_body(grouped, grouped, "1", "succeeded"));
+    group.push(b',');
+    group.extend(result_body(bad_entry, bad_entry, "4294967295", "failed"));
+    group.push(b']');
+    publish(&ch, "", &results, &group).await;
     // RPC: garbage and wrong types, without a reply queue.
     let bad_rpc: Vec<&[u8]> = vec![
         b"{not json",
@@ -146,7 +155,7 @@ async fn forged_and_garbage_input_is_counted_and_dead_lettered_and_the_scheduler
         &addr,
         &[
             (dropped("result", "unreadable"), 4),
-            (dropped("result", "invalid"), 2),
+            (dropped("result", "invalid"), 3),
             (dropped("rpc", "unreadable"), 3),
             (dropped("event", "unreadable"), 1),
             (dropped("event", "invalid"), 2),
@@ -168,7 +177,8 @@ async fn forged_and_garbage_input_is_counted_and_dead_lettered_and_the_scheduler
         .await
         .expect("consumes the dead-letter queue");
     let mut reasons = Vec::new();
-    let want = bad_results.len() + 1 + bad_rpc.len();
+    let mut bodies = Vec::new();
+    let want = bad_results.len() + 1 + 1 + bad_rpc.len();
     within(MINUTE, "the dead letters", async {
         while reasons.len() < want {
             use futures::StreamExt;
@@ -178,10 +188,21 @@ async fn forged_and_garbage_input_is_counted_and_dead_lettered_and_the_scheduler
                 Some(AMQPValue::LongString(s)) => reasons.push(s.to_string()),
                 other => panic!("no reason header: {other:?}"),
             }
+            bodies.push(serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null));
             d.ack(BasicAckOptions::default()).await.expect("acks");
         }
     })
     .await;
+    assert!(
+        bodies.iter().any(|b| b["uuid"] == json!(bad_entry)),
+        "the group's bad entry is dead-lettered alone: {bodies:?}"
+    );
+    let record = sys
+        .client
+        .status(grouped)
+        .await
+        .expect("the group's good result");
+    assert_eq!(record.state.to_string(), "succeeded");
     for want in [
         "unreadable: not a valid result",
         "invalid: the result names job",
@@ -303,7 +324,7 @@ async fn a_full_disk_stops_intake_and_the_scheduler_resumes_by_itself() {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tick.tick().await;
-            if messages_in(&sys.names.results()).await >= 5 {
+            if results_in(&sys.names.results()).await >= 5 {
                 return;
             }
         }

@@ -201,7 +201,7 @@ async fn every_message_rota_sends_matches_its_published_schema() {
                     e if e == ns.events() => "event",
                     e if e == ns.heartbeats() => "heartbeat",
                     e if e == ns.control() => "agent-message",
-                    "" if key == ns.results() => "result",
+                    "" if key == ns.results() => "results-message",
                     "" if key == ns.rpc() => "rpc-request",
                     "" if key.starts_with(&ns.agent_queue("")) => "agent-message",
                     "" if key.starts_with(ns.namespace())
@@ -227,7 +227,7 @@ async fn every_message_rota_sends_matches_its_published_schema() {
     );
     for kind in [
         "job",
-        "result",
+        "results-message",
         "event",
         "heartbeat",
         "agent-message",
