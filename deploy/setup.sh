@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes this Debian 12 host ready to run Rota, idempotently: RabbitMQ (with the management UI)
 # installed from Debian's packages and started, unless something already answers on the
-# configured AMQP URL; and a Docker engine for `docker` workers (Debian's docker.io, started
+# configured AMQP URL; RabbitMQ 4 beside it in a container, on ports 5673 and 15673
+# (deploy/rabbitmq/rabbitmq4.sh: the tests run on both); and a Docker engine for `docker` workers (Debian's docker.io, started
 # without bridge networking when none answers); Debian's chromium (for `--chromium-mode
 # local`), debootstrap (to build the Chromium images) and poppler-utils (pdftotext, which the
 # Chromium tests read PDFs with); and the tools the tests run (a Python venv in ./.venv with
@@ -11,6 +12,7 @@
 #
 #   deploy/setup.sh            # what the demo and the tests need
 #   deploy/setup.sh rabbitmq   # only RabbitMQ
+#   deploy/setup.sh rabbitmq4  # only the RabbitMQ 4 node (and the Docker engine it runs on)
 #   deploy/setup.sh chromium   # only Chromium and the tools around it
 #   deploy/setup.sh tools      # only the test tools and the examples' libraries
 #
@@ -76,6 +78,12 @@ setup_rabbitmq() {
   done
   answers "$host" "$port" || die "RabbitMQ did not start within 2 minutes; see /var/log/rabbitmq/"
   say "RabbitMQ is up on $host:$port (management UI on http://127.0.0.1:15672, guest/guest)"
+}
+
+# RabbitMQ 4 in a container beside the host's broker (its image built with debootstrap).
+setup_rabbitmq4() {
+  command -v debootstrap >/dev/null || apt_install debootstrap
+  "$here/rabbitmq/rabbitmq4.sh" start
 }
 
 # A Docker engine: the one that answers (DOCKER_HOST or the local socket), else Debian's,
@@ -151,8 +159,9 @@ setup_chromium() {
 
 case "${1:-all}" in
   rabbitmq) setup_rabbitmq ;;
+  rabbitmq4) setup_docker; setup_rabbitmq4 ;;
   tools) setup_tools ;;
   chromium) setup_chromium ;;
-  all) setup_rabbitmq; setup_docker; setup_chromium; setup_tools ;;
-  *) die "unknown part ${1}; say rabbitmq, chromium or tools, or nothing for everything" ;;
+  all) setup_rabbitmq; setup_docker; setup_chromium; setup_rabbitmq4; setup_tools ;;
+  *) die "unknown part ${1}; say rabbitmq, rabbitmq4, chromium or tools, or nothing for everything" ;;
 esac

@@ -6,9 +6,14 @@
 //! Publishing with [`Broker::publish`] is confirmed and mandatory: it returns only once the
 //! broker has taken responsibility for the message, and fails if no queue would receive it.
 //! [`Broker::notify`] is the cheap, unconfirmed kind, for events and heartbeats.
+//!
+//! The URL may list a cluster's nodes, separated by commas: a connection is made to the first
+//! that answers, and after a failure to the next. What differs between RabbitMQ 3 and 4 is
+//! decided per connection from the version the node announces: the kind of the jobs queues
+//! ([`QueueType::Auto`]) and how a prefetch is shared among several queues.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +30,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Names;
 use crate::backoff::Backoff;
+use crate::names::QueueType;
+
+/// How many times a quorum queue delivers a job again before RabbitMQ 4 dead-letters it
+/// silently (its default `delivery-limit`). Rota does not declare the limit (a queue declared
+/// without it would then refuse the declaration); a pool agent refuses a job delivered this
+/// many times before, with a reason and a `rejected` result, so RabbitMQ never drops it first.
+pub const DELIVERY_LIMIT: u32 = 20;
 
 /// What went wrong talking to the broker, by what the caller should do next.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -85,11 +97,12 @@ pub struct QueueSpec {
     /// Private to this connection and deleted with it.
     pub exclusive: bool,
     pub dead_letter_exchange: Option<String>,
+    /// Priorities 0 to N, for a classic queue (a quorum queue refuses `x-max-priority`).
     pub max_priority: Option<u8>,
     /// Keeps only the newest N messages (older ones are dropped).
     pub max_length: Option<u32>,
-    /// A replicated quorum queue instead of a classic one.
-    pub quorum: bool,
+    /// Classic, or a replicated quorum queue (auto: decided by the broker's version).
+    pub queue_type: QueueType,
 }
 
 impl QueueSpec {
@@ -101,9 +114,19 @@ impl QueueSpec {
             dead_letter_exchange: None,
             max_priority: None,
             max_length: None,
-            quorum: false,
+            queue_type: QueueType::Classic,
         }
     }
+    /// A durable queue of the deployment's kind ([`Names::jobs_queue_type`]): a quorum queue,
+    /// replicated over a cluster's nodes, where the jobs queues are, so that the loss of a node
+    /// stalls nothing; else a classic one.
+    pub fn replicated(name: String, names: &Names) -> Self {
+        Self {
+            queue_type: names.jobs_queue_type(),
+            ..Self::durable(name)
+        }
+    }
+
     pub fn private(name: String) -> Self {
         Self {
             name,
@@ -112,7 +135,7 @@ impl QueueSpec {
             dead_letter_exchange: None,
             max_priority: None,
             max_length: None,
-            quorum: false,
+            queue_type: QueueType::Classic,
         }
     }
 }
@@ -127,10 +150,10 @@ impl Topology {
             .exchange(&names.heartbeats(), ExchangeType::Fanout)
             .exchange(&names.events(), ExchangeType::Topic)
             .exchange(&names.control(), ExchangeType::Fanout)
-            .queue(QueueSpec::durable(names.dead()))
+            .queue(QueueSpec::replicated(names.dead(), names))
             .bind(&names.dead(), &names.dead(), "")
-            .queue(QueueSpec::durable(names.results()))
-            .queue(QueueSpec::durable(names.rpc()));
+            .queue(QueueSpec::replicated(names.results(), names))
+            .queue(QueueSpec::replicated(names.rpc(), names));
         t
     }
 
@@ -138,12 +161,10 @@ impl Topology {
     /// dead-lettering, and priorities when it is a classic queue.
     pub fn jobs_queue(&mut self, names: &Names, queue: &str) -> &mut Self {
         let name = names.jobs_queue(queue);
-        let quorum = names.jobs_queue_type() == crate::names::QueueType::Quorum;
         let spec = QueueSpec {
             dead_letter_exchange: Some(names.dead()),
-            max_priority: (!quorum).then_some(crate::wire::MAX_PRIORITY),
-            quorum,
-            ..QueueSpec::durable(name.clone())
+            max_priority: Some(crate::wire::MAX_PRIORITY),
+            ..QueueSpec::replicated(name.clone(), names)
         };
         self.queue(spec).bind(&name, &names.jobs_exchange(), queue)
     }
@@ -189,7 +210,33 @@ impl Topology {
         }
     }
 
-    async fn declare(&self, ch: &lapin::Channel) -> Result<(), lapin::Error> {
+    /// The part of this topology that makes `queue`: its declaration and bindings.
+    fn of_queue(&self, queue: &str) -> Topology {
+        Topology {
+            exchanges: Vec::new(),
+            queues: self
+                .queues
+                .iter()
+                .filter(|q| q.name == queue)
+                .cloned()
+                .collect(),
+            bindings: self
+                .bindings
+                .iter()
+                .filter(|b| b.0 == queue)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Whether `queue` is a quorum queue on a broker of major version `major`.
+    fn is_quorum(&self, queue: &str, major: u32) -> bool {
+        self.queues
+            .iter()
+            .any(|q| q.name == queue && q.queue_type.is_quorum_on(major))
+    }
+
+    async fn declare(&self, ch: &lapin::Channel, major: u32) -> Result<(), BrokerError> {
         for (name, kind) in &self.exchanges {
             let kind = match kind {
                 ExchangeType::Direct => ExchangeKind::Direct,
@@ -204,6 +251,7 @@ impl Topology {
                 .await?;
         }
         for q in &self.queues {
+            let quorum = q.queue_type.is_quorum_on(major);
             let mut args = FieldTable::default();
             if let Some(dlx) = &q.dead_letter_exchange {
                 args.insert(
@@ -211,13 +259,13 @@ impl Topology {
                     AMQPValue::LongString(dlx.as_str().into()),
                 );
             }
-            if let Some(p) = q.max_priority {
+            if let Some(p) = q.max_priority.filter(|_| !quorum) {
                 args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(p));
             }
             if let Some(n) = q.max_length {
                 args.insert("x-max-length".into(), AMQPValue::LongUInt(n));
             }
-            if q.quorum {
+            if quorum {
                 args.insert(
                     "x-queue-type".into(),
                     AMQPValue::LongString("quorum".into()),
@@ -229,7 +277,25 @@ impl Topology {
                 auto_delete: q.exclusive,
                 ..Default::default()
             };
-            ch.queue_declare(q.name.as_str().into(), opts, args).await?;
+            if let Err(e) = ch.queue_declare(q.name.as_str().into(), opts, args).await {
+                let text = e.to_string();
+                if !text.contains("x-queue-type") {
+                    return Err(e.into());
+                }
+                let (kind, other) = if quorum {
+                    ("quorum", "classic")
+                } else {
+                    ("classic", "quorum")
+                };
+                return Err(BrokerError::Protocol(format!(
+                    "queue {:?} exists as a {other} queue, and this part declares it a {kind} queue \
+                     (--queue-type {}; auto means quorum on RabbitMQ 4 and later): run every part with \
+                     --queue-type {other} (ROTA_QUEUE_TYPE) to keep the queue, or move its jobs to a new \
+                     queue (README: RabbitMQ 3, RabbitMQ 4 and clusters). RabbitMQ said: {text}",
+                    q.name,
+                    q.queue_type.as_str(),
+                )));
+            }
         }
         for (queue, exchange, key) in &self.bindings {
             ch.queue_bind(
@@ -309,15 +375,30 @@ pub struct Delivery {
     pub reply_to: Option<String>,
     /// The headers whose values are strings.
     pub headers: BTreeMap<String, String>,
+    /// How many times a quorum queue delivered this message before (`x-delivery-count`;
+    /// 0 for the first delivery and for classic queues, which do not count).
+    pub delivery_count: u32,
     acker: lapin::Acker,
+    /// Counts this delivery among its consumer's unsettled ones while it lives.
+    _held: HeldGuard,
 }
 
 impl Delivery {
-    fn from_lapin(d: lapin::message::Delivery) -> Self {
+    fn from_lapin(d: lapin::message::Delivery, held: HeldGuard) -> Self {
         let p = &d.properties;
         let mut headers = BTreeMap::new();
+        let mut delivery_count = 0;
         if let Some(table) = p.headers() {
             for (k, v) in table {
+                if k.as_str() == "x-delivery-count" {
+                    delivery_count = match v {
+                        AMQPValue::LongLongInt(n) => u32::try_from(*n).unwrap_or(u32::MAX),
+                        AMQPValue::LongInt(n) => u32::try_from(*n).unwrap_or(u32::MAX),
+                        AMQPValue::LongUInt(n) => *n,
+                        _ => 0,
+                    };
+                    continue;
+                }
                 let text = match v {
                     AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
                     AMQPValue::ShortString(s) => s.as_str().to_owned(),
@@ -332,8 +413,10 @@ impl Delivery {
             correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
             reply_to: p.reply_to().as_ref().map(|s| s.as_str().to_owned()),
             headers,
+            delivery_count,
             body: d.data,
             acker: d.acker,
+            _held: held,
         }
     }
 
@@ -371,17 +454,48 @@ pub struct ConsumeSpec {
     pub queues: Vec<String>,
     /// Shown in the RabbitMQ UI as the consumer tag (suffixed with the queue name).
     pub tag: String,
-    /// How many unacked deliveries this consumer may hold at once.
+    /// How many unacked deliveries this consumer may hold at once, all queues together, on
+    /// every broker (see [`prefetch_shares`]); 0 for no limit.
     pub prefetch: u16,
     /// Refuse to share the queue with any other consumer.
     pub exclusive: bool,
 }
 
+/// How a prefetch of `prefetch` is held to over `queues` queues: None when the channel shares
+/// it (`global`: RabbitMQ 3's global QoS, with classic queues only), else each queue's
+/// consumer's part, adding up to it (RabbitMQ 4 applies a prefetch to each consumer, global
+/// QoS or not: it is deprecated there, and refused by default from 4.3; quorum queues never
+/// shared one). A part needs one delivery at least, so a prefetch smaller than the number of
+/// queues cannot be split.
+pub fn prefetch_shares(
+    prefetch: u16,
+    queues: usize,
+    global: bool,
+) -> Result<Option<Vec<u16>>, String> {
+    if global && queues > 1 {
+        return Ok(None);
+    }
+    let n = u16::try_from(queues).unwrap_or(u16::MAX).max(1);
+    if prefetch == 0 {
+        return Ok(Some(vec![0; queues]));
+    }
+    if prefetch < n {
+        return Err(format!(
+            "a prefetch of {prefetch} cannot be split among {queues} queues (RabbitMQ 4 and quorum \
+             queues apply a prefetch to each queue's consumer, and each needs one delivery at \
+             least): consume at most {prefetch} queues at once (a pool agent: a --pool-max-size at \
+             least its number of --queue)"
+        ));
+    }
+    Ok(Some(
+        (0..n)
+            .map(|i| prefetch / n + u16::from(i < prefetch % n))
+            .collect(),
+    ))
+}
+
 struct Subscription {
     spec: ConsumeSpec,
-    /// The prefetch is shared among the queues (RabbitMQ's global QoS), which quorum queues
-    /// do not support: with one of those each queue gets the whole prefetch.
-    shared_prefetch: bool,
     tx: mpsc::Sender<Delivery>,
     /// Set by [`Consumer::stop`]: do not restore, and an ending stream is not a failure.
     stopped: AtomicBool,
@@ -438,6 +552,33 @@ fn consumer_tag(tag: &str, queue: &str) -> String {
     format!("{tag}@{queue}")
 }
 
+/// The unsettled deliveries of one queue's consumers on one channel: the one that runs, and
+/// those RabbitMQ cancelled before it (their deliveries can still be acked on the channel).
+/// A consumer made again after a cancel leaves room for them in its prefetch.
+#[derive(Debug, Default)]
+struct Held {
+    count: AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+/// One delivery's place in its [`Held`] count, given back when the delivery is dropped.
+#[derive(Debug)]
+struct HeldGuard(Arc<Held>);
+
+impl HeldGuard {
+    fn new(held: &Arc<Held>) -> Self {
+        held.count.fetch_add(1, Ordering::SeqCst);
+        Self(held.clone())
+    }
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.settled.notify_waiters();
+    }
+}
+
 /// Everything one connection attempt built.
 struct Live {
     conn: Connection,
@@ -454,6 +595,8 @@ struct Live {
     lost: CancellationToken,
     /// The broker's own: cancelled by [`Broker::close`], which ends every consumer pump.
     closing: CancellationToken,
+    /// The node's RabbitMQ major version (4 when it cannot be read).
+    major: u32,
 }
 
 /// A channel that is opened again on the same connection when the broker closes it: one
@@ -535,7 +678,13 @@ impl Live {
 }
 
 struct Inner {
-    url: String,
+    /// The nodes' URLs, with the client's defaults.
+    urls: Vec<String>,
+    /// Which of them to try first: the one connected to, or the next after it failed.
+    node: AtomicUsize,
+    /// Each node's RabbitMQ major version, read at the first connection to it (and kept: a
+    /// node upgraded meanwhile leaves this part as it started).
+    majors: Mutex<Vec<Option<u32>>>,
     display_url: String,
     name: String,
     /// What is declared, and declared again on every new connection.
@@ -577,7 +726,8 @@ pub enum Startup {
 }
 
 impl Broker {
-    /// Connects (see [`Startup`]), declares `topology`, and keeps the connection alive until
+    /// Connects (see [`Startup`]) to the first node of `url` that answers (one URL, or several
+    /// separated by commas), declares `topology`, and keeps the connection alive until
     /// [`Broker::close`]. `name` shows in the RabbitMQ UI's connections list.
     pub async fn connect(
         url: &str,
@@ -586,9 +736,21 @@ impl Broker {
         startup: Startup,
     ) -> Result<Broker, BrokerError> {
         let (live, _) = watch::channel(None);
+        let urls: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err(BrokerError::Protocol(
+                "no RabbitMQ URL: set ROTA_AMQP_URL (or --amqp-url), e.g. amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            ));
+        }
         let inner = Arc::new(Inner {
-            url: with_defaults(url),
-            display_url: redact(url),
+            urls: urls.iter().map(|u| with_defaults(u)).collect(),
+            node: AtomicUsize::new(0),
+            majors: Mutex::new(vec![None; urls.len()]),
+            display_url: urls.iter().map(|u| redact(u)).collect::<Vec<_>>().join(","),
             name: name.to_owned(),
             topology: Mutex::new(topology),
             declaring: tokio::sync::Mutex::new(()),
@@ -617,7 +779,8 @@ impl Broker {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(url = %broker.inner.display_url, error = %e, retry_in_ms = delay.as_millis() as u64,
-                        "cannot reach RabbitMQ; retrying (start it, or check --amqp-url)");
+                        "cannot connect to RabbitMQ, or declare Rota's exchanges and queues there; \
+                         retrying (start it, check --amqp-url, or see the error)");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -671,9 +834,9 @@ impl Broker {
             return Ok(());
         }
         let live = self.wait_live().await?;
-        if let Err(e) = extra.declare(&live.plain()?).await {
+        if let Err(e) = extra.declare(&live.plain()?, live.major).await {
             live.heal(&live.plain).await;
-            return Err(e.into());
+            return Err(e);
         }
         if let Ok(mut t) = self.inner.topology.lock() {
             t.merge(&extra);
@@ -724,20 +887,14 @@ impl Broker {
     pub async fn consume(&self, spec: ConsumeSpec) -> Result<Consumer, BrokerError> {
         let capacity = usize::from(spec.prefetch.max(1)) * spec.queues.len().max(1);
         let (tx, rx) = mpsc::channel(capacity);
-        let quorum = self.inner.topology.lock().is_ok_and(|t| {
-            t.queues
-                .iter()
-                .any(|q| q.quorum && spec.queues.contains(&q.name))
-        });
         let sub = Arc::new(Subscription {
-            shared_prefetch: spec.queues.len() > 1 && !quorum,
             spec,
             tx,
             stopped: AtomicBool::new(false),
             channel: Mutex::new(None),
         });
         let live = self.wait_live().await?;
-        start_consumer(&live, &sub).await?;
+        start_consumer(&live, &sub, &self.topology()).await?;
         let weak = Arc::downgrade(&sub);
         if let Ok(mut subs) = self.inner.subs.lock() {
             subs.push(sub);
@@ -873,16 +1030,67 @@ impl Broker {
         }
     }
 
-    /// One connection attempt: connect, declare, open channels, restore consumers.
+    fn topology(&self) -> Topology {
+        self.inner
+            .topology
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default()
+    }
+
+    /// One connection attempt to each node in turn, from the one to try first, until one
+    /// answers.
     async fn open(&self) -> Result<Arc<Live>, BrokerError> {
+        let n = self.inner.urls.len();
+        let first = self.inner.node.load(Ordering::SeqCst);
+        let mut failed = None;
+        for at in (first..first + n).map(|i| i % n) {
+            let url = &self.inner.urls[at];
+            match self.open_at(at).await {
+                Ok(live) => {
+                    self.inner.node.store(at, Ordering::SeqCst);
+                    if n > 1 {
+                        tracing::info!(node = %redact(url), rabbitmq = live.major, "connected to RabbitMQ node {} of {n}", at + 1);
+                    }
+                    return Ok(live);
+                }
+                Err(e) => {
+                    if n > 1 {
+                        tracing::warn!(node = %redact(url), error = %e, "RabbitMQ node {} of {n} does not answer; trying the next", at + 1);
+                    }
+                    failed = Some(e);
+                }
+            }
+        }
+        Err(failed.unwrap_or_else(|| BrokerError::NotConnected(self.inner.display_url.clone())))
+    }
+
+    /// One connection attempt to node `at`: connect, declare, open channels, restore consumers.
+    async fn open_at(&self, at: usize) -> Result<Arc<Live>, BrokerError> {
+        let url = &self.inner.urls[at];
+        let known = self.inner.majors.lock().ok().and_then(|m| m[at]);
+        let major = match known {
+            Some(major) => major,
+            None => match announced_major(url).await {
+                Some(major) => {
+                    if let Ok(mut m) = self.inner.majors.lock() {
+                        m[at] = Some(major);
+                    }
+                    major
+                }
+                None => {
+                    tracing::debug!(node = %redact(url), "cannot read the RabbitMQ version (amqps://, or no answer); taking it for 4");
+                    4
+                }
+            },
+        };
         let props =
             ConnectionProperties::default().with_connection_name(self.inner.name.as_str().into());
-        let conn = tokio::time::timeout(
-            Duration::from_secs(15),
-            Connection::connect(&self.inner.url, props),
-        )
-        .await
-        .map_err(|_| BrokerError::Protocol("connection attempt timed out after 15 s".into()))??;
+        let conn = tokio::time::timeout(Duration::from_secs(15), Connection::connect(url, props))
+            .await
+            .map_err(|_| {
+                BrokerError::Protocol("connection attempt timed out after 15 s".into())
+            })??;
         let lost = CancellationToken::new();
         let mut events = conn.events_listener();
         let on_loss = lost.clone();
@@ -910,14 +1118,9 @@ impl Broker {
             on_loss.cancel();
         });
         let plain = Reopening::open(&conn, false).await?;
-        let topology = self
-            .inner
-            .topology
-            .lock()
-            .map(|t| t.clone())
-            .unwrap_or_default();
+        let topology = self.topology();
         if let Some(ch) = plain.get() {
-            topology.declare(&ch).await?;
+            topology.declare(&ch, major).await?;
         }
         let confirm = Reopening::open(&conn, true).await?;
         let large = Reopening::open(&conn, true).await?;
@@ -928,6 +1131,7 @@ impl Broker {
             plain,
             lost,
             closing: self.inner.closing.clone(),
+            major,
         });
         // The shared channels are opened again as soon as the broker closes one, so that
         // receipts, replies and events do not vanish into a dead channel until someone
@@ -956,7 +1160,7 @@ impl Broker {
             .iter()
             .filter(|s| !s.stopped.load(Ordering::SeqCst) && !s.tx.is_closed())
         {
-            if let Err(e) = start_consumer(&live, sub).await {
+            if let Err(e) = start_consumer(&live, sub, &topology).await {
                 let _ = live.conn.close(200, "retrying".into()).await;
                 return Err(e);
             }
@@ -976,6 +1180,12 @@ impl Broker {
             }
             self.inner.live.send_replace(None);
             let _ = live.conn.close(200, "reconnecting".into()).await;
+            // After a failure, the next node first (the same one when there is only one).
+            let n = self.inner.urls.len();
+            let _ = self
+                .inner
+                .node
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |i| Some((i + 1) % n));
             loop {
                 let delay = backoff.next_delay();
                 tokio::select! {
@@ -1004,79 +1214,196 @@ impl Broker {
     }
 }
 
-/// Opens a channel for `sub` on `live` and pumps its deliveries into the subscription.
-async fn start_consumer(live: &Arc<Live>, sub: &Arc<Subscription>) -> Result<(), BrokerError> {
+/// Opens a channel for `sub` on `live` and pumps its deliveries into the subscription, with
+/// its prefetch held to on this broker (see [`prefetch_shares`]).
+async fn start_consumer(
+    live: &Arc<Live>,
+    sub: &Arc<Subscription>,
+    topology: &Topology,
+) -> Result<(), BrokerError> {
+    let queues = &sub.spec.queues;
+    let global = live.major < 4 && !queues.iter().any(|q| topology.is_quorum(q, live.major));
+    let shares =
+        prefetch_shares(sub.spec.prefetch, queues.len(), global).map_err(BrokerError::Protocol)?;
     let ch = live.conn.create_channel().await?;
-    // global = true: RabbitMQ then shares the prefetch among all consumers of the channel.
-    let global = sub.shared_prefetch;
-    ch.basic_qos(sub.spec.prefetch, BasicQosOptions { global })
-        .await?;
-    for queue in &sub.spec.queues {
-        let opts = BasicConsumeOptions {
-            exclusive: sub.spec.exclusive,
-            ..Default::default()
+    if sub.spec.exclusive {
+        // Quorum queues accept a second "exclusive" consumer: an exclusive queue named after
+        // the queue, which only one connection can hold, keeps the others out instead.
+        for queue in queues.iter().filter(|q| topology.is_quorum(q, live.major)) {
+            let opts = QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            };
+            let lock = format!("{queue}.exclusive");
+            ch.queue_declare(lock.as_str().into(), opts, FieldTable::default())
+                .await
+                .map_err(|e| refusal(e, queue))?;
+        }
+    }
+    if shares.is_none() {
+        // global = true: RabbitMQ 3 then shares the prefetch among the channel's consumers.
+        ch.basic_qos(sub.spec.prefetch, BasicQosOptions { global: true })
+            .await?;
+    }
+    for (i, queue) in queues.iter().enumerate() {
+        let share = shares.as_ref().map(|s| s[i]);
+        let held = Arc::new(Held::default());
+        let consumer = consume_one(&ch, sub, queue, share).await?;
+        let pump = Pump {
+            ch: ch.clone(),
+            sub: sub.clone(),
+            queue: queue.clone(),
+            share,
+            held,
+            topology: topology.of_queue(queue),
+            major: live.major,
+            lost: live.lost.clone(),
+            closing: live.closing.clone(),
         };
-        let tag = consumer_tag(&sub.spec.tag, queue);
-        let consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                opts,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| {
-                let text = e.to_string();
-                if text.contains("ACCESS_REFUSED")
-                    || text.contains("RESOURCE_LOCKED")
-                    || text.contains("exclusive")
-                {
-                    BrokerError::Locked {
-                        queue: queue.clone(),
-                    }
-                } else {
-                    BrokerError::Protocol(text)
-                }
-            })?;
-        let sub = sub.clone();
-        let lost = live.lost.clone();
-        // The pump ends when the broker closes, whatever lapin's stream does then: it holds a
-        // sender, and the Consumer ends only when every sender is gone. A delivery dropped
-        // here goes back to its queue when the connection closes.
-        let closing = live.closing.clone();
-        tokio::spawn(async move {
-            let mut consumer = consumer;
-            loop {
-                let item = tokio::select! {
-                    item = consumer.next() => item,
-                    _ = closing.cancelled() => return,
-                };
-                match item {
-                    Some(Ok(d)) => {
-                        tokio::select! {
-                            sent = sub.tx.send(Delivery::from_lapin(d)) => if sent.is_err() {
-                                return; // the owner is gone; the channel closes with the connection
-                            },
-                            _ = closing.cancelled() => return,
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "consumer stream failed");
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            if !sub.stopped.load(Ordering::SeqCst) {
-                // A consumer ended that nobody stopped: the channel or connection died.
-                lost.cancel();
-            }
-        });
+        tokio::spawn(pump.run(consumer));
     }
     if let Ok(mut slot) = sub.channel.lock() {
         *slot = Some(ch);
     }
     Ok(())
+}
+
+/// Starts one queue's consumer on `ch`, with a prefetch of its own (`share`) unless the
+/// channel's is shared.
+async fn consume_one(
+    ch: &lapin::Channel,
+    sub: &Subscription,
+    queue: &str,
+    share: Option<u16>,
+) -> Result<lapin::Consumer, BrokerError> {
+    if let Some(share) = share {
+        // Applies to the consumers started after it on this channel: this one.
+        ch.basic_qos(share, BasicQosOptions { global: false })
+            .await?;
+    }
+    let opts = BasicConsumeOptions {
+        exclusive: sub.spec.exclusive,
+        ..Default::default()
+    };
+    let tag = consumer_tag(&sub.spec.tag, queue);
+    ch.basic_consume(
+        queue.into(),
+        tag.as_str().into(),
+        opts,
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| refusal(e, queue))
+}
+
+/// [`BrokerError::Locked`] when RabbitMQ refused `queue` because another connection holds it.
+fn refusal(e: lapin::Error, queue: &str) -> BrokerError {
+    let text = e.to_string();
+    if text.contains("ACCESS_REFUSED")
+        || text.contains("RESOURCE_LOCKED")
+        || text.contains("exclusive")
+    {
+        BrokerError::Locked {
+            queue: queue.to_owned(),
+        }
+    } else {
+        BrokerError::Protocol(text)
+    }
+}
+
+/// Moves one queue's deliveries into its subscription, and starts its consumer again when
+/// RabbitMQ cancels it (`basic.cancel`: the queue was deleted, a consumer timeout, its leader
+/// moved), on the same channel, so that what it delivered can still be acked.
+struct Pump {
+    ch: lapin::Channel,
+    sub: Arc<Subscription>,
+    queue: String,
+    share: Option<u16>,
+    held: Arc<Held>,
+    /// The queue's declaration, made again before consuming it again (it may be gone).
+    topology: Topology,
+    major: u32,
+    lost: CancellationToken,
+    closing: CancellationToken,
+}
+
+impl Pump {
+    /// The pump ends when the broker closes, whatever lapin's stream does then: it holds a
+    /// sender, and the Consumer ends only when every sender is gone. A delivery dropped here
+    /// goes back to its queue when the connection closes.
+    async fn run(self, mut consumer: lapin::Consumer) {
+        loop {
+            let item = tokio::select! {
+                item = consumer.next() => item,
+                _ = self.closing.cancelled() => return,
+            };
+            match item {
+                Some(Ok(d)) => {
+                    let d = Delivery::from_lapin(d, HeldGuard::new(&self.held));
+                    tokio::select! {
+                        sent = self.sub.tx.send(d) => if sent.is_err() {
+                            return; // the owner is gone; the channel closes with the connection
+                        },
+                        _ = self.closing.cancelled() => return,
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "consumer stream failed");
+                    break;
+                }
+                None if self.sub.stopped.load(Ordering::SeqCst)
+                    || !self.ch.status().connected()
+                    || self.lost.is_cancelled() =>
+                {
+                    break;
+                }
+                None => {
+                    tracing::warn!(queue = %self.queue,
+                        "RabbitMQ cancelled the consumer of queue {} (the queue was deleted, a consumer \
+                         timeout, or its leader moved): consuming it again", self.queue);
+                    match self.consume_again().await {
+                        Ok(again) => consumer = again,
+                        Err(e) => {
+                            tracing::warn!(queue = %self.queue, error = %e,
+                                "cannot consume the queue again on this channel; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if !self.sub.stopped.load(Ordering::SeqCst) {
+            // A consumer ended that nobody stopped: the channel or connection died.
+            self.lost.cancel();
+        }
+    }
+
+    /// A new consumer for the queue, declared again, whose prefetch leaves room for what the
+    /// cancelled one delivered and is not settled yet (it waits for room when there is none).
+    async fn consume_again(&self) -> Result<lapin::Consumer, BrokerError> {
+        self.topology.declare(&self.ch, self.major).await?;
+        let share = match self.share {
+            Some(share) if share > 0 => loop {
+                let settled = self.held.settled.notified();
+                tokio::pin!(settled);
+                settled.as_mut().enable();
+                let held = self.held.count.load(Ordering::SeqCst);
+                if let Some(room) = usize::from(share).checked_sub(held).filter(|r| *r > 0) {
+                    break Some(u16::try_from(room).unwrap_or(share));
+                }
+                tokio::select! {
+                    _ = settled => {}
+                    _ = self.closing.cancelled() => return Err(BrokerError::NotConnected("closing".into())),
+                    _ = self.lost.cancelled() => return Err(BrokerError::NotConnected("connection lost".into())),
+                }
+            },
+            share => share,
+        };
+        let consumer = consume_one(&self.ch, &self.sub, &self.queue, share).await?;
+        tracing::info!(queue = %self.queue, prefetch = ?share, "consuming queue {} again", self.queue);
+        Ok(consumer)
+    }
 }
 
 /// A broker error that closed one channel (a "soft" error), not the connection.
@@ -1094,6 +1421,45 @@ fn channel_error_text(e: &lapin::Error) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The major version of RabbitMQ that a node announces in its `connection.start` (4 for
+/// 4.0.5), read with a bare handshake that goes no further. None when it cannot be read: an
+/// `amqps://` URL (this does no TLS), or a node that does not answer within 5 s.
+pub async fn announced_major(url: &str) -> Option<u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    if uri.scheme != lapin::uri::AMQPScheme::AMQP {
+        return None;
+    }
+    let read = async {
+        let addr = (uri.authority.host.as_str(), uri.authority.port);
+        let mut socket = tokio::net::TcpStream::connect(addr).await.ok()?;
+        socket.write_all(b"AMQP\x00\x00\x09\x01").await.ok()?;
+        // A method frame: type 1, channel 0, the payload's size, the payload, 0xCE.
+        let mut head = [0u8; 7];
+        socket.read_exact(&mut head).await.ok()?;
+        let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
+        if head[0] != 1 || size > 64 * 1024 {
+            return None;
+        }
+        let mut payload = vec![0u8; size];
+        socket.read_exact(&mut payload).await.ok()?;
+        // connection.start (class 10, method 10): the AMQP version's two octets, then the
+        // server's properties.
+        if payload.get(..4)? != [0, 10, 0, 10] {
+            return None;
+        }
+        let (_, properties) = lapin::types::parsing::parse_field_table(&payload[6..]).ok()?;
+        let version = match properties.inner().get("version")? {
+            AMQPValue::LongString(v) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            _ => return None,
+        };
+        version.split('.').next()?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()?
 }
 
 /// Adds the client's defaults to the URL where it does not name them:
@@ -1129,6 +1495,17 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefetch_is_shared_or_split_to_add_up_to_itself() {
+        assert_eq!(prefetch_shares(4, 2, true), Ok(None));
+        assert_eq!(prefetch_shares(4, 1, true), Ok(Some(vec![4])));
+        assert_eq!(prefetch_shares(4, 2, false), Ok(Some(vec![2, 2])));
+        assert_eq!(prefetch_shares(5, 3, false), Ok(Some(vec![2, 2, 1])));
+        assert_eq!(prefetch_shares(0, 2, false), Ok(Some(vec![0, 0])));
+        let refused = prefetch_shares(1, 2, false).expect_err("one delivery for two queues");
+        assert!(refused.contains("--pool-max-size"), "{refused}");
+    }
 
     #[test]
     fn urls_get_the_defaults_and_hide_their_password() {

@@ -23,7 +23,9 @@ pub const SECTIONS: &[&str] = &["schedule"];
 /// Where the broker is and which namespace to use: shared by every binary.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL. Add `?heartbeat=N` to change the 10 s heartbeat.
+    /// RabbitMQ URL, or the URLs of a cluster's nodes separated by commas: a part connects to
+    /// the first that answers, and after a failure to the next. Add `?heartbeat=N` to change
+    /// the 10 s heartbeat.
     #[arg(
         long,
         env = "ROTA_AMQP_URL",
@@ -40,9 +42,10 @@ pub struct BrokerArgs {
     #[arg(long, env = "ROTA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
-    /// The kind of the jobs queues: classic (priorities 0-9) or quorum (replicated, no
-    /// priorities). Every part of a deployment must use the same.
-    #[arg(long, env = "ROTA_QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic, global = true)]
+    /// The kind of the jobs queues: classic (priorities 0-9), quorum (replicated; two
+    /// priority levels on RabbitMQ 4), or auto: quorum on RabbitMQ 4 and later, classic on 3.x.
+    /// Every part of a deployment must use the same.
+    #[arg(long, env = "ROTA_QUEUE_TYPE", value_enum, default_value_t = QueueType::Auto, global = true)]
     pub queue_type: QueueType,
 }
 

@@ -7,15 +7,38 @@ pub const DEFAULT_QUEUE: &str = "default";
 /// The kind of RabbitMQ queue that holds the jobs (see the README for what each gives up).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum QueueType {
-    /// One copy on one node; honours job priorities 0 to 9 (`x-max-priority`).
+    /// Quorum on RabbitMQ 4 and later, classic before: what each broker is made for.
     #[default]
+    Auto,
+    /// One copy on one node; honours job priorities 0 to 9 (`x-max-priority`).
     Classic,
-    /// Replicated over the cluster's nodes (Raft); no 0-9 priorities.
+    /// Replicated over the cluster's nodes (Raft); two priority levels on RabbitMQ 4.0
+    /// (0-4 and 5-9), none on 3.x.
     Quorum,
 }
 
+impl QueueType {
+    /// Its name on the command line (`--queue-type`) and in ROTA_QUEUE_TYPE.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Auto => "auto",
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+
+    /// Whether queues of this kind are quorum queues on a broker of major version `major`.
+    pub fn is_quorum_on(self, major: u32) -> bool {
+        match self {
+            QueueType::Auto => major >= 4,
+            QueueType::Classic => false,
+            QueueType::Quorum => true,
+        }
+    }
+}
+
 /// Exchange and queue names of one namespace (`rota` by default), and the kind of its jobs
-/// queues, which every part that declares them must agree on.
+/// queues (and of its other durable queues), which every part that declares them must agree on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
     ns: String,

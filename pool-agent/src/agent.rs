@@ -66,7 +66,7 @@ pub async fn run(
         topology.jobs_queue(&names, q);
     }
     topology
-        .queue(QueueSpec::durable(agent_queue.clone()))
+        .queue(QueueSpec::replicated(agent_queue.clone(), &names))
         .bind(&agent_queue, &names.control(), "");
     let conn_name = format!(
         "rota pool-agent {id} ({}, pid {})",
@@ -680,6 +680,7 @@ impl Agent {
             d.requeue().await;
             return;
         }
+        let error_kind = refusal.error_kind();
         let Some(job) = refusal.job else {
             d.ack().await;
             return;
@@ -692,7 +693,7 @@ impl Agent {
             agent: self.id.clone(),
             worker: String::new(),
             status: Status::Rejected,
-            error: Some(ErrorInfo::new("invalid_job", refusal.reason)),
+            error: Some(ErrorInfo::new(error_kind, refusal.reason)),
             output: serde_json::Value::Null,
             logs: Vec::new(),
             logs_dropped: 0,

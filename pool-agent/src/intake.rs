@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use rota_common::amqp::Delivery;
+use rota_common::amqp::{DELIVERY_LIMIT, Delivery};
 use rota_common::wire::{Job, JobId};
 use serde_json::Value;
 
@@ -21,12 +21,24 @@ pub struct Limits<'a> {
 /// A job that will not run here, and why.
 #[derive(Debug)]
 pub struct Refusal {
-    /// A short name for metrics: `too_large`, `unreadable`, `unknown_type`, `timeout_too_long`.
+    /// A short name for metrics: `too_large`, `unreadable`, `unknown_type`, `timeout_too_long`,
+    /// `delivery_limit`.
     pub kind: &'static str,
     pub reason: String,
     /// The job as far as it could be read, with its uuid, when it has one: the scheduler gets
     /// a `rejected` result for it.
     pub job: Option<Box<Job>>,
+}
+
+impl Refusal {
+    /// The kind of the `rejected` result's error: `delivery_limit` for a job delivered too
+    /// many times, `invalid_job` for one that cannot run here.
+    pub fn error_kind(&self) -> &'static str {
+        match self.kind {
+            "delivery_limit" => "delivery_limit",
+            _ => "invalid_job",
+        }
+    }
 }
 
 /// A job ready to run: its uuid is set.
@@ -67,6 +79,19 @@ pub fn admit(d: &Delivery, limits: &Limits<'_>) -> Result<Admitted, Refusal> {
             .and_then(|m| m.parse().ok())
             .unwrap_or_else(JobId::random)
     });
+    if d.delivery_count >= DELIVERY_LIMIT {
+        return Err(Refusal {
+            kind: "delivery_limit",
+            reason: format!(
+                "delivered {} times before without a result (each time the agent that held it \
+                 stopped or lost RabbitMQ before it finished): at the limit of {DELIVERY_LIMIT}, \
+                 after which RabbitMQ 4 would drop it from its quorum queue. Look for what stops \
+                 the agents that run it (memory, a crash) in their logs",
+                d.delivery_count
+            ),
+            job: Some(Box::new(job)),
+        });
+    }
     if !limits.types.contains(&job.work_type) {
         let known: Vec<&str> = limits.types.iter().map(String::as_str).collect();
         return Err(Refusal {

@@ -198,7 +198,7 @@ pub async fn run(
         .jobs_queue(&names, DEFAULT_QUEUE)
         .queue(QueueSpec {
             max_length: Some(100_000),
-            ..QueueSpec::durable(events_queue.clone())
+            ..QueueSpec::replicated(events_queue.clone(), &names)
         })
         .bind(&events_queue, &names.events(), "job.started.#")
         .queue(QueueSpec::private(beats_queue.clone()))

@@ -218,7 +218,7 @@ fn management_addr() -> String {
 
 /// One request to the management API over plain HTTP/1.0 (so the body is never chunked), as
 /// guest: the status and the body.
-async fn management(method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+pub async fn management(method: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let addr = management_addr();
     let mut stream = TcpStream::connect(&addr)
         .await
@@ -253,23 +253,33 @@ pub struct BrokerConnection {
     pub client_name: String,
 }
 
-/// The broker's client connections.
+/// The broker's client connections, from `rabbitmqctl list_connections` (the management API
+/// lists no client properties where RabbitMQ 4 refuses `management_metrics_collection`).
 pub async fn broker_connections() -> anyhow::Result<Vec<BrokerConnection>> {
-    let (status, body) = management(
-        "GET",
-        "/api/connections?columns=name,user_provided_name,client_properties",
-    )
-    .await?;
-    if status != 200 {
-        bail!("GET /api/connections answered {status}: {body}");
+    let out = tokio::task::spawn_blocking(|| {
+        crate::rabbitmqctl()
+            .args(["-q", "list_connections", "name", "client_properties"])
+            .args(["--formatter", "json"])
+            .output()
+    })
+    .await?
+    .context("runs rabbitmqctl list_connections")?;
+    if !out.status.success() {
+        bail!(
+            "rabbitmqctl list_connections: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let list: Vec<Value> = serde_json::from_str(&body).context("the connections list")?;
+    let list: Vec<Value> = serde_json::from_slice(&out.stdout).context("the connections list")?;
     Ok(list
         .iter()
         .filter_map(|c| {
-            let client_name = c["user_provided_name"]
-                .as_str()
-                .or_else(|| c["client_properties"]["connection_name"].as_str())?;
+            // [["connection_name", "longstr", "rota pool-agent …"], …]
+            let client_name = c["client_properties"]
+                .as_array()?
+                .iter()
+                .find(|p| p[0] == "connection_name")?[2]
+                .as_str()?;
             Some(BrokerConnection {
                 name: c["name"].as_str()?.to_owned(),
                 client_name: client_name.to_owned(),
@@ -279,8 +289,9 @@ pub async fn broker_connections() -> anyhow::Result<Vec<BrokerConnection>> {
 }
 
 /// The broker closes the connection of the part whose process is `pid` (its name is
-/// `rota <part> … pid <pid>)`), as a failover or an operator does. Waits until the broker
-/// lists it, then closes it; returns how many were closed.
+/// `rota <part> … pid <pid>)`), as a failover or an operator does (`DELETE
+/// /api/connections/…`). Waits until the broker lists it and closes it; returns how many were
+/// closed.
 pub async fn close_connection_of(pid: u32) -> usize {
     let suffix = format!("pid {pid})");
     within(
@@ -311,7 +322,11 @@ pub async fn close_connection_of(pid: u32) -> usize {
                         closed += 1;
                     }
                 }
-                return closed;
+                // RabbitMQ 3's management API knows a connection only once its statistics
+                // arrive (every 5 s), after rabbitmqctl lists it: until then, try again.
+                if closed > 0 {
+                    return closed;
+                }
             }
         },
     )
@@ -375,7 +390,7 @@ impl Drop for MaxMessageSize {
 }
 
 fn rabbitmqctl_eval(expr: &str) -> anyhow::Result<String> {
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = crate::rabbitmqctl()
         .args(["eval", expr])
         .output()
         .context("runs rabbitmqctl")?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use rota_common::Names;
 use rota_common::client::{Client, Heartbeats};
-use rota_common::names::DEFAULT_QUEUE;
+use rota_common::names::{DEFAULT_QUEUE, QueueType};
 use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
 use std::collections::HashSet;
 
@@ -22,6 +22,17 @@ pub use rota_common::wire;
 pub fn amqp_url() -> String {
     std::env::var("ROTA_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// `rabbitmqctl` for the tests' broker: the command line in ROTA_RABBITMQCTL (`docker exec
+/// rota-rabbitmq4 rabbitmqctl` for the RabbitMQ 4 node that `deploy/test.sh` also runs the suite
+/// on), else the host's `rabbitmqctl`.
+pub fn rabbitmqctl() -> std::process::Command {
+    let line = std::env::var("ROTA_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = line.split_whitespace();
+    let mut cmd = std::process::Command::new(words.next().unwrap_or("rabbitmqctl"));
+    cmd.args(words);
+    cmd
 }
 
 /// A built binary of the workspace (`cargo build --workspace` puts them beside the tests).
@@ -45,23 +56,41 @@ pub struct System {
     pub names: Names,
     pub dir: tempfile::TempDir,
     pub client: Client,
+    /// The broker's URL (or its nodes' URLs, separated by commas), given to every part.
+    pub url: String,
     /// Agent ids started, whose queues to delete at the end.
     agents: std::sync::Mutex<Vec<String>>,
 }
 
 impl System {
+    /// On the tests' broker, with the jobs queues of the default kind (auto).
     pub async fn new() -> System {
+        System::on(&amqp_url(), QueueType::Auto).await
+    }
+
+    /// On the broker at `url` (one URL, or a cluster's nodes separated by commas), with jobs
+    /// queues of kind `kind`: the test's client and every part it starts use them
+    /// (ROTA_QUEUE_TYPE; a part's own `--queue-type` flag wins).
+    pub async fn on(url: &str, kind: QueueType) -> System {
         let ns = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let names = Names::new(&ns).expect("valid namespace");
-        let client = Client::connect(&amqp_url(), names.clone(), "test")
+        let names = Names::new(&ns)
+            .expect("valid namespace")
+            .with_jobs_queue_type(kind);
+        let client = Client::connect(url, names.clone(), "test")
             .await
             .expect("RabbitMQ must be running: deploy/setup.sh");
         System {
             names,
             dir: tempfile::tempdir().expect("temp dir"),
             client,
+            url: url.to_owned(),
             agents: Default::default(),
         }
+    }
+
+    /// The value of ROTA_QUEUE_TYPE for the parts.
+    fn queue_type(&self) -> &'static str {
+        self.names.jobs_queue_type().as_str()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -113,7 +142,8 @@ impl System {
         tokio::process::Command::new(bin("scheduler"))
             .args(args)
             .env("ROTA_NAMESPACE", self.names.namespace())
-            .env("ROTA_AMQP_URL", amqp_url())
+            .env("ROTA_AMQP_URL", &self.url)
+            .env("ROTA_QUEUE_TYPE", self.queue_type())
             .output()
             .await
             .expect("scheduler CLI runs")
@@ -219,12 +249,12 @@ impl System {
         }
     }
 
-    async fn cleanup(names: Names, agents: Vec<String>) -> anyhow::Result<()> {
+    async fn cleanup(url: String, names: Names, agents: Vec<String>) -> anyhow::Result<()> {
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-        // A plain connection: a Rota client would first declare the topology, which fails
-        // where a test made its queues of another type (quorum).
-        let conn =
-            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
+        // A plain connection (to the first node): a Rota client would first declare the
+        // topology, which fails where a test made its queues of another type.
+        let url = url.split(',').next().unwrap_or_default();
+        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
         let mut queues = vec![
             names.jobs_queue(DEFAULT_QUEUE),
             names.jobs_queue("other"),
@@ -287,13 +317,14 @@ impl Drop for System {
                 .output();
         }
         let names = self.names.clone();
+        let url = self.url.clone();
         let agents = self.agents.lock().map(|a| a.clone()).unwrap_or_default();
         // Drop cannot await: clean up on a thread with a runtime of its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(System::cleanup(names, agents))
+            rt.block_on(System::cleanup(url, names, agents))
         })
         .join();
     }
@@ -320,7 +351,8 @@ impl Proc {
         let child = tokio::process::Command::new(bin(binary))
             .args(args)
             .env("ROTA_NAMESPACE", sys.names.namespace())
-            .env("ROTA_AMQP_URL", amqp_url())
+            .env("ROTA_AMQP_URL", &sys.url)
+            .env("ROTA_QUEUE_TYPE", sys.queue_type())
             .env("RUST_LOG", "info,lapin=warn")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
 
 /// API groups of custom resources, which the schemas do not cover: checked for shape here.
-const CUSTOM_GROUPS: [&str; 1] = ["keda.sh"];
+const CUSTOM_GROUPS: [&str; 2] = ["keda.sh", "rabbitmq.com"];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -236,6 +236,46 @@ fn every_component_is_used_by_an_overlay() {
     }
 }
 
+#[test]
+fn production_runs_a_three_node_rabbitmq_cluster_with_quorum_queues() {
+    let prod = rendered("overlays/production");
+    let cluster = prod
+        .find("RabbitmqCluster", "rabbitmq")
+        .expect("a RabbitmqCluster named rabbitmq");
+    assert_eq!(cluster["spec"]["replicas"], 3, "{}", describe(cluster));
+    let conf = text_at(cluster, &["spec", "rabbitmq", "additionalConfig"]).expect("its config");
+    let dev =
+        rendered("overlays/dev").generated("ConfigMap", "rabbitmq-config")["data"]["10-rota.conf"]
+            .as_str()
+            .expect("10-rota.conf");
+    let timeout = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("consumer_timeout"))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        timeout(conf.trim_start()),
+        timeout(dev),
+        "the same consumer_timeout as the dev RabbitMQ"
+    );
+    assert!(
+        conf.contains("deprecated_features.permit.global_qos = false"),
+        "{conf}"
+    );
+    assert!(
+        prod.find("StatefulSet", "rabbitmq").is_none(),
+        "not the dev RabbitMQ too"
+    );
+    for name in ["scheduler", "pool-agent"] {
+        let container = &prod.statefulset(name)["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            env(container, "ROTA_QUEUE_TYPE")["value"],
+            "quorum",
+            "{name}"
+        );
+    }
+}
+
 /// The value of `doc` at a path of keys, e.g. `["spec", "scaleTargetRef", "name"]`, as a
 /// non-empty string.
 fn text_at<'a>(doc: &'a Value, path: &[&str]) -> Result<&'a str, String> {
@@ -269,6 +309,7 @@ fn keda_problems(r: &Rendered) -> Vec<String> {
         check(match doc["kind"].as_str() {
             Some("ScaledObject") => scaled_object_problems(r, doc),
             Some("TriggerAuthentication") => trigger_authentication_problems(r, doc),
+            Some("RabbitmqCluster") => rabbitmq_cluster_problems(doc),
             _ => Err(format!(
                 "{} ({}) has no shape check: add one to tests/tests/kubernetes.rs",
                 describe(doc),
@@ -277,6 +318,21 @@ fn keda_problems(r: &Rendered) -> Vec<String> {
         });
     }
     problems
+}
+
+/// What the RabbitMQ Cluster Operator needs of a `RabbitmqCluster`, and a size that keeps a
+/// majority of a quorum queue's replicas through the loss of a node.
+fn rabbitmq_cluster_problems(cluster: &Value) -> Result<(), String> {
+    let me = describe(cluster);
+    if cluster["apiVersion"] != "rabbitmq.com/v1beta1" {
+        return Err(format!("{me} is not rabbitmq.com/v1beta1"));
+    }
+    match cluster["spec"]["replicas"].as_u64() {
+        Some(n) if n >= 3 && n % 2 == 1 => Ok(()),
+        other => Err(format!(
+            "{me} has {other:?} replicas: 3, 5 or 7 keep a quorum through a node's loss"
+        )),
+    }
 }
 
 fn scaled_object_problems(r: &Rendered, so: &Value) -> Result<(), String> {

@@ -200,7 +200,12 @@ async fn a_job_always_failing_is_dead_after_max_attempts_and_a_manual_retry_runs
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn higher_priority_jobs_queued_behind_lower_ones_run_first() {
-    let sys = System::new().await;
+    // Priorities 0 to 9 are classic queues' (quorum queues have two levels at most).
+    let sys = System::on(
+        &rota_tests::amqp_url(),
+        rota_common::names::QueueType::Classic,
+    )
+    .await;
     let _scheduler = sys.scheduler();
     sys.ready(true, &[]).await;
     let mut events = sys
@@ -407,7 +412,12 @@ async fn finished_jobs_and_their_folders_are_purged_after_the_retention_and_held
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_through_quorum_queues() {
-    let sys = System::new().await;
+    // Every durable queue of the namespace is a quorum queue, the test's client's too.
+    let sys = System::on(
+        &rota_tests::amqp_url(),
+        rota_common::names::QueueType::Quorum,
+    )
+    .await;
     let _scheduler = sys.scheduler_with(&["--queue-type", "quorum"]);
     let _agent = sys.agent("q1", &["--queue-type", "quorum"]);
     let (code, rec) = sys

@@ -355,7 +355,7 @@ async fn invalid_jobs_are_dead_lettered_with_a_reason_and_the_agent_survives() {
     let long_uuid = JobId::random();
     let huge = format!(
         r#"{{"type":"demo.echo","payload":"{}"}}"#,
-        "x".repeat(20 * 1024 * 1024)
+        "x".repeat(2 * 1024 * 1024)
     );
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (b"{this is not json".to_vec(), "not a valid job"),

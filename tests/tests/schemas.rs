@@ -33,7 +33,7 @@ impl Drop for Firehose {
 }
 
 fn rabbitmqctl(arg: &str) {
-    let ok = std::process::Command::new("rabbitmqctl")
+    let ok = rota_tests::rabbitmqctl()
         .args(["-q", arg])
         .status()
         .is_ok_and(|s| s.success());
