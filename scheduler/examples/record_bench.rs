@@ -39,6 +39,10 @@ struct Args {
     /// Debug log lines per result (a no-op `demo.echo` logs one).
     #[arg(long, default_value_t = 1)]
     logs: usize,
+    /// Keep the scheduler's data folder here (with one `--scheduler`), e.g. to time a restart
+    /// on a large store; otherwise it is a temporary folder, removed after the run.
+    #[arg(long)]
+    keep_data: Option<PathBuf>,
     /// Where the scheduler's log goes (nowhere unless set).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -152,7 +156,14 @@ async fn measure(
         room.clone(),
     ));
 
-    let data = tempfile::tempdir()?;
+    let temporary = tempfile::tempdir()?;
+    let data = match &args.keep_data {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            dir.clone()
+        }
+        None => temporary.path().to_owned(),
+    };
     let mut receipted = broker
         .consume(ConsumeSpec {
             queues: vec![receipts.to_owned()],
@@ -165,7 +176,7 @@ async fn measure(
     let mut child = tokio::process::Command::new(scheduler)
         .arg("run")
         .arg("--data-dir")
-        .arg(data.path())
+        .arg(&data)
         .arg("--retention=0s")
         .args(&args.extra)
         .env("ROTA_NAMESPACE", names.namespace())
@@ -218,8 +229,8 @@ async fn measure(
     // SIGTERM: the scheduler stops cleanly and its store is complete on disk.
     let _ = nix_kill(pid);
     let _ = child.wait().await;
-    let store = dir_bytes(&data.path().join("scheduler/store"));
-    let work = dir_bytes(&data.path().join("scheduler/work"));
+    let store = dir_bytes(&data.join("scheduler/store"));
+    let work = dir_bytes(&data.join("scheduler/work"));
     println!(
         "{}: {} results: {:.0} results/s from start ({:.2} s), {:.0}/s from the first receipt; \
          RSS {} MiB at the end (peak seen {} MiB); store {} bytes/job, job folders {} bytes/job",
