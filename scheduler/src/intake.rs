@@ -250,18 +250,22 @@ pub fn heartbeat(body: &[u8]) -> Result<Heartbeat, Refused> {
 mod tests {
     use super::*;
 
+    const NOW: &str = "2026-11-29T12:00:00Z";
+
+    /// A result of job `uuid` at `attempt` that carries the job `job_uuid`.
+    fn result_of(uuid: uuid::Uuid, job_uuid: uuid::Uuid, attempt: &str) -> String {
+        format!(
+            r#"{{"uuid":"{uuid}","attempt":{attempt},"type":"demo.echo","agent":"a1","worker":"w",
+            "status":"succeeded","started_at":"{NOW}","finished_at":"{NOW}",
+            "job":{{"type":"demo.echo","uuid":"{job_uuid}"}}}}"#
+        )
+    }
+
     #[test]
     fn garbage_and_forgeries_are_refused_with_their_reason() {
         let uuid = uuid::Uuid::new_v4();
         let other = uuid::Uuid::new_v4();
-        let now = "2026-11-29T12:00:00Z";
-        let result = |job_uuid: uuid::Uuid, attempt: &str| {
-            format!(
-                r#"{{"uuid":"{uuid}","attempt":{attempt},"type":"demo.echo","agent":"a1","worker":"w",
-                "status":"succeeded","started_at":"{now}","finished_at":"{now}",
-                "job":{{"type":"demo.echo","uuid":"{job_uuid}"}}}}"#
-            )
-        };
+        let result = |job_uuid: uuid::Uuid, attempt: &str| result_of(uuid, job_uuid, attempt);
         assert_eq!(
             super::result(b"\xff\x00").map_err(|e| e.reason).err(),
             Some(Reason::Unreadable)
@@ -289,7 +293,7 @@ mod tests {
 
         let event = |kind: &str, work_type: &str| {
             format!(
-                r#"{{"event":"{kind}","uuid":"{uuid}","attempt":1,"type":"x","time":"{now}",
+                r#"{{"event":"{kind}","uuid":"{uuid}","attempt":1,"type":"x","time":"{NOW}",
                 "job":{{"type":"{work_type}","uuid":"{uuid}"}}}}"#
             )
         };
@@ -324,14 +328,7 @@ mod tests {
 
     #[test]
     fn a_group_of_results_refuses_only_its_bad_entries() {
-        let now = "2026-11-29T12:00:00Z";
-        let result = |uuid: uuid::Uuid, attempt: &str| {
-            format!(
-                r#"{{"uuid":"{uuid}","attempt":{attempt},"type":"demo.echo","agent":"a1","worker":"w",
-                "status":"succeeded","started_at":"{now}","finished_at":"{now}",
-                "job":{{"type":"demo.echo","uuid":"{uuid}"}}}}"#
-            )
-        };
+        let result = |uuid: uuid::Uuid, attempt: &str| result_of(uuid, uuid, attempt);
         let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         let reasons = |body: String| -> Vec<Option<Reason>> {
             results(body.as_bytes())
