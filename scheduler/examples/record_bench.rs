@@ -156,13 +156,17 @@ async fn measure(
         room.clone(),
     ));
 
-    let temporary = tempfile::tempdir()?;
+    // Removed when dropped, at the end of the run (unless the data is kept).
+    let temporary;
     let data = match &args.keep_data {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
             dir.clone()
         }
-        None => temporary.path().to_owned(),
+        None => {
+            temporary = tempfile::tempdir()?;
+            temporary.path().to_owned()
+        }
     };
     let mut receipted = broker
         .consume(ConsumeSpec {

@@ -480,6 +480,13 @@ pub fn free_addrs<const N: usize>() -> [String; N] {
         .map(|l| l.local_addr().expect("its address").to_string())
 }
 
+/// The value of a metric line of `/metrics` (`name{labels}`), 0 when absent.
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `GET http://ADDR/PATH`: the status code and the body (`None` while nothing answers).
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

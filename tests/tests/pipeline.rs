@@ -157,14 +157,9 @@ async fn a_busy_agent_sends_its_results_in_groups() {
     let (_, text) = rota_tests::http_get(&addr, "/metrics")
         .await
         .expect("the agent's metrics");
-    let count = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0)
-    };
     let (results, messages) = (
-        count("rota_results_sent_total"),
-        count("rota_result_messages_sent_total"),
+        rota_tests::metric(&text, "rota_results_sent_total"),
+        rota_tests::metric(&text, "rota_result_messages_sent_total"),
     );
     assert!(results >= n as u64, "{results} results sent:\n{text}");
     assert!(

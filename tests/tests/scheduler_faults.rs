@@ -9,7 +9,9 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
-use rota_tests::{System, alive, amqp_url, free_addrs, http_get, probe_until, results_in, within};
+use rota_tests::{
+    System, alive, amqp_url, free_addrs, http_get, metric, probe_until, results_in, within,
+};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -35,13 +37,6 @@ async fn publish(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8]) {
     .expect("publishes")
     .await
     .expect("confirmed or not asked");
-}
-
-/// The value of a metric line of `/metrics` (`name{labels}`), 0 when absent.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Waits until `/metrics` shows every `(series, value)`; returns the text.
