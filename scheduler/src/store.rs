@@ -1741,7 +1741,13 @@ mod tests {
         held.run_at = Some(Utc::now() + chrono::Duration::hours(1));
         held.unique_key = Some("nightly".into());
         source.submit(held.clone()).await.expect("submits");
-        let sled = sled::open(&path).expect("sled opens");
+        // Without sled's background flusher, whose thread would hold the store (and its file
+        // lock) for a while after the drop below.
+        let sled = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(None)
+            .open()
+            .expect("sled opens");
         let t = source.trees().expect("open");
         for name in KEYSPACES {
             let tree = sled.open_tree(name).expect("a tree");
