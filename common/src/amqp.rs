@@ -929,11 +929,14 @@ impl Broker {
                 .await?
                 .await
         };
-        // Closing abandons a publish in flight (lapin may never settle it once the connection
-        // is gone): the caller keeps what it could not publish.
+        // Closing, or losing the connection, abandons a publish in flight (lapin may never
+        // settle it once the connection is gone): the caller keeps what it could not publish.
         let sent = tokio::select! {
             sent = sent => sent,
             _ = self.inner.closing.cancelled() => {
+                return Err(BrokerError::NotConnected(self.inner.display_url.clone()));
+            }
+            _ = live.lost.cancelled() => {
                 return Err(BrokerError::NotConnected(self.inner.display_url.clone()));
             }
         };
@@ -978,8 +981,15 @@ impl Broker {
         };
         let opts = BasicPublishOptions::default();
         let sent = channel.basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp());
+        // Bounded like an ack: on a connection going away lapin may never settle the send,
+        // and a caller (the scheduler's recording) must not wait on a notification for ever.
+        let sent = tokio::time::timeout(SETTLE_WAIT, sent);
         let failed = tokio::select! {
-            sent = sent => sent.err(),
+            sent = sent => match sent {
+                Ok(sent) => sent.err().map(|e| e.to_string()),
+                Err(_) => Some(format!("not handed to the connection within {SETTLE_WAIT:?}")),
+            },
+            _ = live.lost.cancelled() => Some("the connection was lost".into()),
             _ = self.inner.closing.cancelled() => None,
         };
         if let Some(e) = &failed {

@@ -35,6 +35,12 @@ pub fn rabbitmqctl() -> std::process::Command {
     cmd
 }
 
+/// The log filter of the parts a test starts: ROTA_TEST_LOG (a `RUST_LOG` filter, e.g.
+/// `info,rota_common=debug` to chase a flaky test), or info without lapin's own lines.
+fn test_log_filter() -> String {
+    std::env::var("ROTA_TEST_LOG").unwrap_or_else(|_| "info,lapin=warn".into())
+}
+
 /// A built binary of the workspace (`cargo build --workspace` puts them beside the tests).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary knows its path");
@@ -353,7 +359,7 @@ impl Proc {
             .env("ROTA_NAMESPACE", sys.names.namespace())
             .env("ROTA_AMQP_URL", &sys.url)
             .env("ROTA_QUEUE_TYPE", sys.queue_type())
-            .env("RUST_LOG", "info,lapin=warn")
+            .env("RUST_LOG", test_log_filter())
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(out)
