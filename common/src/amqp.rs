@@ -379,12 +379,14 @@ pub struct Delivery {
     /// 0 for the first delivery and for classic queues, which do not count).
     pub delivery_count: u32,
     acker: lapin::Acker,
+    /// Came from a consumer with `no_ack`: RabbitMQ forgot it when it sent it.
+    auto_acked: bool,
     /// Counts this delivery among its consumer's unsettled ones while it lives.
     _held: HeldGuard,
 }
 
 impl Delivery {
-    fn from_lapin(d: lapin::message::Delivery, held: HeldGuard) -> Self {
+    fn from_lapin(d: lapin::message::Delivery, held: HeldGuard, auto_acked: bool) -> Self {
         let p = &d.properties;
         let mut headers = BTreeMap::new();
         let mut delivery_count = 0;
@@ -416,6 +418,7 @@ impl Delivery {
             delivery_count,
             body: d.data,
             acker: d.acker,
+            auto_acked,
             _held: held,
         }
     }
@@ -423,6 +426,9 @@ impl Delivery {
     /// Tells the broker the message is handled. False if the channel it came on is gone (the
     /// broker will deliver it again).
     pub async fn ack(&self) -> bool {
+        if self.auto_acked {
+            return true;
+        }
         // Bounded: on a connection that is going away, lapin may never settle it.
         let acked = tokio::time::timeout(SETTLE_WAIT, self.acker.ack(BasicAckOptions::default()));
         match acked.await {
@@ -436,8 +442,12 @@ impl Delivery {
         }
     }
 
-    /// Hands the message back to its queue, to be delivered again.
+    /// Hands the message back to its queue, to be delivered again (not one RabbitMQ forgot
+    /// already: false).
     pub async fn requeue(&self) -> bool {
+        if self.auto_acked {
+            return false;
+        }
         let opts = BasicNackOptions {
             requeue: true,
             multiple: false,
@@ -459,6 +469,10 @@ pub struct ConsumeSpec {
     pub prefetch: u16,
     /// Refuse to share the queue with any other consumer.
     pub exclusive: bool,
+    /// RabbitMQ forgets a message once it has sent it (no acks, and no prefetch): for
+    /// notifications on a private queue (events, heartbeats, replies), where a message lost
+    /// with its consumer is no loss and an ack per message would only cost the broker.
+    pub no_ack: bool,
 }
 
 /// How a prefetch of `prefetch` is held to over `queues` queues: None when the channel shares
@@ -1294,6 +1308,7 @@ async fn consume_one(
     }
     let opts = BasicConsumeOptions {
         exclusive: sub.spec.exclusive,
+        no_ack: sub.spec.no_ack,
         ..Default::default()
     };
     let tag = consumer_tag(&sub.spec.tag, queue);
@@ -1350,7 +1365,8 @@ impl Pump {
             };
             match item {
                 Some(Ok(d)) => {
-                    let d = Delivery::from_lapin(d, HeldGuard::new(&self.held));
+                    let d =
+                        Delivery::from_lapin(d, HeldGuard::new(&self.held), self.sub.spec.no_ack);
                     tokio::select! {
                         sent = self.sub.tx.send(d) => if sent.is_err() {
                             return; // the owner is gone; the channel closes with the connection

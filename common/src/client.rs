@@ -50,6 +50,7 @@ impl Client {
                 tag: format!("{who}-replies"),
                 prefetch: 100,
                 exclusive: true,
+                no_ack: true,
             })
             .await?;
         let pending: Pending = Arc::default();
@@ -195,6 +196,7 @@ impl Client {
             tag: purpose.to_owned(),
             prefetch,
             exclusive: true,
+            no_ack: true,
         };
         Ok(Messages {
             consumer: self.broker.consume(spec).await?,
@@ -216,7 +218,6 @@ fn expect_job(reply: RpcReply) -> anyhow::Result<JobRecord> {
 
 async fn dispatch_replies(mut replies: Consumer, pending: Pending) {
     while let Some(d) = replies.recv().await {
-        d.ack().await;
         let Some(correlation) = d.correlation_id.as_deref() else {
             continue;
         };
@@ -252,11 +253,7 @@ impl<T: DeserializeOwned> Messages<T> {
     pub async fn next(&mut self) -> Option<T> {
         loop {
             let d = self.consumer.recv().await?;
-            let parsed = serde_json::from_slice(&d.body);
-            // Acked on the side: an await here would be a point where a dropped future
-            // loses the message.
-            tokio::spawn(async move { d.ack().await });
-            match parsed {
+            match serde_json::from_slice(&d.body) {
                 Ok(message) => return Some(message),
                 Err(e) => tracing::debug!(error = %e, "skipping an unreadable message"),
             }

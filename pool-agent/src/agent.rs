@@ -85,6 +85,7 @@ pub async fn run(
             tag: tag.clone(),
             prefetch: 256,
             exclusive: true,
+            no_ack: false,
         })
         .await
     {
@@ -183,6 +184,7 @@ pub async fn run(
         tag,
         prefetch,
         exclusive: false,
+        no_ack: false,
     };
     let mut jobs = broker.consume(jobs_spec.clone()).await?;
     let beat = Heartbeat::starting(Role::Agent, id.as_str(), cfg.heartbeat_interval);

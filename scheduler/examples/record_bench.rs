@@ -174,6 +174,7 @@ async fn measure(
             tag: "record-bench".into(),
             prefetch: 1000,
             exclusive: true,
+            no_ack: false,
         })
         .await?;
     let start = Instant::now();

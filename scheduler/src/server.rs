@@ -218,6 +218,7 @@ pub async fn run(
         tag: "scheduler-results".into(),
         prefetch: cfg.results_prefetch,
         exclusive: true,
+        no_ack: false,
     };
     let results = match broker.consume(results_spec.clone()).await {
         Err(BrokerError::Locked { .. }) => bail!(
@@ -266,6 +267,7 @@ pub async fn run(
             tag: "scheduler-rpc".into(),
             prefetch: 64,
             exclusive: false,
+            no_ack: false,
         })
         .await?;
     let started_spec = ConsumeSpec {
@@ -273,6 +275,7 @@ pub async fn run(
         tag: "scheduler-events".into(),
         prefetch: 256,
         exclusive: false,
+        no_ack: false,
     };
     let started = broker.consume(started_spec.clone()).await?;
     let beats = broker
@@ -281,6 +284,7 @@ pub async fn run(
             tag: "scheduler-heartbeats".into(),
             prefetch: 64,
             exclusive: true,
+            no_ack: false,
         })
         .await?;
 

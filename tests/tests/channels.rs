@@ -23,6 +23,7 @@ async fn a_channel_closed_by_the_broker_is_opened_again() {
             tag: "test".into(),
             prefetch: 10,
             exclusive: true,
+            no_ack: false,
         })
         .await
         .expect("consumes");
