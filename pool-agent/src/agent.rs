@@ -115,6 +115,7 @@ pub async fn run(
             aliases: (*aliases).clone(),
             kill_grace: cfg.kill_grace,
             chromium_args: cfg.chromium.to_args(),
+            env: cfg.work_env()?,
         },
         engine: engine.clone(),
         chromium: cfg.chromium.clone(),
@@ -282,8 +283,9 @@ async fn docker_engine(
     mounts.push(work_root.to_owned());
     let engine = Engine::connect(DockerSpec {
         image: d.image.clone(),
-        network: d.network,
+        network: d.network.clone(),
         user: d.user.clone(),
+        env: cfg.work_env()?.container(),
         memory: d.memory_mib * MIB,
         cpus: d.cpus,
         pids: d.pids_limit,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{Context, Registry, Work};
+use crate::{Access, Context, Registry, Work};
 
 pub fn register(r: &mut Registry) {
     r.register("demo.echo", Echo)
@@ -152,11 +152,8 @@ struct WritePayload {
 impl Work for WriteFile {
     async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
         let WritePayload { path, text } = ctx.payload_as()?;
-        let real = ctx.resolve(&path)?;
-        if let Some(parent) = real.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        tokio::fs::write(&real, text.as_bytes()).await?;
+        let mut file = ctx.create_file(&path, Access::Create)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
         ctx.info(format!("wrote {} bytes to {path}", text.len()));
         Ok(json!({ "path": path, "bytes": text.len() }))
     }

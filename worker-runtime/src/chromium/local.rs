@@ -67,7 +67,9 @@ impl LocalChromium {
         })?;
         let binary = &settings.chromium_binary;
         let mut cmd = Command::new(binary);
-        cmd.args(FLAGS)
+        cmd.env_clear()
+            .envs(settings.work_env().vars())
+            .args(FLAGS)
             .arg(format!("--user-data-dir={}", profile.display()))
             .args(settings.chromium_args.iter().map(|a| format!("--{a}")));
         if in_container() {

@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use rota_common::config::parse_duration;
 
+use crate::WorkEnv;
+
 /// Where each worker's browser comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -74,6 +76,12 @@ pub struct ChromiumArgs {
     /// How long a browser may take to start and say where its DevTools endpoint is.
     #[arg(long, env = "ROTA_CHROMIUM_START_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
     pub chromium_start_timeout: Duration,
+
+    /// The browser's environment: set by an agent for the browsers of its in-process
+    /// workers; unset, a browser gets this process's (a worker runtime's, which its agent
+    /// made).
+    #[arg(skip)]
+    pub env: Option<WorkEnv>,
 }
 
 impl Default for ChromiumArgs {
@@ -86,6 +94,7 @@ impl Default for ChromiumArgs {
             chromium_args: Vec::new(),
             chromium_profile_root: None,
             chromium_start_timeout: Duration::from_secs(30),
+            env: None,
         }
     }
 }
@@ -115,6 +124,11 @@ impl ChromiumArgs {
                 .map(|a| format!("--chromium-arg={a}")),
         );
         args
+    }
+
+    /// The environment a browser starts with (see [`ChromiumArgs::env`]).
+    pub fn work_env(&self) -> WorkEnv {
+        self.env.clone().unwrap_or_else(WorkEnv::inherited)
     }
 
     /// The folder under which `local` browsers get their profile folders.

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{NotReady, PdfOptions, Ready, ScreenshotOptions};
-use crate::{Context, Registry, Work};
+use crate::{Access, Context, Registry, Work};
 
 pub fn register(r: &mut Registry) {
     r.register("chromium.pdf", Pdf)
@@ -78,11 +78,8 @@ impl Target {
             Render::Pdf(options) => page.pdf(options).await?,
             Render::Png(options) => page.screenshot(options).await?,
         };
-        if let Some(parent) = file.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        tokio::fs::write(&file, &bytes)
-            .await
+        let mut out = ctx.create_file(&self.output, Access::Create)?;
+        std::io::Write::write_all(&mut out, &bytes)
             .with_context(|| format!("cannot write {}", file.display()))?;
         ctx.info(format!("wrote {} bytes to {}", bytes.len(), self.output));
         Ok(json!({
