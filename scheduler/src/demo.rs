@@ -194,7 +194,13 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         worker_max_memory_mib: 1024,
         kill_grace: Duration::from_secs(5),
         docker: args.docker.clone(),
-        chromium: args.chromium_settings.clone(),
+        work_env: Vec::new(),
+        work_env_pass: Vec::new(),
+        chromium: ChromiumArgs {
+            // The demo's own report page, served on this host's loopback.
+            chromium_allow_hosts: vec!["127.0.0.1".into()],
+            ..args.chromium_settings.clone()
+        },
     };
     if args.worker_location == Location::Docker {
         // The containers run as another user, who writes the demo's files.

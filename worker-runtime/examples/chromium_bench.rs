@@ -153,6 +153,8 @@ async fn bare(url: &str, pdfs: usize, dir: &std::path::Path) -> anyhow::Result<V
 async fn rota(url: &str, pdfs: usize, dir: &std::path::Path) -> anyhow::Result<Vec<Duration>> {
     let settings = ChromiumArgs {
         chromium_profile_root: Some(dir.to_owned()),
+        // The page is served on this host's loopback.
+        chromium_allow_hosts: vec!["127.0.0.1".into()],
         ..ChromiumArgs::default()
     };
     let chromium = Arc::new(Chromium::new(settings));
