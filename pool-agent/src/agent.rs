@@ -39,13 +39,15 @@ use crate::results::Results;
 /// Runs a pool agent until `shutdown` is cancelled, then stops taking jobs, lets running ones
 /// finish (for up to `--shutdown-grace`), hands back the rest, and returns.
 pub async fn run(
-    cfg: AgentConfig,
+    mut cfg: AgentConfig,
     amqp_url: &str,
     names: Names,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.check()?;
+    // Chromium never loads from the broker's port, wherever it listens.
+    cfg.chromium.deny_broker_port(amqp_url);
     let id = AgentId::new(&cfg.id).map_err(anyhow::Error::msg)?;
     let health = Health::default();
     let metrics = Arc::new(AgentMetrics::new());

@@ -188,6 +188,17 @@ impl ChromiumArgs {
         args
     }
 
+    /// Adds the port of the broker at `amqp_url` to `--chromium-deny-port`, for a broker that
+    /// listens on one of its own.
+    pub fn deny_broker_port(&mut self, amqp_url: &str) {
+        let port = url::Url::parse(amqp_url).ok().and_then(|u| u.port());
+        if let Some(port) = port
+            && !self.chromium_deny_ports.contains(&port)
+        {
+            self.chromium_deny_ports.push(port);
+        }
+    }
+
     /// The pool's readiness conditions by name (`--chromium-ready NAME=EXPRESSION`).
     pub fn ready_expression(&self, name: &str) -> anyhow::Result<&str> {
         let found = self.chromium_ready.iter().find_map(|spec| {
