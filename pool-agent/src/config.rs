@@ -152,7 +152,11 @@ pub struct AgentConfig {
 
     /// A variable of the agent's own environment that Work gets too, with its value here
     /// (repeatable; comma-separated in the environment). ROTA_AMQP_* never.
-    #[arg(long = "work-env-pass", env = "ROTA_WORK_ENV_PASS", value_delimiter = ',')]
+    #[arg(
+        long = "work-env-pass",
+        env = "ROTA_WORK_ENV_PASS",
+        value_delimiter = ','
+    )]
     pub work_env_pass: Vec<String>,
 
     /// Where the workers' Chromium lives (passed on to worker processes and containers).

@@ -106,7 +106,10 @@ fn pages_from_network(network: &str) -> (String, String) {
         out = inspect();
     }
     let gateway = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(!gateway.is_empty(), "the Docker network {network} has a gateway");
+    assert!(
+        !gateway.is_empty(),
+        "the Docker network {network} has a gateway"
+    );
     (format!("http://{gateway}:{}", port()), gateway)
 }
 
@@ -410,12 +413,24 @@ async fn the_pools_policy_refuses_local_files_metadata_the_broker_and_redirects_
     for (url, why) in [
         ("file:///etc/passwd", "file: URLs are never loaded"),
         ("data:text/html,<h1>hi</h1>", "data: URLs are never loaded"),
-        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 is link-local"),
+        (
+            "http://169.254.169.254/latest/meta-data/",
+            "169.254.169.254 is link-local",
+        ),
         ("http://[fd00:ec2::254]/", "a cloud metadata service"),
-        ("http://metadata.google.internal/", "a cloud metadata service"),
-        ("http://127.0.0.1:15672/api/whoami", "port 15672 is one of the broker's"),
+        (
+            "http://metadata.google.internal/",
+            "a cloud metadata service",
+        ),
+        (
+            "http://127.0.0.1:15672/api/whoami",
+            "port 15672 is one of the broker's",
+        ),
         ("http://localhost:5672/", "port 5672 is one of the broker's"),
-        ("https://example.com/", "not among the hosts of --chromium-allow-host"),
+        (
+            "https://example.com/",
+            "not among the hosts of --chromium-allow-host",
+        ),
     ] {
         let error = refused(&sys, pdf(url.into())).await;
         assert!(
@@ -429,10 +444,15 @@ async fn the_pools_policy_refuses_local_files_metadata_the_broker_and_redirects_
     let url = format!("{}/redirect?to={elsewhere}", pages());
     let error = refused(&sys, pdf(url)).await;
     assert!(
-        error.contains(&format!("it led to {elsewhere}")) && error.contains("localhost is loopback"),
+        error.contains(&format!("it led to {elsewhere}"))
+            && error.contains("localhost is loopback"),
         "{error}"
     );
-    let error = refused(&sys, pdf(format!("{}/redirect?to=http://169.254.169.254/", pages()))).await;
+    let error = refused(
+        &sys,
+        pdf(format!("{}/redirect?to=http://169.254.169.254/", pages())),
+    )
+    .await;
     assert!(error.contains("link-local"), "{error}");
     assert!(!out.join("refused.pdf").exists());
 
@@ -443,7 +463,10 @@ async fn the_pools_policy_refuses_local_files_metadata_the_broker_and_redirects_
                "ready_expression": "window.reportDone === true"}),
     )
     .await;
-    assert!(error.contains("ready_expression is no longer accepted"), "{error}");
+    assert!(
+        error.contains("ready_expression is no longer accepted"),
+        "{error}"
+    );
 
     // A resource the page asks for out of the policy is left out; the page still renders.
     let record = submit(
@@ -456,7 +479,9 @@ async fn the_pools_policy_refuses_local_files_metadata_the_broker_and_redirects_
     let uuid = record["uuid"].as_str().expect("a uuid");
     let logs = String::from_utf8_lossy(&sys.cli(&["logs", uuid]).await.stdout).into_owned();
     assert!(
-        logs.contains("refused: http://169.254.169.254/latest/meta-data/: 169.254.169.254 is link-local"),
+        logs.contains(
+            "refused: http://169.254.169.254/latest/meta-data/: 169.254.169.254 is link-local"
+        ),
         "{logs}"
     );
     report_pdf(&sys, "allowed").await;

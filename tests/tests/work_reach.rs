@@ -37,8 +37,16 @@ async fn work_gets_the_allow_list_and_the_pools_variables_never_the_agents_crede
     // `rota_tests::Proc`); only the one passed on may reach Work.
     for location in ["process", "docker"] {
         let env = environment_at(&sys, location).await;
-        assert_eq!(env.get("GREETING").map(String::as_str), Some("hello world"), "{location}: {env:?}");
-        assert_eq!(env.get("RUST_BACKTRACE").map(String::as_str), Some("0"), "{location}");
+        assert_eq!(
+            env.get("GREETING").map(String::as_str),
+            Some("hello world"),
+            "{location}: {env:?}"
+        );
+        assert_eq!(
+            env.get("RUST_BACKTRACE").map(String::as_str),
+            Some("0"),
+            "{location}"
+        );
         for never in ["ROTA_AMQP_URL", "ROTA_NAMESPACE", "RUST_LOG"] {
             assert!(!env.contains_key(never), "{location} sees {never}: {env:?}");
         }
@@ -109,7 +117,10 @@ async fn a_write_through_a_dangling_symlink_out_of_an_alias_is_refused_and_creat
         let error = record["attempts"][0]["error"]["message"]
             .as_str()
             .unwrap_or_default();
-        assert!(error.contains("leaves its alias's folder"), "{path}: {error}");
+        assert!(
+            error.contains("leaves its alias's folder"),
+            "{path}: {error}"
+        );
     }
     assert!(!target.exists(), "nothing was created outside the alias");
     assert_eq!(std::fs::read_dir(&outside).expect("listed").count(), 0);

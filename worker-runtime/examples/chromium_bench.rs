@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .position(|a| a == "--through")
         .and_then(|i| args.get(i + 1));
-    let url = rota_worker_runtime::demo::serve_page(PAGE)?;
+    let url = rota_worker_runtime::demo::serve_page(PAGE, "127.0.0.1")?;
     let dir = tempfile::tempdir()?;
     println!("{pdfs} PDFs of {url} each way; {}", version());
 

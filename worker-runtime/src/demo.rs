@@ -203,11 +203,12 @@ impl Work for Spawn {
     }
 }
 
-/// Serves `html` to every request on 127.0.0.1 (a port of its own) for as long as the program
-/// runs; returns the page's URL. The page that the Chromium demo and benchmark render.
-pub fn serve_page(html: &'static str) -> std::io::Result<String> {
+/// Serves `html` to every request on this host's address `host` (a port of its own) for as
+/// long as the program runs; returns the page's URL. The page that the Chromium demo and
+/// benchmark render.
+pub fn serve_page(html: &'static str, host: &str) -> std::io::Result<String> {
     use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let listener = std::net::TcpListener::bind((host, 0))?;
     let url = format!("http://{}/report.html", listener.local_addr()?);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {

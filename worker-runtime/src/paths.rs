@@ -188,7 +188,11 @@ fn beneath(dir: &impl AsFd, rest: &Path, flags: OFlag, path: &str) -> Result<Own
     let mode = Mode::from_bits_truncate(0o666);
     let how = OpenHow::new()
         .flags(flags)
-        .mode(if flags.contains(OFlag::O_CREAT) { mode } else { Mode::empty() })
+        .mode(if flags.contains(OFlag::O_CREAT) {
+            mode
+        } else {
+            Mode::empty()
+        })
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     match openat2(dir, rest, how) {
         Ok(fd) => Ok(fd),
@@ -303,7 +307,12 @@ mod tests {
         std::os::unix::fs::symlink("../../x", dir.path().join("up")).expect("symlink");
         std::os::unix::fs::symlink(outside.path(), dir.path().join("out")).expect("symlink");
         let a = aliases(dir.path());
-        for path in ["demodata/link", "demodata/up", "demodata/out/planted", "demodata/out/a/b"] {
+        for path in [
+            "demodata/link",
+            "demodata/up",
+            "demodata/out/planted",
+            "demodata/out/a/b",
+        ] {
             for access in [Access::Create, Access::Append] {
                 assert_eq!(
                     a.create_file(path, access).err(),
@@ -311,13 +320,20 @@ mod tests {
                     "{path}"
                 );
             }
-            assert!(matches!(a.resolve(path), Err(PathError::Escapes(_))), "{path}");
+            assert!(
+                matches!(a.resolve(path), Err(PathError::Escapes(_))),
+                "{path}"
+            );
         }
-        assert!(
-            matches!(a.create_dir_all("demodata/out/sub"), Err(PathError::Escapes(_)))
-        );
+        assert!(matches!(
+            a.create_dir_all("demodata/out/sub"),
+            Err(PathError::Escapes(_))
+        ));
         assert!(!target.exists());
-        assert_eq!(std::fs::read_dir(outside.path()).expect("listed").count(), 0);
+        assert_eq!(
+            std::fs::read_dir(outside.path()).expect("listed").count(),
+            0
+        );
     }
 
     #[test]
@@ -325,7 +341,9 @@ mod tests {
         use std::io::{Read, Write};
         let dir = tempfile::tempdir().expect("tempdir");
         let a = aliases(dir.path());
-        let mut f = a.create_file("demodata/x/y/z.txt", Access::Create).expect("made");
+        let mut f = a
+            .create_file("demodata/x/y/z.txt", Access::Create)
+            .expect("made");
         f.write_all(b"one").expect("written");
         std::os::unix::fs::symlink("x/y", dir.path().join("short")).expect("symlink");
         let mut text = String::new();
@@ -334,7 +352,9 @@ mod tests {
             .read_to_string(&mut text)
             .expect("read");
         assert_eq!(text, "one");
-        let mut f = a.open("demodata/x/y/z.txt", Access::Append).expect("opened");
+        let mut f = a
+            .open("demodata/x/y/z.txt", Access::Append)
+            .expect("opened");
         f.write_all(b" two").expect("written");
         assert_eq!(
             std::fs::read_to_string(dir.path().join("x/y/z.txt")).expect("read"),
@@ -347,16 +367,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let outside = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("x")).expect("folder");
-        std::os::unix::fs::symlink(outside.path().join("p"), dir.path().join("link")).expect("symlink");
+        std::os::unix::fs::symlink(outside.path().join("p"), dir.path().join("link"))
+            .expect("symlink");
         std::os::unix::fs::symlink("x", dir.path().join("inner")).expect("symlink");
         let root = open_root(dir.path(), "t").expect("opened");
         let create = Access::Create.flags() | OFlag::O_CLOEXEC;
         let mode = Mode::from_bits_truncate(0o666);
         for rest in ["link", "inner/f"] {
-            assert!(matches!(
-                walk(&root, Path::new(rest), create, mode, "t"),
-                Err(PathError::Escapes(_))
-            ), "{rest}");
+            assert!(
+                matches!(
+                    walk(&root, Path::new(rest), create, mode, "t"),
+                    Err(PathError::Escapes(_))
+                ),
+                "{rest}"
+            );
         }
         walk(&root, Path::new("x/f"), create, mode, "t").expect("a plain path");
         assert!(dir.path().join("x/f").is_file());

@@ -54,7 +54,9 @@ impl WorkEnv {
         }
         for spec in set {
             let (key, value) = spec.split_once('=').ok_or_else(|| {
-                anyhow::anyhow!("--work-env {spec:?} is not KEY=VALUE (e.g. --work-env LANG=C.UTF-8)")
+                anyhow::anyhow!(
+                    "--work-env {spec:?} is not KEY=VALUE (e.g. --work-env LANG=C.UTF-8)"
+                )
             })?;
             check_key(key, "--work-env")?;
             vars.insert(key.to_owned(), value.to_owned());
@@ -110,12 +112,15 @@ mod tests {
     #[test]
     fn only_the_allow_list_and_the_pools_additions() {
         // PATH is set in any test run; ROTA_AMQP_URL may be.
-        let env = WorkEnv::build(&["GREETING=hello=world".into()], &["PATH".into()])
-            .expect("valid");
+        let env =
+            WorkEnv::build(&["GREETING=hello=world".into()], &["PATH".into()]).expect("valid");
         let vars: BTreeMap<_, _> = env.vars().collect();
         assert_eq!(vars.get("GREETING"), Some(&"hello=world"));
         assert!(vars.contains_key("PATH"));
-        assert!(vars.keys().all(|k| allowed(k) || *k == "GREETING"), "{vars:?}");
+        assert!(
+            vars.keys().all(|k| allowed(k) || *k == "GREETING"),
+            "{vars:?}"
+        );
         let container = env.container();
         assert!(container.contains(&"HOME=/tmp".to_owned()));
         assert!(!container.iter().any(|v| v.starts_with("PATH=")));

@@ -175,7 +175,10 @@ impl DockerChromium {
                 let address = self.address(network).await?;
                 let inside = format!("ws://127.0.0.1:{DEVTOOLS_PORT}/");
                 let path = url.strip_prefix(&inside).with_context(|| {
-                    format!("Chromium in container {} listens at {url}, not at {inside}…", self.name)
+                    format!(
+                        "Chromium in container {} listens at {url}, not at {inside}…",
+                        self.name
+                    )
                 })?;
                 Ok(format!("ws://{address}:{FORWARD_PORT}/{path}"))
             }
@@ -289,6 +292,23 @@ async fn network(docker: &Docker, name: &str) -> anyhow::Result<String> {
              or name another with --chromium-docker-network"
         )),
     }
+}
+
+/// This host's address on the Docker network `name` (its gateway), the network made if
+/// missing: where a browser or a worker on that network reaches a page this host serves.
+pub async fn host_address(name: &str) -> anyhow::Result<String> {
+    let docker = connect().await?;
+    network(&docker, name).await?;
+    let info = docker
+        .inspect_network(name, None)
+        .await
+        .with_context(|| format!("cannot inspect the Docker network {name}"))?;
+    info.ipam
+        .and_then(|ipam| ipam.config)
+        .into_iter()
+        .flatten()
+        .find_map(|c| c.gateway.filter(|g| !g.is_empty()))
+        .with_context(|| format!("the Docker network {name} has no gateway"))
 }
 
 /// Removes the Chromium containers of this host whose owner process is gone (an owner that

@@ -30,9 +30,10 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 
 use docker::DockerChromium;
+pub use docker::host_address;
 use local::LocalChromium;
-use policy::Policy;
 pub use page::{NotReady, Page, PdfOptions, Ready, ScreenshotOptions};
+use policy::Policy;
 pub use settings::{ChromiumArgs, Mode};
 
 /// How long a browser may take to answer a health check or a housekeeping command before it

@@ -147,14 +147,23 @@ impl Page {
     pub fn refused(&self) -> Vec<String> {
         self.refused
             .lock()
-            .map(|r| r.iter().map(|(url, why, _)| format!("{url}: {why}")).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|(url, why, _)| format!("{url}: {why}"))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     fn refused_documents(&self) -> Vec<(String, String, bool)> {
         self.refused
             .lock()
-            .map(|r| r.iter().filter(|(_, _, document)| *document).cloned().collect())
+            .map(|r| {
+                r.iter()
+                    .filter(|(_, _, document)| *document)
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

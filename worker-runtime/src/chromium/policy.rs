@@ -135,7 +135,9 @@ impl Policy {
                 "{host} is loopback, loaded only when --chromium-allow-host names it (e.g. --chromium-allow-host {host})"
             )
         } else {
-            format!("{host} is not among the hosts of --chromium-allow-host (ROTA_CHROMIUM_ALLOW_HOSTS)")
+            format!(
+                "{host} is not among the hosts of --chromium-allow-host (ROTA_CHROMIUM_ALLOW_HOSTS)"
+            )
         })
     }
 }
@@ -148,7 +150,9 @@ fn parse_allowed(entry: &str) -> anyhow::Result<Allowed> {
     if let Some(domain) = entry.strip_prefix("*.") {
         return match Host::parse(domain) {
             Ok(Host::Domain(d)) => Ok(Allowed::Under(d)),
-            _ => anyhow::bail!("--chromium-allow-host {entry:?}: write *.example.com, a name or an address"),
+            _ => anyhow::bail!(
+                "--chromium-allow-host {entry:?}: write *.example.com, a name or an address"
+            ),
         };
     }
     let bracketed = if entry.contains(':') && !entry.starts_with('[') {
@@ -231,16 +235,25 @@ mod tests {
             ("file:///etc/passwd", "file: URLs are never loaded"),
             ("data:text/html,<h1>x</h1>", "data: URLs are never loaded"),
             ("javascript:alert(1)", "javascript: URLs are never loaded"),
-            ("http://other.example.com/", "not among the hosts of --chromium-allow-host"),
+            (
+                "http://other.example.com/",
+                "not among the hosts of --chromium-allow-host",
+            ),
             ("https://example.org/", "not among the hosts"),
             ("http://169.254.169.254/latest/meta-data/", "link-local"),
             ("http://2852039166/", "169.254.169.254 is link-local"),
             ("http://[::ffff:169.254.169.254]/", "link-local"),
             ("http://[fd00:ec2::254]/", "cloud metadata"),
             ("http://metadata.google.internal/", "cloud metadata"),
-            ("http://127.0.0.1:8080/", "loopback, loaded only when --chromium-allow-host names it"),
+            (
+                "http://127.0.0.1:8080/",
+                "loopback, loaded only when --chromium-allow-host names it",
+            ),
             ("http://localhost/", "loopback"),
-            ("http://reports.example.com:15672/", "port 15672 is one of the broker's"),
+            (
+                "http://reports.example.com:15672/",
+                "port 15672 is one of the broker's",
+            ),
             ("http://10.0.0.5:5672/", "port 5672"),
         ] {
             let refusal = p.refusal(bad).unwrap_or_default();
@@ -257,7 +270,9 @@ mod tests {
         let p = policy(&["127.0.0.1"]);
         assert_eq!(p.refusal("http://127.0.0.1:8080/"), None);
         assert!(p.refusal("http://127.0.0.1:5672/").is_some());
-        let refusal = policy(&[]).refusal("https://example.com/").unwrap_or_default();
+        let refusal = policy(&[])
+            .refusal("https://example.com/")
+            .unwrap_or_default();
         assert!(refusal.contains("--chromium-allow-host"), "{refusal}");
     }
 

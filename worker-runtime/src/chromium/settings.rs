@@ -83,7 +83,11 @@ pub struct ChromiumArgs {
     /// address, or `*` for any host but loopback. None by default: every URL is refused until
     /// the pool lists its hosts. Loopback (127.0.0.1, localhost) only when named here;
     /// link-local and cloud metadata addresses and the broker's ports never.
-    #[arg(long = "chromium-allow-host", env = "ROTA_CHROMIUM_ALLOW_HOSTS", value_delimiter = ',')]
+    #[arg(
+        long = "chromium-allow-host",
+        env = "ROTA_CHROMIUM_ALLOW_HOSTS",
+        value_delimiter = ','
+    )]
     pub chromium_allow_hosts: Vec<String>,
 
     /// A scheme Chromium may load (repeatable): http, https, ws, wss. file:, data: and the
@@ -98,13 +102,21 @@ pub struct ChromiumArgs {
 
     /// A port Chromium never loads from, on any host, besides RabbitMQ's own (4369, 5671,
     /// 5672, 15671, 15672, 25672, …): the broker's, when it listens elsewhere (repeatable).
-    #[arg(long = "chromium-deny-port", env = "ROTA_CHROMIUM_DENY_PORTS", value_delimiter = ',')]
+    #[arg(
+        long = "chromium-deny-port",
+        env = "ROTA_CHROMIUM_DENY_PORTS",
+        value_delimiter = ','
+    )]
     pub chromium_deny_ports: Vec<u16>,
 
     /// A readiness condition NAME=EXPRESSION that payloads may name (`"ready": "NAME"`): the
     /// page is ready once the JavaScript EXPRESSION is truthy, checked every 50 ms
     /// (repeatable; one per line in the environment). Payloads never carry JavaScript.
-    #[arg(long = "chromium-ready", env = "ROTA_CHROMIUM_READY", value_delimiter = '\n')]
+    #[arg(
+        long = "chromium-ready",
+        env = "ROTA_CHROMIUM_READY",
+        value_delimiter = '\n'
+    )]
     pub chromium_ready: Vec<String>,
 
     /// The Docker network of `docker` browsers (made if missing): they load pages through it,

@@ -329,7 +329,10 @@ mod tests {
         assert_eq!(t(base.clone()).ready(&settings).expect("ok"), Ready::Load);
         let mut signal = base.clone();
         signal["wait_for_ready"] = json!(true);
-        assert_eq!(t(signal.clone()).ready(&settings).expect("ok"), Ready::Signal);
+        assert_eq!(
+            t(signal.clone()).ready(&settings).expect("ok"),
+            Ready::Signal
+        );
         let mut named = base.clone();
         named["ready"] = json!("done");
         assert_eq!(
@@ -338,10 +341,16 @@ mod tests {
         );
         named["ready"] = json!("other");
         let error = t(named).ready(&settings).expect_err("unknown").to_string();
-        assert!(error.contains("no ready condition named \"other\" (it has done)"), "{error}");
+        assert!(
+            error.contains("no ready condition named \"other\" (it has done)"),
+            "{error}"
+        );
         let mut v1 = base;
         v1["ready_expression"] = json!("fetch('http://169.254.169.254/')");
         let error = t(v1).ready(&settings).expect_err("refused").to_string();
-        assert!(error.contains("ready_expression is no longer accepted"), "{error}");
+        assert!(
+            error.contains("ready_expression is no longer accepted"),
+            "{error}"
+        );
     }
 }
