@@ -21,7 +21,7 @@ use rota_common::wire::{
     Run, Status,
 };
 use rota_worker_runtime::context::BufferSink;
-use rota_worker_runtime::{Aliases, Context, Registry};
+use rota_worker_runtime::{Aliases, Context, Registry, WorkEnv};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -101,9 +101,10 @@ pub async fn run(
     let work_root = dir.join("work");
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("cannot create the folder {}", work_root.display()))?;
+    let work_env = cfg.work_env()?;
     let engine = match cfg.worker_location {
         Location::Docker => Some(Arc::new(
-            docker_engine(&cfg, &names, &id, &aliases, &work_root).await?,
+            docker_engine(&cfg, &work_env, &names, &id, &aliases, &work_root).await?,
         )),
         _ => None,
     };
@@ -117,7 +118,7 @@ pub async fn run(
             aliases: (*aliases).clone(),
             kill_grace: cfg.kill_grace,
             chromium_args: cfg.chromium.to_args(),
-            env: cfg.work_env()?,
+            env: work_env,
         },
         engine: engine.clone(),
         chromium: cfg.chromium.clone(),
@@ -274,6 +275,7 @@ pub async fn run(
 /// previous run of this agent left behind.
 async fn docker_engine(
     cfg: &AgentConfig,
+    work_env: &WorkEnv,
     names: &Names,
     id: &AgentId,
     aliases: &Aliases,
@@ -287,7 +289,7 @@ async fn docker_engine(
         image: d.image.clone(),
         network: d.network.clone(),
         user: d.user.clone(),
-        env: cfg.work_env()?.container(),
+        env: work_env.container(),
         memory: d.memory_mib * MIB,
         cpus: d.cpus,
         pids: d.pids_limit,

@@ -293,7 +293,7 @@ impl AgentConfig {
         if self.default_timeout > self.max_job_timeout {
             anyhow::bail!("--default-timeout is longer than --max-job-timeout");
         }
-        self.work_env()?;
+        WorkEnv::check(&self.work_env, &self.work_env_pass)?;
         self.chromium.check()
     }
 

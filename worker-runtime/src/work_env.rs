@@ -36,12 +36,12 @@ impl WorkEnv {
     /// `--work-env-pass`) with their values here. A variable to pass that is not set is left
     /// out with a warning.
     pub fn build(set: &[String], pass: &[String]) -> anyhow::Result<WorkEnv> {
+        Self::check(set, pass)?;
         let mut vars: BTreeMap<String, String> = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| allowed(k))
             .collect();
         for key in pass {
-            check_key(key, "--work-env-pass")?;
             match std::env::var(key) {
                 Ok(value) => {
                     vars.insert(key.clone(), value);
@@ -52,16 +52,27 @@ impl WorkEnv {
                 ),
             }
         }
+        for (key, value) in set.iter().filter_map(|spec| spec.split_once('=')) {
+            vars.insert(key.to_owned(), value.to_owned());
+        }
+        Ok(WorkEnv { vars })
+    }
+
+    /// Checks `--work-env` and `--work-env-pass` (see [`WorkEnv::build`]); the message says
+    /// what to change.
+    pub fn check(set: &[String], pass: &[String]) -> anyhow::Result<()> {
+        for key in pass {
+            check_key(key, "--work-env-pass")?;
+        }
         for spec in set {
-            let (key, value) = spec.split_once('=').ok_or_else(|| {
+            let (key, _) = spec.split_once('=').ok_or_else(|| {
                 anyhow::anyhow!(
                     "--work-env {spec:?} is not KEY=VALUE (e.g. --work-env LANG=C.UTF-8)"
                 )
             })?;
             check_key(key, "--work-env")?;
-            vars.insert(key.to_owned(), value.to_owned());
         }
-        Ok(WorkEnv { vars })
+        Ok(())
     }
 
     /// This process's whole environment: that of a worker runtime, which its agent made.

@@ -280,8 +280,9 @@ impl Page {
 
 /// Pauses every request of `page` (the DevTools `Fetch` domain) and lets it go on only if
 /// `policy` allows its URL; a refused one fails as blocked and is noted in `refused`. Redirects
-/// are paused too, each hop with its own URL. Requests the `Fetch` domain does not see
-/// (WebSockets, and those of out-of-process frames: see `FLAGS`) are not checked.
+/// are paused too, each hop with its own URL. Requests the page's `Fetch` domain does not see
+/// are not checked: WebSockets, and those of the page's workers and of out-of-process frames
+/// (which `FLAGS` keep in the page's process).
 async fn intercept(
     page: &chromiumoxide::Page,
     policy: Arc<Policy>,
