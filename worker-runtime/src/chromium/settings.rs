@@ -17,8 +17,8 @@ pub enum Mode {
     /// The worker starts `--chromium-binary` itself, with a fresh profile folder. Inside a
     /// `docker` worker's container this is Chromium beside `worker-runtime` in the image.
     Local,
-    /// The worker starts a container of `--chromium-image` (network `host`) and removes it
-    /// when the worker is replaced or stops.
+    /// The worker starts a container of `--chromium-image` (on `--chromium-docker-network`,
+    /// never the host's network) and removes it when the worker is replaced or stops.
     Docker,
     /// The worker connects to the Chromium already running at `--chromium-url`, which it never
     /// closes.
