@@ -1,7 +1,8 @@
 //! Which URLs a pool's Chromium may load: the pool's configuration says, never the payload.
 //! Every request of a page (the page itself, its redirects, its frames and subresources) is
-//! checked through request interception (the DevTools `Fetch` domain, see [`super::Page::goto`]);
-//! a URL a Work asks for is checked before Chromium is asked to load it.
+//! checked through request interception (the DevTools `Fetch` domain, see
+//! [`super::Page::goto`]); a URL a Work asks for is checked before Chromium is asked to load
+//! it.
 //!
 //! Allowed: the schemes of `--chromium-allow-scheme` (http and https by default) to the hosts
 //! of `--chromium-allow-host` (none by default: a pool names the hosts it renders). Refused
