@@ -48,7 +48,7 @@ if [[ "$what" == chromium ]]; then
   mkdir -p "$data/out"
   # shellcheck disable=SC2086 # AGENT_FLAGS is a list of flags
   "${agent[@]}" --id bench-chromium --worker-location "${LOCATION:-process}" --pool-min-size 1 \
-    --pool-max-size 1 --alias "out=$data/out" --chromium-profile-root "$data" ${AGENT_FLAGS:-} \
+    --pool-max-size 1 --alias "out=$data/out" --chromium-profile-root "$data" --chromium-allow-host 127.0.0.1 ${AGENT_FLAGS:-} \
     >"$data/agent.log" 2>&1 &
   pids+=($!)
   "$bin/examples/chromium_bench" "$pdfs" --through "$data/out" | tail -n 1

@@ -21,7 +21,7 @@ use rota_common::wire::{
     Run, Status,
 };
 use rota_worker_runtime::context::BufferSink;
-use rota_worker_runtime::{Aliases, Context, Registry};
+use rota_worker_runtime::{Aliases, Context, Registry, WorkEnv};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -39,13 +39,15 @@ use crate::results::Results;
 /// Runs a pool agent until `shutdown` is cancelled, then stops taking jobs, lets running ones
 /// finish (for up to `--shutdown-grace`), hands back the rest, and returns.
 pub async fn run(
-    cfg: AgentConfig,
+    mut cfg: AgentConfig,
     amqp_url: &str,
     names: Names,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.check()?;
+    // Chromium never loads from the broker's port, wherever it listens.
+    cfg.chromium.deny_broker_port(amqp_url);
     let id = AgentId::new(&cfg.id).map_err(anyhow::Error::msg)?;
     let health = Health::default();
     let metrics = Arc::new(AgentMetrics::new());
@@ -100,9 +102,10 @@ pub async fn run(
     let work_root = dir.join("work");
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("cannot create the folder {}", work_root.display()))?;
+    let work_env = cfg.work_env()?;
     let engine = match cfg.worker_location {
         Location::Docker => Some(Arc::new(
-            docker_engine(&cfg, &names, &id, &aliases, &work_root).await?,
+            docker_engine(&cfg, &work_env, &names, &id, &aliases, &work_root).await?,
         )),
         _ => None,
     };
@@ -116,6 +119,7 @@ pub async fn run(
             aliases: (*aliases).clone(),
             kill_grace: cfg.kill_grace,
             chromium_args: cfg.chromium.to_args(),
+            env: work_env,
         },
         engine: engine.clone(),
         chromium: cfg.chromium.clone(),
@@ -273,6 +277,7 @@ pub async fn run(
 /// previous run of this agent left behind.
 async fn docker_engine(
     cfg: &AgentConfig,
+    work_env: &WorkEnv,
     names: &Names,
     id: &AgentId,
     aliases: &Aliases,
@@ -284,8 +289,9 @@ async fn docker_engine(
     mounts.push(work_root.to_owned());
     let engine = Engine::connect(DockerSpec {
         image: d.image.clone(),
-        network: d.network,
+        network: d.network.clone(),
         user: d.user.clone(),
+        env: work_env.container(),
         memory: d.memory_mib * MIB,
         cpus: d.cpus,
         pids: d.pids_limit,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use rota_common::config::parse_duration;
+use rota_worker_runtime::WorkEnv;
 use rota_worker_runtime::chromium::ChromiumArgs;
 
 pub use crate::container::Network;
@@ -141,6 +142,23 @@ pub struct AgentConfig {
     #[arg(long, env = "ROTA_KEEP_WORK_DIRS")]
     pub keep_work_dirs: bool,
 
+    /// A variable KEY=VALUE in the environment of Work (repeatable; comma-separated in the
+    /// environment). Work never inherits the agent's environment: `process` and `docker`
+    /// workers and Chromium get only PATH, HOME, USER, LOGNAME, LANG, LANGUAGE, LC_*, TZ and
+    /// TMPDIR from it (in a container, PATH is the image's and HOME and TMPDIR are /tmp),
+    /// plus these.
+    #[arg(long = "work-env", env = "ROTA_WORK_ENV", value_delimiter = ',')]
+    pub work_env: Vec<String>,
+
+    /// A variable of the agent's own environment that Work gets too, with its value here
+    /// (repeatable; comma-separated in the environment). ROTA_AMQP_* never.
+    #[arg(
+        long = "work-env-pass",
+        env = "ROTA_WORK_ENV_PASS",
+        value_delimiter = ','
+    )]
+    pub work_env_pass: Vec<String>,
+
     /// Where the workers' Chromium lives (passed on to worker processes and containers).
     #[command(flatten)]
     pub chromium: ChromiumArgs,
@@ -160,8 +178,13 @@ pub struct DockerConfig {
     )]
     pub image: String,
 
-    /// The containers' network: none, or the host's (to reach services or pages).
-    #[arg(long = "docker-network", env = "ROTA_DOCKER_NETWORK", value_enum, default_value_t = Network::None)]
+    /// The containers' network. `none` (the default): no network at all. The name of a Docker
+    /// network (`docker network create …`): Work reaches what it routes to, the host's services
+    /// that listen on every address among them (through its gateway). `host`: the host's own
+    /// network, loopback included; Work then reaches the broker as the host does (on the
+    /// set-up's broker, guest is an administrator), every local service, and the DevTools
+    /// ports of other workers' Chromiums: only for Work you trust as much as the agent.
+    #[arg(long = "docker-network", env = "ROTA_DOCKER_NETWORK", value_parser = Network::parse, default_value = "none")]
     pub network: Network,
 
     /// The user the runtime runs as in the container (uid:gid). When the agent runs as root
@@ -270,6 +293,12 @@ impl AgentConfig {
         if self.default_timeout > self.max_job_timeout {
             anyhow::bail!("--default-timeout is longer than --max-job-timeout");
         }
+        WorkEnv::check(&self.work_env, &self.work_env_pass)?;
         self.chromium.check()
+    }
+
+    /// The environment of this pool's Work (see `--work-env`).
+    pub fn work_env(&self) -> anyhow::Result<WorkEnv> {
+        WorkEnv::build(&self.work_env, &self.work_env_pass)
     }
 }

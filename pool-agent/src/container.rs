@@ -2,7 +2,8 @@
 //! Docker engine (bollard), attached over stdin/stdout and spoken to with the same protocol as
 //! `process` workers (see [`crate::process`]).
 //!
-//! Containers are hardened by default: no network (or the host's, when configured), a
+//! Containers are hardened by default: no network (or a Docker network, or the host's, when
+//! configured), the pool's environment only (see [`rota_worker_runtime::WorkEnv`]), a
 //! non-root user, every capability dropped, `no-new-privileges`, a read-only root filesystem
 //! with a small tmpfs `/tmp`, and memory (swap included), CPU and process-count limits. The
 //! alias folders and the agent's job folders are bind-mounted at the same paths, so a path
@@ -23,7 +24,6 @@ use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
     RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptions,
 };
-use clap::ValueEnum;
 use futures::StreamExt;
 use tokio::io::AsyncWrite;
 
@@ -33,12 +33,37 @@ pub const OWNER_LABEL: &str = "rota.agent";
 pub const NAMESPACE_LABEL: &str = "rota.namespace";
 
 /// The network a worker container gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Network {
-    /// No network at all (only loopback): Work cannot reach anything.
+    /// No network at all (only the container's own loopback): Work reaches nothing.
     None,
-    /// The host's network: Work reaches what the host reaches (e.g. pages to render).
+    /// The host's network, loopback included: Work reaches whatever the host reaches, the
+    /// broker and every local service among them.
     Host,
+    /// A Docker network by name (e.g. one made with `docker network create`): Work reaches
+    /// what that network routes to.
+    Named(String),
+}
+
+impl Network {
+    /// Parses `--docker-network`: `none`, `host`, or a Docker network's name.
+    pub fn parse(value: &str) -> Result<Network, String> {
+        match value {
+            "none" => Ok(Network::None),
+            "host" => Ok(Network::Host),
+            "" => Err("give none, host, or the name of a Docker network".into()),
+            name => Ok(Network::Named(name.to_owned())),
+        }
+    }
+
+    /// Docker's `network_mode`.
+    pub fn mode(&self) -> &str {
+        match self {
+            Network::None => "none",
+            Network::Host => "host",
+            Network::Named(name) => name,
+        }
+    }
 }
 
 /// How a pool's containers are made.
@@ -49,6 +74,8 @@ pub struct DockerSpec {
     pub network: Network,
     /// `uid:gid` the runtime runs as.
     pub user: String,
+    /// The runtime's whole environment, `KEY=VALUE` (see [`rota_worker_runtime::WorkEnv`]).
+    pub env: Vec<String>,
     /// Memory limit in bytes, swap included (0: none).
     pub memory: u64,
     /// CPUs, e.g. 1.5 (0: no limit).
@@ -126,13 +153,7 @@ impl Engine {
         let spec = &self.spec;
         let name = format!("{}-{worker}", spec.name_prefix);
         let host = HostConfig {
-            network_mode: Some(
-                match spec.network {
-                    Network::None => "none",
-                    Network::Host => "host",
-                }
-                .into(),
-            ),
+            network_mode: Some(spec.network.mode().to_owned()),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
             readonly_rootfs: Some(true),
@@ -158,6 +179,7 @@ impl Engine {
             image: Some(spec.image.clone()),
             cmd: Some(args),
             user: Some(spec.user.clone()),
+            env: Some(spec.env.clone()),
             labels: Some(HashMap::from([
                 (OWNER_LABEL.into(), spec.owner.clone()),
                 (NAMESPACE_LABEL.into(), spec.namespace.clone()),

@@ -175,7 +175,14 @@ impl managed::Manager for Manager {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", self.spec.location.as_str());
         let (mut thread, mut process) = (None, None);
-        let in_process = || Some(Arc::new(Chromium::new(self.spec.chromium.clone())));
+        // In the agent's process, the browser gets the pool's environment, not the agent's.
+        let in_process = || {
+            let settings = ChromiumArgs {
+                env: Some(self.spec.process.env.clone()),
+                ..self.spec.chromium.clone()
+            };
+            Some(Arc::new(Chromium::new(settings)))
+        };
         let chromium = match self.spec.location {
             Location::Local => in_process(),
             Location::Thread => {

@@ -26,7 +26,7 @@ use rota_worker_runtime::protocol::{
     FromWorker, LineSplitter, MAX_FRAME_BYTES, MAX_LOG_LINE_BYTES, PROTOCOL_VERSION, Piece, Ticket,
     ToWorker, cut_to,
 };
-use rota_worker_runtime::{Aliases, Context, Outcome, Sink};
+use rota_worker_runtime::{Aliases, Context, Outcome, Sink, WorkEnv};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -44,6 +44,9 @@ pub struct ProcessSpec {
     pub kill_grace: Duration,
     /// More `serve` arguments: the Chromium settings.
     pub chromium_args: Vec<String>,
+    /// The whole environment of a `process` worker (a `docker` one's is in the
+    /// [`crate::container::DockerSpec`]); never the agent's own.
+    pub env: WorkEnv,
 }
 
 impl ProcessSpec {
@@ -226,6 +229,8 @@ impl Process {
     pub async fn start(spec: &ProcessSpec, name: &str) -> anyhow::Result<Process> {
         let mut child = Command::new(&spec.program)
             .args(spec.serve_args())
+            .env_clear()
+            .envs(spec.env.vars())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -41,7 +41,7 @@ pub enum Command {
     Run(SchedulerConfig),
     /// Runs a scheduler and a pool agent in this process and pushes a mix of demo Work
     /// through them; exits 0 if every job ended as expected.
-    Demo(DemoArgs),
+    Demo(Box<DemoArgs>),
     /// Pushes N no-op jobs through a running scheduler and agent and prints throughput,
     /// latency and memory figures.
     Bench(BenchArgs),

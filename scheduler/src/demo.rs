@@ -17,8 +17,8 @@ use rota_common::client::Client;
 use rota_common::config::{BrokerArgs, parse_duration};
 use rota_common::wire::{EventKind, Job, JobId, JobRecord, JobState};
 use rota_pool_agent::AgentConfig;
-use rota_pool_agent::config::{DockerConfig, Location};
-use rota_worker_runtime::chromium::ChromiumArgs;
+use rota_pool_agent::config::{DockerConfig, Location, Network};
+use rota_worker_runtime::chromium::{ChromiumArgs, Mode, host_address};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -170,6 +170,18 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         job_folders: JobFolders::Always,
         ..SchedulerConfig::default()
     };
+    // Where the browser reaches the report page this process serves: on this host's
+    // loopback, or at its address on the Docker network the browser is on.
+    let network = match (&args.worker_location, &args.docker.network) {
+        (Location::Docker, Network::Named(name)) => Some(name.clone()),
+        (Location::Docker, _) => None,
+        _ => (args.chromium_settings.chromium_mode == Mode::Docker)
+            .then(|| args.chromium_settings.chromium_docker_network.clone()),
+    };
+    let page_host = match network {
+        Some(name) if args.chromium => host_address(&name).await?,
+        _ => "127.0.0.1".to_owned(),
+    };
     let agent_cfg = AgentConfig {
         id: "demo".into(),
         worker_location: args.worker_location,
@@ -194,7 +206,13 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         worker_max_memory_mib: 1024,
         kill_grace: Duration::from_secs(5),
         docker: args.docker.clone(),
-        chromium: args.chromium_settings.clone(),
+        work_env: Vec::new(),
+        work_env_pass: Vec::new(),
+        chromium: ChromiumArgs {
+            // The demo's own report page.
+            chromium_allow_hosts: vec![page_host.clone()],
+            ..args.chromium_settings.clone()
+        },
     };
     if args.worker_location == Location::Docker {
         // The containers run as another user, who writes the demo's files.
@@ -224,7 +242,7 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         }
     });
 
-    let outcome = drive(broker, &args, &demodata, &dir).await;
+    let outcome = drive(broker, &args, &page_host, &demodata, &dir).await;
     stop.cancel();
     let sched_result = scheduler.await.context("the scheduler task failed")?;
     let agent_result = agent.await.context("the pool agent task failed")?;
@@ -236,13 +254,14 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
 async fn drive(
     broker: &BrokerArgs,
     args: &DemoArgs,
+    page_host: &str,
     demodata: &std::path::Path,
     dir: &std::path::Path,
 ) -> anyhow::Result<ExitCode> {
     let client = Client::connect(&broker.amqp_url, broker.names()?, "demo").await?;
     let mut planned = plan(args.jobs, demodata);
     if args.chromium {
-        let url = rota_worker_runtime::demo::serve_page(REPORT_PAGE)
+        let url = rota_worker_runtime::demo::serve_page(REPORT_PAGE, page_host)
             .context("cannot serve the demo's report page")?;
         planned.extend(plan_chromium(&url, demodata));
     }

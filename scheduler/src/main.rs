@@ -39,7 +39,7 @@ fn main() -> ExitCode {
                 rota_scheduler::run(config, &broker.amqp_url, broker.names()?, shutdown).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Demo(args) => rota_scheduler::demo::run(&broker, args).await,
+            Command::Demo(args) => rota_scheduler::demo::run(&broker, *args).await,
             Command::Bench(args) => rota_scheduler::bench::run(&broker, args).await,
             other => client_command(&broker, other).await,
         }

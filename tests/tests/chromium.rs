@@ -14,13 +14,15 @@ use serde_json::{Value, json};
 /// The text the report page writes 700 ms after it has loaded.
 const LATE_TEXT: &str = "Revenue grew by 42 percent";
 
-/// Serves the test pages on 127.0.0.1 for as long as the test binary runs; returns the base
-/// URL. `/report` calls `rotaReady({"rows": 3})` once its text is there; `/plain` only sets
-/// `window.reportDone`; `/never` never gets ready.
-fn serve_pages() -> String {
+/// Serves the test pages on every address of this host (Chromium in a container reaches them
+/// through its Docker network's gateway) for as long as the test binary runs; returns the
+/// port. `/report` calls `rotaReady({"rows": 3})` once its text is there; `/plain` only sets
+/// `window.reportDone`; `/never` never gets ready; `/leaky` loads an image from the cloud
+/// metadata address; `/redirect?to=URL` sends the browser to URL.
+fn serve_pages() -> u16 {
     use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    let base = format!("http://{}", listener.local_addr().expect("an address"));
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("a free port");
+    let port = listener.local_addr().expect("an address").port();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             std::thread::spawn(move || {
@@ -36,6 +38,22 @@ fn serve_pages() -> String {
                     "/report" => ("200 OK", page(LATE_TEXT, "window.rotaReady({rows: 3});")),
                     "/plain" => ("200 OK", page(LATE_TEXT, "window.reportDone = true;")),
                     "/never" => ("200 OK", page("never ready", "")),
+                    "/leaky" => (
+                        "200 OK",
+                        page(
+                            LATE_TEXT,
+                            "document.body.append(Object.assign(new Image(), {src: 'http://169.254.169.254/latest/meta-data/'})); \
+                             setTimeout(() => window.rotaReady(), 300);",
+                        ),
+                    ),
+                    p if p.starts_with("/redirect?to=") => {
+                        let to = &p["/redirect?to=".len()..];
+                        let _ = write!(
+                            &stream,
+                            "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                        return;
+                    }
                     _ => ("404 Not Found", "no such page".to_owned()),
                 };
                 let _ = write!(
@@ -46,7 +64,7 @@ fn serve_pages() -> String {
             });
         }
     });
-    base
+    port
 }
 
 /// A page whose content is written by JavaScript 700 ms after loading, then runs `then`.
@@ -59,9 +77,40 @@ setTimeout(() => {{ document.getElementById("out").textContent = "{text}"; {then
     )
 }
 
-fn pages() -> &'static str {
-    static BASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BASE.get_or_init(serve_pages)
+fn port() -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(serve_pages)
+}
+
+/// The pages' URL from this host's loopback.
+fn pages() -> String {
+    format!("http://127.0.0.1:{}", port())
+}
+
+/// The pages' URL from the Docker network `network` (made if missing): its gateway, this
+/// host's address there.
+fn pages_from_network(network: &str) -> (String, String) {
+    let inspect = || {
+        std::process::Command::new("docker")
+            .args(["network", "inspect", network, "--format"])
+            .arg("{{range .IPAM.Config}}{{.Gateway}}{{end}}")
+            .output()
+            .expect("docker runs")
+    };
+    let mut out = inspect();
+    if !out.status.success() {
+        // Another test may make it at the same time; either way it is there after.
+        let _ = std::process::Command::new("docker")
+            .args(["network", "create", network])
+            .output();
+        out = inspect();
+    }
+    let gateway = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        !gateway.is_empty(),
+        "the Docker network {network} has a gateway"
+    );
+    (format!("http://{gateway}:{}", port()), gateway)
 }
 
 /// Submits a job of `work_type` and waits for its record.
@@ -75,10 +124,15 @@ async fn submit(sys: &System, work_type: &str, payload: Value) -> Value {
 /// Renders `/report` to `out/<name>.pdf`, waiting for `rotaReady`; asserts it succeeded and
 /// that the PDF holds the text written after the delay. Returns the job's output.
 async fn report_pdf(sys: &System, name: &str) -> Value {
+    report_pdf_from(sys, &pages(), name).await
+}
+
+/// [`report_pdf`] of the pages at `base`.
+async fn report_pdf_from(sys: &System, base: &str, name: &str) -> Value {
     let record = submit(
         sys,
         "chromium.pdf",
-        json!({"url": format!("{}/report", pages()), "output": format!("out/{name}.pdf"),
+        json!({"url": format!("{base}/report"), "output": format!("out/{name}.pdf"),
                "wait_for_ready": true}),
     )
     .await;
@@ -206,16 +260,20 @@ async fn a_local_chromium_renders_once_the_page_is_ready_and_leaves_nothing_behi
             "local",
             "--chromium-profile-root",
             &root,
+            "--chromium-allow-host",
+            "127.0.0.1",
+            "--chromium-ready",
+            "done=window.reportDone === true",
         ],
     );
     report_pdf(&sys, "signal").await;
 
-    // The same, with a JavaScript condition instead of the signal.
+    // The same, with a condition of the pool's instead of the signal.
     let record = submit(
         &sys,
         "chromium.pdf",
         json!({"url": format!("{}/plain", pages()), "output": "out/expression.pdf",
-               "ready_expression": "window.reportDone === true", "paper": "Letter", "landscape": true}),
+               "ready": "done", "paper": "Letter", "landscape": true}),
     )
     .await;
     assert_eq!(record["state"], "succeeded", "{record:#}");
@@ -259,11 +317,19 @@ async fn a_page_that_never_gets_ready_or_does_not_answer_fails_and_the_browser_s
             &alias,
             "--chromium-profile-root",
             &root,
+            "--chromium-allow-host",
+            "127.0.0.1",
         ],
     );
     report_pdf(&sys, "first").await;
     let browser = browsers_under(&root);
     assert_eq!(browser.len(), 1);
+    // A thread worker's Work runs in the agent, but its browser does not get the agent's
+    // environment.
+    let environ = std::fs::read(format!("/proc/{}/environ", browser[0])).expect("readable");
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(environ.contains("PATH="), "{environ}");
+    assert!(!environ.contains("ROTA_AMQP_URL"), "{environ}");
 
     let record = submit(
         &sys,
@@ -312,6 +378,116 @@ async fn a_page_that_never_gets_ready_or_does_not_answer_fails_and_the_browser_s
     nothing_left_under(&root).await;
 }
 
+/// The error of a `chromium.pdf` job of `payload` that must fail.
+async fn refused(sys: &System, payload: Value) -> String {
+    let record = submit(sys, "chromium.pdf", payload).await;
+    assert_eq!(record["state"], "failed", "{record:#}");
+    record["attempts"][0]["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pools_policy_refuses_local_files_metadata_the_broker_and_redirects_out_of_it() {
+    let sys = System::new().await;
+    let (out, alias) = out_folder(&sys);
+    let root = profiles(&sys);
+    let _scheduler = sys.scheduler();
+    let mut agent = sys.agent(
+        "policy",
+        &[
+            "--worker-location",
+            "process",
+            "--pool-max-size",
+            "1",
+            "--alias",
+            &alias,
+            "--chromium-profile-root",
+            &root,
+            "--chromium-allow-host",
+            "127.0.0.1",
+        ],
+    );
+    let pdf = |url: String| json!({"url": url, "output": "out/refused.pdf"});
+    for (url, why) in [
+        ("file:///etc/passwd", "file: URLs are never loaded"),
+        ("data:text/html,<h1>hi</h1>", "data: URLs are never loaded"),
+        (
+            "http://169.254.169.254/latest/meta-data/",
+            "169.254.169.254 is link-local",
+        ),
+        ("http://[fd00:ec2::254]/", "a cloud metadata service"),
+        (
+            "http://metadata.google.internal/",
+            "a cloud metadata service",
+        ),
+        (
+            "http://127.0.0.1:15672/api/whoami",
+            "port 15672 is one of the broker's",
+        ),
+        ("http://localhost:5672/", "port 5672 is one of the broker's"),
+        (
+            "https://example.com/",
+            "not among the hosts of --chromium-allow-host",
+        ),
+    ] {
+        let error = refused(&sys, pdf(url.into())).await;
+        assert!(
+            error.contains(&format!("refused to load {url}")) && error.contains(why),
+            "{url}: {error}"
+        );
+    }
+    // A page of an allowed host that sends the browser elsewhere: the same server, under a
+    // name the pool does not list.
+    let elsewhere = format!("http://localhost:{}/report", port());
+    let url = format!("{}/redirect?to={elsewhere}", pages());
+    let error = refused(&sys, pdf(url)).await;
+    assert!(
+        error.contains(&format!("it led to {elsewhere}"))
+            && error.contains("localhost is loopback"),
+        "{error}"
+    );
+    let error = refused(
+        &sys,
+        pdf(format!("{}/redirect?to=http://169.254.169.254/", pages())),
+    )
+    .await;
+    assert!(error.contains("link-local"), "{error}");
+    assert!(!out.join("refused.pdf").exists());
+
+    // JavaScript from a payload, as version 1 producers sent it: refused, never run.
+    let error = refused(
+        &sys,
+        json!({"url": format!("{}/plain", pages()), "output": "out/v1.pdf",
+               "ready_expression": "window.reportDone === true"}),
+    )
+    .await;
+    assert!(
+        error.contains("ready_expression is no longer accepted"),
+        "{error}"
+    );
+
+    // A resource the page asks for out of the policy is left out; the page still renders.
+    let record = submit(
+        &sys,
+        "chromium.pdf",
+        json!({"url": format!("{}/leaky", pages()), "output": "out/leaky.pdf", "wait_for_ready": true}),
+    )
+    .await;
+    assert_eq!(record["state"], "succeeded", "{record:#}");
+    let uuid = record["uuid"].as_str().expect("a uuid");
+    let logs = String::from_utf8_lossy(&sys.cli(&["logs", uuid]).await.stdout).into_owned();
+    assert!(
+        logs.contains(
+            "refused: http://169.254.169.254/latest/meta-data/: 169.254.169.254 is link-local"
+        ),
+        "{logs}"
+    );
+    report_pdf(&sys, "allowed").await;
+    stop(&mut agent).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chromium_killed_between_jobs_is_replaced_for_the_next_job() {
     let sys = System::new().await;
@@ -329,6 +505,8 @@ async fn a_chromium_killed_between_jobs_is_replaced_for_the_next_job() {
             &alias,
             "--chromium-profile-root",
             &root,
+            "--chromium-allow-host",
+            "127.0.0.1",
         ],
     );
     report_pdf(&sys, "before").await;
@@ -390,8 +568,10 @@ async fn chromium_in_a_container_of_its_own_renders_and_is_removed_with_its_work
     };
     let sys = System::new().await;
     let (_, alias) = out_folder(&sys);
+    let (base, gateway) = pages_from_network("rota-chromium");
     let _scheduler = sys.scheduler();
-    // The debugging set-up: scheduler, pool and Work in one process each, Chromium in Docker.
+    // The debugging set-up: scheduler, pool and Work in one process each, Chromium in Docker,
+    // on its own Docker network (not the host's), where this host is the gateway.
     let mut agent = sys.agent(
         "docker-chromium",
         &[
@@ -405,10 +585,12 @@ async fn chromium_in_a_container_of_its_own_renders_and_is_removed_with_its_work
             "docker",
             "--chromium-image",
             &image,
+            "--chromium-allow-host",
+            &gateway,
         ],
     );
-    report_pdf(&sys, "first").await;
-    report_pdf(&sys, "second").await;
+    report_pdf_from(&sys, &base, "first").await;
+    report_pdf_from(&sys, &base, "second").await;
     let pid = agent.pid();
     assert_eq!(
         chromium_containers_of(pid).len(),
@@ -480,13 +662,15 @@ async fn chromium_already_running_is_used_through_its_url_and_left_running() {
             "url",
             "--chromium-url",
             &endpoint,
+            "--chromium-allow-host",
+            "127.0.0.1",
         ],
     );
     report_pdf(&sys, "remote").await;
     report_pdf(&sys, "remote-again").await;
     let open = page_targets(&endpoint);
     assert!(
-        !open.iter().any(|url| url.starts_with(pages())),
+        !open.iter().any(|url| url.starts_with(&pages())),
         "the jobs' pages were closed: {open:?}"
     );
     stop(&mut agent).await;
@@ -544,6 +728,9 @@ async fn chromium_beside_the_runtime_in_a_docker_workers_container() {
     };
     let sys = System::new().await;
     let (_, alias) = out_folder(&sys);
+    // The worker's container (and Chromium in it) reaches the test's pages through a Docker
+    // network, not the host's: DevTools stays on the container's loopback.
+    let (base, gateway) = pages_from_network("rota-test-pages");
     let _scheduler = sys.scheduler();
     let mut agent = sys.agent(
         "worker-with-chromium",
@@ -552,9 +739,11 @@ async fn chromium_beside_the_runtime_in_a_docker_workers_container() {
             "docker",
             "--docker-image",
             &image,
-            // Chromium reaches the test's pages on 127.0.0.1, and needs more than the defaults.
             "--docker-network",
-            "host",
+            "rota-test-pages",
+            "--chromium-allow-host",
+            &gateway,
+            // Chromium needs more than the defaults.
             "--docker-memory-mib",
             "1024",
             "--docker-pids-limit",
@@ -569,7 +758,7 @@ async fn chromium_beside_the_runtime_in_a_docker_workers_container() {
             "local",
         ],
     );
-    let output = report_pdf(&sys, "in-worker").await;
+    let output = report_pdf_from(&sys, &base, "in-worker").await;
     assert!(
         output["file"]
             .as_str()

@@ -1,7 +1,8 @@
 //! `docker` workers: what the hardened container holds a Work to (user, capabilities,
-//! read-only root, network, memory and process limits), and how the agent keeps its
-//! containers tidy. Runs the tests' worker runtime (`test-runtime`, with its `probe.*` works)
-//! in the image built by `deploy/images/worker/build.sh`.
+//! read-only root, network: none, a Docker network, the host's; memory and process limits),
+//! and how the agent keeps its containers tidy. Runs the tests' worker runtime
+//! (`test-runtime`, with its `probe.*` works) in the image built by
+//! `deploy/images/worker/build.sh`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -98,6 +99,40 @@ async fn a_docker_work_runs_unprivileged_without_network_on_a_read_only_root() {
     assert_eq!(
         record["attempts"][0]["output"]["connect"]["Ok"], "connected",
         "--docker-network host reaches the host's RabbitMQ: {record}"
+    );
+
+    // A Docker network of its own: the container's loopback is its own, not the host's.
+    let network = "rota-test-work";
+    let _ = std::process::Command::new("docker")
+        .args(["network", "create", network])
+        .output();
+    let _named = sys.agent(
+        "ownnet",
+        &[
+            "--worker-location",
+            "docker",
+            "--docker-image",
+            image,
+            "--docker-network",
+            network,
+            "--queue",
+            "ownnet",
+        ],
+    );
+    let record = run(
+        &sys,
+        "probe.sandbox",
+        json!({"connect": "127.0.0.1:5672"}),
+        "ownnet",
+    )
+    .await;
+    let connect = &record["attempts"][0]["output"]["connect"];
+    assert!(
+        connect["Err"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("refused"),
+        "a Docker network does not reach the host's loopback: {record}"
     );
 }
 

@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .position(|a| a == "--through")
         .and_then(|i| args.get(i + 1));
-    let url = rota_worker_runtime::demo::serve_page(PAGE)?;
+    let url = rota_worker_runtime::demo::serve_page(PAGE, "127.0.0.1")?;
     let dir = tempfile::tempdir()?;
     println!("{pdfs} PDFs of {url} each way; {}", version());
 
@@ -153,6 +153,8 @@ async fn bare(url: &str, pdfs: usize, dir: &std::path::Path) -> anyhow::Result<V
 async fn rota(url: &str, pdfs: usize, dir: &std::path::Path) -> anyhow::Result<Vec<Duration>> {
     let settings = ChromiumArgs {
         chromium_profile_root: Some(dir.to_owned()),
+        // The page is served on this host's loopback.
+        chromium_allow_hosts: vec!["127.0.0.1".into()],
         ..ChromiumArgs::default()
     };
     let chromium = Arc::new(Chromium::new(settings));

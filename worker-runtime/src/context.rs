@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chromium::{Browser, Chromium};
 use crate::logs::LogBuffer;
-use crate::paths::Aliases;
+use crate::paths::{Access, Aliases};
 
 /// Where a Work's log lines and progress go: the agent's buffer and events when the Work runs
 /// in the agent, the stdout protocol when it runs in a worker process.
@@ -252,9 +252,23 @@ impl Context {
         &self.work_dir
     }
 
-    /// The real path of `alias/relative/path` (see [`Aliases`]).
+    /// The real path of `alias/relative/path` (see [`Aliases::resolve`]), to name the file
+    /// or hand it to a program; read and write it with [`Context::open`] and
+    /// [`Context::create_file`], which cannot be led out of the alias's folder.
     pub fn resolve(&self, path: &str) -> anyhow::Result<PathBuf> {
         Ok(self.aliases.resolve(path)?)
+    }
+
+    /// Opens the file at `alias/relative/path` beneath its alias's folder (see
+    /// [`Aliases::open`]).
+    pub fn open(&self, path: &str, access: Access) -> anyhow::Result<std::fs::File> {
+        Ok(self.aliases.open(path, access)?)
+    }
+
+    /// Opens the file at `alias/relative/path` beneath its alias's folder, making the
+    /// folders above it first (see [`Aliases::create_file`]).
+    pub fn create_file(&self, path: &str, access: Access) -> anyhow::Result<std::fs::File> {
+        Ok(self.aliases.create_file(path, access)?)
     }
 
     /// Resolves when the job is cancelled or timed out; long-running Work should select on it

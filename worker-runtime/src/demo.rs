@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{Context, Registry, Work};
+use crate::{Access, Context, Registry, Work};
 
 pub fn register(r: &mut Registry) {
     r.register("demo.echo", Echo)
@@ -152,11 +152,8 @@ struct WritePayload {
 impl Work for WriteFile {
     async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
         let WritePayload { path, text } = ctx.payload_as()?;
-        let real = ctx.resolve(&path)?;
-        if let Some(parent) = real.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        tokio::fs::write(&real, text.as_bytes()).await?;
+        let mut file = ctx.create_file(&path, Access::Create)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
         ctx.info(format!("wrote {} bytes to {path}", text.len()));
         Ok(json!({ "path": path, "bytes": text.len() }))
     }
@@ -206,11 +203,12 @@ impl Work for Spawn {
     }
 }
 
-/// Serves `html` to every request on 127.0.0.1 (a port of its own) for as long as the program
-/// runs; returns the page's URL. The page that the Chromium demo and benchmark render.
-pub fn serve_page(html: &'static str) -> std::io::Result<String> {
+/// Serves `html` to every request on this host's address `host` (a port of its own) for as
+/// long as the program runs; returns the page's URL. The page that the Chromium demo and
+/// benchmark render.
+pub fn serve_page(html: &'static str, host: &str) -> std::io::Result<String> {
     use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let listener = std::net::TcpListener::bind((host, 0))?;
     let url = format!("http://{}/report.html", listener.local_addr()?);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {

@@ -15,12 +15,14 @@ pub mod paths;
 pub mod protocol;
 pub mod registry;
 mod run;
+pub mod work_env;
 
 pub use context::{Context, Sink};
 pub use logs::LogBuffer;
-pub use paths::{Aliases, PathError};
+pub use paths::{Access, Aliases, PathError};
 pub use registry::Registry;
 pub use run::{Outcome, run};
+pub use work_env::WorkEnv;
 
 use serde_json::Value;
 

@@ -24,7 +24,9 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 docker info >/dev/null 2>&1 || { echo "build.sh: no Docker engine answers; run deploy/setup.sh (it starts one)" >&2; exit 1; }
-packages="chromium fonts-dejavu-core fonts-liberation2"
+# socat: `--chromium-mode docker` reaches DevTools, which listens on the container's loopback
+# only, through it.
+packages="chromium fonts-dejavu-core fonts-liberation2 socat"
 
 # --- the Chromium image -------------------------------------------------------------------
 # The recipe is this part of the script (up to the worker image's part) and the packages.

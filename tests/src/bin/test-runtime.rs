@@ -1,13 +1,14 @@
 //! The worker runtime of the tests: the built-ins plus `probe.*` works that report on the
-//! sandbox they run in, or misbehave in it on purpose (allocate without end, fork without end,
-//! abort, forge protocol frames, print without end), and `probe.count`, which counts its runs
-//! in a file for the fault suite. The tests run it as `process` workers and build it into the
-//! image of `docker` workers (see `rota_tests::worker_image`).
+//! sandbox they run in (and its environment), or misbehave in it on purpose (allocate without
+//! end, fork without end, abort, forge protocol frames, print without end), and
+//! `probe.count`, which counts its runs in a file for the fault suite. The tests run it as
+//! `process` workers and build it into the image of `docker` workers (see
+//! `rota_tests::worker_image`).
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 
-use rota_worker_runtime::{Context, Registry, Work};
+use rota_worker_runtime::{Access, Context, Registry, Work};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -60,6 +61,22 @@ impl Work for Sandbox {
             "connect": connect,
             "docker_sock": std::path::Path::new("/var/run/docker.sock").exists(),
         }))
+    }
+}
+
+/// Returns its process's environment, name → value.
+struct Env;
+
+#[async_trait::async_trait]
+impl Work for Env {
+    async fn execute(&self, _: &Context) -> anyhow::Result<Value> {
+        let vars: serde_json::Map<String, Value> = std::env::vars_os()
+            .map(|(k, v)| {
+                let value = v.to_string_lossy().into_owned();
+                (k.to_string_lossy().into_owned(), Value::String(value))
+            })
+            .collect();
+        Ok(Value::Object(vars))
     }
 }
 
@@ -264,16 +281,9 @@ impl Work for Count {
             ms: u64,
         }
         let P { file, ms } = ctx.payload_as()?;
-        let real = ctx.resolve(&file)?;
         let line = format!("{} {}\n", ctx.uuid(), ctx.attempt());
         // One write(2) of a short line on an O_APPEND file: atomic with respect to other runs.
-        std::io::Write::write_all(
-            &mut std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&real)?,
-            line.as_bytes(),
-        )?;
+        std::io::Write::write_all(&mut ctx.open(&file, Access::Append)?, line.as_bytes())?;
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(ms)) => {}
             _ = ctx.cancelled() => anyhow::bail!("cancelled while sleeping"),
@@ -300,6 +310,7 @@ fn main() -> std::process::ExitCode {
     let mut registry = Registry::with_builtins();
     registry
         .register("probe.sandbox", Sandbox)
+        .register("probe.env", Env)
         .register("probe.alloc", Alloc)
         .register("probe.fork", Fork)
         .register("probe.abort", Abort)

@@ -1,16 +1,23 @@
 //! Chromium in a container of its own (`--chromium-mode docker`), started through bollard:
-//! the configured image, network `host` (so it reaches the pages the Work names, and the
-//! worker reaches its DevTools port), unprivileged on a read-only root, the endpoint read
-//! from the container's log. The
-//! container is removed when its browser ends; containers whose owner process is gone are
-//! removed by the next one that starts on this host.
+//! the configured image, unprivileged on a read-only root, with the pool's environment, on
+//! the Docker network `--chromium-docker-network` (made if missing), never the host's:
+//! Chromium loads pages through that network, and cannot reach the host's loopback (the
+//! broker, other browsers' DevTools). DevTools listens on the container's own loopback
+//! (Chromium binds nowhere else); `socat` in the image forwards the container's
+//! [`FORWARD_PORT`] on that network to it, and the worker connects there, at the container's
+//! address. The endpoint is read from the container's log. The container is removed when
+//! its browser ends; containers whose owner process is gone are removed by the next one that
+//! starts on this host.
+//!
+//! A worker inside a `docker` worker's container uses Chromium beside it instead (the image
+//! `rota-worker-chromium`, `--chromium-mode local`): DevTools on that container's loopback.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, bail};
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
 };
@@ -24,6 +31,11 @@ const ROLE_LABEL: &str = "rota.role";
 const ROLE: &str = "chromium";
 const OWNER_LABEL: &str = "rota.owner-pid";
 const HOST_LABEL: &str = "rota.owner-host";
+
+/// Chromium's DevTools port, on the container's loopback.
+const DEVTOOLS_PORT: u16 = 9222;
+/// Where the container's forwarder listens, on its network, for the worker.
+pub const FORWARD_PORT: u16 = 9223;
 
 /// A running Chromium container.
 pub(super) struct DockerChromium {
@@ -45,8 +57,23 @@ impl DockerChromium {
             std::process::id(),
             STARTED.fetch_add(1, Ordering::Relaxed)
         );
-        let mut cmd: Vec<String> = vec!["/usr/bin/chromium".into()];
-        cmd.extend(FLAGS.iter().map(|f| (*f).to_owned()));
+        let network = network(&docker, &settings.chromium_docker_network).await?;
+        // The forwarder, then Chromium in its place (the container's init reaps both).
+        let mut cmd: Vec<String> = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!(
+                "socat TCP-LISTEN:{FORWARD_PORT},fork,reuseaddr TCP:127.0.0.1:{DEVTOOLS_PORT} & exec /usr/bin/chromium \"$@\""
+            ),
+            "chromium".into(),
+        ];
+        cmd.extend(
+            FLAGS
+                .iter()
+                .filter(|f| !f.starts_with("--remote-debugging-port"))
+                .map(|f| (*f).to_owned()),
+        );
+        cmd.push(format!("--remote-debugging-port={DEVTOOLS_PORT}"));
         // Root in a container: the container is the sandbox; /dev/shm is small there.
         cmd.extend(
             [
@@ -69,9 +96,10 @@ impl DockerChromium {
             labels: Some(labels),
             // Unprivileged, on a read-only root with a writable /tmp (profile, shared memory).
             user: Some("65534:65534".into()),
-            env: Some(vec!["HOME=/tmp".into()]),
+            env: Some(settings.work_env().container()),
             host_config: Some(HostConfig {
-                network_mode: Some("host".into()),
+                network_mode: Some(network.clone()),
+                init: Some(true),
                 cap_drop: Some(vec!["ALL".into()]),
                 security_opt: Some(vec!["no-new-privileges".into()]),
                 readonly_rootfs: Some(true),
@@ -102,7 +130,7 @@ impl DockerChromium {
             name,
             removed: Default::default(),
         };
-        match container.open(settings).await {
+        match container.open(settings, &network).await {
             Ok(url) => Ok((container, url)),
             Err(e) => {
                 container.remove().await;
@@ -111,8 +139,10 @@ impl DockerChromium {
         }
     }
 
-    /// Starts the container and follows its log to the `DevTools listening on` line.
-    async fn open(&self, settings: &ChromiumArgs) -> anyhow::Result<String> {
+    /// Starts the container, follows its log to the `DevTools listening on` line, and
+    /// returns that endpoint as the worker reaches it: through the forwarder, at the
+    /// container's address on `network`.
+    async fn open(&self, settings: &ChromiumArgs, network: &str) -> anyhow::Result<String> {
         self.docker
             .start_container(
                 &self.name,
@@ -141,7 +171,17 @@ impl DockerChromium {
         })
         .await;
         match found {
-            Ok(Some(url)) => Ok(url),
+            Ok(Some(url)) => {
+                let address = self.address(network).await?;
+                let inside = format!("ws://127.0.0.1:{DEVTOOLS_PORT}/");
+                let path = url.strip_prefix(&inside).with_context(|| {
+                    format!(
+                        "Chromium in container {} listens at {url}, not at {inside}…",
+                        self.name
+                    )
+                })?;
+                Ok(format!("ws://{address}:{FORWARD_PORT}/{path}"))
+            }
             Ok(None) => bail!(
                 "Chromium in container {} exited before it was ready; it said: {}",
                 self.name,
@@ -155,6 +195,26 @@ impl DockerChromium {
                 tail(&said)
             ),
         }
+    }
+
+    /// The container's address on `network`.
+    async fn address(&self, network: &str) -> anyhow::Result<String> {
+        let info = self
+            .docker
+            .inspect_container(&self.name, None)
+            .await
+            .with_context(|| format!("cannot inspect the Chromium container {}", self.name))?;
+        info.network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut n| n.remove(network))
+            .and_then(|e| e.ip_address)
+            .filter(|ip| !ip.is_empty())
+            .with_context(|| {
+                format!(
+                    "the Chromium container {} has no address on the Docker network {network}",
+                    self.name
+                )
+            })
     }
 
     /// Removes the container (killing Chromium if it still runs).
@@ -201,6 +261,54 @@ async fn connect() -> anyhow::Result<Docker> {
         .negotiate_version()
         .await
         .context("cannot reach the Docker engine (is dockerd running? deploy/setup.sh starts it)")
+}
+
+/// Makes the Docker network `name` unless it is there (another worker may make it at the same
+/// time); returns its name. `host` and `none` are refused: one gives Chromium the host's
+/// loopback, the other leaves the worker no way to reach it.
+async fn network(docker: &Docker, name: &str) -> anyhow::Result<String> {
+    if matches!(name, "host" | "none" | "") {
+        bail!(
+            "--chromium-docker-network {name:?}: give the name of a Docker network (the default, \
+             rota-chromium, is made when missing); `host` would put Chromium on the host's \
+             loopback with the broker, `none` leaves the worker no way to reach it"
+        );
+    }
+    if docker.inspect_network(name, None).await.is_ok() {
+        return Ok(name.to_owned());
+    }
+    let request = NetworkCreateRequest {
+        name: name.to_owned(),
+        driver: Some("bridge".into()),
+        labels: Some(HashMap::from([(ROLE_LABEL.to_owned(), ROLE.to_owned())])),
+        ..Default::default()
+    };
+    match docker.create_network(request).await {
+        Ok(_) => Ok(name.to_owned()),
+        // Made by another worker meanwhile.
+        Err(_) if docker.inspect_network(name, None).await.is_ok() => Ok(name.to_owned()),
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot make the Docker network {name} for Chromium: {e}; make it (docker network create {name}) \
+             or name another with --chromium-docker-network"
+        )),
+    }
+}
+
+/// This host's address on the Docker network `name` (its gateway), the network made if
+/// missing: where a browser or a worker on that network reaches a page this host serves.
+pub async fn host_address(name: &str) -> anyhow::Result<String> {
+    let docker = connect().await?;
+    network(&docker, name).await?;
+    let info = docker
+        .inspect_network(name, None)
+        .await
+        .with_context(|| format!("cannot inspect the Docker network {name}"))?;
+    info.ipam
+        .and_then(|ipam| ipam.config)
+        .into_iter()
+        .flatten()
+        .find_map(|c| c.gateway.filter(|g| !g.is_empty()))
+        .with_context(|| format!("the Docker network {name} has no gateway"))
 }
 
 /// Removes the Chromium containers of this host whose owner process is gone (an owner that

@@ -17,6 +17,7 @@ use super::ChromiumArgs;
 
 /// Flags every browser gets. Without the background-networking ones, Chromium's own
 /// connections (updates, sync, metrics…) would fail on a closed network and slow it down.
+/// The DevTools port stays on the browser's loopback (Chromium ignores another address).
 pub(super) const FLAGS: &[&str] = &[
     "--headless",
     "--disable-gpu",
@@ -36,6 +37,10 @@ pub(super) const FLAGS: &[&str] = &[
     "--hide-scrollbars",
     "--mute-audio",
     "--remote-debugging-port=0",
+    // Frames of other sites stay in the page's process, where the pool's policy sees their
+    // requests (an out-of-process frame's would escape the page's interception).
+    "--disable-site-isolation-trials",
+    "--disable-features=IsolateOrigins,site-per-process",
 ];
 
 /// Profile folders are named `rota-chromium-<owner pid>-<n>`.
@@ -67,7 +72,9 @@ impl LocalChromium {
         })?;
         let binary = &settings.chromium_binary;
         let mut cmd = Command::new(binary);
-        cmd.args(FLAGS)
+        cmd.env_clear()
+            .envs(settings.work_env().vars())
+            .args(FLAGS)
             .arg(format!("--user-data-dir={}", profile.display()))
             .args(settings.chromium_args.iter().map(|a| format!("--{a}")));
         if in_container() {

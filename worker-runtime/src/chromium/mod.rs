@@ -9,12 +9,13 @@
 //! here.
 //!
 //! Pages get `window.rotaReady(value)`: a page calls it when its content is complete
-//! (see [`Ready`]). The built-in works `chromium.pdf` and `chromium.screenshot` are in
+//! (see [`Ready`]). What pages may load is the pool's [`policy`], checked on every request. The built-in works `chromium.pdf` and `chromium.screenshot` are in
 //! [`works`].
 
 mod docker;
 mod local;
 mod page;
+pub mod policy;
 mod settings;
 pub mod works;
 
@@ -29,8 +30,10 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 
 use docker::DockerChromium;
+pub use docker::host_address;
 use local::LocalChromium;
 pub use page::{NotReady, Page, PdfOptions, Ready, ScreenshotOptions};
+use policy::Policy;
 pub use settings::{ChromiumArgs, Mode};
 
 /// How long a browser may take to answer a health check or a housekeeping command before it
@@ -40,6 +43,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A worker's browser slot: empty until a Work first asks for a browser.
 pub struct Chromium {
     settings: ChromiumArgs,
+    /// What its pages may load, or why the settings give no policy.
+    policy: Result<Arc<Policy>, String>,
     running: tokio::sync::Mutex<Option<Arc<Running>>>,
     /// The pages opened by the job in hand, closed when it ends.
     job_pages: JobPages,
@@ -75,6 +80,9 @@ enum Host {
 impl Chromium {
     pub fn new(settings: ChromiumArgs) -> Self {
         Self {
+            policy: Policy::new(&settings)
+                .map(Arc::new)
+                .map_err(|e| format!("{e:#}")),
             settings,
             running: tokio::sync::Mutex::new(None),
             job_pages: JobPages::default(),
@@ -88,6 +96,7 @@ impl Chromium {
     /// A browser for the job in hand: the worker's running one if it still answers, else a
     /// new one. Pages opened through it are closed when the job ends ([`Chromium::end_job`]).
     pub async fn browser(&self) -> anyhow::Result<Browser> {
+        let policy = self.policy.clone().map_err(anyhow::Error::msg)?;
         let running = {
             let mut slot = self.running.lock().await;
             let alive = match slot.as_ref() {
@@ -109,6 +118,7 @@ impl Chromium {
         Ok(Browser {
             running,
             pages: self.job_pages.clone(),
+            policy,
         })
     }
 
@@ -258,20 +268,23 @@ async fn stop_host(host: &tokio::sync::Mutex<Host>) {
 pub struct Browser {
     running: Arc<Running>,
     pages: JobPages,
+    policy: Arc<Policy>,
 }
 
 impl Browser {
-    /// Opens `url` in a new page and waits until it has loaded (at most `limit`). The page
-    /// has `window.rotaReady`; wait for it with [`Page::wait_ready`].
+    /// Opens `url` in a new page and waits until it has loaded (at most `limit`), if the
+    /// pool's policy allows it (see [`Page::goto`]). The page has `window.rotaReady`; wait
+    /// for it with [`Page::wait_ready`].
     pub async fn open(&self, url: &str, limit: Duration) -> anyhow::Result<Page> {
         let page = self.new_page().await?;
         page.goto(url, limit).await?;
         Ok(page)
     }
 
-    /// A new, empty page (`about:blank`) with `window.rotaReady`.
+    /// A new, empty page (`about:blank`) with `window.rotaReady`, whose requests the pool's
+    /// policy checks.
     pub async fn new_page(&self) -> anyhow::Result<Page> {
-        let page = Page::blank(&self.running.browser).await?;
+        let page = Page::blank(&self.running.browser, self.policy.clone()).await?;
         if let Ok(mut pages) = self.pages.lock() {
             pages.push((self.running.clone(), page.cdp().clone()));
         }

@@ -2,19 +2,26 @@
 //! or a PNG. Every page has `window.rotaReady(value)`, defined before the page's own scripts
 //! run; a page calls it when its content is complete.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use chromiumoxide::cdp::browser_protocol::emulation::SetDeviceMetricsOverrideParams;
+use chromiumoxide::cdp::browser_protocol::fetch::{
+    self, ContinueRequestParams, EventRequestPaused, FailRequestParams, RequestPattern,
+};
+use chromiumoxide::cdp::browser_protocol::network::{ErrorReason, ResourceType};
 use chromiumoxide::cdp::browser_protocol::page::{
     AddScriptToEvaluateOnNewDocumentParams, CaptureScreenshotFormat, PrintToPdfParams,
 };
 use chromiumoxide::cdp::js_protocol::runtime::EvaluateParams;
 use chromiumoxide::error::CdpError;
 use chromiumoxide::page::ScreenshotParams;
+use futures::StreamExt;
 use serde_json::Value;
 
 use super::ANSWER_TIMEOUT;
+use super::policy::Policy;
 
 /// Defines `window.rotaReady` in every document before its scripts run. The promise it
 /// resolves is what [`Page::wait_ready`] awaits.
@@ -55,10 +62,20 @@ pub enum NotReady {
 /// A page of a job; closed when the job ends.
 pub struct Page {
     inner: chromiumoxide::Page,
+    policy: Arc<Policy>,
+    /// The requests the policy refused so far.
+    refused: Refused,
 }
 
+/// The requests a page's policy refused: the URL, why, and whether it was the page's own
+/// document (its main frame's navigation, a redirect of it included).
+type Refused = Arc<Mutex<Vec<(String, String, bool)>>>;
+
 impl Page {
-    pub(super) async fn blank(browser: &chromiumoxide::Browser) -> anyhow::Result<Page> {
+    pub(super) async fn blank(
+        browser: &chromiumoxide::Browser,
+        policy: Arc<Policy>,
+    ) -> anyhow::Result<Page> {
         let inner = tokio::time::timeout(ANSWER_TIMEOUT * 2, browser.new_page("about:blank"))
             .await
             .map_err(|_| {
@@ -72,7 +89,15 @@ impl Page {
             .execute(AddScriptToEvaluateOnNewDocumentParams::new(READY_SCRIPT))
             .await
             .context("cannot install window.rotaReady in the page")?;
-        Ok(Page { inner })
+        let refused = Refused::default();
+        intercept(&inner, policy.clone(), refused.clone())
+            .await
+            .context("cannot intercept the page's requests (Fetch.enable)")?;
+        Ok(Page {
+            inner,
+            policy,
+            refused,
+        })
     }
 
     /// The chromiumoxide page, for Work that drives Chromium further (clicks, forms, …).
@@ -82,8 +107,19 @@ impl Page {
 
     /// Loads `url` and waits for its `load` event (at most `limit`). A URL that cannot be
     /// reached, or answers with an HTTP error, is an error that says so.
+    ///
+    /// The URL, its redirects and the page's resources are checked against the pool's
+    /// policy (see [`super::policy`]): a refused URL, or a redirect of the page to one, is an
+    /// error that says why; a refused resource is left out (see [`Page::refused`]).
     pub async fn goto(&self, url: &str, limit: Duration) -> anyhow::Result<()> {
-        match tokio::time::timeout(limit, self.inner.goto(url)).await {
+        if let Some(why) = self.policy.refusal(url) {
+            bail!("refused to load {url}: {why}");
+        }
+        let loaded = tokio::time::timeout(limit, self.inner.goto(url)).await;
+        if let Some((to, why, _)) = self.refused_documents().into_iter().next() {
+            bail!("refused to load {url}: it led to {to}, and {why}");
+        }
+        match loaded {
             Err(_) => bail!(
                 "{url} did not finish loading within {} s",
                 limit.as_secs_f64()
@@ -107,6 +143,30 @@ impl Page {
         Ok(())
     }
 
+    /// The resources of the page the policy refused so far, as `URL: why`.
+    pub fn refused(&self) -> Vec<String> {
+        self.refused
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .map(|(url, why, _)| format!("{url}: {why}"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn refused_documents(&self) -> Vec<(String, String, bool)> {
+        self.refused
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .filter(|(_, _, document)| *document)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Waits until the page is ready (see [`Ready`]), at most until `deadline`. Returns the
     /// value the page passed to `rotaReady` (or the expression's value when not just `true`).
     pub async fn wait_ready(&self, ready: &Ready, deadline: Instant) -> Result<Value, NotReady> {
@@ -128,7 +188,7 @@ impl Page {
   check();
 }})"#
                 ),
-                format!("the ready_expression {expr:?} did not become true"),
+                format!("the ready expression {expr:?} did not become true"),
             ),
         };
         loop {
@@ -140,7 +200,7 @@ impl Page {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(e)) => {
                     return Err(NotReady::Failed(e.context(match ready {
-                        Ready::Expression(_) => "the ready_expression cannot be evaluated",
+                        Ready::Expression(_) => "the ready expression cannot be evaluated",
                         _ => "cannot wait for window.rotaReady()",
                     })));
                 }
@@ -216,6 +276,45 @@ impl Page {
             .await
             .context("Chromium cannot take the screenshot")
     }
+}
+
+/// Pauses every request of `page` (the DevTools `Fetch` domain) and lets it go on only if
+/// `policy` allows its URL; a refused one fails as blocked and is noted in `refused`. Redirects
+/// are paused too, each hop with its own URL. Requests the page's `Fetch` domain does not see
+/// are not checked: WebSockets, and those of the page's workers and of out-of-process frames
+/// (which `FLAGS` keep in the page's process).
+async fn intercept(
+    page: &chromiumoxide::Page,
+    policy: Arc<Policy>,
+    refused: Refused,
+) -> anyhow::Result<()> {
+    let mut paused = page.event_listener::<EventRequestPaused>().await?;
+    let pattern = RequestPattern::builder().url_pattern("*").build();
+    page.execute(fetch::EnableParams::builder().pattern(pattern).build())
+        .await?;
+    let main_frame = page.mainframe().await?;
+    let page = page.clone();
+    tokio::spawn(async move {
+        while let Some(event) = paused.next().await {
+            let id = event.request_id.clone();
+            let page = page.clone();
+            match policy.refusal(&event.request.url) {
+                None => {
+                    tokio::spawn(async move { page.execute(ContinueRequestParams::new(id)).await });
+                }
+                Some(why) => {
+                    let document = event.resource_type == ResourceType::Document
+                        && main_frame.as_ref() == Some(&event.frame_id);
+                    if let Ok(mut r) = refused.lock() {
+                        r.push((event.request.url.clone(), why, document));
+                    }
+                    let fail = FailRequestParams::new(id, ErrorReason::BlockedByClient);
+                    tokio::spawn(async move { page.execute(fail).await });
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// How to print a page (sizes in inches).

@@ -1,5 +1,7 @@
 //! The built-in Chromium works: `chromium.pdf` renders a page to a PDF, `chromium.screenshot`
-//! to a PNG, each once the page is ready, into a file named through a path alias. Their
+//! to a PNG, each once the page is ready, into a file named through a path alias. Which URLs
+//! they may load and which ready conditions they may name is the pool's configuration (see
+//! [`super::policy`] and `--chromium-ready`); a payload never carries JavaScript. Their
 //! output: the file's alias path and real path, its size, the page's title, and the value
 //! the page passed to `rotaReady`.
 
@@ -9,8 +11,8 @@ use anyhow::{Context as _, bail};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{NotReady, PdfOptions, Ready, ScreenshotOptions};
-use crate::{Context, Registry, Work};
+use super::{ChromiumArgs, NotReady, PdfOptions, Ready, ScreenshotOptions};
+use crate::{Access, Context, Registry, Work};
 
 pub fn register(r: &mut Registry) {
     r.register("chromium.pdf", Pdf)
@@ -27,8 +29,10 @@ struct Target {
     /// Wait until the page calls `window.rotaReady(value)`.
     #[serde(default)]
     wait_for_ready: bool,
-    /// Wait until this JavaScript expression is truthy.
-    ready_expression: Option<String>,
+    /// Wait until the pool's ready condition of this name holds (`--chromium-ready`).
+    ready: Option<String>,
+    /// Version 1 payloads carried JavaScript here; refused, never run.
+    ready_expression: Option<Value>,
     /// How long loading the page and waiting for it to be ready may take.
     #[serde(default = "default_timeout_s")]
     timeout_s: f64,
@@ -39,12 +43,18 @@ fn default_timeout_s() -> f64 {
 }
 
 impl Target {
-    fn ready(&self) -> anyhow::Result<Ready> {
-        Ok(match (&self.ready_expression, self.wait_for_ready) {
-            (Some(_), true) => {
-                bail!("give either wait_for_ready or ready_expression, not both")
-            }
-            (Some(expr), false) => Ready::Expression(expr.clone()),
+    /// When the page counts as ready: the signal, a condition of the pool's, or its load.
+    fn ready(&self, settings: &ChromiumArgs) -> anyhow::Result<Ready> {
+        if self.ready_expression.is_some() {
+            bail!(
+                "ready_expression is no longer accepted: a payload never carries JavaScript. \
+                 Define the condition in the pool's configuration (--chromium-ready \
+                 NAME=EXPRESSION) and name it in the payload: \"ready\": \"NAME\""
+            );
+        }
+        Ok(match (&self.ready, self.wait_for_ready) {
+            (Some(_), true) => bail!("give either wait_for_ready or ready, not both"),
+            (Some(name), false) => Ready::Expression(settings.ready_expression(name)?.to_owned()),
             (None, true) => Ready::Signal,
             (None, false) => Ready::Load,
         })
@@ -53,7 +63,10 @@ impl Target {
     /// Opens the page, waits until it is ready, renders it as `render` says, and writes the
     /// bytes to the output file.
     async fn render(&self, ctx: &Context, render: Render) -> anyhow::Result<Value> {
-        let ready = self.ready()?;
+        let chromium = ctx.chromium().context(
+            "this worker has no Chromium (it runs Work without a browser); run chromium.* on a pool that has one",
+        )?;
+        let ready = self.ready(chromium.settings())?;
         let file = ctx.resolve(&self.output)?;
         if !(self.timeout_s > 0.0 && self.timeout_s.is_finite()) {
             bail!("timeout_s must be a positive number of seconds");
@@ -73,16 +86,16 @@ impl Target {
             Err(NotReady::Failed(e)) => return Err(e),
         };
         ctx.progress(Some(0.6), Some("ready"));
+        for refused in page.refused() {
+            ctx.warn(format!("a resource of the page was refused: {refused}"));
+        }
         let title = page.title().await?;
         let bytes = match &render {
             Render::Pdf(options) => page.pdf(options).await?,
             Render::Png(options) => page.screenshot(options).await?,
         };
-        if let Some(parent) = file.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        tokio::fs::write(&file, &bytes)
-            .await
+        let mut out = ctx.create_file(&self.output, Access::Create)?;
+        std::io::Write::write_all(&mut out, &bytes)
             .with_context(|| format!("cannot write {}", file.display()))?;
         ctx.info(format!("wrote {} bytes to {}", bytes.len(), self.output));
         Ok(json!({
@@ -306,14 +319,38 @@ mod tests {
     }
 
     #[test]
-    fn ready_is_load_signal_or_expression() {
+    fn ready_is_load_signal_or_a_condition_of_the_pool_never_javascript() {
         let t = |v: Value| serde_json::from_value::<Target>(v).expect("parses");
+        let settings = ChromiumArgs {
+            chromium_ready: vec!["done=window.done === true".into()],
+            ..ChromiumArgs::default()
+        };
         let base = json!({"url": "http://x", "output": "a/b.pdf"});
-        assert_eq!(t(base.clone()).ready().expect("ok"), Ready::Load);
+        assert_eq!(t(base.clone()).ready(&settings).expect("ok"), Ready::Load);
         let mut signal = base.clone();
         signal["wait_for_ready"] = json!(true);
-        assert_eq!(t(signal.clone()).ready().expect("ok"), Ready::Signal);
-        signal["ready_expression"] = json!("window.done");
-        assert!(t(signal).ready().is_err());
+        assert_eq!(
+            t(signal.clone()).ready(&settings).expect("ok"),
+            Ready::Signal
+        );
+        let mut named = base.clone();
+        named["ready"] = json!("done");
+        assert_eq!(
+            t(named.clone()).ready(&settings).expect("ok"),
+            Ready::Expression("window.done === true".into())
+        );
+        named["ready"] = json!("other");
+        let error = t(named).ready(&settings).expect_err("unknown").to_string();
+        assert!(
+            error.contains("no ready condition named \"other\" (it has done)"),
+            "{error}"
+        );
+        let mut v1 = base;
+        v1["ready_expression"] = json!("fetch('http://169.254.169.254/')");
+        let error = t(v1).ready(&settings).expect_err("refused").to_string();
+        assert!(
+            error.contains("ready_expression is no longer accepted"),
+            "{error}"
+        );
     }
 }
