@@ -30,7 +30,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Names;
 use crate::backoff::Backoff;
+
+mod settler;
 use crate::names::QueueType;
+use settler::Settler;
 
 /// How many times a quorum queue delivers a job again before RabbitMQ 4 dead-letters it
 /// silently (its default `delivery-limit`). Rota does not declare the limit (a queue declared
@@ -379,6 +382,11 @@ pub struct Delivery {
     /// 0 for the first delivery and for classic queues, which do not count).
     pub delivery_count: u32,
     acker: lapin::Acker,
+    /// Its channel's tag for it.
+    tag: u64,
+    /// Settles it with the channel's other deliveries (see [`Settler`]), when its channel
+    /// has one.
+    settler: Option<Arc<Settler>>,
     /// Came from a consumer with `no_ack`: RabbitMQ forgot it when it sent it.
     auto_acked: bool,
     /// Counts this delivery among its consumer's unsettled ones while it lives.
@@ -386,7 +394,12 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    fn from_lapin(d: lapin::message::Delivery, held: HeldGuard, auto_acked: bool) -> Self {
+    fn from_lapin(
+        d: lapin::message::Delivery,
+        held: HeldGuard,
+        settler: Option<Arc<Settler>>,
+        auto_acked: bool,
+    ) -> Self {
         let p = &d.properties;
         let mut headers = BTreeMap::new();
         let mut delivery_count = 0;
@@ -418,6 +431,8 @@ impl Delivery {
             delivery_count,
             body: d.data,
             acker: d.acker,
+            tag: d.delivery_tag,
+            settler,
             auto_acked,
             _held: held,
         }
@@ -429,17 +444,10 @@ impl Delivery {
         if self.auto_acked {
             return true;
         }
-        // Bounded: on a connection that is going away, lapin may never settle it.
-        let acked = tokio::time::timeout(SETTLE_WAIT, self.acker.ack(BasicAckOptions::default()));
-        match acked.await {
-            // lapin answers false for an acker whose channel is gone: never on a new channel.
-            Ok(Ok(acked)) => acked,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "ack failed; the message will be delivered again");
-                false
-            }
-            Err(_) => false,
+        if let Some(settler) = &self.settler {
+            return settler.settle(self.tag, &self.acker, false).await;
         }
+        settler::ack(&self.acker, false).await
     }
 
     /// Hands the message back to its queue, to be delivered again (not one RabbitMQ forgot
@@ -447,6 +455,9 @@ impl Delivery {
     pub async fn requeue(&self) -> bool {
         if self.auto_acked {
             return false;
+        }
+        if let Some(settler) = &self.settler {
+            return settler.settle(self.tag, &self.acker, true).await;
         }
         let opts = BasicNackOptions {
             requeue: true,
@@ -1270,6 +1281,8 @@ async fn start_consumer(
         ch.basic_qos(sub.spec.prefetch, BasicQosOptions { global: true })
             .await?;
     }
+    // Acks go several at once where the channel carries one consumer (see [`Settler`]).
+    let settler = (queues.len() == 1 && !sub.spec.no_ack).then(Settler::start);
     for (i, queue) in queues.iter().enumerate() {
         let share = shares.as_ref().map(|s| s[i]);
         let held = Arc::new(Held::default());
@@ -1280,6 +1293,7 @@ async fn start_consumer(
             queue: queue.clone(),
             share,
             held,
+            settler: settler.clone(),
             topology: topology.of_queue(queue),
             major: live.major,
             lost: live.lost.clone(),
@@ -1346,6 +1360,7 @@ struct Pump {
     queue: String,
     share: Option<u16>,
     held: Arc<Held>,
+    settler: Option<Arc<Settler>>,
     /// The queue's declaration, made again before consuming it again (it may be gone).
     topology: Topology,
     major: u32,
@@ -1365,8 +1380,12 @@ impl Pump {
             };
             match item {
                 Some(Ok(d)) => {
+                    if let Some(settler) = &self.settler {
+                        settler.delivered(d.delivery_tag);
+                    }
+                    let held = HeldGuard::new(&self.held);
                     let d =
-                        Delivery::from_lapin(d, HeldGuard::new(&self.held), self.sub.spec.no_ack);
+                        Delivery::from_lapin(d, held, self.settler.clone(), self.sub.spec.no_ack);
                     tokio::select! {
                         sent = self.sub.tx.send(d) => if sent.is_err() {
                             return; // the owner is gone; the channel closes with the connection
