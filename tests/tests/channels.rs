@@ -71,7 +71,11 @@ async fn acks_sent_together_never_cover_a_delivery_still_held() {
         .await
         .expect("consumes");
     for n in 1..=6 {
-        assert!(broker.notify("", &queue, format!("{n}").as_bytes(), &Props::default()).await);
+        assert!(
+            broker
+                .notify("", &queue, format!("{n}").as_bytes(), &Props::default())
+                .await
+        );
     }
     let mut held = Vec::new();
     for _ in 1..=6 {
@@ -79,7 +83,12 @@ async fn acks_sent_together_never_cover_a_delivery_still_held() {
         held.push(d.expect("the consumer lives"));
     }
     let bodies: Vec<_> = held.iter().map(|d| d.body.clone()).collect();
-    assert_eq!(bodies, (1..=6).map(|n| format!("{n}").into_bytes()).collect::<Vec<_>>());
+    assert_eq!(
+        bodies,
+        (1..=6)
+            .map(|n| format!("{n}").into_bytes())
+            .collect::<Vec<_>>()
+    );
 
     // 4 stays held while the others are acked at once: 1 to 3 can go as one ack, 5 and 6
     // cannot (4 lies below them).
@@ -87,7 +96,12 @@ async fn acks_sent_together_never_cover_a_delivery_still_held() {
     let acked = futures::future::join_all(held.iter().map(|d| d.ack())).await;
     assert!(acked.iter().all(|a| *a), "every ack was sent: {acked:?}");
     assert!(fourth.requeue().await);
-    let again = within(Duration::from_secs(10), "the requeued delivery", inbox.recv()).await;
+    let again = within(
+        Duration::from_secs(10),
+        "the requeued delivery",
+        inbox.recv(),
+    )
+    .await;
     let again = again.expect("the consumer lives");
     assert_eq!(again.body, b"4", "only the held delivery comes again");
     assert!(again.ack().await);
@@ -95,9 +109,14 @@ async fn acks_sent_together_never_cover_a_delivery_still_held() {
 
     // Nothing went back to the queue when the connection closed: every ack covered its own.
     assert_eq!(rota_tests::messages_in(&queue).await, 0);
-    let admin = Broker::connect(&amqp_url(), "test settle", Topology::default(), Startup::FailFast)
-        .await
-        .expect("connects");
+    let admin = Broker::connect(
+        &amqp_url(),
+        "test settle",
+        Topology::default(),
+        Startup::FailFast,
+    )
+    .await
+    .expect("connects");
     admin.delete_queue(&queue).await.expect("deleted");
     admin.close().await;
 }
