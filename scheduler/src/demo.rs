@@ -207,11 +207,11 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         }
     }
     let scheduler = tokio::spawn({
-        let (url, names, stop) = (broker.amqp_url.clone(), names.clone(), stop.clone());
+        let (url, names, stop) = (broker.amqp_url(), names.clone(), stop.clone());
         async move { crate::run(sched_cfg, &url, names, stop).await }
     });
     let agent = tokio::spawn({
-        let (url, names, stop) = (broker.amqp_url.clone(), names.clone(), stop.clone());
+        let (url, names, stop) = (broker.amqp_url(), names.clone(), stop.clone());
         async move {
             rota_pool_agent::run(
                 agent_cfg,
@@ -239,7 +239,7 @@ async fn drive(
     demodata: &std::path::Path,
     dir: &std::path::Path,
 ) -> anyhow::Result<ExitCode> {
-    let client = Client::connect(&broker.amqp_url, broker.names()?, "demo").await?;
+    let client = Client::connect(&broker.amqp_url(), broker.names()?, "demo").await?;
     let mut planned = plan(args.jobs, demodata);
     if args.chromium {
         let url = rota_worker_runtime::demo::serve_page(REPORT_PAGE)
