@@ -39,7 +39,9 @@ pub fn permissions(role: UserRole, namespaces: &str) -> Permissions {
             Permissions {
                 configure: any(&[&core, &jobs, &own]),
                 write: any(&["^amq\\.default$", &format!("^{ns}\\.(jobs|dead)$"), &jobs, &own]),
-                read: any(&[&format!("^{ns}\\.(jobs|dead|events|heartbeats)$"), &own]),
+                // Jobs queues too: RabbitMQ lets only a user that may read a queue declare it
+                // with a dead-letter exchange, as a producer does before a queue's first job.
+                read: any(&[&format!("^{ns}\\.(jobs|dead|events|heartbeats)$"), &jobs, &own]),
             }
         }
         UserRole::Agent => {
@@ -300,7 +302,8 @@ mod tests {
         assert!(grants(&producer.write, &n.jobs_exchange()));
         assert!(grants(&producer.read, &reply));
         assert!(grants(&producer.read, &n.events()));
-        for name in [&n.rpc(), &n.results(), &agent_queue, &jobs] {
+        assert!(grants(&producer.read, &jobs));
+        for name in [&n.rpc(), &n.results(), &agent_queue] {
             assert!(!grants(&producer.read, name), "a producer reads {name}");
         }
         assert!(!grants(&producer.write, &n.events()));
