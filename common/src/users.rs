@@ -190,9 +190,12 @@ pub async fn setup(
     users: &[UserSpec],
 ) -> anyhow::Result<Vec<Made>> {
     let vhost_path = crate::amqp::percent_encode(vhost).replace('/', "%2F");
-    api.expect("GET", &format!("/api/vhosts/{vhost_path}"), None)
-        .await
-        .with_context(|| format!("the virtual host {vhost:?} is not there"))?;
+    let (status, _) = api
+        .call("GET", &format!("/api/vhosts/{vhost_path}"), None)
+        .await?;
+    if status == 404 {
+        bail!("the broker has no virtual host {vhost:?} (the one --amqp-url names)");
+    }
     let mut made = Vec::new();
     for spec in users {
         let user_path = crate::amqp::percent_encode(&spec.name).replace('/', "%2F");

@@ -63,7 +63,7 @@ pub fn url_as(url: &str, user: &str, password: &str) -> String {
 }
 
 /// The user (and password) an AMQP URL logs in as.
-fn credentials(url: &str) -> (String, String) {
+pub(crate) fn credentials(url: &str) -> (String, String) {
     let node = url.split(',').next().unwrap_or_default();
     let userinfo = node
         .split_once("://")
