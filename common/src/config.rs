@@ -46,11 +46,21 @@ pub struct BrokerArgs {
     /// PEM file of a client certificate to present over `amqps://` (with --amqp-key-file), for
     /// RabbitMQ's EXTERNAL authentication: add `?auth_mechanism=external` to the URL and name
     /// the certificate's user in it (`amqps://rota-agent@host/%2f?auth_mechanism=external`).
-    #[arg(long, env = "ROTA_AMQP_CERT_FILE", requires = "amqp_key_file", global = true)]
+    #[arg(
+        long,
+        env = "ROTA_AMQP_CERT_FILE",
+        requires = "amqp_key_file",
+        global = true
+    )]
     pub amqp_cert_file: Option<PathBuf>,
 
     /// PEM file of the client certificate's private key (PKCS#8).
-    #[arg(long, env = "ROTA_AMQP_KEY_FILE", requires = "amqp_cert_file", global = true)]
+    #[arg(
+        long,
+        env = "ROTA_AMQP_KEY_FILE",
+        requires = "amqp_cert_file",
+        global = true
+    )]
     pub amqp_key_file: Option<PathBuf>,
 
     /// Prefix of every exchange and queue name, so deployments can share a broker.

@@ -48,16 +48,34 @@ impl UserRole {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RoleArgs {
     /// Broker users whose messages are taken as a producer's (RPC requests), separated by commas.
-    #[arg(long, env = "ROTA_PRODUCER_USERS", value_delimiter = ',', default_value = "rota-producer", global = true)]
+    #[arg(
+        long,
+        env = "ROTA_PRODUCER_USERS",
+        value_delimiter = ',',
+        default_value = "rota-producer",
+        global = true
+    )]
     pub producer_users: Vec<String>,
 
     /// Broker users whose messages are taken as the scheduler's (receipts, cancels), separated by commas.
-    #[arg(long, env = "ROTA_SCHEDULER_USERS", value_delimiter = ',', default_value = "rota-scheduler", global = true)]
+    #[arg(
+        long,
+        env = "ROTA_SCHEDULER_USERS",
+        value_delimiter = ',',
+        default_value = "rota-scheduler",
+        global = true
+    )]
     pub scheduler_users: Vec<String>,
 
     /// Broker users whose messages are taken as a pool agent's (results, started events,
     /// heartbeats), separated by commas.
-    #[arg(long, env = "ROTA_AGENT_USERS", value_delimiter = ',', default_value = "rota-agent", global = true)]
+    #[arg(
+        long,
+        env = "ROTA_AGENT_USERS",
+        value_delimiter = ',',
+        default_value = "rota-agent",
+        global = true
+    )]
     pub agent_users: Vec<String>,
 
     /// Take every message from any broker user, whatever its role: for a development broker
@@ -186,7 +204,11 @@ mod tests {
             .expect_err("no user_id");
         assert!(refused.contains("without a user_id"), "{refused}");
         let both = [UserRole::Producer, UserRole::Scheduler];
-        assert!(roles.check(Some("rota-scheduler"), "request", &both).is_ok());
+        assert!(
+            roles
+                .check(Some("rota-scheduler"), "request", &both)
+                .is_ok()
+        );
         assert!(Roles::trust_any().check(None, "result", &agent).is_ok());
     }
 }

@@ -38,10 +38,19 @@ pub fn permissions(role: UserRole, namespaces: &str) -> Permissions {
             let own = private("reply|watch|heartbeats");
             Permissions {
                 configure: any(&[&core, &jobs, &own]),
-                write: any(&["^amq\\.default$", &format!("^{ns}\\.(jobs|dead)$"), &jobs, &own]),
+                write: any(&[
+                    "^amq\\.default$",
+                    &format!("^{ns}\\.(jobs|dead)$"),
+                    &jobs,
+                    &own,
+                ]),
                 // Jobs queues too: RabbitMQ lets only a user that may read a queue declare it
                 // with a dead-letter exchange, as a producer does before a queue's first job.
-                read: any(&[&format!("^{ns}\\.(jobs|dead|events|heartbeats)$"), &jobs, &own]),
+                read: any(&[
+                    &format!("^{ns}\\.(jobs|dead|events|heartbeats)$"),
+                    &jobs,
+                    &own,
+                ]),
             }
         }
         UserRole::Agent => {
@@ -55,7 +64,12 @@ pub fn permissions(role: UserRole, namespaces: &str) -> Permissions {
                     &agents,
                     &own,
                 ]),
-                read: any(&[&format!("^{ns}\\.(jobs|dead|control)$"), &jobs, &agents, &own]),
+                read: any(&[
+                    &format!("^{ns}\\.(jobs|dead|control)$"),
+                    &jobs,
+                    &agents,
+                    &own,
+                ]),
             }
         }
         UserRole::Scheduler => Permissions {
@@ -117,8 +131,7 @@ impl Management {
                  one through a local port-forward"
             );
         }
-        let token =
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         Ok(Self {
             base,
             authorization: format!("Basic {token}"),
@@ -137,9 +150,7 @@ impl Management {
         let port = url.port_u16().unwrap_or(80);
         let stream = tokio::net::TcpStream::connect((host, port))
             .await
-            .with_context(|| {
-                format!("cannot reach RabbitMQ's management API at {}", self.base)
-            })?;
+            .with_context(|| format!("cannot reach RabbitMQ's management API at {}", self.base))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(conn);
@@ -157,9 +168,8 @@ impl Management {
         let value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                Value::String(String::from_utf8_lossy(&bytes).into_owned())
-            })
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
         if status == 401 {
             bail!(
@@ -328,7 +338,11 @@ mod tests {
         assert!(!grants(&agent.write, &n.jobs_exchange()));
         assert!(!grants(&agent.write, &n.control()));
         // Scheduler: the whole namespace, and only it.
-        for name in [&n.scheduler_events(), &lock, &n.private_queue("scheduler.heartbeats", id)] {
+        for name in [
+            &n.scheduler_events(),
+            &lock,
+            &n.private_queue("scheduler.heartbeats", id),
+        ] {
             assert!(grants(&scheduler.configure, name), "{name}");
             assert!(grants(&scheduler.read, name), "{name}");
         }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::bail;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
-use rota_common::client::Client;
 use rota_common::amqp::host_and_vhost;
+use rota_common::client::Client;
 use rota_common::config::{BrokerArgs, parse_duration};
 use rota_common::roles::UserRole;
 use rota_common::users::{self, Management, UserSpec};
@@ -278,8 +278,14 @@ pub async fn setup_users(broker: &BrokerArgs, args: SetupUsersArgs) -> anyhow::R
         .filter(|r| args.roles.is_empty() || args.roles.contains(r))
         .map(|role| {
             let (name, password) = match role {
-                UserRole::Producer => (first_of(&roles.producer_users, role), &args.producer_password),
-                UserRole::Scheduler => (first_of(&roles.scheduler_users, role), &args.scheduler_password),
+                UserRole::Producer => (
+                    first_of(&roles.producer_users, role),
+                    &args.producer_password,
+                ),
+                UserRole::Scheduler => (
+                    first_of(&roles.scheduler_users, role),
+                    &args.scheduler_password,
+                ),
                 UserRole::Agent => (first_of(&roles.agent_users, role), &args.agent_password),
                 UserRole::Viewer => (args.viewer_user.clone(), &args.viewer_password),
             };
@@ -312,9 +318,15 @@ pub async fn setup_users(broker: &BrokerArgs, args: SetupUsersArgs) -> anyhow::R
         );
         for m in &made {
             let what = match (&m.generated, m.created) {
-                (Some(password), _) => format!("created, password {password} (shown once: keep it)"),
+                (Some(password), _) => {
+                    format!("created, password {password} (shown once: keep it)")
+                }
                 (None, true) => "created with the given password".to_owned(),
-                (None, false) if specs.iter().any(|s| s.name == m.name && s.password.is_some()) => {
+                (None, false)
+                    if specs
+                        .iter()
+                        .any(|s| s.name == m.name && s.password.is_some()) =>
+                {
                     "updated, password set".to_owned()
                 }
                 (None, false) => "updated, password kept".to_owned(),

@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rota_tests::wire::{JobId, JobState};
 use rota_common::roles::UserRole;
+use rota_tests::wire::{JobId, JobState};
 use rota_tests::{System, within};
 use serde_json::json;
 

@@ -188,8 +188,7 @@ async fn a_result_from_a_producer_user_is_dead_lettered() {
         .await
         .expect("consumes the dead-letter queue");
     let (_conn, ch) = channel_as(&sys, UserRole::Producer).await;
-    let as_producer =
-        BasicProperties::default().with_user_id(test_user(UserRole::Producer).into());
+    let as_producer = BasicProperties::default().with_user_id(test_user(UserRole::Producer).into());
     let forged = br#"{"uuid":"00000000-0000-4000-8000-000000000001"}"#;
     send(&ch, &sys.names.results(), forged, as_producer)
         .await
@@ -204,7 +203,9 @@ async fn a_result_from_a_producer_user_is_dead_lettered() {
         .headers()
         .as_ref()
         .and_then(|h| match h.inner().get("x-rota-reason") {
-            Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
             _ => None,
         })
         .unwrap_or_default();

@@ -41,8 +41,8 @@ fn make_ca(dir: &Path, name: &str) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", &key,
-            "-out", &pem, "-subj", &subject,
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", &key, "-out",
+            &pem, "-subj", &subject,
         ],
     );
 }
@@ -78,8 +78,16 @@ impl TlsBroker {
         openssl(
             d,
             &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
-                "server.csr", "-subj", "/CN=localhost",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
             ],
         );
         std::fs::write(
@@ -90,8 +98,21 @@ impl TlsBroker {
         openssl(
             d,
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+                "-out",
+                "server.pem",
             ],
         );
         let (port, epmd, dist) = ports();
@@ -154,7 +175,13 @@ impl TlsBroker {
             loop {
                 tick.tick().await;
                 let started = tokio::process::Command::new("docker")
-                    .args(["exec", &self.container, "rabbitmqctl", "-q", "await_startup"])
+                    .args([
+                        "exec",
+                        &self.container,
+                        "rabbitmqctl",
+                        "-q",
+                        "await_startup",
+                    ])
                     .output()
                     .await
                     .is_ok_and(|o| o.status.success());
