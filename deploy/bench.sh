@@ -38,9 +38,30 @@ cleanup() {
 }
 trap cleanup EXIT
 bin=target/release
-"$bin/scheduler" run --data-dir "$data" --heartbeat-interval 1s >"$data/scheduler.log" 2>&1 &
+
+# Each part as the user of its role (rota-bench-scheduler, …), made or brought up to date with
+# the administrator deploy/setup.sh keeps; their passwords are kept beside its password.
+state="${XDG_STATE_HOME:-$HOME/.local/state}/rota"
+password() {
+  local file="$state/rabbitmq-$1-password"
+  [[ -s "$file" ]] || (umask 077; head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | cut -c1-24 > "$file")
+  cat "$file"
+}
+[[ -s "$state/rabbitmq-admin-password" ]] || { echo "bench.sh: no $state/rabbitmq-admin-password: run deploy/setup.sh" >&2; exit 1; }
+for role in producer scheduler agent viewer; do
+  export "ROTA_${role^^}_USERS=rota-bench-$role" "ROTA_${role^^}_PASSWORD=$(password "bench-$role")"
+done
+export ROTA_VIEWER_USER=rota-bench-viewer
+ROTA_AMQP_URL=amqp://127.0.0.1:5672/%2f ROTA_ADMIN_PASSWORD="$(password admin)" \
+  "$bin/scheduler" setup-users >/dev/null
+url_of() { echo "amqp://rota-bench-$1:$(password "bench-$1")@127.0.0.1:5672/%2f"; }
+
+ROTA_AMQP_URL="$(url_of scheduler)" "$bin/scheduler" run --data-dir "$data" --heartbeat-interval 1s \
+  >"$data/scheduler.log" 2>&1 &
 pids+=($!)
-agent=("$bin/pool-agent" run --data-dir "$data" --heartbeat-interval 1s)
+agent=(env ROTA_AMQP_URL="$(url_of agent)" "$bin/pool-agent" run --data-dir "$data" --heartbeat-interval 1s)
+ROTA_AMQP_URL="$(url_of producer)"
+export ROTA_AMQP_URL
 
 if [[ "$what" == chromium ]]; then
   pdfs="${1:-20}"
