@@ -165,8 +165,8 @@ impl Roles {
         };
         let Some(user) = user else {
             return Err(format!(
-                "a {what} without a user_id property: only a {} user may send one, and Rota's parts \
-                 set it (a single-user development broker: --trust-any-user)",
+                "a {what} without a user_id property: only a user of role {} may send one, and \
+                 Rota's parts set it (a single-user development broker: --trust-any-user)",
                 allowed()
             ));
         };
@@ -178,8 +178,8 @@ impl Roles {
             return Ok(());
         }
         Err(format!(
-            "a {what} from broker user {user:?}, which is not a {} user (--producer-users, \
-             --scheduler-users, --agent-users)",
+            "a {what} from broker user {user:?}: only a user of role {} may send one (each \
+             role's users: --producer-users, --scheduler-users, --agent-users)",
             allowed()
         ))
     }
