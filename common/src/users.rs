@@ -35,7 +35,9 @@ pub fn permissions(role: UserRole, namespaces: &str) -> Permissions {
     let any = |parts: &[&str]| parts.join("|");
     match role {
         UserRole::Producer => {
-            let own = private("reply|watch|heartbeats");
+            // Its own queues: Rota's client names them; other clients let RabbitMQ name them
+            // (exclusive to their connection).
+            let own = format!("{}|^amq\\.gen-.+$", private("reply|watch|heartbeats"));
             Permissions {
                 configure: any(&[&core, &jobs, &own]),
                 write: any(&[
@@ -312,6 +314,7 @@ mod tests {
             assert!(grants(&producer.write, name), "{name}");
         }
         assert!(grants(&producer.write, "amq.default"));
+        assert!(grants(&producer.read, "amq.gen-JzTY20BRgKO-HjmUJj0wLg"));
         assert!(grants(&producer.write, &n.jobs_exchange()));
         assert!(grants(&producer.read, &reply));
         assert!(grants(&producer.read, &n.events()));
