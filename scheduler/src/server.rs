@@ -1541,7 +1541,7 @@ impl Scheduler {
     }
 
     async fn dead_letter(&self, d: &Delivery, reason: &str) {
-        warn!(reason, queue = %d.routing_key, "unreadable message: it goes to the dead-letter queue");
+        warn!(reason, queue = %d.routing_key, "a message refused: it goes to the dead-letter queue");
         if self.publish_dead(&d.routing_key, &d.body, reason).await {
             d.ack().await;
         } else {
