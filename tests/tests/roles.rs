@@ -217,3 +217,48 @@ async fn a_result_from_a_producer_user_is_dead_lettered() {
     let series = r#"rota_scheduler_dropped_total{input="result",reason="forbidden"}"#;
     assert_eq!(metric(&text, series), 1, "{text}");
 }
+
+/// The viewer reads queues' statistics through the management API (as KEDA reads depths)
+/// and no message over AMQP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_viewer_sees_queues_and_reads_no_message() {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sys = System::new().await;
+    let queue = sys.names.rpc();
+    let addr = rota_tests::management_url(&sys.url).replace("http://", "");
+    let token = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:rota-test-password",
+        test_user(UserRole::Viewer)
+    ));
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("the management API answers");
+    let request = format!(
+        "GET /api/queues/%2F/{queue} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Basic {token}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("sends");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("reads");
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    // Its depth shows once the broker's statistics come round; the queue is visible at once.
+    assert!(
+        response.contains(&format!("\"name\":\"{queue}\"")),
+        "{response}"
+    );
+
+    let (_conn, ch) = channel_as(&sys, UserRole::Viewer).await;
+    let err = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "peek".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("the viewer reads no queue");
+    assert!(err.to_string().contains("ACCESS_REFUSED"), "{err}");
+}
