@@ -25,7 +25,16 @@ what=jobs
 [[ "${1:-}" == chromium || "${1:-}" == compare ]] && { what="$1"; shift; }
 deploy/setup.sh
 cargo build --release --locked --bins --examples
-[[ "$what" == compare ]] && exec .venv/bin/python deploy/bench/compare.py "$@"
+state="${XDG_STATE_HOME:-$HOME/.local/state}/rota"
+[[ -s "$state/rabbitmq-admin-password" ]] || { echo "bench.sh: no $state/rabbitmq-admin-password: run deploy/setup.sh" >&2; exit 1; }
+if [[ "$what" == compare ]]; then
+  # The comparison makes its vhosts through the management API, and runs Rota's parts and
+  # Celery alike, as one user: the administrator deploy/setup.sh made (--trust-any-user).
+  admin="rota-admin:$(cat "$state/rabbitmq-admin-password")"
+  export ROTA_AMQP_URL="amqp://$admin@127.0.0.1:5672/%2f" ROTA_TRUST_ANY_USER=1 \
+    ROTA_BENCH_CELERY_URL="amqp://$admin@127.0.0.1:5672/rota-bench-celery"
+  exec .venv/bin/python deploy/bench/compare.py "$@"
+fi
 namespace=rota-bench
 [[ "$what" == chromium ]] && namespace=rota-bench-chromium
 export ROTA_NAMESPACE="${ROTA_NAMESPACE:-$namespace}"
@@ -38,9 +47,28 @@ cleanup() {
 }
 trap cleanup EXIT
 bin=target/release
-"$bin/scheduler" run --data-dir "$data" --heartbeat-interval 1s >"$data/scheduler.log" 2>&1 &
+
+# Each part as the user of its role (rota-bench-scheduler, …), made or brought up to date with
+# the administrator deploy/setup.sh keeps; their passwords are kept beside its password.
+password() {
+  local file="$state/rabbitmq-$1-password"
+  [[ -s "$file" ]] || (umask 077; head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | cut -c1-24 > "$file")
+  cat "$file"
+}
+for role in producer scheduler agent; do
+  export "ROTA_${role^^}_USERS=rota-bench-$role" "ROTA_${role^^}_PASSWORD=$(password "bench-$role")"
+done
+export ROTA_VIEWER_USER=rota-bench-viewer ROTA_VIEWER_PASSWORD="$(password bench-viewer)"
+ROTA_AMQP_URL=amqp://127.0.0.1:5672/%2f ROTA_ADMIN_PASSWORD="$(password admin)" \
+  "$bin/scheduler" setup-users >/dev/null
+url_of() { echo "amqp://rota-bench-$1:$(password "bench-$1")@127.0.0.1:5672/%2f"; }
+
+ROTA_AMQP_URL="$(url_of scheduler)" "$bin/scheduler" run --data-dir "$data" --heartbeat-interval 1s \
+  >"$data/scheduler.log" 2>&1 &
 pids+=($!)
-agent=("$bin/pool-agent" run --data-dir "$data" --heartbeat-interval 1s)
+agent=(env ROTA_AMQP_URL="$(url_of agent)" "$bin/pool-agent" run --data-dir "$data" --heartbeat-interval 1s)
+ROTA_AMQP_URL="$(url_of producer)"
+export ROTA_AMQP_URL
 
 if [[ "$what" == chromium ]]; then
   pdfs="${1:-20}"

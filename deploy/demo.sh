@@ -11,6 +11,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 deploy/setup.sh
+# The demo runs every part in one process, as one user: the administrator deploy/setup.sh made
+# (a real deployment gives each part a user of its role: see the README's trust model).
+admin_password_file="${XDG_STATE_HOME:-$HOME/.local/state}/rota/rabbitmq-admin-password"
+if [[ -z "${ROTA_AMQP_URL:-}" && -s "$admin_password_file" ]]; then
+  export ROTA_AMQP_URL="amqp://rota-admin:$(cat "$admin_password_file")@127.0.0.1:5672/%2f"
+fi
 cargo build --locked --bins   # the demo starts worker-runtime for process and docker workers
 image=()
 if [[ " $* " == *" docker "* || " $* " == *"=docker "* ]]; then

@@ -10,13 +10,20 @@
 # example's amqplib). Safe to run again at any time; it reuses whatever is already running or
 # installed.
 #
+# Each broker it sets up gets an administrator, rota-admin, and loses guest (which RabbitMQ
+# makes an administrator with a known password): the password is generated once and kept in
+# ${XDG_STATE_HOME:-~/.local/state}/rota/rabbitmq-admin-password (mode 0600), which the tests,
+# deploy/test.sh, demo.sh and bench.sh read. Rota's parts then use users of their own roles
+# (scheduler setup-users; see the README's trust model).
+#
 #   deploy/setup.sh            # what the demo and the tests need
 #   deploy/setup.sh rabbitmq   # only RabbitMQ
 #   deploy/setup.sh rabbitmq4  # only the RabbitMQ 4 node (and the Docker engine it runs on)
 #   deploy/setup.sh chromium   # only Chromium and the tools around it
 #   deploy/setup.sh tools      # only the test tools and the examples' libraries
 #
-# Environment: ROTA_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f).
+# Environment: ROTA_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f; only its host and
+# port are used).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 url="${ROTA_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
@@ -30,6 +37,37 @@ host="${hostport%%:*}"; port=5672
 [[ "$hostport" == *:* ]] && port="${hostport##*:}"
 
 answers() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+admin_password_file="${XDG_STATE_HOME:-$HOME/.local/state}/rota/rabbitmq-admin-password"
+
+# The administrator's password, generated the first time.
+admin_password() {
+  if [[ ! -s "$admin_password_file" ]]; then
+    mkdir -p "$(dirname "$admin_password_file")"
+    (umask 077; head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | cut -c1-24 > "$admin_password_file")
+    say "generated the password of the brokers' administrator rota-admin: $admin_password_file"
+  fi
+  cat "$admin_password_file"
+}
+
+# Gives the broker that the command line "$@" (rabbitmqctl) manages the administrator
+# rota-admin, and removes guest. Idempotent.
+lock_down() {
+  local password users
+  password="$(admin_password)"
+  users="$("$@" -q list_users | awk '{print $1}')"
+  if grep -qx rota-admin <<<"$users"; then
+    "$@" -q change_password rota-admin "$password" >/dev/null
+  else
+    "$@" -q add_user rota-admin "$password" >/dev/null
+  fi
+  "$@" -q set_user_tags rota-admin administrator >/dev/null
+  "$@" -q set_permissions -p / rota-admin '.*' '.*' '.*' >/dev/null
+  if grep -qx guest <<<"$users"; then
+    "$@" -q delete_user guest >/dev/null
+    say "removed the user guest ($*)"
+  fi
+}
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"
@@ -47,6 +85,16 @@ apt_install() {
 }
 
 setup_rabbitmq() {
+  start_rabbitmq
+  case "$host" in
+    127.*|localhost|::1)
+      lock_down as_root rabbitmqctl
+      say "RabbitMQ: user rota-admin, password in $admin_password_file" ;;
+    *) say "RabbitMQ at $host is not this host's: give it an administrator and remove guest there (see the README's trust model)" ;;
+  esac
+}
+
+start_rabbitmq() {
   if answers "$host" "$port"; then
     say "RabbitMQ answers on $host:$port: reusing it"
     return 0
@@ -77,13 +125,17 @@ setup_rabbitmq() {
     sleep 1
   done
   answers "$host" "$port" || die "RabbitMQ did not start within 2 minutes; see /var/log/rabbitmq/"
-  say "RabbitMQ is up on $host:$port (management UI on http://127.0.0.1:15672, guest/guest)"
+  say "RabbitMQ is up on $host:$port (management UI on http://127.0.0.1:15672)"
 }
 
 # RabbitMQ 4 in a container beside the host's broker (its image built with debootstrap).
 setup_rabbitmq4() {
   command -v debootstrap >/dev/null || apt_install debootstrap
+  # The TLS tests make their certificates with it.
+  command -v openssl >/dev/null || apt_install openssl
   "$here/rabbitmq/rabbitmq4.sh" start
+  lock_down docker exec rota-rabbitmq4 rabbitmqctl
+  say "RabbitMQ 4: user rota-admin, password in $admin_password_file"
 }
 
 # A Docker engine: the one that answers (DOCKER_HOST or the local socket), else Debian's,

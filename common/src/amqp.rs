@@ -7,6 +7,13 @@
 //! broker has taken responsibility for the message, and fails if no queue would receive it.
 //! [`Broker::notify`] is the cheap, unconfirmed kind, for events and heartbeats.
 //!
+//! Everything published carries the connection's user as its `user_id` (RabbitMQ refuses any
+//! other), and every delivery says who sent it ([`Delivery::user_id`]): see [`crate::roles`].
+//!
+//! `amqps://` URLs connect over TLS (rustls), verifying the broker's certificate against the
+//! public roots and the CA file a URL names (`?cacertfile=PATH`); `certfile` and `keyfile`
+//! present a client certificate (EXTERNAL authentication).
+//!
 //! The URL may list a cluster's nodes, separated by commas: a connection is made to the first
 //! that answers, and after a failure to the next. What differs between RabbitMQ 3 and 4 is
 //! decided per connection from the version the node announces: the kind of the jobs queues
@@ -23,8 +30,12 @@ use lapin::options::{
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Confirmation, Connection, ConnectionProperties, DefaultConnectionBuilder,
+    ExchangeKind,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -330,10 +341,14 @@ pub struct Props {
 }
 
 impl Props {
-    fn to_amqp(&self) -> BasicProperties {
+    /// The AMQP properties, sent by broker user `user` (the connection's).
+    fn to_amqp(&self, user: Option<&str>) -> BasicProperties {
         let mut p = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(if self.transient { 1 } else { 2 });
+        if let Some(user) = user {
+            p = p.with_user_id(user.into());
+        }
         if let Some(v) = &self.message_id {
             p = p.with_message_id(v.as_str().into());
         }
@@ -376,6 +391,9 @@ pub struct Delivery {
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    /// The broker user that published it (RabbitMQ checks it against the publishing
+    /// connection's user); None when the publisher did not say.
+    pub user_id: Option<String>,
     /// The headers whose values are strings.
     pub headers: BTreeMap<String, String>,
     /// How many times a quorum queue delivered this message before (`x-delivery-count`;
@@ -427,6 +445,7 @@ impl Delivery {
             message_id: p.message_id().as_ref().map(|s| s.as_str().to_owned()),
             correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_owned()),
             reply_to: p.reply_to().as_ref().map(|s| s.as_str().to_owned()),
+            user_id: p.user_id().as_ref().map(|s| s.as_str().to_owned()),
             headers,
             delivery_count,
             body: d.data,
@@ -622,6 +641,8 @@ struct Live {
     closing: CancellationToken,
     /// The node's RabbitMQ major version (4 when it cannot be read).
     major: u32,
+    /// The user this connection logged in as, set as the `user_id` of what it publishes.
+    user: Option<String>,
 }
 
 /// A channel that is opened again on the same connection when the broker closes it: one
@@ -950,7 +971,13 @@ impl Broker {
             .ok_or_else(|| BrokerError::Protocol("the channel is unusable".into()))?;
         let sent = async {
             channel
-                .basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp())
+                .basic_publish(
+                    exchange.into(),
+                    key.into(),
+                    opts,
+                    body,
+                    props.to_amqp(live.user.as_deref()),
+                )
                 .await?
                 .await
         };
@@ -1005,7 +1032,8 @@ impl Broker {
             return false;
         };
         let opts = BasicPublishOptions::default();
-        let sent = channel.basic_publish(exchange.into(), key.into(), opts, body, props.to_amqp());
+        let amqp = props.to_amqp(live.user.as_deref());
+        let sent = channel.basic_publish(exchange.into(), key.into(), opts, body, amqp);
         // Bounded like an ack: on a connection going away lapin may never settle the send,
         // and a caller (the scheduler's recording) must not wait on a notification for ever.
         let sent = tokio::time::timeout(SETTLE_WAIT, sent);
@@ -1121,11 +1149,15 @@ impl Broker {
         };
         let props =
             ConnectionProperties::default().with_connection_name(self.inner.name.as_str().into());
-        let conn = tokio::time::timeout(Duration::from_secs(15), Connection::connect(url, props))
+        let builder = DefaultConnectionBuilder::new()?
+            .with_uri_str(url.clone())
+            .with_properties(props)
+            .with_tls_config(tls_config(url)?);
+        let connect = builder.connect();
+        let conn = tokio::time::timeout(Duration::from_secs(15), connect)
             .await
-            .map_err(|_| {
-                BrokerError::Protocol("connection attempt timed out after 15 s".into())
-            })??;
+            .map_err(|_| BrokerError::Protocol("connection attempt timed out after 15 s".into()))?
+            .map_err(connect_error)?;
         let lost = CancellationToken::new();
         let mut events = conn.events_listener();
         let on_loss = lost.clone();
@@ -1167,6 +1199,7 @@ impl Broker {
             lost,
             closing: self.inner.closing.clone(),
             major,
+            user: url_user(url),
         });
         // The shared channels are opened again as soon as the broker closes one, so that
         // receipts, replies and events do not vanish into a dead channel until someone
@@ -1523,6 +1556,106 @@ fn with_defaults(url: &str) -> String {
     url
 }
 
+/// The TLS files an `amqps://` URL names (`cacertfile`, `certfile`, `keyfile`), read.
+fn tls_config(url: &str) -> Result<OwnedTLSConfig, BrokerError> {
+    let param = |key: &str| {
+        let (_, query) = url.split_once('?')?;
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+            .map(percent_decode)
+    };
+    let read = |key: &str, what: &str| -> Result<Option<Vec<u8>>, BrokerError> {
+        let Some(path) = param(key) else {
+            return Ok(None);
+        };
+        std::fs::read(&path).map(Some).map_err(|e| {
+            BrokerError::Protocol(format!("cannot read the {what} file {path} ({key}): {e}"))
+        })
+    };
+    let ca = read("cacertfile", "CA certificate (--amqp-ca-file)")?;
+    let cert = read("certfile", "client certificate (--amqp-cert-file)")?;
+    let key = read("keyfile", "client key (--amqp-key-file)")?;
+    let identity = match (cert, key) {
+        (Some(pem), Some(key)) => Some(OwnedIdentity::PKCS8 { pem, key }),
+        (None, None) => None,
+        _ => {
+            return Err(BrokerError::Protocol(
+                "a client certificate needs both its certificate and its key: give                  --amqp-cert-file and --amqp-key-file (certfile and keyfile in the URL)"
+                    .into(),
+            ));
+        }
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain: ca.map(|pem| String::from_utf8_lossy(&pem).into_owned()),
+    })
+}
+
+/// The host and the virtual host of an AMQP URL (of one node).
+pub fn host_and_vhost(url: &str) -> Result<(String, String), String> {
+    let uri: lapin::uri::AMQPUri = url
+        .parse()
+        .map_err(|e| format!("{} is not a valid AMQP URL: {e}", redact(url)))?;
+    Ok((uri.authority.host, uri.vhost))
+}
+
+/// A failed connection attempt, with what to do about a certificate that is not trusted.
+fn connect_error(e: lapin::Error) -> BrokerError {
+    let text = e.to_string();
+    if text.contains("certificate") || text.contains("Certificate") {
+        return BrokerError::Protocol(format!(
+            "the broker's TLS certificate is not accepted ({text}): if a private CA signed it, give              that CA's PEM file with --amqp-ca-file (ROTA_AMQP_CA_FILE); the URL's host must be a              name the certificate holds"
+        ));
+    }
+    e.into()
+}
+
+/// The user a URL logs in as (its user info, decoded); None when it names none (EXTERNAL
+/// authentication without a user: the certificate's user is then not known here).
+fn url_user(url: &str) -> Option<String> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?']).next()?;
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let user = userinfo.split(':').next()?;
+    (!user.is_empty()).then(|| percent_decode(user))
+}
+
+/// `text` with every byte but the URL-safe ones written `%XX`.
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The URL with its password replaced by `***`.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -1571,5 +1704,27 @@ mod tests {
             "amqp://guest:***@h:5672/%2f"
         );
         assert_eq!(redact("amqp://h:5672/%2f"), "amqp://h:5672/%2f");
+    }
+
+    #[test]
+    fn the_url_names_the_user_and_the_tls_files() {
+        assert_eq!(
+            url_user("amqp://rota-agent:p%40ss@h:5672/%2f").as_deref(),
+            Some("rota-agent")
+        );
+        assert_eq!(
+            url_user("amqps://a%2Bb@h/%2f?auth_mechanism=external").as_deref(),
+            Some("a+b")
+        );
+        assert_eq!(url_user("amqp://h:5672/%2f"), None);
+        let path = "/tmp/a dir/ca&.pem";
+        assert_eq!(percent_decode(&percent_encode(path)), path);
+        let missing = format!("amqps://h/%2f?cacertfile={}", percent_encode(path));
+        let err = tls_config(&missing).expect_err("no such file");
+        assert!(err.to_string().contains(path), "{err}");
+        assert_eq!(
+            tls_config("amqps://h/%2f?heartbeat=5").ok(),
+            Some(OwnedTLSConfig::default())
+        );
     }
 }

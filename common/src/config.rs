@@ -13,6 +13,7 @@ use clap::{Args, Parser};
 
 use crate::Names;
 use crate::names::QueueType;
+use crate::roles::RoleArgs;
 use crate::telemetry::LogFormat;
 
 /// Tables of the config file that are not flags: each is read by the part that owns it
@@ -20,19 +21,47 @@ use crate::telemetry::LogFormat;
 /// file can serve every part.
 pub const SECTIONS: &[&str] = &["schedule"];
 
-/// Where the broker is and which namespace to use: shared by every binary.
+/// Where the broker is, how to reach it, which namespace to use and who is who: shared by
+/// every binary.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
     /// RabbitMQ URL, or the URLs of a cluster's nodes separated by commas: a part connects to
-    /// the first that answers, and after a failure to the next. Add `?heartbeat=N` to change
-    /// the 10 s heartbeat.
+    /// the first that answers, and after a failure to the next. `amqps://` for TLS. Add
+    /// `?heartbeat=N` to change the 10 s heartbeat. Each part should connect as the user of its
+    /// role (see `scheduler setup-users`).
     #[arg(
-        long,
+        id = "amqp_url",
+        long = "amqp-url",
         env = "ROTA_AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         global = true
     )]
-    pub amqp_url: String,
+    url: String,
+
+    /// PEM file of the CA (or CAs) that signed the broker's TLS certificate, trusted besides
+    /// the public roots (`amqps://` to a broker with a private CA).
+    #[arg(long, env = "ROTA_AMQP_CA_FILE", global = true)]
+    pub amqp_ca_file: Option<PathBuf>,
+
+    /// PEM file of a client certificate to present over `amqps://` (with --amqp-key-file), for
+    /// RabbitMQ's EXTERNAL authentication: add `?auth_mechanism=external` to the URL and name
+    /// the certificate's user in it (`amqps://rota-agent@host/%2f?auth_mechanism=external`).
+    #[arg(
+        long,
+        env = "ROTA_AMQP_CERT_FILE",
+        requires = "amqp_key_file",
+        global = true
+    )]
+    pub amqp_cert_file: Option<PathBuf>,
+
+    /// PEM file of the client certificate's private key (PKCS#8).
+    #[arg(
+        long,
+        env = "ROTA_AMQP_KEY_FILE",
+        requires = "amqp_cert_file",
+        global = true
+    )]
+    pub amqp_key_file: Option<PathBuf>,
 
     /// Prefix of every exchange and queue name, so deployments can share a broker.
     #[arg(long, env = "ROTA_NAMESPACE", default_value = "rota", global = true)]
@@ -47,13 +76,45 @@ pub struct BrokerArgs {
     /// Every part of a deployment must use the same.
     #[arg(long, env = "ROTA_QUEUE_TYPE", value_enum, default_value_t = QueueType::Auto, global = true)]
     pub queue_type: QueueType,
+
+    #[command(flatten)]
+    pub roles: RoleArgs,
 }
 
 impl BrokerArgs {
     pub fn names(&self) -> anyhow::Result<Names> {
         Ok(Names::new(&self.namespace)
             .map_err(anyhow::Error::msg)?
-            .with_jobs_queue_type(self.queue_type))
+            .with_jobs_queue_type(self.queue_type)
+            .with_roles(self.roles.roles()))
+    }
+
+    /// The URL to connect with: `--amqp-url`, with the TLS files of `--amqp-ca-file`,
+    /// `--amqp-cert-file` and `--amqp-key-file` added to each node's URL (as the query
+    /// parameters `cacertfile`, `certfile` and `keyfile`, which a URL may also carry itself).
+    pub fn amqp_url(&self) -> String {
+        let files = [
+            ("cacertfile", &self.amqp_ca_file),
+            ("certfile", &self.amqp_cert_file),
+            ("keyfile", &self.amqp_key_file),
+        ];
+        self.url
+            .split(',')
+            .map(|node| {
+                let mut node = node.trim().to_owned();
+                for (key, file) in files {
+                    if let Some(file) = file
+                        && !node.contains(&format!("{key}="))
+                    {
+                        let sep = if node.contains('?') { '&' } else { '?' };
+                        let value = crate::amqp::percent_encode(&file.to_string_lossy());
+                        node = format!("{node}{sep}{key}={value}");
+                    }
+                }
+                node
+            })
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

@@ -11,9 +11,11 @@ pub mod heartbeat;
 pub mod http;
 pub mod metrics;
 pub mod names;
+pub mod roles;
 pub mod schema;
 pub mod shutdown;
 pub mod telemetry;
+pub mod users;
 pub mod wire;
 
 pub use names::Names;

@@ -1,6 +1,8 @@
 //! The names of every exchange and queue, built in one place from the namespace, so that
 //! several deployments (or test runs) can share one broker without seeing each other.
 
+use crate::roles::Roles;
+
 /// The queue a job goes to when it names none.
 pub const DEFAULT_QUEUE: &str = "default";
 
@@ -37,12 +39,14 @@ impl QueueType {
     }
 }
 
-/// Exchange and queue names of one namespace (`rota` by default), and the kind of its jobs
-/// queues (and of its other durable queues), which every part that declares them must agree on.
+/// Exchange and queue names of one namespace (`rota` by default), the kind of its jobs
+/// queues (and of its other durable queues), which every part that declares them must agree
+/// on, and the broker users of each role, whose messages the parts take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
     ns: String,
     jobs_queue_type: QueueType,
+    roles: Roles,
 }
 
 impl Names {
@@ -52,7 +56,18 @@ impl Names {
         Ok(Self {
             ns: namespace.to_owned(),
             jobs_queue_type: QueueType::default(),
+            roles: Roles::default(),
         })
+    }
+
+    /// The same names, with the broker users of each role `roles`.
+    pub fn with_roles(mut self, roles: Roles) -> Self {
+        self.roles = roles;
+        self
+    }
+
+    pub fn roles(&self) -> &Roles {
+        &self.roles
     }
 
     /// The same names, with jobs queues of kind `kind`.

@@ -7,7 +7,8 @@
 # it runs from that image with these settings, and started again otherwise.
 #
 #   deploy/rabbitmq/rabbitmq4.sh          # the node for the tests: rota-rabbitmq4, AMQP on
-#                                         #   5673, management on 15673 (guest/guest)
+#                                         #   5673, management on 15673 (deploy/setup.sh
+#                                         #   then makes rota-admin and removes guest)
 #   deploy/rabbitmq/rabbitmq4.sh image    # only the image; prints name:tag
 #   deploy/rabbitmq/rabbitmq4.sh stop     # removes the node's container (and its data)
 #   deploy/rabbitmq/rabbitmq4.sh cluster NAME PORT
@@ -98,7 +99,7 @@ management.tcp.port = $management_port"
     sleep 1
   done
   answers "$amqp_port" || die "RabbitMQ 4 did not start within 2 minutes; see docker logs $container"
-  say "RabbitMQ 4 is up on 127.0.0.1:$amqp_port (management UI on http://127.0.0.1:$management_port, guest/guest)"
+  say "RabbitMQ 4 is up on 127.0.0.1:$amqp_port (management UI on http://127.0.0.1:$management_port)"
 }
 
 # Waits until node container $1 runs RabbitMQ.

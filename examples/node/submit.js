@@ -64,7 +64,8 @@ async function main() {
 
     let rpc;
     if (args.rpc) {
-      rpc = await Rpc.open(channel, ns, args.timeout);
+      const user = decodeURIComponent(new URL(url).username) || 'guest';
+      rpc = await Rpc.open(channel, ns, args.timeout, user);
       const record = await rpc.call({ method: 'submit', job });
       console.log(`submitted job ${jobId} (type ${args.type}) to the scheduler: ${record.state}`);
     } else {
@@ -123,12 +124,12 @@ async function publishJob(channel, ns, job) {
 // Requests to the scheduler on its RPC queue; each reply comes to a private queue, matched by
 // correlation_id.
 class Rpc {
-  static async open(channel, ns, timeout) {
-    return new Rpc(channel, ns, timeout, await privateQueue(channel));
+  static async open(channel, ns, timeout, user) {
+    return new Rpc(channel, ns, timeout, user, await privateQueue(channel));
   }
 
-  constructor(channel, ns, timeout, replies) {
-    Object.assign(this, { channel, ns, timeout, replies });
+  constructor(channel, ns, timeout, user, replies) {
+    Object.assign(this, { channel, ns, timeout, user, replies });
   }
 
   async call(request) {
@@ -138,6 +139,7 @@ class Rpc {
       replyTo: this.replies,
       correlationId,
       expiration: String(this.timeout * 1000), // a request nobody took in time is dropped
+      userId: this.user, // who sends it: the scheduler takes requests from producers only
     });
     const reply = await waitFor(
       this.channel,

@@ -56,7 +56,7 @@ def main():
         bind(channel, events, f"{ns}.events", "job.finished.#", ns)
 
         if args.rpc:
-            rpc = Rpc(channel, ns, args.timeout)
+            rpc = Rpc(channel, ns, args.timeout, params.credentials.username)
             record = rpc.call({"method": "submit", "job": job})
             print(f"submitted job {job_id} (type {args.type}) to the scheduler: {record['state']}")
         else:
@@ -105,8 +105,8 @@ class Rpc:
     """Requests to the scheduler on its RPC queue; each reply comes to a private queue, matched
     by correlation_id."""
 
-    def __init__(self, channel, ns, timeout):
-        self.channel, self.ns, self.timeout = channel, ns, timeout
+    def __init__(self, channel, ns, timeout, user):
+        self.channel, self.ns, self.timeout, self.user = channel, ns, timeout, user
         self.replies = private_queue(channel)
 
     def call(self, request):
@@ -116,6 +116,7 @@ class Rpc:
             reply_to=self.replies,
             correlation_id=correlation,
             expiration=str(self.timeout * 1000),  # a request nobody took in time is dropped
+            user_id=self.user,  # who sends it: the scheduler takes requests from producers only
         )
         self.channel.basic_publish("", f"{self.ns}.rpc", json.dumps(request), props)
         reply = wait_for(self.channel, self.replies, self.timeout,

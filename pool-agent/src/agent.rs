@@ -48,6 +48,7 @@ pub async fn run(
     cfg.check()?;
     // Chromium never loads from the broker's port, wherever it listens.
     cfg.chromium.deny_broker_port(amqp_url);
+    names.roles().warn_if_open();
     let id = AgentId::new(&cfg.id).map_err(anyhow::Error::msg)?;
     let health = Health::default();
     let metrics = Arc::new(AgentMetrics::new());
@@ -850,6 +851,12 @@ impl Agent {
     /// Applies the scheduler's receipts and control messages from this agent's queue.
     async fn receive_receipts(self: Arc<Self>, mut receipts: Consumer) {
         while let Some(d) = receipts.recv().await {
+            if let Err(why) = intake::from_scheduler(self.names.roles(), &d) {
+                self.metrics.dropped("agent_queue", "forbidden");
+                warn!(reason = %why, "ignoring a message on the agent's queue");
+                d.ack().await;
+                continue;
+            }
             match AgentMessage::parse(&d.body) {
                 Ok(m @ (AgentMessage::Receipt { .. } | AgentMessage::Receipts { .. })) => {
                     for Run { uuid, attempt } in m.receipted() {

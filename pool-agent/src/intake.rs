@@ -6,8 +6,16 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use rota_common::amqp::{DELIVERY_LIMIT, Delivery};
+use rota_common::roles::{Roles, UserRole};
 use rota_common::wire::{Job, JobId};
 use serde_json::Value;
+
+/// Checks that a message on the agent's own queue (a receipt, which makes the agent forget a
+/// result, or a cancel) comes from a scheduler's broker user; else why it is ignored.
+pub fn from_scheduler(roles: &Roles, d: &Delivery) -> Result<(), String> {
+    let what = "message to an agent (receipt or cancel)";
+    roles.check(d.user_id.as_deref(), what, &[UserRole::Scheduler])
+}
 
 /// The limits a job must fit.
 pub struct Limits<'a> {

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let names = cli.broker.names()?;
         let shutdown = rota_common::shutdown::on_signals();
-        rota_pool_agent::run(config, &cli.broker.amqp_url, names, registry, shutdown).await
+        rota_pool_agent::run(config, &cli.broker.amqp_url(), names, registry, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -73,7 +73,7 @@ struct Measured {
 }
 
 pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let client = Arc::new(Client::connect(&broker.amqp_url, broker.names()?, "bench").await?);
+    let client = Arc::new(Client::connect(&broker.amqp_url(), broker.names()?, "bench").await?);
     let mut events = client.watch(&[EventKind::Finished]).await?;
     let sent: Sent = Arc::default();
     let measured = tokio::time::timeout(args.timeout, measure(&client, &mut events, &sent, &args));

@@ -7,8 +7,11 @@ use std::time::Duration;
 use anyhow::bail;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
+use rota_common::amqp::host_and_vhost;
 use rota_common::client::Client;
 use rota_common::config::{BrokerArgs, parse_duration};
+use rota_common::roles::UserRole;
+use rota_common::users::{self, Management, UserSpec};
 use rota_common::wire::{
     AgentInfo, AttemptLogs, EventKind, Job, JobId, JobRecord, JobState, MissedPolicy, Role,
     RpcReply, RpcRequest, ScheduleInfo, ScheduleSpec, Status,
@@ -91,6 +94,45 @@ pub enum Command {
     /// Time-based schedules: add, list, pause, resume, remove, run-now.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Creates (or brings up to date) one broker user per role, producer, scheduler, agent
+    /// and viewer, with the permissions of its role over the namespace, through RabbitMQ's
+    /// management API. Idempotent: an existing user keeps its password unless one is given; a
+    /// new one without a given password gets a generated one, printed once.
+    SetupUsers(SetupUsersArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SetupUsersArgs {
+    /// RabbitMQ's management API (default: http://HOST:15672, with the host of --amqp-url).
+    #[arg(long, env = "ROTA_MANAGEMENT_URL")]
+    pub management_url: Option<String>,
+    /// An administrator of the broker.
+    #[arg(long, env = "ROTA_ADMIN_USER", default_value = "rota-admin")]
+    pub admin_user: String,
+    /// The administrator's password (better in the environment than on a command line).
+    #[arg(long, env = "ROTA_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: String,
+    /// Only these roles (default: all four).
+    #[arg(long = "role", value_enum)]
+    pub roles: Vec<UserRole>,
+    /// The viewer's user name (the others are the first of --producer-users,
+    /// --scheduler-users and --agent-users).
+    #[arg(long, env = "ROTA_VIEWER_USER", default_value = "rota-viewer")]
+    pub viewer_user: String,
+    #[arg(long, env = "ROTA_PRODUCER_PASSWORD", hide_env_values = true)]
+    pub producer_password: Option<String>,
+    #[arg(long, env = "ROTA_SCHEDULER_PASSWORD", hide_env_values = true)]
+    pub scheduler_password: Option<String>,
+    #[arg(long, env = "ROTA_AGENT_PASSWORD", hide_env_values = true)]
+    pub agent_password: Option<String>,
+    #[arg(long, env = "ROTA_VIEWER_PASSWORD", hide_env_values = true)]
+    pub viewer_password: Option<String>,
+    /// Grant the permissions over every namespace this regular expression matches, not
+    /// --namespace alone (e.g. "t-[0-9a-f]{10}" for the tests' namespaces).
+    #[arg(long)]
+    pub namespaces: Option<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,9 +254,96 @@ pub struct SubmitArgs {
     pub json: bool,
 }
 
+/// `scheduler setup-users`: makes the users and prints what it made.
+pub async fn setup_users(broker: &BrokerArgs, args: SetupUsersArgs) -> anyhow::Result<ExitCode> {
+    let first = broker.amqp_url();
+    let first = first.split(',').next().unwrap_or_default();
+    let (host, vhost) = host_and_vhost(first).map_err(anyhow::Error::msg)?;
+    let management = args
+        .management_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{host}:15672"));
+    let api = Management::new(&management, &args.admin_user, &args.admin_password)?;
+    let names = broker.names()?;
+    let namespaces = args
+        .namespaces
+        .clone()
+        .unwrap_or_else(|| users::exactly(names.namespace()));
+    let roles = &broker.roles;
+    let first_of = |list: &[String], role: UserRole| {
+        list.first().cloned().unwrap_or_else(|| role.default_user())
+    };
+    let specs: Vec<UserSpec> = UserRole::ALL
+        .into_iter()
+        .filter(|r| args.roles.is_empty() || args.roles.contains(r))
+        .map(|role| {
+            let (name, password) = match role {
+                UserRole::Producer => (
+                    first_of(&roles.producer_users, role),
+                    &args.producer_password,
+                ),
+                UserRole::Scheduler => (
+                    first_of(&roles.scheduler_users, role),
+                    &args.scheduler_password,
+                ),
+                UserRole::Agent => (first_of(&roles.agent_users, role), &args.agent_password),
+                UserRole::Viewer => (args.viewer_user.clone(), &args.viewer_password),
+            };
+            UserSpec {
+                role,
+                name,
+                password: password.clone(),
+            }
+        })
+        .collect();
+    let made = users::setup(&api, &vhost, &namespaces, &specs).await?;
+    let json: Vec<Value> = made
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "role": m.role.as_str(),
+                "user": m.name,
+                "created": m.created,
+                "password": m.generated,
+                "configure": m.permissions.configure,
+                "write": m.permissions.write,
+                "read": m.permissions.read,
+            })
+        })
+        .collect();
+    print(args.json, &json, || {
+        println!(
+            "users of namespace {namespaces:?} in virtual host {:?} (management API {management}):",
+            vhost
+        );
+        for m in &made {
+            let what = match (&m.generated, m.created) {
+                (Some(password), _) => {
+                    format!("created, password {password} (shown once: keep it)")
+                }
+                (None, true) => "created with the given password".to_owned(),
+                (None, false)
+                    if specs
+                        .iter()
+                        .any(|s| s.name == m.name && s.password.is_some()) =>
+                {
+                    "updated, password set".to_owned()
+                }
+                (None, false) => "updated, password kept".to_owned(),
+            };
+            println!("  {:<9} {:<16} {what}", m.role.as_str(), m.name);
+            println!(
+                "            configure {}\n            write     {}\n            read      {}",
+                m.permissions.configure, m.permissions.write, m.permissions.read
+            );
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs a client command; returns the process exit code.
 pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Result<ExitCode> {
-    let client = Client::connect(&broker.amqp_url, broker.names()?, "scheduler-cli").await?;
+    let client = Client::connect(&broker.amqp_url(), broker.names()?, "scheduler-cli").await?;
     let code = match command {
         Command::Submit(args) => submit(&client, args).await?,
         Command::Status { uuid, json } => {
@@ -267,7 +396,7 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
             ExitCode::SUCCESS
         }
         Command::Schedule(command) => schedule(&client, command).await?,
-        Command::Run(_) | Command::Demo(_) | Command::Bench(_) => {
+        Command::Run(_) | Command::Demo(_) | Command::Bench(_) | Command::SetupUsers(_) => {
             unreachable!("not a client command")
         }
     };

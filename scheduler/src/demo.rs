@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use rota_common::client::Client;
 use rota_common::config::{BrokerArgs, parse_duration};
+use rota_common::roles::Roles;
 use rota_common::wire::{EventKind, Job, JobId, JobRecord, JobState};
 use rota_pool_agent::AgentConfig;
 use rota_pool_agent::config::{DockerConfig, Location, Network};
@@ -159,7 +160,8 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
     let dir = std::path::absolute(&args.dir)?;
     let demodata = dir.join("demodata");
     std::fs::create_dir_all(&demodata)?;
-    let names = broker.names()?;
+    // Every part runs in this process, as the one user of the URL: it trusts itself.
+    let names = broker.names()?.with_roles(Roles::trust_any());
 
     let stop = CancellationToken::new();
     let sched_cfg = SchedulerConfig {
@@ -225,11 +227,11 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         }
     }
     let scheduler = tokio::spawn({
-        let (url, names, stop) = (broker.amqp_url.clone(), names.clone(), stop.clone());
+        let (url, names, stop) = (broker.amqp_url(), names.clone(), stop.clone());
         async move { crate::run(sched_cfg, &url, names, stop).await }
     });
     let agent = tokio::spawn({
-        let (url, names, stop) = (broker.amqp_url.clone(), names.clone(), stop.clone());
+        let (url, names, stop) = (broker.amqp_url(), names.clone(), stop.clone());
         async move {
             rota_pool_agent::run(
                 agent_cfg,
@@ -258,7 +260,7 @@ async fn drive(
     demodata: &std::path::Path,
     dir: &std::path::Path,
 ) -> anyhow::Result<ExitCode> {
-    let client = Client::connect(&broker.amqp_url, broker.names()?, "demo").await?;
+    let client = Client::connect(&broker.amqp_url(), broker.names()?, "demo").await?;
     let mut planned = plan(args.jobs, demodata);
     if args.chromium {
         let url = rota_worker_runtime::demo::serve_page(REPORT_PAGE, page_host)

@@ -1,13 +1,17 @@
 //! What the scheduler takes in from RabbitMQ (results, RPC requests, started events,
 //! heartbeats), read defensively: each body becomes its typed message or a [`Refused`] with a
-//! typed [`Reason`], never a panic; and every refusal is counted per input and reason in
+//! typed [`Reason`], never a panic; each is taken only from a broker user of the role that may
+//! send it ([`sender`]); and every refusal is counted per input and reason in
 //! `rota_scheduler_dropped_total{input, reason}`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use rota_common::metrics::Metrics;
-use rota_common::wire::{Event, EventKind, Heartbeat, JobResult, MAX_RESULT_GROUP, RpcRequest};
+use rota_common::roles::{Roles, UserRole};
+use rota_common::wire::{
+    Event, EventKind, Heartbeat, JobResult, MAX_RESULT_GROUP, Role, RpcRequest,
+};
 use serde::de::DeserializeOwned;
 
 /// The largest heartbeat read: a real one is a few KiB (its running list is bounded by the
@@ -45,6 +49,8 @@ pub enum Reason {
     TooLarge,
     /// Readable, but the store refused it for a reason that retrying does not change.
     Unrecordable,
+    /// Sent by a broker user whose role may not send it (or without a `user_id`).
+    Forbidden,
 }
 
 impl Reason {
@@ -54,6 +60,7 @@ impl Reason {
             Reason::Invalid => "invalid",
             Reason::TooLarge => "too_large",
             Reason::Unrecordable => "unrecordable",
+            Reason::Forbidden => "forbidden",
         }
     }
 }
@@ -105,6 +112,38 @@ impl Dropped {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+}
+
+/// Refuses a `what` whose sender, the broker user `user` (its `user_id`), has none of the
+/// roles `allowed`.
+pub fn sender(
+    roles: &Roles,
+    user: Option<&str>,
+    what: &str,
+    allowed: &[UserRole],
+) -> Result<(), Refused> {
+    roles
+        .check(user, what, allowed)
+        .map_err(|m| Refused::new(Reason::Forbidden, m))
+}
+
+/// Who may send `request`: producers and schedulers; agents too for what their Work does,
+/// submitting child jobs and asking about a job.
+pub fn rpc_senders(request: &RpcRequest) -> &'static [UserRole] {
+    match request {
+        RpcRequest::Submit { .. } | RpcRequest::Status { .. } => {
+            &[UserRole::Producer, UserRole::Scheduler, UserRole::Agent]
+        }
+        _ => &[UserRole::Producer, UserRole::Scheduler],
+    }
+}
+
+/// Who may send a heartbeat of `role`.
+pub fn heartbeat_senders(role: Role) -> &'static [UserRole] {
+    match role {
+        Role::Agent => &[UserRole::Agent],
+        Role::Scheduler => &[UserRole::Scheduler],
     }
 }
 

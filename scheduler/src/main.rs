@@ -36,11 +36,12 @@ fn main() -> ExitCode {
                     config.schedules = rota_common::config::section(path, "schedule")?;
                 }
                 let shutdown = rota_common::shutdown::on_signals();
-                rota_scheduler::run(config, &broker.amqp_url, broker.names()?, shutdown).await?;
+                rota_scheduler::run(config, &broker.amqp_url(), broker.names()?, shutdown).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Demo(args) => rota_scheduler::demo::run(&broker, *args).await,
             Command::Bench(args) => rota_scheduler::bench::run(&broker, args).await,
+            Command::SetupUsers(args) => rota_scheduler::cli::setup_users(&broker, args).await,
             other => client_command(&broker, other).await,
         }
     });

@@ -27,6 +27,7 @@ use rota_common::config::parse_duration;
 use rota_common::http::{self, Health};
 use rota_common::metrics::{JobCounter, Metrics};
 use rota_common::names::DEFAULT_QUEUE;
+use rota_common::roles::UserRole;
 use rota_common::wire::{
     AgentId, AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord,
     JobResult, JobState, MAX_RECEIPTS, Role, RpcReply, RpcRequest, Run, ScheduleInfo, ScheduleSpec,
@@ -159,6 +160,7 @@ pub async fn run(
     names: Names,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    names.roles().warn_if_open();
     let health = Health::default();
     let metrics = Arc::new(Metrics::new());
     let jobs = JobCounter::register(
@@ -633,6 +635,10 @@ impl Scheduler {
                 deliveries.push((Arc::new(d), Fate::Unstored));
                 continue;
             }
+            if let Err(refused) = self.sent_by(&d, "result", &[UserRole::Agent]) {
+                self.refuse(&d, Input::Result, refused).await;
+                continue;
+            }
             let entries = match intake::results(&d.body) {
                 Ok(entries) => entries,
                 Err(refused) => {
@@ -890,7 +896,10 @@ impl Scheduler {
     }
 
     async fn on_started(&self, d: Delivery) {
-        let event = match intake::started(&d.body) {
+        let event = self
+            .sent_by(&d, "job.started event", &[UserRole::Agent])
+            .and_then(|()| intake::started(&d.body));
+        let event = match event {
             Ok(event) => event,
             Err(refused) => {
                 // A notification: counted and dropped (the job's result still records it).
@@ -931,7 +940,11 @@ impl Scheduler {
     }
 
     async fn on_heartbeat(&self, d: Delivery) {
-        match intake::heartbeat(&d.body) {
+        let heard = intake::heartbeat(&d.body).and_then(|hb| {
+            let senders = intake::heartbeat_senders(hb.role);
+            self.sent_by(&d, "heartbeat", senders).map(|()| hb)
+        });
+        match heard {
             Ok(hb) => self.agents.heard(hb),
             Err(refused) => {
                 warn!(reason = %refused, "ignoring a heartbeat");
@@ -942,7 +955,11 @@ impl Scheduler {
     }
 
     async fn on_rpc(&self, d: Delivery) {
-        let request = match intake::rpc(&d.body) {
+        let request = intake::rpc(&d.body).and_then(|request| {
+            let senders = intake::rpc_senders(&request);
+            self.sent_by(&d, "request", senders).map(|()| request)
+        });
+        let request = match request {
             Ok(request) => request,
             Err(refused) => {
                 // The caller hears why at once; the request is kept in the dead-letter queue.
@@ -1516,6 +1533,11 @@ impl Scheduler {
         }
     }
 
+    /// Refuses `d` unless its sender has one of the roles `allowed` (see [`rota_common::roles`]).
+    fn sent_by(&self, d: &Delivery, what: &str, allowed: &[UserRole]) -> Result<(), Refused> {
+        intake::sender(self.names.roles(), d.user_id.as_deref(), what, allowed)
+    }
+
     /// A message not taken: counted, and kept in the dead-letter queue with its reason.
     async fn refuse(&self, d: &Delivery, input: Input, refused: Refused) {
         self.dropped.count(input, refused.reason);
@@ -1523,7 +1545,7 @@ impl Scheduler {
     }
 
     async fn dead_letter(&self, d: &Delivery, reason: &str) {
-        warn!(reason, queue = %d.routing_key, "unreadable message: it goes to the dead-letter queue");
+        warn!(reason, queue = %d.routing_key, "a message refused: it goes to the dead-letter queue");
         if self.publish_dead(&d.routing_key, &d.body, reason).await {
             d.ack().await;
         } else {

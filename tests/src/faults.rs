@@ -211,21 +211,20 @@ async fn pump(
     }
 }
 
-/// The management API's address (ROTA_MANAGEMENT_ADDR, or the local default).
-fn management_addr() -> String {
-    std::env::var("ROTA_MANAGEMENT_ADDR").unwrap_or_else(|_| "127.0.0.1:15672".into())
-}
-
-/// One request to the management API over plain HTTP/1.0 (so the body is never chunked), as
-/// guest: the status and the body.
+/// One request to the management API of the tests' broker ([`crate::management_url`]) over
+/// plain HTTP/1.0 (so the body is never chunked), as the administrator of [`amqp_url`]: the
+/// status and the body.
 pub async fn management(method: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let addr = management_addr();
+    use base64::Engine;
+    let url = crate::management_url(&amqp_url());
+    let addr = url.trim_start_matches("http://").to_owned();
     let mut stream = TcpStream::connect(&addr)
         .await
         .with_context(|| format!("the management API at {addr}"))?;
-    // "guest:guest" in base64: the broker's default user, which deploy/setup.sh keeps.
+    let (user, password) = crate::credentials(&amqp_url());
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     let request = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\n\
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Basic {token}\r\n\
          X-Reason: rota fault suite\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;

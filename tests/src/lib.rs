@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use rota_common::Names;
 use rota_common::client::{Client, Heartbeats};
 use rota_common::names::{DEFAULT_QUEUE, QueueType};
+use rota_common::roles::UserRole;
 use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
 use std::collections::HashSet;
 
@@ -18,10 +19,129 @@ pub mod faults;
 
 pub use rota_common::wire;
 
-/// The broker the tests use (ROTA_AMQP_URL, or the local default).
+/// The broker the tests use, as an administrator: ROTA_AMQP_URL, else `rota-admin` with the
+/// password `deploy/setup.sh` keeps in [`admin_password_file`], else `guest` (a broker
+/// that still has it). The parts never use it: each connects as its role's test user
+/// ([`System::url_of`]).
 pub fn amqp_url() -> String {
-    std::env::var("ROTA_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    if let Ok(url) = std::env::var("ROTA_AMQP_URL") {
+        return url;
+    }
+    match std::fs::read_to_string(admin_password_file()) {
+        Ok(password) => format!("amqp://rota-admin:{}@127.0.0.1:5672/%2f", password.trim()),
+        Err(_) => "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+    }
+}
+
+/// Where `deploy/setup.sh` keeps the password of the brokers' administrator `rota-admin`.
+pub fn admin_password_file() -> PathBuf {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    state.join("rota/rabbitmq-admin-password")
+}
+
+/// The password of the tests' users of each role (test brokers only).
+const TEST_PASSWORD: &str = "rota-test-password";
+
+/// The tests' user of `role` (`rota-test-agent`, …), made on each broker by [`System::on`].
+pub fn test_user(role: UserRole) -> String {
+    format!("rota-test-{}", role.as_str())
+}
+
+/// Each node's URL of `url`, logged in as `user` with `password`.
+pub fn url_as(url: &str, user: &str, password: &str) -> String {
+    url.split(',')
+        .map(|node| {
+            let (scheme, rest) = node.trim().split_once("://").unwrap_or(("amqp", node));
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            format!("{scheme}://{user}:{password}@{rest}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The user (and password) an AMQP URL logs in as.
+pub(crate) fn credentials(url: &str) -> (String, String) {
+    let node = url.split(',').next().unwrap_or_default();
+    let userinfo = node
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .map_or("guest:guest", |(userinfo, _)| userinfo);
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    (user.to_owned(), password.to_owned())
+}
+
+/// Properties of a message that a test publishes as the administrator of [`amqp_url`]:
+/// its `user_id`, which the parts take in every role (see [`System::on`]), as a real part
+/// of that role sets its own.
+pub fn admin_props() -> lapin::BasicProperties {
+    let (user, _) = credentials(&amqp_url());
+    lapin::BasicProperties::default().with_user_id(user.into())
+}
+
+/// The management API of the broker at `url` (its first node): ROTA_MANAGEMENT_ADDR for the
+/// tests' broker, else the AMQP port + 10000 (15672 for 5672, and so the RabbitMQ 4 nodes of
+/// `deploy/rabbitmq/rabbitmq4.sh`).
+pub fn management_url(url: &str) -> String {
+    let host_port = |u: &str| {
+        let node = u.split(',').next().unwrap_or_default();
+        let rest = node.split_once("://").map_or(node, |(_, r)| r);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        rest.split(['/', '?']).next().unwrap_or_default().to_owned()
+    };
+    let addr = host_port(url);
+    if addr == host_port(&amqp_url())
+        && let Ok(management) = std::env::var("ROTA_MANAGEMENT_ADDR")
+    {
+        return format!("http://{management}");
+    }
+    let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "5672"));
+    let port: u16 = port.parse().unwrap_or(5672);
+    format!("http://{host}:{}", port + 10000)
+}
+
+/// Makes the tests' users of every role on the broker at `url` (an administrator's URL), once
+/// per broker and test process, with `scheduler setup-users`: over every test namespace.
+pub async fn test_users(url: &str) {
+    static DONE: tokio::sync::Mutex<Vec<String>> = tokio::sync::Mutex::const_new(Vec::new());
+    let management = management_url(url);
+    let mut done = DONE.lock().await;
+    if done.contains(&management) {
+        return;
+    }
+    let (admin, password) = credentials(url);
+    let mut cmd = tokio::process::Command::new(bin("scheduler"));
+    cmd.args(["setup-users", "--namespaces", "t-[0-9a-f]{10}"])
+        .env("ROTA_AMQP_URL", url)
+        .env("ROTA_MANAGEMENT_URL", &management)
+        .env("ROTA_ADMIN_USER", admin)
+        .env("ROTA_ADMIN_PASSWORD", password)
+        .env("ROTA_VIEWER_USER", test_user(UserRole::Viewer));
+    for role in UserRole::ALL {
+        let var = format!("ROTA_{}_PASSWORD", role.as_str().to_uppercase());
+        cmd.env(var, TEST_PASSWORD);
+    }
+    for (var, role) in role_vars() {
+        cmd.env(var, test_user(role));
+    }
+    let out = cmd.output().await.expect("scheduler setup-users runs");
+    assert!(
+        out.status.success(),
+        "cannot make the tests' broker users on {management}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    done.push(management);
+}
+
+/// The variables that name each role's users.
+fn role_vars() -> [(&'static str, UserRole); 3] {
+    [
+        ("ROTA_PRODUCER_USERS", UserRole::Producer),
+        ("ROTA_SCHEDULER_USERS", UserRole::Scheduler),
+        ("ROTA_AGENT_USERS", UserRole::Agent),
+    ]
 }
 
 /// `rabbitmqctl` for the tests' broker: the command line in ROTA_RABBITMQCTL (`docker exec
@@ -62,7 +182,8 @@ pub struct System {
     pub names: Names,
     pub dir: tempfile::TempDir,
     pub client: Client,
-    /// The broker's URL (or its nodes' URLs, separated by commas), given to every part.
+    /// The broker's URL (or its nodes' URLs, separated by commas), as its administrator;
+    /// each part gets it with its role's user ([`System::url_of`]).
     pub url: String,
     /// Agent ids started, whose queues to delete at the end.
     agents: std::sync::Mutex<Vec<String>>,
@@ -82,7 +203,9 @@ impl System {
         let names = Names::new(&ns)
             .expect("valid namespace")
             .with_jobs_queue_type(kind);
-        let client = Client::connect(url, names.clone(), "test")
+        test_users(url).await;
+        let producer = url_as(url, &test_user(UserRole::Producer), TEST_PASSWORD);
+        let client = Client::connect(&producer, names.clone(), "test")
             .await
             .expect("RabbitMQ must be running: deploy/setup.sh");
         System {
@@ -92,6 +215,27 @@ impl System {
             url: url.to_owned(),
             agents: Default::default(),
         }
+    }
+
+    /// The broker's URL as the tests' user of `role`.
+    pub fn url_of(&self, role: UserRole) -> String {
+        url_as(&self.url, &test_user(role), TEST_PASSWORD)
+    }
+
+    /// The environment of a part of role `role` (or of a client, a producer): its URL, the
+    /// namespace, the kind of queues and each role's users, the administrator included in
+    /// each (the tests publish what no part would as the administrator).
+    pub fn part_env(&self, role: UserRole) -> Vec<(&'static str, String)> {
+        let (admin, _) = credentials(&self.url);
+        let mut env = vec![
+            ("ROTA_AMQP_URL", self.url_of(role)),
+            ("ROTA_NAMESPACE", self.names.namespace().to_owned()),
+            ("ROTA_QUEUE_TYPE", self.queue_type().to_owned()),
+        ];
+        for (var, role) in role_vars() {
+            env.push((var, format!("{},{admin}", test_user(role))));
+        }
+        env
     }
 
     /// The value of ROTA_QUEUE_TYPE for the parts.
@@ -147,9 +291,7 @@ impl System {
     pub async fn cli(&self, args: &[&str]) -> std::process::Output {
         tokio::process::Command::new(bin("scheduler"))
             .args(args)
-            .env("ROTA_NAMESPACE", self.names.namespace())
-            .env("ROTA_AMQP_URL", &self.url)
-            .env("ROTA_QUEUE_TYPE", self.queue_type())
+            .envs(self.part_env(UserRole::Producer))
             .output()
             .await
             .expect("scheduler CLI runs")
@@ -354,11 +496,21 @@ impl Proc {
             .open(&log)
             .expect("log file");
         let err = out.try_clone().expect("log file");
+        let role = match (binary, args.first()) {
+            ("pool-agent", _) => UserRole::Agent,
+            ("scheduler", Some(&"run")) => UserRole::Scheduler,
+            _ => UserRole::Producer,
+        };
+        // A URL given on the command line (a relay's) is the part's with its role's user too.
+        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        for i in 1..args.len() {
+            if args[i - 1] == "--amqp-url" {
+                args[i] = url_as(&args[i], &test_user(role), TEST_PASSWORD);
+            }
+        }
         let child = tokio::process::Command::new(bin(binary))
-            .args(args)
-            .env("ROTA_NAMESPACE", sys.names.namespace())
-            .env("ROTA_AMQP_URL", &sys.url)
-            .env("ROTA_QUEUE_TYPE", sys.queue_type())
+            .args(&args)
+            .envs(sys.part_env(role))
             .env("RUST_LOG", test_log_filter())
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())

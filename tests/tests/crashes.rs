@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use rota_tests::wire::{AgentMessage, EventKind, Job, JobId, JobRecord, JobResult, JobState, Role};
 use rota_tests::{System, amqp_url, within};
 use serde_json::json;
@@ -220,7 +220,7 @@ async fn the_outbox_resends_until_a_receipt_and_never_reruns_a_stored_job() {
         reply_to.as_str().into(),
         BasicPublishOptions::default(),
         &receipt,
-        BasicProperties::default(),
+        rota_tests::admin_props(),
     )
     .await
     .expect("receipt sent");

@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use rota_tests::faults::{
     FullDisk, Ledger, MaxMessageSize, Relay, Tally, close_connection_of, injections,
 };
@@ -341,7 +341,7 @@ async fn forged_input(n: usize) -> Tally {
             key.into(),
             BasicPublishOptions::default(),
             body,
-            BasicProperties::default().with_message_id(id.into()),
+            rota_tests::admin_props().with_message_id(id.into()),
         )
         .await
         .expect("published")
@@ -523,7 +523,7 @@ async fn forged_scheduler_input(n: usize) -> Tally {
         .expect("connects");
     let ch = conn.create_channel().await.expect("a channel");
     let publish = async |exchange: &str, key: &str, body: &[u8], reply_to: Option<&str>| {
-        let mut props = BasicProperties::default().with_correlation_id("forged".into());
+        let mut props = rota_tests::admin_props().with_correlation_id("forged".into());
         if let Some(r) = reply_to {
             props = props.with_reply_to(r.into());
         }

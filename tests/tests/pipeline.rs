@@ -574,7 +574,7 @@ async fn other_services_can_submit_over_rpc_with_direct_reply_to() {
         .expect("direct reply-to");
     let request =
         json!({"method": "submit", "job": {"type": "demo.echo", "payload": {"via": "rpc"}}});
-    let props = BasicProperties::default()
+    let props = rota_tests::admin_props()
         .with_reply_to("amq.rabbitmq.reply-to".into())
         .with_correlation_id("req-1".into());
     ch.basic_publish(

@@ -7,8 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rota_common::roles::UserRole;
 use rota_tests::wire::{JobId, JobState};
-use rota_tests::{System, amqp_url, within};
+use rota_tests::{System, within};
 use serde_json::json;
 
 fn examples() -> PathBuf {
@@ -49,8 +50,7 @@ impl Example {
         let out = within(Duration::from_secs(90), "the example to exit", async {
             self.command()
                 .args(args)
-                .env("ROTA_NAMESPACE", sys.names.namespace())
-                .env("ROTA_AMQP_URL", amqp_url())
+                .envs(sys.part_env(UserRole::Producer))
                 .kill_on_drop(true)
                 .output()
                 .await

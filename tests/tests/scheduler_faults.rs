@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
 use rota_tests::{
     System, alive, amqp_url, free_addrs, http_get, metric, probe_until, results_in, within,
@@ -31,7 +31,7 @@ async fn publish(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8]) {
         key.into(),
         BasicPublishOptions::default(),
         body,
-        BasicProperties::default(),
+        rota_tests::admin_props(),
     )
     .await
     .expect("publishes")

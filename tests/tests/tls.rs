@@ -1,0 +1,246 @@
+//! `amqps://`: a RabbitMQ 4 node of this test's own (from the `rota-rabbitmq4` image, see
+//! `deploy/rabbitmq/rabbitmq4.sh`) that listens only over TLS, with a certificate of a CA made
+//! at test time with `openssl`. The whole pipeline runs over it, each part as its role's
+//! user; a client given another CA is refused with an error that says what to do.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use rota_common::names::QueueType;
+use rota_tests::{System, within};
+
+/// A TLS-only RabbitMQ node in a container, removed when dropped.
+struct TlsBroker {
+    container: String,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+/// Runs `openssl ARGS` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs (deploy/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes CA `name` (name.pem, name.key) in `dir`.
+fn make_ca(dir: &Path, name: &str) {
+    let (pem, key, subject) = (
+        format!("{name}.pem"),
+        format!("{name}.key"),
+        format!("/CN=rota test {name}"),
+    );
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", &key, "-out",
+            &pem, "-subj", &subject,
+        ],
+    );
+}
+
+/// Whether nothing listens on `port` (on every address, as a node on the host's network).
+fn free(port: u16) -> bool {
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+/// A port `p` with `p` and `p + 10000` free (the management API's, by the harness's rule),
+/// and two more free ports.
+fn ports() -> (u16, u16, u16) {
+    let any = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let start = 20000 + (std::process::id() % 9000) as u16;
+    let port = (start..29999)
+        .chain(20000..start)
+        .find(|p| free(*p) && free(p + 10000))
+        .expect("a free pair of ports");
+    (port, any(), any())
+}
+
+impl TlsBroker {
+    async fn start() -> TlsBroker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        make_ca(d, "ca");
+        make_ca(d, "other-ca");
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        );
+        std::fs::write(
+            d.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .expect("writes");
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+                "-out",
+                "server.pem",
+            ],
+        );
+        let (port, epmd, dist) = ports();
+        let conf = format!(
+            "listeners.tcp = none\n\
+             listeners.ssl.default = {port}\n\
+             ssl_options.cacertfile = /etc/rota-tls/ca.pem\n\
+             ssl_options.certfile = /etc/rota-tls/server.pem\n\
+             ssl_options.keyfile = /etc/rota-tls/server.key\n\
+             ssl_options.verify = verify_none\n\
+             management.tcp.port = {}\n",
+            port + 10000
+        );
+        std::fs::write(d.join("20-tls.conf"), conf).expect("writes");
+        // The node runs as the image's rabbitmq user: it must read the files.
+        for entry in std::fs::read_dir(d).expect("lists").flatten() {
+            let _ = Command::new("chmod").arg("0644").arg(entry.path()).status();
+        }
+        let _ = Command::new("chmod").arg("0755").arg(d).status();
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let container = format!("rota-test-tls-{id}");
+        let out = Command::new("docker")
+            .args(["run", "-d", "--name", &container, "--network", "host"])
+            .args(["--label", "rota.test=tls"])
+            .arg("-e")
+            .arg(format!("RABBITMQ_NODENAME=tls-{id}@localhost"))
+            .arg("-e")
+            .arg(format!("ERL_EPMD_PORT={epmd}"))
+            .arg("-e")
+            .arg(format!("RABBITMQ_DIST_PORT={dist}"))
+            .arg("-v")
+            .arg(format!("{}:/etc/rota-tls:ro", d.display()))
+            .arg("-v")
+            .arg(format!(
+                "{}:/etc/rabbitmq/conf.d/20-tls.conf:ro",
+                d.join("20-tls.conf").display()
+            ))
+            .arg("rota-rabbitmq4:latest")
+            .output()
+            .expect("docker runs");
+        assert!(
+            out.status.success(),
+            "cannot start a RabbitMQ 4 node (deploy/setup.sh rabbitmq4 builds its image): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let broker = TlsBroker {
+            container,
+            dir,
+            port,
+        };
+        broker.await_startup().await;
+        broker
+    }
+
+    /// Waits until the node runs, its management API included (`rabbitmqctl await_startup`
+    /// fails at once while the node is not up yet, then waits for its boot).
+    async fn await_startup(&self) {
+        within(Duration::from_secs(180), "the TLS node's start", async {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let started = tokio::process::Command::new("docker")
+                    .args([
+                        "exec",
+                        &self.container,
+                        "rabbitmqctl",
+                        "-q",
+                        "await_startup",
+                    ])
+                    .output()
+                    .await
+                    .is_ok_and(|o| o.status.success());
+                if started && !free(self.port + 10000) {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// The node's URL as `guest` (an administrator there; from 127.0.0.1 only), trusting `ca`.
+    fn url(&self, ca: &str) -> String {
+        let ca = rota_common::amqp::percent_encode(&self.file(ca));
+        format!(
+            "amqps://guest:guest@localhost:{}/%2f?cacertfile={ca}",
+            self.port
+        )
+    }
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.container])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_over_amqps_and_a_wrong_ca_is_refused() {
+    let broker = TlsBroker::start().await;
+    let sys = System::on(&broker.url("ca.pem"), QueueType::Auto).await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("tls1", &[]);
+    sys.ready(true, &["tls1"]).await;
+    let (code, record) = sys
+        .submit_wait(&["--type", "demo.echo", "--payload", r#"{"over":"tls"}"#])
+        .await;
+    assert_eq!(code, Some(0), "{record}");
+    assert_eq!(record["state"], "succeeded", "{record}");
+
+    // Another CA, given with --amqp-ca-file: the broker's certificate is not trusted.
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", broker.port);
+    let out = tokio::process::Command::new(rota_tests::bin("scheduler"))
+        .args(["list", "--amqp-url", &url, "--amqp-ca-file"])
+        .arg(broker.file("other-ca.pem"))
+        .env("ROTA_NAMESPACE", sys.names.namespace())
+        .output()
+        .await
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TLS certificate is not accepted") && err.contains("--amqp-ca-file"),
+        "{err}"
+    );
+}
