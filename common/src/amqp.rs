@@ -1157,7 +1157,7 @@ impl Broker {
         let conn = tokio::time::timeout(Duration::from_secs(15), connect)
             .await
             .map_err(|_| BrokerError::Protocol("connection attempt timed out after 15 s".into()))?
-            .map_err(connect_error)?;
+            .map_err(|e| connect_error(e, url))?;
         let lost = CancellationToken::new();
         let mut events = conn.events_listener();
         let on_loss = lost.clone();
@@ -1558,15 +1558,8 @@ fn with_defaults(url: &str) -> String {
 
 /// The TLS files an `amqps://` URL names (`cacertfile`, `certfile`, `keyfile`), read.
 fn tls_config(url: &str) -> Result<OwnedTLSConfig, BrokerError> {
-    let param = |key: &str| {
-        let (_, query) = url.split_once('?')?;
-        query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
-            .map(percent_decode)
-    };
     let read = |key: &str, what: &str| -> Result<Option<Vec<u8>>, BrokerError> {
-        let Some(path) = param(key) else {
+        let Some(path) = url_param(url, key) else {
             return Ok(None);
         };
         std::fs::read(&path).map(Some).map_err(|e| {
@@ -1581,7 +1574,8 @@ fn tls_config(url: &str) -> Result<OwnedTLSConfig, BrokerError> {
         (None, None) => None,
         _ => {
             return Err(BrokerError::Protocol(
-                "a client certificate needs both its certificate and its key: give                  --amqp-cert-file and --amqp-key-file (certfile and keyfile in the URL)"
+                "a client certificate needs both its certificate and its key: give \
+                 --amqp-cert-file and --amqp-key-file (certfile and keyfile in the URL)"
                     .into(),
             ));
         }
@@ -1592,6 +1586,15 @@ fn tls_config(url: &str) -> Result<OwnedTLSConfig, BrokerError> {
     })
 }
 
+/// The value of the query parameter `key` of a URL (of one node), decoded.
+pub fn url_param(url: &str, key: &str) -> Option<String> {
+    let (_, query) = url.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+        .map(percent_decode)
+}
+
 /// The host and the virtual host of an AMQP URL (of one node).
 pub fn host_and_vhost(url: &str) -> Result<(String, String), String> {
     let uri: lapin::uri::AMQPUri = url
@@ -1600,12 +1603,34 @@ pub fn host_and_vhost(url: &str) -> Result<(String, String), String> {
     Ok((uri.authority.host, uri.vhost))
 }
 
-/// A failed connection attempt, with what to do about a certificate that is not trusted.
-fn connect_error(e: lapin::Error) -> BrokerError {
+/// A failed connection attempt to `url`, with what to do about a certificate that is not
+/// accepted: the broker's by this client, or the client's (the URL's `certfile`) by the broker.
+fn connect_error(e: lapin::Error, url: &str) -> BrokerError {
     let text = e.to_string();
-    if text.contains("certificate") || text.contains("Certificate") {
+    let client_cert = url_param(url, "certfile").is_some();
+    if text.contains("fatal alert") {
+        let what = if client_cert {
+            "the client certificate (--amqp-cert-file) must be signed by a CA the broker trusts \
+             (its ssl_options.cacertfile)"
+        } else {
+            "if the broker asks for a client certificate (ssl_options.fail_if_no_peer_cert), give \
+             one with --amqp-cert-file and --amqp-key-file"
+        };
         return BrokerError::Protocol(format!(
-            "the broker's TLS certificate is not accepted ({text}): if a private CA signed it, give              that CA's PEM file with --amqp-ca-file (ROTA_AMQP_CA_FILE); the URL's host must be a              name the certificate holds"
+            "the broker refused the TLS handshake ({text}): {what}"
+        ));
+    }
+    if text.contains("certificate") || text.contains("Certificate") {
+        let own = if client_cert {
+            "; or, if it is the client certificate (--amqp-cert-file) that is not accepted, it \
+             must be an X.509 v3 certificate (rustls refuses v1) for the key of --amqp-key-file"
+        } else {
+            ""
+        };
+        return BrokerError::Protocol(format!(
+            "the broker's TLS certificate is not accepted ({text}): if a private CA signed it, give \
+             that CA's PEM file with --amqp-ca-file (ROTA_AMQP_CA_FILE); the URL's host must be a \
+             name the certificate holds{own}"
         ));
     }
     e.into()

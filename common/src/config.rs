@@ -104,7 +104,7 @@ impl BrokerArgs {
                 let mut node = node.trim().to_owned();
                 for (key, file) in files {
                     if let Some(file) = file
-                        && !node.contains(&format!("{key}="))
+                        && crate::amqp::url_param(&node, key).is_none()
                     {
                         let sep = if node.contains('?') { '&' } else { '?' };
                         let value = crate::amqp::percent_encode(&file.to_string_lossy());
@@ -323,6 +323,27 @@ mod tests {
         std::fs::write(&path, "schedule = 3").expect("writes");
         let err = section::<Named>(&path, "schedule").expect_err("not tables");
         assert!(format!("{err:#}").contains("[[schedule]]"), "{err:#}");
+    }
+
+    #[test]
+    fn the_tls_files_join_each_node_s_url_unless_it_names_them() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--amqp-url",
+            "amqps://a@h/%2f?auth_mechanism=external, amqps://a@g/%2f?keyfile=%2Fk&certfile=%2Fc",
+            "--amqp-ca-file",
+            "/ca.pem",
+            "--amqp-cert-file",
+            "/c.pem",
+            "--amqp-key-file",
+            "/k.pem",
+        ])
+        .expect("parses");
+        assert_eq!(
+            cli.broker.amqp_url(),
+            "amqps://a@h/%2f?auth_mechanism=external&cacertfile=/ca.pem&certfile=/c.pem&keyfile=/k.pem,\
+             amqps://a@g/%2f?keyfile=%2Fk&certfile=%2Fc&cacertfile=/ca.pem"
+        );
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! `amqps://`: a RabbitMQ 4 node of this test's own (from the `rota-rabbitmq4` image, see
 //! `deploy/rabbitmq/rabbitmq4.sh`) that listens only over TLS, with a certificate of a CA made
 //! at test time with `openssl`. The whole pipeline runs over it, each part as its role's
-//! user; a client given another CA is refused with an error that says what to do.
+//! user; a client given another CA is refused with an error that says what to do. The node
+//! also takes client certificates of its CA as logins (EXTERNAL, the user is the certificate's
+//! common name): an agent logs in with one and no password, and a certificate of another CA is
+//! refused.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rota_common::names::QueueType;
-use rota_tests::{System, within};
+use rota_common::roles::UserRole;
+use rota_tests::{System, test_user, within};
 
 /// A TLS-only RabbitMQ node in a container, removed when dropped.
 struct TlsBroker {
@@ -47,14 +51,54 @@ fn make_ca(dir: &Path, name: &str) {
     );
 }
 
+/// Makes a key (`name.key`) and a certificate (`name.pem`) for `subject`, signed by CA `ca`,
+/// with the extensions of `ext` (a file in `dir`).
+fn sign(dir: &Path, name: &str, subject: &str, ca: &str, ext: &str) {
+    let (pem, key, csr) = (
+        format!("{name}.pem"),
+        format!("{name}.key"),
+        format!("{name}.csr"),
+    );
+    openssl(
+        dir,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject,
+        ],
+    );
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+            "-out",
+            &pem,
+        ],
+    );
+}
+
 /// Whether nothing listens on `port` (on every address, as a node on the host's network).
 fn free(port: u16) -> bool {
     std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
 }
 
 /// A port `p` with `p` and `p + 10000` free (the management API's, by the harness's rule),
-/// and two more free ports.
+/// and not given to another node of this process (which may not listen yet), and two more
+/// free ports.
 fn ports() -> (u16, u16, u16) {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().expect("not poisoned");
     let any = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -64,8 +108,9 @@ fn ports() -> (u16, u16, u16) {
     let start = 20000 + (std::process::id() % 9000) as u16;
     let port = (start..29999)
         .chain(20000..start)
-        .find(|p| free(*p) && free(p + 10000))
+        .find(|p| !given.contains(p) && free(*p) && free(p + 10000))
         .expect("a free pair of ports");
+    given.push(port);
     (port, any(), any())
 }
 
@@ -75,46 +120,17 @@ impl TlsBroker {
         let d = dir.path();
         make_ca(d, "ca");
         make_ca(d, "other-ca");
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=localhost",
-            ],
-        );
         std::fs::write(
             d.join("san.ext"),
             "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
         )
         .expect("writes");
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-                "-out",
-                "server.pem",
-            ],
-        );
+        sign(d, "server", "/CN=localhost", "ca", "san.ext");
+        // Client certificates must be X.509 v3 (rustls refuses v1 ones): with an extension.
+        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("writes");
+        let agent = format!("/CN={}", test_user(UserRole::Agent));
+        sign(d, "agent", &agent, "ca", "client.ext");
+        sign(d, "stranger", &agent, "other-ca", "client.ext");
         let (port, epmd, dist) = ports();
         let conf = format!(
             "listeners.tcp = none\n\
@@ -122,11 +138,21 @@ impl TlsBroker {
              ssl_options.cacertfile = /etc/rota-tls/ca.pem\n\
              ssl_options.certfile = /etc/rota-tls/server.pem\n\
              ssl_options.keyfile = /etc/rota-tls/server.key\n\
-             ssl_options.verify = verify_none\n\
+             ssl_options.verify = verify_peer\n\
+             ssl_options.fail_if_no_peer_cert = false\n\
+             auth_mechanisms.1 = PLAIN\n\
+             auth_mechanisms.2 = EXTERNAL\n\
+             ssl_cert_login_from = common_name\n\
              management.tcp.port = {}\n",
             port + 10000
         );
         std::fs::write(d.join("20-tls.conf"), conf).expect("writes");
+        // The image's plugins (the management API), and certificates as logins.
+        std::fs::write(
+            d.join("enabled_plugins"),
+            "[rabbitmq_management,rabbitmq_auth_mechanism_ssl].\n",
+        )
+        .expect("writes");
         // The node runs as the image's rabbitmq user: it must read the files.
         for entry in std::fs::read_dir(d).expect("lists").flatten() {
             let _ = Command::new("chmod").arg("0644").arg(entry.path()).status();
@@ -149,6 +175,11 @@ impl TlsBroker {
             .arg(format!(
                 "{}:/etc/rabbitmq/conf.d/20-tls.conf:ro",
                 d.join("20-tls.conf").display()
+            ))
+            .arg("-v")
+            .arg(format!(
+                "{}:/etc/rabbitmq/enabled_plugins:ro",
+                d.join("enabled_plugins").display()
             ))
             .arg("rota-rabbitmq4:latest")
             .output()
@@ -205,6 +236,16 @@ impl TlsBroker {
             self.port
         )
     }
+
+    /// The node's URL logging in with a client certificate (EXTERNAL) as the tests' agent
+    /// user, the certificate's common name: no password.
+    fn external_url(&self) -> String {
+        format!(
+            "amqps://{}@localhost:{}/%2f?auth_mechanism=external",
+            test_user(UserRole::Agent),
+            self.port
+        )
+    }
 }
 
 impl Drop for TlsBroker {
@@ -241,6 +282,88 @@ async fn the_pipeline_runs_over_amqps_and_a_wrong_ca_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("TLS certificate is not accepted") && err.contains("--amqp-ca-file"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_logs_in_with_its_certificate_and_one_of_another_ca_is_refused() {
+    let broker = TlsBroker::start().await;
+    let sys = System::on(&broker.url("ca.pem"), QueueType::Auto).await;
+    let _scheduler = sys.scheduler();
+    // The agent's certificate and key instead of a password.
+    sys.owns_agent("ext1");
+    let data = sys.data_dir().display().to_string();
+    let log = std::fs::File::create(sys.dir.path().join("pool-agent-ext1.log")).expect("log");
+    let _agent = tokio::process::Command::new(rota_tests::bin("pool-agent"))
+        .args(["run", "--id", "ext1", "--data-dir", &data])
+        .args(["--heartbeat-interval", "200ms"])
+        .args(["--amqp-url", &broker.external_url()])
+        .arg("--amqp-ca-file")
+        .arg(broker.file("ca.pem"))
+        .arg("--amqp-cert-file")
+        .arg(broker.file("agent.pem"))
+        .arg("--amqp-key-file")
+        .arg(broker.file("agent.key"))
+        .envs(sys.part_env(UserRole::Agent))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    sys.ready(true, &["ext1"]).await;
+    let (code, record) = sys
+        .submit_wait(&[
+            "--type",
+            "demo.echo",
+            "--payload",
+            r#"{"login":"external"}"#,
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{record}");
+    assert_eq!(record["state"], "succeeded", "{record}");
+    let out = Command::new("docker")
+        .args([
+            "exec",
+            &broker.container,
+            "rabbitmqctl",
+            "-q",
+            "list_connections",
+        ])
+        .args(["user", "auth_mechanism"])
+        .output()
+        .expect("docker runs");
+    let connections = String::from_utf8_lossy(&out.stdout);
+    let agent = format!("{}\tEXTERNAL", test_user(UserRole::Agent));
+    assert!(
+        connections.lines().any(|l| l.trim() == agent),
+        "no EXTERNAL login of the agent user: {connections}"
+    );
+
+    // A certificate of the same name from another CA.
+    let out = tokio::process::Command::new(rota_tests::bin("scheduler"))
+        .args([
+            "list",
+            "--amqp-url",
+            &broker.external_url(),
+            "--amqp-ca-file",
+        ])
+        .arg(broker.file("ca.pem"))
+        .arg("--amqp-cert-file")
+        .arg(broker.file("stranger.pem"))
+        .arg("--amqp-key-file")
+        .arg(broker.file("stranger.key"))
+        .env("ROTA_NAMESPACE", sys.names.namespace())
+        .output()
+        .await
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("refused the TLS handshake")
+            && err.contains("UnknownCA")
+            && err.contains("client certificate (--amqp-cert-file) must be signed by a CA"),
         "{err}"
     );
 }
