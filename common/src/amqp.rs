@@ -792,6 +792,15 @@ impl Broker {
                 "no RabbitMQ URL: set ROTA_AMQP_URL (or --amqp-url), e.g. amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             ));
         }
+        if let Some(url) = urls.iter().find(|u| external_without_user(u)) {
+            return Err(BrokerError::Protocol(format!(
+                "{} logs in with a client certificate (auth_mechanism=external) but names no \
+                 user: name the certificate's user in it \
+                 (amqps://USER@host/%2f?auth_mechanism=external), the user_id that every \
+                 message this part publishes carries",
+                redact(url)
+            )));
+        }
         let inner = Arc::new(Inner {
             urls: urls.iter().map(|u| with_defaults(u)).collect(),
             node: AtomicUsize::new(0),
@@ -1636,14 +1645,20 @@ fn connect_error(e: lapin::Error, url: &str) -> BrokerError {
     e.into()
 }
 
-/// The user a URL logs in as (its user info, decoded); None when it names none (EXTERNAL
-/// authentication without a user: the certificate's user is then not known here).
+/// The user a URL logs in as (its user info, decoded); None when it names none.
 fn url_user(url: &str) -> Option<String> {
     let (_, rest) = url.split_once("://")?;
     let authority = rest.split(['/', '?']).next()?;
     let (userinfo, _) = authority.rsplit_once('@')?;
     let user = userinfo.split(':').next()?;
     (!user.is_empty()).then(|| percent_decode(user))
+}
+
+/// Whether a URL logs in with a client certificate (EXTERNAL) without naming its user, which
+/// Rota must know: it is the `user_id` of everything published.
+fn external_without_user(url: &str) -> bool {
+    url_param(url, "auth_mechanism").is_some_and(|m| m.eq_ignore_ascii_case("external"))
+        && url_user(url).is_none()
 }
 
 /// `text` with every byte but the URL-safe ones written `%XX`.
@@ -1742,6 +1757,13 @@ mod tests {
             Some("a+b")
         );
         assert_eq!(url_user("amqp://h:5672/%2f"), None);
+        assert!(external_without_user(
+            "amqps://h/%2f?auth_mechanism=EXTERNAL"
+        ));
+        assert!(!external_without_user(
+            "amqps://rota-agent@h/%2f?auth_mechanism=external"
+        ));
+        assert!(!external_without_user("amqps://h/%2f"));
         let path = "/tmp/a dir/ca&.pem";
         assert_eq!(percent_decode(&percent_encode(path)), path);
         let missing = format!("amqps://h/%2f?cacertfile={}", percent_encode(path));

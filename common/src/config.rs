@@ -43,8 +43,8 @@ pub struct BrokerArgs {
     #[arg(long, env = "ROTA_AMQP_CA_FILE", global = true)]
     pub amqp_ca_file: Option<PathBuf>,
 
-    /// PEM file of a client certificate to present over `amqps://` (with --amqp-key-file), for
-    /// RabbitMQ's EXTERNAL authentication: add `?auth_mechanism=external` to the URL and name
+    /// PEM file of a client certificate (X.509 v3) to present over `amqps://` (with
+    /// --amqp-key-file), for RabbitMQ's EXTERNAL authentication: add `?auth_mechanism=external` to the URL and name
     /// the certificate's user in it (`amqps://rota-agent@host/%2f?auth_mechanism=external`).
     #[arg(
         long,
@@ -54,7 +54,7 @@ pub struct BrokerArgs {
     )]
     pub amqp_cert_file: Option<PathBuf>,
 
-    /// PEM file of the client certificate's private key (PKCS#8).
+    /// PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1).
     #[arg(
         long,
         env = "ROTA_AMQP_KEY_FILE",

@@ -246,6 +246,25 @@ impl TlsBroker {
             self.port
         )
     }
+
+    /// Runs `scheduler list` at `url` with client certificate `cert` (cert.pem, cert.key),
+    /// expecting it to fail: its error.
+    async fn list_with_certificate(&self, sys: &System, cert: &str, url: &str) -> String {
+        let out = tokio::process::Command::new(rota_tests::bin("scheduler"))
+            .args(["list", "--amqp-url", url, "--amqp-ca-file"])
+            .arg(self.file("ca.pem"))
+            .arg("--amqp-cert-file")
+            .arg(self.file(&format!("{cert}.pem")))
+            .arg("--amqp-key-file")
+            .arg(self.file(&format!("{cert}.key")))
+            .env("ROTA_NAMESPACE", sys.names.namespace())
+            .output()
+            .await
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        err
+    }
 }
 
 impl Drop for TlsBroker {
@@ -342,28 +361,20 @@ async fn an_agent_logs_in_with_its_certificate_and_one_of_another_ca_is_refused(
     );
 
     // A certificate of the same name from another CA.
-    let out = tokio::process::Command::new(rota_tests::bin("scheduler"))
-        .args([
-            "list",
-            "--amqp-url",
-            &broker.external_url(),
-            "--amqp-ca-file",
-        ])
-        .arg(broker.file("ca.pem"))
-        .arg("--amqp-cert-file")
-        .arg(broker.file("stranger.pem"))
-        .arg("--amqp-key-file")
-        .arg(broker.file("stranger.key"))
-        .env("ROTA_NAMESPACE", sys.names.namespace())
-        .output()
-        .await
-        .expect("runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = broker
+        .list_with_certificate(&sys, "stranger", &broker.external_url())
+        .await;
     assert!(
         err.contains("refused the TLS handshake")
             && err.contains("UnknownCA")
             && err.contains("client certificate (--amqp-cert-file) must be signed by a CA"),
         "{err}"
     );
+    // A URL that does not name the certificate's user, which Rota must know (the user_id).
+    let url = format!(
+        "amqps://localhost:{}/%2f?auth_mechanism=external",
+        broker.port
+    );
+    let err = broker.list_with_certificate(&sys, "agent", &url).await;
+    assert!(err.contains("names no user"), "{err}");
 }
