@@ -81,7 +81,8 @@ pub struct RoleArgs {
     /// Take every message from any broker user, whatever its role: for a development broker
     /// where every part shares one user. Anyone with that user's password can then forge
     /// results, receipts and cancels.
-    #[arg(long, env = "ROTA_TRUST_ANY_USER", global = true)]
+    #[arg(long, env = "ROTA_TRUST_ANY_USER", global = true,
+          value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     pub trust_any_user: bool,
 }
 
