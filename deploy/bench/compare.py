@@ -108,14 +108,31 @@ class Management:
 
 
 def rabbitmq_pid():
-    """The pid of the RabbitMQ node on this host (beam.smp), or None."""
+    """The pid of the RabbitMQ node that listens on AMQP_URL's port on this host, or None."""
+    port = urllib.parse.urlsplit(AMQP_URL).port or 5672
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local address (hex ip:port), state 0A = LISTEN, inode
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(fields[9])
     for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if (p / "comm").read_text().strip() == "beam.smp":
+        if not p.name.isdigit():
+            continue
+        try:
+            if (p / "comm").read_text().strip() != "beam.smp":
+                continue
+            for fd in (p / "fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
                     return int(p.name)
-            except OSError:
-                pass
+        except OSError:
+            pass
     return None
 
 
