@@ -4,22 +4,20 @@
 use std::time::Duration;
 
 use rota_common::Names;
-use rota_common::amqp::{Broker, ConsumeSpec, Props, QueueSpec, Startup, Topology};
+use rota_common::amqp::{Broker, ConsumeSpec, Consumer, Props, QueueSpec, Startup, Topology};
 use rota_tests::{amqp_url, within};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_channel_closed_by_the_broker_is_opened_again() {
-    let ns = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let names = Names::new(&ns).expect("valid namespace");
-    let queue = format!("{ns}.inbox");
+/// A connection that declares `queue` and consumes it, with acks and a prefetch of 10.
+async fn consume(queue: QueueSpec) -> (Broker, Consumer) {
+    let name = queue.name.clone();
     let mut topology = Topology::default();
-    topology.queue(QueueSpec::private(queue.clone()));
+    topology.queue(queue);
     let broker = Broker::connect(&amqp_url(), "test channels", topology, Startup::FailFast)
         .await
         .expect("RabbitMQ must be running: deploy/setup.sh");
-    let mut inbox = broker
+    let consumer = broker
         .consume(ConsumeSpec {
-            queues: vec![queue.clone()],
+            queues: vec![name],
             tag: "test".into(),
             prefetch: 10,
             exclusive: true,
@@ -27,6 +25,15 @@ async fn a_channel_closed_by_the_broker_is_opened_again() {
         })
         .await
         .expect("consumes");
+    (broker, consumer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_closed_by_the_broker_is_opened_again() {
+    let ns = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let names = Names::new(&ns).expect("valid namespace");
+    let queue = format!("{ns}.inbox");
+    let (broker, mut inbox) = consume(QueueSpec::private(queue.clone())).await;
 
     // RabbitMQ closes the channel of a publish to an exchange that does not exist.
     let missing = format!("{}.missing", names.namespace());
@@ -55,21 +62,7 @@ async fn a_channel_closed_by_the_broker_is_opened_again() {
 async fn acks_sent_together_never_cover_a_delivery_still_held() {
     let ns = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let queue = format!("{ns}.settle");
-    let mut topology = Topology::default();
-    topology.queue(QueueSpec::durable(queue.clone()));
-    let broker = Broker::connect(&amqp_url(), "test settle", topology, Startup::FailFast)
-        .await
-        .expect("RabbitMQ must be running: deploy/setup.sh");
-    let mut inbox = broker
-        .consume(ConsumeSpec {
-            queues: vec![queue.clone()],
-            tag: "test".into(),
-            prefetch: 10,
-            exclusive: true,
-            no_ack: false,
-        })
-        .await
-        .expect("consumes");
+    let (broker, mut inbox) = consume(QueueSpec::durable(queue.clone())).await;
     for n in 1..=6 {
         assert!(
             broker
