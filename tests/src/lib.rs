@@ -682,6 +682,37 @@ pub async fn probe_within(addr: &str, path: &str, status: u16, limit: Duration) 
     tokio::time::timeout(limit, probe).await.ok()
 }
 
+/// Consumes the namespace's dead-letter queue on `ch`, without acks: a test reads what is
+/// dead-lettered and forgets it.
+pub async fn dead_letters(ch: &lapin::Channel, names: &Names) -> lapin::Consumer {
+    let opts = lapin::options::BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    ch.basic_consume(
+        names.dead().as_str().into(),
+        "test-dead-letters".into(),
+        opts,
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("consumes the dead-letter queue")
+}
+
+/// The reason Rota gave a dead letter (its `x-rota-reason` header), if it has one.
+pub fn dead_reason(d: &lapin::message::Delivery) -> Option<String> {
+    match d
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-rota-reason")?
+    {
+        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
 /// How many messages wait (ready) in `queue` now, asked over a connection of its own.
 pub async fn messages_in(queue: &str) -> u32 {
     use lapin::options::QueueDeclareOptions;

@@ -15,14 +15,16 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicPublishOptions;
 use lapin::{Connection, ConnectionProperties};
 use rota_tests::faults::{
     FullDisk, Ledger, MaxMessageSize, Relay, Tally, close_connection_of, injections,
 };
 use rota_tests::wire::{Job, JobId, JobState, Role};
-use rota_tests::{Proc, System, alive, amqp_url, bin, free_addrs, http_get, probe_within, within};
+use rota_tests::{
+    Proc, System, alive, amqp_url, bin, dead_letters, dead_reason, free_addrs, http_get,
+    probe_within, within,
+};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -323,18 +325,7 @@ async fn forged_input(n: usize) -> Tally {
         .await
         .expect("connects");
     let ch = conn.create_channel().await.expect("a channel");
-    let mut dead = ch
-        .basic_consume(
-            sys.names.dead().as_str().into(),
-            "fault-suite".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consumes the dead-letter queue");
+    let mut dead = dead_letters(&ch, &sys.names).await;
     let publish = async |exchange: &str, key: &str, body: &[u8], id: &str| {
         ch.basic_publish(
             exchange.into(),
@@ -457,16 +448,12 @@ async fn forged_input(n: usize) -> Tally {
                     .expect("the dead-letter consumer")
                     .expect("a dead letter");
                 let id = d.properties.message_id().as_ref().map(|s| s.to_string());
-                let reason = d
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| h.inner().get("x-rota-reason").cloned());
+                let reason = dead_reason(&d);
                 let Some(id) = id.filter(|id| expect_dead.contains(id)) else {
                     continue;
                 };
                 assert!(
-                    matches!(&reason, Some(AMQPValue::LongString(r)) if !r.to_string().is_empty()),
+                    reason.as_ref().is_some_and(|r| !r.is_empty()),
                     "{id} dead-lettered without a reason: {reason:?}"
                 );
                 expect_dead.retain(|x| *x != id);

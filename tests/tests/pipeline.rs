@@ -4,11 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rota_tests::wire::{EventKind, Job, JobId, JobState, RpcReply, RpcRequest, Status};
-use rota_tests::{System, amqp_url, messages_in, within};
+use rota_tests::{System, amqp_url, dead_letters, dead_reason, messages_in, within};
 use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -379,26 +379,12 @@ async fn invalid_jobs_are_dead_lettered_with_a_reason_and_the_agent_survives() {
         .await
         .expect("publishes");
     }
-    let mut dead = ch
-        .basic_consume(
-            sys.names.dead().as_str().into(),
-            "test".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consumes the dead-letter queue");
+    let mut dead = dead_letters(&ch, &sys.names).await;
     let mut reasons = Vec::new();
     within(MINUTE, "five dead letters", async {
         while reasons.len() < cases.len() {
             let d = dead.next().await.expect("dead letters").expect("delivery");
-            let headers = d.properties.headers().clone().unwrap_or_default();
-            let reason = match headers.inner().get("x-rota-reason") {
-                Some(AMQPValue::LongString(s)) => s.to_string(),
-                other => panic!("no reason header: {other:?}"),
-            };
-            d.ack(BasicAckOptions::default()).await.expect("acks");
-            reasons.push(reason);
+            reasons.push(dead_reason(&d).expect("a reason header"));
         }
     })
     .await;

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rota_common::roles::UserRole;
 use rota_tests::wire::{AgentMessage, Job, JobId, Role};
-use rota_tests::{System, free_addrs, http_get, metric, test_user, within};
+use rota_tests::{
+    System, dead_letters, dead_reason, free_addrs, http_get, metric, test_user, within,
+};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -175,18 +177,7 @@ async fn a_result_from_a_producer_user_is_dead_lettered() {
         .await
         .expect("connects");
     let dead_ch = admin.create_channel().await.expect("channel");
-    let mut dead = dead_ch
-        .basic_consume(
-            sys.names.dead().as_str().into(),
-            "test".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consumes the dead-letter queue");
+    let mut dead = dead_letters(&dead_ch, &sys.names).await;
     let (_conn, ch) = channel_as(&sys, UserRole::Producer).await;
     let as_producer = BasicProperties::default().with_user_id(test_user(UserRole::Producer).into());
     let forged = br#"{"uuid":"00000000-0000-4000-8000-000000000001"}"#;
@@ -198,17 +189,7 @@ async fn a_result_from_a_producer_user_is_dead_lettered() {
         .expect("stream")
         .expect("delivery");
     assert_eq!(d.data, forged);
-    let reason = d
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| match h.inner().get("x-rota-reason") {
-            Some(AMQPValue::LongString(s)) => {
-                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-            }
-            _ => None,
-        })
-        .unwrap_or_default();
+    let reason = dead_reason(&d).unwrap_or_default();
     assert!(
         reason.contains("forbidden") && reason.contains("rota-test-producer"),
         "{reason}"

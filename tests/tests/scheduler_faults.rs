@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicPublishOptions;
 use lapin::{Connection, ConnectionProperties};
 use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
 use rota_tests::{
-    System, alive, amqp_url, free_addrs, http_get, metric, probe_until, results_in, within,
+    System, alive, amqp_url, dead_letters, dead_reason, free_addrs, http_get, metric, probe_until,
+    results_in, within,
 };
 use serde_json::json;
 
@@ -162,15 +162,7 @@ async fn forged_and_garbage_input_is_counted_and_dead_lettered_and_the_scheduler
     assert!(alive(scheduler.pid()), "the scheduler is up:\n{text}");
 
     // What can be dead-lettered is, with its reason.
-    let mut dead = ch
-        .basic_consume(
-            sys.names.dead().as_str().into(),
-            "test".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consumes the dead-letter queue");
+    let mut dead = dead_letters(&ch, &sys.names).await;
     let mut reasons = Vec::new();
     let mut bodies = Vec::new();
     let want = bad_results.len() + 1 + 1 + bad_rpc.len();
@@ -178,13 +170,8 @@ async fn forged_and_garbage_input_is_counted_and_dead_lettered_and_the_scheduler
         while reasons.len() < want {
             use futures::StreamExt;
             let d = dead.next().await.expect("dead letters").expect("delivery");
-            let headers = d.properties.headers().clone().unwrap_or_default();
-            match headers.inner().get("x-rota-reason") {
-                Some(AMQPValue::LongString(s)) => reasons.push(s.to_string()),
-                other => panic!("no reason header: {other:?}"),
-            }
+            reasons.push(dead_reason(&d).expect("a reason header"));
             bodies.push(serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null));
-            d.ack(BasicAckOptions::default()).await.expect("acks");
         }
     })
     .await;
