@@ -26,9 +26,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable};
@@ -478,12 +478,7 @@ impl Delivery {
         if let Some(settler) = &self.settler {
             return settler.settle(self.tag, &self.acker, true).await;
         }
-        let opts = BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        };
-        let nacked = tokio::time::timeout(SETTLE_WAIT, self.acker.nack(opts));
-        matches!(nacked.await, Ok(Ok(true)))
+        settler::requeue(&self.acker).await
     }
 }
 

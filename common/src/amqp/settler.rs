@@ -76,12 +76,8 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Settle>, unsettled: Arc<Mutex<BTree
         };
         let (requeues, acks): (Vec<_>, Vec<_>) = batch.drain(..).partition(|s| s.requeue);
         for s in requeues {
-            let opts = BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            };
-            let nacked = tokio::time::timeout(SETTLE_WAIT, s.acker.nack(opts)).await;
-            let _ = s.done.send(matches!(nacked, Ok(Ok(true))));
+            let requeued = requeue(&s.acker).await;
+            let _ = s.done.send(requeued);
         }
         let (below, above): (Vec<_>, Vec<_>) = acks.into_iter().partition(|s| s.tag < floor);
         if let Some(last) = below.iter().max_by_key(|s| s.tag) {
@@ -95,6 +91,16 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Settle>, unsettled: Arc<Mutex<BTree
             let _ = s.done.send(acked);
         }
     }
+}
+
+/// Hands one delivery back to its queue, to be delivered again.
+pub(super) async fn requeue(acker: &lapin::Acker) -> bool {
+    let opts = BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    };
+    let nacked = tokio::time::timeout(SETTLE_WAIT, acker.nack(opts));
+    matches!(nacked.await, Ok(Ok(true)))
 }
 
 /// Acks one delivery, and with `multiple` every one before it on its channel.
