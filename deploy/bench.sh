@@ -5,7 +5,8 @@
 # The job pipeline: a scheduler and one pool agent (namespace rota-bench), N no-op jobs
 # pushed through them with `scheduler bench`:
 #   deploy/bench.sh [--jobs 10000] [--via direct|rpc] [--concurrency 256] [--rate N]
-#   LOCATION=thread|process|docker POOL_MAX=16 AGENT_FLAGS="--worker-max-jobs 1" deploy/bench.sh …
+#   LOCATION=thread|process|docker POOL_MAX=16 PREFETCH=64 AGENT_FLAGS="--worker-max-jobs 1" deploy/bench.sh …
+# (the agent's prefetch is 4 jobs per worker unless PREFETCH says otherwise)
 #
 # Chromium: a report page rendered to PDF by a bare chromiumoxide program (the floor), by
 # Rota's chromium.pdf Work in-process, and end to end through RabbitMQ (namespace
@@ -88,7 +89,7 @@ else
   fi
   # shellcheck disable=SC2086 # AGENT_FLAGS is a list of flags
   "${agent[@]}" --id bench --worker-location "$location" "${docker_flags[@]}" \
-    --pool-max-size "${POOL_MAX:-16}" ${AGENT_FLAGS:-} >"$data/agent.log" 2>&1 &
+    --pool-max-size "${POOL_MAX:-16}" --prefetch "${PREFETCH:-$((4 * ${POOL_MAX:-16}))}" ${AGENT_FLAGS:-} >"$data/agent.log" 2>&1 &
   pids+=($!)
   echo "scheduler and pool agent started (logs in $data); benchmarking..." >&2
   "$bin/scheduler" bench "$@"

@@ -522,8 +522,8 @@ pub fn prefetch_shares(
         return Err(format!(
             "a prefetch of {prefetch} cannot be split among {queues} queues (RabbitMQ 4 and quorum \
              queues apply a prefetch to each queue's consumer, and each needs one delivery at \
-             least): consume at most {prefetch} queues at once (a pool agent: a --pool-max-size at \
-             least its number of --queue)"
+             least): consume at most {prefetch} queues at once (a pool agent: a --pool-max-size, or a --prefetch, \
+             at least its number of --queue)"
         ));
     }
     Ok(Some(

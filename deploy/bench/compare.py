@@ -16,10 +16,10 @@ The measures:
      scheduler's RSS after the runs, its store on disk per recorded job;
   6. CPU per job of each part (user + sys from /proc/PID/stat around measure 1).
 
-Rota runs as shipped: a release `scheduler run` and one `pool-agent run` with `local` workers
-(namespace rota-bench-compare), driven by `scheduler bench --json`. Celery runs from
-celery_noop.py (acks_late, rpc results, prefork x2) on the vhost rota-bench-celery, published
-with its own client (persistent, unconfirmed). The floor is the broker_floor example (lapin,
+Rota runs as shipped: a release `scheduler run` and one `pool-agent run` with 16 `local` workers
+and a prefetch of 4 jobs per worker, Celery's default (namespace rota-bench-compare), driven by
+`scheduler bench --json`. Celery runs from celery_noop.py (acks_late, rpc results, prefork x2)
+on the vhost rota-bench-celery, published with its own client (persistent, unconfirmed). The floor is the broker_floor example (lapin,
 persistent + confirms, publishing and consuming at once). Everything started here is stopped
 on exit, the vhost and Rota's queues and exchanges deleted, the data folder removed.
 
@@ -250,7 +250,9 @@ class Rota:
         self.agent = self.procs.start(
             "the pool agent",
             [BIN / "pool-agent", "run", "--data-dir", self.data / "agent", "--heartbeat-interval", "1s",
-             "--id", "bench", "--worker-location", "local", "--pool-max-size", "16"],
+             "--id", "bench", "--worker-location", "local", "--pool-max-size", "16",
+             # 4 jobs held per worker: Celery's default prefetch multiplier, which it runs with.
+             "--prefetch", "64"],
             self.log, env=self.env,
         )
 

@@ -170,6 +170,7 @@ pub async fn run(
         receipted: Mutex::default(),
         confirmed: Mutex::default(),
         store_problem: tokio::sync::watch::Sender::new(None),
+        stopping: CancellationToken::new(),
         abandon: CancellationToken::new(),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
@@ -183,11 +184,10 @@ pub async fn run(
     bg.spawn(agent.clone().receive_receipts(receipts));
     bg.spawn(agent.clone().resend_loop(background.clone()));
     let queues: Vec<String> = cfg.queues.iter().map(|q| names.jobs_queue(q)).collect();
-    let prefetch = u16::try_from(cfg.pool_max_size).unwrap_or(u16::MAX);
     let jobs_spec = ConsumeSpec {
         queues,
         tag,
-        prefetch,
+        prefetch: cfg.prefetch(),
         exclusive: false,
         no_ack: false,
     };
@@ -338,6 +338,9 @@ struct Agent {
     confirmed: Mutex<HashMap<(JobId, u32), Resend>>,
     /// Why the outbox cannot be written now; the agent takes no jobs while this is set.
     store_problem: tokio::sync::watch::Sender<Option<String>>,
+    /// Cancelled when the agent starts to stop: a job still waiting for a worker goes back
+    /// to RabbitMQ.
+    stopping: CancellationToken,
     /// Cancelled when the shutdown grace is over: running jobs stop and go back to RabbitMQ.
     abandon: CancellationToken,
     metrics: Arc<AgentMetrics>,
@@ -497,10 +500,17 @@ impl Agent {
                 job,
             }));
         }
-        let mut worker = match self.pool.get().await {
-            Ok(w) => w,
-            Err(e) => {
-                error!(error = %e, "no worker available; handing the job back to RabbitMQ");
+        let mut worker = tokio::select! {
+            biased;
+            got = self.pool.get() => match got {
+                Ok(w) => w,
+                Err(e) => {
+                    error!(error = %e, "no worker available; handing the job back to RabbitMQ");
+                    return Disposition::Requeue;
+                }
+            },
+            () = self.stopping.cancelled() => {
+                info!("stopping before a worker was free for it; handing the job back to RabbitMQ");
                 return Disposition::Requeue;
             }
         };
@@ -1014,6 +1024,7 @@ impl Agent {
             grace_s = self.cfg.shutdown_grace.as_secs(),
             "stopping: taking no more jobs"
         );
+        self.stopping.cancel();
         jobs.stop().await;
         requeue_all(jobs.drain()).await;
         tracker.close();

@@ -53,9 +53,18 @@ pub struct AgentConfig {
     #[arg(long, env = "ROTA_POOL_MIN_SIZE", default_value_t = 1)]
     pub pool_min_size: usize,
 
-    /// The most jobs run at once; more wait in RabbitMQ (prefetch = this).
+    /// The most jobs run at once.
     #[arg(long, env = "ROTA_POOL_MAX_SIZE", default_value_t = 4)]
     pub pool_max_size: usize,
+
+    /// The most jobs this agent holds from RabbitMQ at once (its prefetch): those running,
+    /// and those waiting here for a worker or for their result to reach the disk (a job is
+    /// acked once its result is durable). Default: --pool-max-size, so that a job waits in
+    /// RabbitMQ, where any agent can take it, and never here behind a long one. Short jobs
+    /// flow faster with more (4 × the pool's size is Celery's default); see the README's
+    /// "Prefetch".
+    #[arg(long, env = "ROTA_PREFETCH")]
+    pub prefetch: Option<usize>,
 
     /// A jobs queue to serve (repeatable, or comma-separated in the environment).
     #[arg(
@@ -267,6 +276,12 @@ impl AgentConfig {
     }
 
     /// This agent's own data folder.
+    /// The most jobs held from RabbitMQ at once (see `--prefetch`).
+    pub fn prefetch(&self) -> u16 {
+        let held = self.prefetch.unwrap_or(self.pool_max_size);
+        u16::try_from(held).unwrap_or(u16::MAX)
+    }
+
     pub fn agent_dir(&self) -> PathBuf {
         self.data_dir.join(format!("agent-{}", self.id))
     }
@@ -279,6 +294,16 @@ impl AgentConfig {
         }
         if self.pool_max_size == 0 || self.pool_max_size > u16::MAX as usize {
             anyhow::bail!("--pool-max-size must be between 1 and {}", u16::MAX);
+        }
+        if let Some(prefetch) = self.prefetch
+            && !(self.pool_max_size..=u16::MAX as usize).contains(&prefetch)
+        {
+            anyhow::bail!(
+                "--prefetch ({prefetch}) must be between --pool-max-size ({}) and {}: with fewer, \
+                 workers would wait for jobs that RabbitMQ holds back",
+                self.pool_max_size,
+                u16::MAX
+            );
         }
         if self.pool_min_size > self.pool_max_size {
             anyhow::bail!(

@@ -189,6 +189,7 @@ pub async fn run(broker: &BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode
         worker_location: args.worker_location,
         pool_min_size: args.pool_min_size,
         pool_max_size: args.pool_max_size,
+        prefetch: None,
         queues: vec!["default".into()],
         aliases: vec![format!("demodata={}", demodata.display())],
         data_dir: dir.clone(),

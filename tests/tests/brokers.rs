@@ -1,6 +1,7 @@
 //! What differs between the brokers Rota runs on (`deploy/test.sh` runs the suite on RabbitMQ 3
 //! and on RabbitMQ 4 with every deprecated feature refused), each checked on the broker at
-//! hand: the kind of the jobs queues, a prefetch that is the pool's size whatever the queues,
+//! hand: the kind of the jobs queues, a prefetch that is the pool's size whatever the queues (or
+//! `--prefetch`),
 //! priorities, the delivery limit, and a consumer cancelled by the broker.
 
 use std::time::Duration;
@@ -113,6 +114,63 @@ async fn a_pool_holds_no_more_jobs_than_its_workers_whatever_its_queues() {
         )
         .await;
     }
+}
+
+/// `--prefetch` above the pool's size: the agent holds that many jobs, the ones without a
+/// worker waiting here; when it stops, those go back to RabbitMQ without running, and another
+/// agent runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_above_the_pool_holds_jobs_and_hands_back_the_unstarted_on_stop() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let mut first = sys.agent("h1", &["--pool-max-size", "2", "--prefetch", "4"]);
+    sys.ready(true, &["h1"]).await;
+    let mut events = sys
+        .client
+        .watch(&[EventKind::Started])
+        .await
+        .expect("watch");
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let job = Job::new("demo.sleep", json!({ "ms": 3000 }));
+        ids.insert(sys.client.publish_job(job).await.expect("published"));
+    }
+    within(MINUTE, "two jobs started", async {
+        for _ in 0..2 {
+            events.next().await.expect("events");
+        }
+    })
+    .await;
+    let queue = sys.names.jobs_queue("default");
+    assert_eq!(6 - messages_in(&queue).await, 4, "h1 holds 4 jobs");
+    first.terminate().await.expect("h1 stops");
+    assert_eq!(
+        messages_in(&queue).await,
+        4,
+        "the two running finished, the two waiting went back"
+    );
+    let _second = sys.agent("h2", &["--pool-max-size", "4"]);
+    let mut beats = sys.heartbeats().await;
+    within(
+        Duration::from_secs(120),
+        "every job recorded",
+        sys.settled(&mut beats, "h2", &ids),
+    )
+    .await;
+    let mut ran_on_h1 = 0;
+    for job in sys.list_all(None).await.expect("list") {
+        if ids.contains(&job.uuid) {
+            assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+            let agents: Vec<_> = job
+                .attempts
+                .iter()
+                .filter_map(|a| a.agent.as_ref())
+                .collect();
+            assert_eq!(agents.len(), 1, "each job ran once: {job:?}");
+            ran_on_h1 += usize::from(agents[0].as_str() == "h1");
+        }
+    }
+    assert_eq!(ran_on_h1, 2, "h1 ran only the jobs it had workers for");
 }
 
 /// Classic queues order jobs by priority, 0 to 9, on every broker. Quorum queues refuse
