@@ -1429,11 +1429,14 @@ mod tests {
                 "started_at": now, "seq": 1, "interval_ms": 200,
                 "pools": [{"queues": ["default"], "location": "process", "min": 1, "max": 4,
                     "busy": 1, "idle": 0}],
-                "running": [JobId::random()], "unreceipted": 2}),
+                "running": [JobId::random()], "unreceipted": 2,
+                "paused": {"version": 3, "queues": ["default"]}}),
             json!({"event": "started", "uuid": JobId::random(), "attempt": 1, "type": "t",
                 "agent": "a1", "time": now, "status": "failed", "state": "running",
                 "progress": {"fraction": 0.5, "message": "m"}, "job": full_job()}),
             json!({"kind": "receipt", "uuid": JobId::random(), "attempt": 2}),
+            json!({"kind": "paused", "version": 7, "queues": ["default", "mail"]}),
+            json!({"method": "pause", "queue": "mail"}),
             json!({"method": "submit", "job": full_job()}),
             json!({"method": "list", "state": "failed", "limit": 10}),
         ];
@@ -1469,7 +1472,15 @@ mod tests {
                 accepted += 1;
                 assert!(e.attempt <= MAX_ATTEMPT);
             }
-            accepted += usize::from(AgentMessage::parse(&body).is_ok());
+            match AgentMessage::parse(&body) {
+                Ok(AgentMessage::Paused(p)) => {
+                    accepted += 1;
+                    assert!(p.queues.len() <= MAX_PAUSED);
+                    assert!(p.queues.iter().all(|q| check_name("queue", q).is_ok()));
+                }
+                Ok(_) => accepted += 1,
+                Err(_) => {}
+            }
             accepted += usize::from(RpcRequest::parse(&body).is_ok());
         }
         // The mutations leave many messages valid: the checks above did run.

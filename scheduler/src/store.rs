@@ -1783,6 +1783,29 @@ mod tests {
         assert!(store.get(job.uuid.expect("uuid")).expect("reads").is_some());
     }
 
+    /// Pausing twice or resuming what is not paused changes nothing; each change has a higher
+    /// version, and the set survives a reopen.
+    #[tokio::test]
+    async fn paused_queues_change_once_and_are_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open(&dir);
+        let first = store.paused().expect("reads");
+        assert!(first.queues.is_empty() && first.version > 0);
+        let (paused, changed) = store.set_paused("mail", true).await.expect("pauses");
+        assert!(changed && paused.version > first.version);
+        assert_eq!(paused.queues, ["mail"]);
+        let (again, changed) = store.set_paused("mail", true).await.expect("pauses");
+        assert!(!changed);
+        assert_eq!(again, paused);
+        let (_, changed) = store.set_paused("other", false).await.expect("resumes");
+        assert!(!changed);
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.paused().expect("reads"), paused);
+        let (resumed, changed) = store.set_paused("mail", false).await.expect("resumes");
+        assert!(changed && resumed.version > paused.version && resumed.queues.is_empty());
+    }
+
     fn open(dir: &tempfile::TempDir) -> Store {
         let policy = RetryPolicy {
             max_attempts: 3,

@@ -7,8 +7,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use rota_tests::faults::close_connection_of;
 use rota_tests::wire::{EventKind, Heartbeat, Job, JobId, JobState, Role};
-use rota_tests::{System, free_addrs, http_get, metric, within};
+use rota_tests::{System, amqp_url, free_addrs, http_get, metric, within};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -45,6 +46,24 @@ async fn ui_shows(queue: &str, consumers: u64, ready: u64) {
         },
     )
     .await;
+}
+
+/// The consumers of `queue` now, as RabbitMQ counts them (the UI's figure, without its delay).
+async fn consumers_now(queue: &str) -> u32 {
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connects");
+    let ch = conn.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .expect("the queue exists");
+    let _ = conn.close(200, "bye".into()).await;
+    q.consumer_count()
 }
 
 fn pauses(hb: &Heartbeat, queue: &str) -> bool {
@@ -144,6 +163,11 @@ async fn a_paused_queue_keeps_its_jobs_across_restarts_until_resumed() {
     // Jobs published now wait: ready in the queue, no consumer, none recorded.
     let waiting = publish(&sys, 5).await;
     ui_shows(&queue, 0, 5).await;
+    assert_eq!(
+        consumers_now(&queue).await,
+        0,
+        "a consumer of the paused queue"
+    );
     paused_at(&sys, "p1", "default", 5).await;
     assert_eq!(
         recorded(&sys, &waiting).await,
@@ -175,6 +199,11 @@ async fn a_paused_queue_keeps_its_jobs_across_restarts_until_resumed() {
     paused_at(&sys, "p1", "default", 3).await;
     paused_at(&sys, "p2", "default", 3).await;
     ui_shows(&queue, 0, 5).await;
+    assert_eq!(
+        consumers_now(&queue).await,
+        0,
+        "a consumer of the paused queue"
+    );
     assert_eq!(
         recorded(&sys, &waiting).await,
         0,
@@ -219,6 +248,11 @@ async fn an_agent_started_while_its_queue_is_paused_takes_no_jobs() {
     let queue = sys.names.jobs_queue("default");
     ui_shows(&queue, 0, 3).await;
     assert_eq!(
+        consumers_now(&queue).await,
+        0,
+        "a consumer of the paused queue"
+    );
+    assert_eq!(
         recorded(&sys, &waiting).await,
         0,
         "a job of a paused queue ran"
@@ -237,4 +271,55 @@ async fn an_agent_started_while_its_queue_is_paused_takes_no_jobs() {
         .await
         .expect("lists");
     assert_eq!(jobs.iter().filter(|j| waiting.contains(&j.uuid)).count(), 3);
+}
+
+/// After the broker drops the agent's connection, the agent reconnects and consumes again
+/// what it consumed, not the paused queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_agent_does_not_consume_a_paused_queue() {
+    let sys = System::new().await;
+    let [addr] = free_addrs();
+    let _scheduler = sys.scheduler();
+    let agent = sys.agent("r1", &["--http-addr", &addr]);
+    sys.ready(true, &["r1"]).await;
+    cli(&sys, "pause", "default").await;
+    paused_at(&sys, "r1", "default", 1).await;
+    assert_eq!(close_connection_of(agent.pid()).await, 1);
+    within(MINUTE, "the agent's reconnect", async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            if let Some((200, text)) = http_get(&addr, "/metrics").await
+                && metric(&text, "rota_broker_reconnects_total") >= 1
+                && metric(&text, "rota_broker_connected") == 1
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let waiting = publish(&sys, 3).await;
+    paused_at(&sys, "r1", "default", 5).await;
+    let queue = sys.names.jobs_queue("default");
+    ui_shows(&queue, 0, 3).await;
+    assert_eq!(
+        consumers_now(&queue).await,
+        0,
+        "a consumer of the paused queue"
+    );
+    assert_eq!(
+        recorded(&sys, &waiting).await,
+        0,
+        "a job of a paused queue ran"
+    );
+
+    cli(&sys, "resume", "default").await;
+    let mut beats = sys.heartbeats().await;
+    within(
+        MINUTE,
+        "the waiting jobs run",
+        sys.settled(&mut beats, "r1", &waiting),
+    )
+    .await;
+    ui_shows(&queue, 1, 0).await;
 }
