@@ -931,33 +931,33 @@ impl Agent {
         }
     }
 
-    /// A new agent (none of its runs heard the paused queues yet) asks the scheduler for
-    /// them before taking jobs, when a scheduler is running (it consumes the results queue).
-    /// With none, or no answer, it takes jobs from all its queues, and stops taking them from
-    /// a paused one when the scheduler, seeing in its heartbeats that it never heard them,
-    /// tells it.
+    /// Asks the scheduler for the paused queues before taking jobs, when a scheduler is
+    /// running (it consumes the results queue): a change made while this agent was down may
+    /// still wait in its queue. With no scheduler, or no answer, the agent goes by the set it
+    /// kept; a new agent, which has none, takes jobs from all its queues until the scheduler,
+    /// seeing in its heartbeats that it never heard the set, tells it.
     async fn first_hearing(&self) {
-        if self.paused.heard().is_some() {
-            return;
-        }
         let scheduler_runs = self
             .broker
             .consumers(&self.names.results())
             .await
             .is_ok_and(|n| n > 0);
-        if !scheduler_runs {
-            return warn!(
-                "no scheduler is running, and this agent never heard which queues are paused: \
-                 taking jobs from all its queues until the scheduler says"
-            );
-        }
-        match self.scheduler.call(&RpcRequest::Paused).await {
+        let answer = if scheduler_runs {
+            self.scheduler.call(&RpcRequest::Paused).await
+        } else {
+            Err(anyhow::anyhow!("no scheduler is running"))
+        };
+        match answer {
             Ok(RpcReply::Paused {
                 version, queues, ..
             }) => self.paused.hear(PausedQueues { version, queues }),
             Ok(other) => warn!(reply = ?other, "unexpected reply from the scheduler to `paused`"),
-            Err(e) => warn!(error = %e,
-                "cannot ask the scheduler which queues are paused: taking jobs from all its queues until it says"),
+            Err(e) if self.paused.heard().is_some() => {
+                info!(reason = %e, "cannot ask the scheduler which queues are paused: going by those heard last")
+            }
+            Err(e) => warn!(reason = %e,
+                "cannot ask the scheduler which queues are paused, and this agent never heard them: \
+                 taking jobs from all its queues until the scheduler says"),
         }
     }
 

@@ -983,7 +983,10 @@ impl Scheduler {
     }
 
     /// Tells an agent whose heartbeat shows an older set of paused queues than the store's
-    /// (it missed a change, or it never heard any) the set again, on its own queue.
+    /// (it missed a change) the set again, on its own queue; and one that never heard any
+    /// (none was paused when it started, or no scheduler ran) once some queue is paused. An
+    /// agent of a version before pauses, which says nothing of them, is told too: it logs the
+    /// message it cannot read, at each heartbeat while a queue is paused.
     async fn tell_if_behind(&self, hb: &Heartbeat) {
         if hb.role != Role::Agent || AgentId::new(&hb.id).is_err() {
             return;
@@ -991,11 +994,11 @@ impl Scheduler {
         let Ok(paused) = self.store.paused() else {
             return;
         };
-        if hb
-            .paused
-            .as_ref()
-            .is_some_and(|p| p.version >= paused.version)
-        {
+        let behind = match &hb.paused {
+            Some(heard) => heard.version < paused.version,
+            None => !paused.queues.is_empty(),
+        };
+        if !behind {
             return;
         }
         debug!(agent = %hb.id, version = paused.version, "telling an agent the paused queues again");

@@ -243,10 +243,25 @@ async fn an_agent_started_while_its_queue_is_paused_takes_no_jobs() {
     // Paused before any agent serves the queue: the pause holds for those that come.
     cli(&sys, "pause", "default").await;
     let waiting = publish(&sys, 3).await;
-    let _agent = sys.agent("n1", &[]);
+    let mut agent = sys.agent("n1", &[]);
     paused_at(&sys, "n1", "default", 5).await;
     let queue = sys.names.jobs_queue("default");
     ui_shows(&queue, 0, 3).await;
+    assert_eq!(
+        consumers_now(&queue).await,
+        0,
+        "a consumer of the paused queue"
+    );
+    assert_eq!(
+        recorded(&sys, &waiting).await,
+        0,
+        "a job of a paused queue ran"
+    );
+    // Stopped while paused, it exits as ever; started again, it still takes nothing.
+    let status = agent.terminate().await.expect("the agent stops");
+    assert!(status.success(), "{}", agent.output());
+    let _agent = sys.agent("n1", &[]);
+    paused_at(&sys, "n1", "default", 5).await;
     assert_eq!(
         consumers_now(&queue).await,
         0,
