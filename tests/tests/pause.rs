@@ -15,7 +15,8 @@ use serde_json::json;
 const MINUTE: Duration = Duration::from_secs(60);
 
 /// The consumers and ready messages of `queue`, as the management API (the RabbitMQ UI)
-/// shows them.
+/// shows them; as RabbitMQ counts them over AMQP where the broker keeps no statistics for its
+/// UI (`disable_stats`, as the tests' RabbitMQ 4 node).
 async fn queue_in_ui(queue: &str) -> (u64, u64) {
     let path = format!("/api/queues/%2f/{queue}");
     let (status, body) = rota_tests::faults::management("GET", &path)
@@ -23,10 +24,13 @@ async fn queue_in_ui(queue: &str) -> (u64, u64) {
         .expect("the management API answers");
     assert_eq!(status, 200, "{body}");
     let q: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-    (
-        q["consumers"].as_u64().unwrap_or(u64::MAX),
-        q["messages_ready"].as_u64().unwrap_or(u64::MAX),
-    )
+    match (q["consumers"].as_u64(), q["messages_ready"].as_u64()) {
+        (Some(consumers), Some(ready)) => (consumers, ready),
+        _ => {
+            let q = declared(queue).await;
+            (q.consumer_count().into(), q.message_count().into())
+        }
+    }
 }
 
 /// Waits until the management API shows `consumers` consumers and `ready` ready messages on
@@ -48,8 +52,8 @@ async fn ui_shows(queue: &str, consumers: u64, ready: u64) {
     .await;
 }
 
-/// The consumers of `queue` now, as RabbitMQ counts them (the UI's figure, without its delay).
-async fn consumers_now(queue: &str) -> u32 {
+/// `queue` as RabbitMQ counts it now (a passive declare).
+async fn declared(queue: &str) -> lapin::Queue {
     let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
         .await
         .expect("connects");
@@ -63,7 +67,12 @@ async fn consumers_now(queue: &str) -> u32 {
         .await
         .expect("the queue exists");
     let _ = conn.close(200, "bye".into()).await;
-    q.consumer_count()
+    q
+}
+
+/// The consumers of `queue` now, as RabbitMQ counts them (the UI's figure, without its delay).
+async fn consumers_now(queue: &str) -> u32 {
+    declared(queue).await.consumer_count()
 }
 
 fn pauses(hb: &Heartbeat, queue: &str) -> bool {
