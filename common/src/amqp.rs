@@ -19,7 +19,7 @@
 //! decided per connection from the version the node announces: the kind of the jobs queues
 //! ([`QueueType::Auto`]) and how a prefetch is shared among several queues.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -538,7 +538,26 @@ struct Subscription {
     tx: mpsc::Sender<Delivery>,
     /// Set by [`Consumer::stop`]: do not restore, and an ending stream is not a failure.
     stopped: AtomicBool,
+    /// The queues not consumed until resumed ([`Consumer::pause`]); their pumps wait.
+    paused: watch::Sender<BTreeSet<String>>,
     channel: Mutex<Option<lapin::Channel>>,
+}
+
+impl Subscription {
+    fn is_paused(&self, queue: &str) -> bool {
+        self.paused.borrow().contains(queue)
+    }
+
+    /// Cancels the consumer of `queue` on the subscription's channel.
+    async fn cancel(&self, queue: &str) {
+        let ch = self.channel.lock().map(|c| c.clone()).unwrap_or_default();
+        if let Some(ch) = ch {
+            let tag = consumer_tag(&self.spec.tag, queue);
+            let _ = ch
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
+    }
 }
 
 /// Deliveries of one [`ConsumeSpec`], across reconnects.
@@ -566,15 +585,31 @@ impl Consumer {
             return;
         };
         sub.stopped.store(true, Ordering::SeqCst);
-        let ch = sub.channel.lock().map(|c| c.clone()).unwrap_or_default();
-        if let Some(ch) = ch {
-            for q in &sub.spec.queues {
-                let tag = consumer_tag(&sub.spec.tag, q);
-                let _ = ch
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                    .await;
-            }
+        for q in &sub.spec.queues {
+            sub.cancel(q).await;
         }
+    }
+
+    /// Stops consuming one of the queues (`basic.cancel`: the RabbitMQ UI shows no consumer
+    /// of it from here), across reconnects, until [`Consumer::resume`]. Deliveries of it
+    /// already received are still delivered here, and can be settled as ever. False when it
+    /// was paused already.
+    pub async fn pause(&self, queue: &str) -> bool {
+        let Some(sub) = self.sub.upgrade() else {
+            return false;
+        };
+        if !sub.paused.send_if_modified(|p| p.insert(queue.to_owned())) {
+            return false;
+        }
+        sub.cancel(queue).await;
+        true
+    }
+
+    /// Consumes a paused queue again, on the same channel. False when it was not paused.
+    pub fn resume(&self, queue: &str) -> bool {
+        self.sub
+            .upgrade()
+            .is_some_and(|sub| sub.paused.send_if_modified(|p| p.remove(queue)))
     }
 
     /// What arrived but was not taken yet (call after [`Consumer::stop`]).
@@ -935,12 +970,23 @@ impl Broker {
     /// Starts consuming; restored after every reconnect until [`Consumer::stop`]. Fails with
     /// [`BrokerError::Locked`] if `exclusive` and another connection holds the queue.
     pub async fn consume(&self, spec: ConsumeSpec) -> Result<Consumer, BrokerError> {
+        self.consume_paused(spec, BTreeSet::new()).await
+    }
+
+    /// [`Broker::consume`], with the queues in `paused` paused from the start (see
+    /// [`Consumer::pause`]).
+    pub async fn consume_paused(
+        &self,
+        spec: ConsumeSpec,
+        paused: BTreeSet<String>,
+    ) -> Result<Consumer, BrokerError> {
         let capacity = usize::from(spec.prefetch.max(1)) * spec.queues.len().max(1);
         let (tx, rx) = mpsc::channel(capacity);
         let sub = Arc::new(Subscription {
             spec,
             tx,
             stopped: AtomicBool::new(false),
+            paused: watch::Sender::new(paused),
             channel: Mutex::new(None),
         });
         let live = self.wait_live().await?;
@@ -1323,7 +1369,11 @@ async fn start_consumer(
     for (i, queue) in queues.iter().enumerate() {
         let share = shares.as_ref().map(|s| s[i]);
         let held = Arc::new(Held::default());
-        let consumer = consume_one(&ch, sub, queue, share).await?;
+        let consumer = if sub.is_paused(queue) {
+            None
+        } else {
+            Some(consume_one(&ch, sub, queue, share).await?)
+        };
         let pump = Pump {
             ch: ch.clone(),
             sub: sub.clone(),
@@ -1340,6 +1390,10 @@ async fn start_consumer(
     }
     if let Ok(mut slot) = sub.channel.lock() {
         *slot = Some(ch);
+    }
+    // A pause that came meanwhile cancelled the consumer on the channel before this one.
+    for queue in queues.iter().filter(|q| sub.is_paused(q)) {
+        sub.cancel(queue).await;
     }
     Ok(())
 }
@@ -1408,8 +1462,16 @@ struct Pump {
 impl Pump {
     /// The pump ends when the broker closes, whatever lapin's stream does then: it holds a
     /// sender, and the Consumer ends only when every sender is gone. A delivery dropped here
-    /// goes back to its queue when the connection closes.
-    async fn run(self, mut consumer: lapin::Consumer) {
+    /// goes back to its queue when the connection closes. Without a consumer (its queue is
+    /// paused), it starts with waiting for the queue's resume.
+    async fn run(self, consumer: Option<lapin::Consumer>) {
+        let mut consumer = match consumer {
+            Some(consumer) => consumer,
+            None => match self.after_pause().await {
+                Ok(consumer) => consumer,
+                Err(_) => return self.ended(),
+            },
+        };
         loop {
             let item = tokio::select! {
                 item = consumer.next() => item,
@@ -1440,6 +1502,10 @@ impl Pump {
                 {
                     break;
                 }
+                None if self.sub.is_paused(&self.queue) => match self.after_pause().await {
+                    Ok(again) => consumer = again,
+                    Err(_) => break,
+                },
                 None => {
                     tracing::warn!(queue = %self.queue,
                         "RabbitMQ cancelled the consumer of queue {} (the queue was deleted, a consumer \
@@ -1455,10 +1521,30 @@ impl Pump {
                 }
             }
         }
+        self.ended();
+    }
+
+    fn ended(&self) {
         if !self.sub.stopped.load(Ordering::SeqCst) {
             // A consumer ended that nobody stopped: the channel or connection died.
             self.lost.cancel();
         }
+    }
+
+    /// Waits for the queue's resume ([`Consumer::resume`]), then consumes it again.
+    async fn after_pause(&self) -> Result<lapin::Consumer, BrokerError> {
+        let mut paused = self.sub.paused.subscribe();
+        tokio::select! {
+            _ = paused.wait_for(|p| !p.contains(&self.queue)) => {}
+            _ = self.closing.cancelled() => return Err(BrokerError::NotConnected("closing".into())),
+            _ = self.lost.cancelled() => return Err(BrokerError::NotConnected("connection lost".into())),
+        }
+        let consumer = self.consume_again().await?;
+        if self.sub.is_paused(&self.queue) {
+            // Paused again before the consumer started: its stream ends, and this waits again.
+            self.sub.cancel(&self.queue).await;
+        }
+        Ok(consumer)
     }
 
     /// A new consumer for the queue, declared again, whose prefetch leaves room for what the

@@ -25,6 +25,7 @@ impl Heartbeat {
             pools: Vec::new(),
             running: Vec::new(),
             unreceipted: 0,
+            paused: None,
         }
     }
 }

@@ -439,6 +439,40 @@ pub enum AgentMessage {
     Receipts { runs: Vec<Run> },
     /// Stop this job if it runs here, and do not run it if it arrives later.
     Cancel { uuid: JobId },
+    /// The queues paused now (`scheduler pause`): take no job from them.
+    Paused(PausedQueues),
+}
+
+/// The queues whose jobs no agent takes (`scheduler pause`), as of one change. Each change
+/// has a higher `version` (the time of the change in milliseconds, or one more than the
+/// last), so an agent that hears the set more than once (announced, repeated, asked for)
+/// keeps the newest, whichever came first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PausedQueues {
+    pub version: u64,
+    pub queues: Vec<String>,
+}
+
+/// The most queues a paused set may name.
+pub const MAX_PAUSED: usize = 10_000;
+
+impl PausedQueues {
+    /// The checks that serde's types do not make.
+    pub fn check(&self) -> Result<(), String> {
+        if self.queues.len() > MAX_PAUSED {
+            return Err(format!(
+                "{} paused queues; at most {MAX_PAUSED}",
+                self.queues.len()
+            ));
+        }
+        self.queues
+            .iter()
+            .try_for_each(|q| check_name_field("paused queue", q))
+    }
+
+    pub fn contains(&self, queue: &str) -> bool {
+        self.queues.iter().any(|q| q == queue)
+    }
 }
 
 /// One run of a job: the job and its attempt.
@@ -469,11 +503,12 @@ impl AgentMessage {
                 }
             }
             AgentMessage::Cancel { .. } => {}
+            AgentMessage::Paused(paused) => paused.check()?,
         }
         Ok(message)
     }
 
-    /// The runs this message receipts (none for a cancel).
+    /// The runs this message receipts (none for a cancel or a pause).
     pub fn receipted(&self) -> Vec<Run> {
         match self {
             AgentMessage::Receipt { uuid, attempt } => vec![Run {
@@ -481,7 +516,7 @@ impl AgentMessage {
                 attempt: *attempt,
             }],
             AgentMessage::Receipts { runs } => runs.clone(),
-            AgentMessage::Cancel { .. } => Vec::new(),
+            AgentMessage::Cancel { .. } | AgentMessage::Paused(_) => Vec::new(),
         }
     }
 }
@@ -591,6 +626,11 @@ pub struct Heartbeat {
     /// Results kept in the agent's outbox, not yet receipted by the scheduler.
     #[serde(default)]
     pub unreceipted: u64,
+    /// The scheduler's: every paused queue. An agent's: those of its queues it takes no job
+    /// from, with the version of the set it heard last (the scheduler tells an agent that is
+    /// behind the set again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<PausedQueues>,
 }
 
 impl Heartbeat {
@@ -598,6 +638,9 @@ impl Heartbeat {
     /// [`HEARTBEAT_INTERVAL_MS`].
     pub fn parse(body: &[u8]) -> Result<Self, String> {
         let mut beat: Heartbeat = decode("heartbeat", body)?;
+        if let Some(paused) = &beat.paused {
+            paused.check()?;
+        }
         beat.clamp();
         Ok(beat)
     }
@@ -810,6 +853,16 @@ pub enum RpcRequest {
     ScheduleRunNow {
         name: String,
     },
+    /// Every agent stops taking jobs from the queue (running ones finish), until `resume`.
+    Pause {
+        queue: String,
+    },
+    /// Agents take jobs from the paused queue again.
+    Resume {
+        queue: String,
+    },
+    /// The paused queues (a new pool agent asks, before it takes jobs).
+    Paused,
 }
 
 impl RpcRequest {
@@ -823,6 +876,9 @@ impl RpcRequest {
                 .job()
                 .check()
                 .map_err(|e| format!("the schedule's job: {e}"))?,
+            RpcRequest::Pause { queue } | RpcRequest::Resume { queue } => {
+                check_name_field("queue", queue)?
+            }
             _ => {}
         }
         Ok(request)
@@ -853,6 +909,16 @@ pub enum RpcReply {
     },
     Agents {
         agents: Vec<AgentInfo>,
+    },
+    /// The answer to `pause`, `resume` and `paused`.
+    Paused {
+        /// The version of the paused queues (see [`PausedQueues`]).
+        version: u64,
+        /// The queues paused now.
+        queues: Vec<String>,
+        /// False when the queue already was paused (`pause`) or was not (`resume`), and for
+        /// `paused`.
+        changed: bool,
     },
     Schedule {
         schedule: Box<ScheduleInfo>,
@@ -1363,11 +1429,14 @@ mod tests {
                 "started_at": now, "seq": 1, "interval_ms": 200,
                 "pools": [{"queues": ["default"], "location": "process", "min": 1, "max": 4,
                     "busy": 1, "idle": 0}],
-                "running": [JobId::random()], "unreceipted": 2}),
+                "running": [JobId::random()], "unreceipted": 2,
+                "paused": {"version": 3, "queues": ["default"]}}),
             json!({"event": "started", "uuid": JobId::random(), "attempt": 1, "type": "t",
                 "agent": "a1", "time": now, "status": "failed", "state": "running",
                 "progress": {"fraction": 0.5, "message": "m"}, "job": full_job()}),
             json!({"kind": "receipt", "uuid": JobId::random(), "attempt": 2}),
+            json!({"kind": "paused", "version": 7, "queues": ["default", "mail"]}),
+            json!({"method": "pause", "queue": "mail"}),
             json!({"method": "submit", "job": full_job()}),
             json!({"method": "list", "state": "failed", "limit": 10}),
         ];
@@ -1403,7 +1472,15 @@ mod tests {
                 accepted += 1;
                 assert!(e.attempt <= MAX_ATTEMPT);
             }
-            accepted += usize::from(AgentMessage::parse(&body).is_ok());
+            match AgentMessage::parse(&body) {
+                Ok(AgentMessage::Paused(p)) => {
+                    accepted += 1;
+                    assert!(p.queues.len() <= MAX_PAUSED);
+                    assert!(p.queues.iter().all(|q| check_name("queue", q).is_ok()));
+                }
+                Ok(_) => accepted += 1,
+                Err(_) => {}
+            }
             accepted += usize::from(RpcRequest::parse(&body).is_ok());
         }
         // The mutations leave many messages valid: the checks above did run.

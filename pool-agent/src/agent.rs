@@ -1,8 +1,9 @@
 //! The agent's life: connect, serve the jobs queues until shutdown, hand back what it cannot
 //! finish. One job goes: admit → run on a pooled worker → store the result in the outbox →
 //! ack → send the result; the scheduler's receipt then removes it from the outbox.
+//! A paused queue (`scheduler pause`) is not consumed: its jobs wait in RabbitMQ.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,8 +18,8 @@ use rota_common::amqp::{
 use rota_common::client::{Client, short_host};
 use rota_common::http::{self, Health};
 use rota_common::wire::{
-    AgentId, AgentMessage, ErrorInfo, Event, EventKind, Heartbeat, Job, JobId, JobResult, Role,
-    Run, Status,
+    AgentId, AgentMessage, ErrorInfo, Event, EventKind, Heartbeat, Job, JobId, JobResult,
+    PausedQueues, Role, RpcReply, RpcRequest, Run, Status,
 };
 use rota_worker_runtime::context::BufferSink;
 use rota_worker_runtime::{Aliases, Context, Registry, WorkEnv};
@@ -32,6 +33,7 @@ use crate::fit::{self, Sealed};
 use crate::intake::{self, Admitted, Limits, Refusal};
 use crate::metrics::AgentMetrics;
 use crate::outbox::Outbox;
+use crate::paused::Paused;
 use crate::pool::{Pool, WorkerSpec};
 use crate::process::ProcessSpec;
 use crate::results::Results;
@@ -62,6 +64,7 @@ pub async fn run(
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
     let outbox = Outbox::open(&dir.join("outbox"))?;
+    let paused = Paused::open(&dir);
 
     let agent_queue = names.agent_queue(id.as_str());
     let mut topology = Topology::core(&names);
@@ -171,6 +174,7 @@ pub async fn run(
         confirmed: Mutex::default(),
         store_problem: tokio::sync::watch::Sender::new(None),
         stopping: CancellationToken::new(),
+        paused: paused.clone(),
         abandon: CancellationToken::new(),
         metrics: metrics.clone(),
         cfg: cfg.clone(),
@@ -183,6 +187,10 @@ pub async fn run(
     let bg = TaskTracker::new();
     bg.spawn(agent.clone().receive_receipts(receipts));
     bg.spawn(agent.clone().resend_loop(background.clone()));
+    tokio::select! {
+        _ = agent.first_hearing() => {}
+        _ = shutdown.cancelled() => {}
+    }
     let queues: Vec<String> = cfg.queues.iter().map(|q| names.jobs_queue(q)).collect();
     let jobs_spec = ConsumeSpec {
         queues,
@@ -191,7 +199,11 @@ pub async fn run(
         exclusive: false,
         no_ack: false,
     };
-    let mut jobs = broker.consume(jobs_spec.clone()).await?;
+    let mut heard = paused.subscribe();
+    let mut jobs = broker
+        .consume_paused(jobs_spec.clone(), agent.paused_queues())
+        .await?;
+    agent.say_paused(&agent.paused_queues(), &BTreeSet::new());
     let beat = Heartbeat::starting(Role::Agent, id.as_str(), cfg.heartbeat_interval);
     let hb_agent = agent.clone();
     bg.spawn(rota_common::heartbeat::run(
@@ -203,10 +215,25 @@ pub async fn run(
             hb.pools = vec![hb_agent.pool.status()];
             hb.running = hb_agent.running_ids();
             hb.unreceipted = hb_agent.outbox.len() as u64;
+            hb.paused = hb_agent.paused.heard().map(|p| PausedQueues {
+                queues: hb_agent
+                    .cfg
+                    .queues
+                    .iter()
+                    .filter(|q| p.contains(q))
+                    .cloned()
+                    .collect(),
+                ..p
+            });
         },
     ));
 
-    metrics.watch(agent.pool.clone(), agent.outbox.clone());
+    metrics.watch(
+        agent.pool.clone(),
+        agent.outbox.clone(),
+        paused,
+        cfg.queues.clone(),
+    );
     health.started(true);
     info!(agent = %id, queues = ?cfg.queues, location = cfg.worker_location.as_str(), min = cfg.pool_min_size,
         max = cfg.pool_max_size, data_dir = %dir.display(), "pool agent ready");
@@ -226,7 +253,10 @@ pub async fn run(
             }
             jobs = loop {
                 // Waits for the broker, should it be away too.
-                match broker.consume(jobs_spec.clone()).await {
+                match broker
+                    .consume_paused(jobs_spec.clone(), agent.paused_queues())
+                    .await
+                {
                     Ok(consumer) => break consumer,
                     Err(e) => {
                         warn!(error = %e, "cannot consume the jobs queues again yet; retrying")
@@ -247,6 +277,7 @@ pub async fn run(
                 None => break,
             },
             _ = store_problem.changed() => {}
+            _ = heard.changed() => agent.follow_pauses(&jobs).await,
             _ = shutdown.cancelled() => break,
         }
     }
@@ -341,6 +372,9 @@ struct Agent {
     /// Cancelled when the agent starts to stop: a job still waiting for a worker goes back
     /// to RabbitMQ.
     stopping: CancellationToken,
+    /// The paused queues: not consumed, and a job of one held here and not started yet goes
+    /// back to RabbitMQ.
+    paused: Paused,
     /// Cancelled when the shutdown grace is over: running jobs stop and go back to RabbitMQ.
     abandon: CancellationToken,
     metrics: Arc<AgentMetrics>,
@@ -514,6 +548,11 @@ impl Agent {
                 return Disposition::Requeue;
             }
         };
+        // The routing key of a job is its queue's name.
+        if self.paused.contains(&held.delivery.routing_key) {
+            info!(queue = %held.delivery.routing_key, "its queue is paused: handing the job back to RabbitMQ, not running it");
+            return Disposition::Requeue;
+        }
         let announcing = self.announce_start(&job, uuid).await;
         let work_dir = self.work_root.join(uuid.to_string());
         let sink = Arc::new(self.progress_sink(&job, uuid));
@@ -892,12 +931,80 @@ impl Agent {
                         c.insert(uuid);
                     }
                 }
+                Ok(AgentMessage::Paused(paused)) => self.paused.hear(paused),
                 Err(e) => {
                     self.metrics.dropped("agent_queue", "unreadable");
                     warn!(error = %e, "ignoring an unreadable message on the agent's queue")
                 }
             }
             d.ack().await;
+        }
+    }
+
+    /// Asks the scheduler for the paused queues before taking jobs, when a scheduler is
+    /// running (it consumes the results queue): a change made while this agent was down may
+    /// still wait in its queue. With no scheduler, or no answer, the agent goes by the set it
+    /// kept; a new agent, which has none, takes jobs from all its queues until the scheduler,
+    /// seeing in its heartbeats that it never heard the set, tells it.
+    async fn first_hearing(&self) {
+        let scheduler_runs = self
+            .broker
+            .consumers(&self.names.results())
+            .await
+            .is_ok_and(|n| n > 0);
+        let answer = if scheduler_runs {
+            self.scheduler.call(&RpcRequest::Paused).await
+        } else {
+            Err(anyhow::anyhow!("no scheduler is running"))
+        };
+        match answer {
+            Ok(RpcReply::Paused {
+                version, queues, ..
+            }) => self.paused.hear(PausedQueues { version, queues }),
+            Ok(other) => warn!(reply = ?other, "unexpected reply from the scheduler to `paused`"),
+            Err(e) if self.paused.heard().is_some() => {
+                info!(reason = %e, "cannot ask the scheduler which queues are paused: going by those heard last")
+            }
+            Err(e) => warn!(reason = %e,
+                "cannot ask the scheduler which queues are paused, and this agent never heard them: \
+                 taking jobs from all its queues until the scheduler says"),
+        }
+    }
+
+    /// The jobs queues (their full names) of this agent that are paused.
+    fn paused_queues(&self) -> BTreeSet<String> {
+        self.cfg
+            .queues
+            .iter()
+            .filter(|q| self.paused.contains(q))
+            .map(|q| self.names.jobs_queue(q))
+            .collect()
+    }
+
+    /// Stops consuming the queues paused now, and consumes those resumed again.
+    async fn follow_pauses(&self, jobs: &Consumer) {
+        let paused = self.paused_queues();
+        let mut now = BTreeSet::new();
+        let mut resumed = BTreeSet::new();
+        for queue in self.cfg.queues.iter().map(|q| self.names.jobs_queue(q)) {
+            if paused.contains(&queue) {
+                if jobs.pause(&queue).await {
+                    now.insert(queue);
+                }
+            } else if jobs.resume(&queue) {
+                resumed.insert(queue);
+            }
+        }
+        self.say_paused(&now, &resumed);
+    }
+
+    fn say_paused(&self, paused: &BTreeSet<String>, resumed: &BTreeSet<String>) {
+        for queue in paused {
+            info!(queue = %queue, running = self.running_ids().len(),
+                "queue paused: taking none of its jobs (running ones finish, the others go back to RabbitMQ)");
+        }
+        for queue in resumed {
+            info!(queue = %queue, "queue resumed: taking its jobs again");
         }
     }
 

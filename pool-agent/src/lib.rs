@@ -14,6 +14,7 @@ mod fit;
 mod intake;
 mod metrics;
 pub mod outbox;
+mod paused;
 pub mod pool;
 pub mod process;
 mod results;

@@ -11,11 +11,17 @@ use prometheus_client::metrics::gauge::Gauge;
 use rota_common::metrics::{JobCounter, Metrics};
 
 use crate::outbox::Outbox;
+use crate::paused::Paused;
 use crate::pool::Pool;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Queue {
+    queue: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,8 +102,15 @@ impl AgentMetrics {
             .inc();
     }
 
-    /// Registers the gauges of the pool and the outbox, read at each scrape.
-    pub fn watch(&self, pool: Pool, outbox: Outbox) {
+    /// Registers the gauges of the pool, the outbox and the paused queues among `queues`,
+    /// read at each scrape.
+    pub fn watch(&self, pool: Pool, outbox: Outbox, paused: Paused, queues: Vec<String>) {
+        let paused_queues = Family::<Queue, Gauge>::default();
+        self.shared.register(
+            "queue_paused",
+            "1 while the queue is paused (this agent takes none of its jobs), else 0",
+            paused_queues.clone(),
+        );
         let workers = Family::<WorkerState, Gauge>::default();
         let max = Gauge::<i64>::default();
         let held = Gauge::<i64>::default();
@@ -137,6 +150,12 @@ impl AgentMetrics {
                 .map(|t| (chrono::Utc::now() - t).as_seconds_f64().max(0.0))
                 .unwrap_or(0.0);
             oldest.set(age);
+            for queue in &queues {
+                let gauge = paused_queues.get_or_create(&Queue {
+                    queue: queue.clone(),
+                });
+                gauge.set(i64::from(paused.contains(queue)));
+            }
         });
     }
 }

@@ -85,6 +85,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pauses a queue: every pool agent stops taking its jobs (running ones finish), which
+    /// wait in RabbitMQ until `resume`. Survives restarts; pausing a paused queue is no error.
+    Pause {
+        queue: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resumes a paused queue: agents take its jobs again.
+    Resume {
+        queue: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs a job that ended without success (dead, failed, …) once more, as a new attempt.
     Retry {
         uuid: JobId,
@@ -386,6 +399,8 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
             print(json, &agents, || print_agents(&agents))?;
             ExitCode::SUCCESS
         }
+        Command::Pause { queue, json } => pause(&client, queue, true, json).await?,
+        Command::Resume { queue, json } => pause(&client, queue, false, json).await?,
         Command::Retry { uuid, json } => {
             let RpcReply::Job { job } = client.call(&RpcRequest::Retry { uuid }).await? else {
                 bail!("unexpected reply from the scheduler");
@@ -402,6 +417,52 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
     };
     client.close().await;
     Ok(code)
+}
+
+/// Pauses or resumes a queue, and says what changed.
+async fn pause(
+    client: &Client,
+    queue: String,
+    pause: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let request = if pause {
+        RpcRequest::Pause {
+            queue: queue.clone(),
+        }
+    } else {
+        RpcRequest::Resume {
+            queue: queue.clone(),
+        }
+    };
+    let RpcReply::Paused {
+        queues, changed, ..
+    } = client.call(&request).await?
+    else {
+        bail!("unexpected reply from the scheduler");
+    };
+    let reply = serde_json::json!({"queue": queue, "paused": pause, "changed": changed, "paused_queues": queues});
+    print(json, &reply, || {
+        match (pause, changed) {
+            (true, true) => println!(
+                "queue {queue} paused: agents take none of its jobs until `scheduler resume {queue}`"
+            ),
+            (true, false) => println!("queue {queue} was paused already"),
+            (false, true) => println!("queue {queue} resumed"),
+            (false, false) => println!("queue {queue} was not paused"),
+        }
+        println!("paused queues: {}", listed(&queues));
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Names separated by commas, or `none`.
+fn listed(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(",")
+    }
 }
 
 /// Log lines asked for per page (the scheduler also keeps each page under its byte budget).
@@ -678,9 +739,11 @@ fn print_jobs(jobs: &[JobRecord]) {
     }
 }
 
+/// The parts, and the queues each one pauses: for the scheduler every paused queue, for an
+/// agent those of its queues it takes no job from.
 fn print_agents(agents: &[AgentInfo]) {
     println!(
-        "{:<9}  {:<20}  {:<16}  {:>7}  {:<5}  {:<20}  {:<16}  {:>7}  {:>11}",
+        "{:<9}  {:<20}  {:<16}  {:>7}  {:<5}  {:<20}  {:<16}  {:>7}  {:>11}  PAUSED",
         "ROLE", "ID", "HOST", "PID", "ALIVE", "LAST SEEN", "POOL", "RUNNING", "UNRECEIPTED"
     );
     for a in agents {
@@ -691,8 +754,9 @@ fn print_agents(agents: &[AgentInfo]) {
             .map(|p| format!("{} {}/{}", p.location, p.busy, p.max))
             .collect::<Vec<_>>()
             .join(" ");
+        let paused = hb.paused.as_ref().map_or(&[][..], |p| &p.queues[..]);
         println!(
-            "{:<9}  {:<20}  {:<16}  {:>7}  {:<5}  {:<20}  {:<16}  {:>7}  {:>11}",
+            "{:<9}  {:<20}  {:<16}  {:>7}  {:<5}  {:<20}  {:<16}  {:>7}  {:>11}  {}",
             if hb.role == Role::Scheduler {
                 "scheduler"
             } else {
@@ -705,7 +769,8 @@ fn print_agents(agents: &[AgentInfo]) {
             a.last_seen.format("%Y-%m-%d %H:%M:%S"),
             pool,
             hb.running.len(),
-            hb.unreceipted
+            hb.unreceipted,
+            listed(paused)
         );
     }
 }

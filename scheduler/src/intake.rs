@@ -129,10 +129,10 @@ pub fn sender(
 }
 
 /// Who may send `request`: producers and schedulers; agents too for what their Work does,
-/// submitting child jobs and asking about a job.
+/// submitting child jobs and asking about a job, and to ask for the paused queues.
 pub fn rpc_senders(request: &RpcRequest) -> &'static [UserRole] {
     match request {
-        RpcRequest::Submit { .. } | RpcRequest::Status { .. } => {
+        RpcRequest::Submit { .. } | RpcRequest::Status { .. } | RpcRequest::Paused => {
             &[UserRole::Producer, UserRole::Scheduler, UserRole::Agent]
         }
         _ => &[UserRole::Producer, UserRole::Scheduler],

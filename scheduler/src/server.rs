@@ -30,8 +30,8 @@ use rota_common::names::DEFAULT_QUEUE;
 use rota_common::roles::UserRole;
 use rota_common::wire::{
     AgentId, AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord,
-    JobResult, JobState, MAX_RECEIPTS, Role, RpcReply, RpcRequest, Run, ScheduleInfo, ScheduleSpec,
-    Status,
+    JobResult, JobState, MAX_RECEIPTS, PausedQueues, Role, RpcReply, RpcRequest, Run, ScheduleInfo,
+    ScheduleSpec, Status,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -176,6 +176,12 @@ pub async fn run(
         "Jobs submitted by each cron schedule",
         fires.clone(),
     );
+    let paused = Family::<QueueLabel, Gauge>::default();
+    metrics.register(
+        "queue_paused",
+        "1 while the queue is paused (scheduler pause), 0 once resumed",
+        paused.clone(),
+    );
     let stop_http = CancellationToken::new();
     let _stop_http = stop_http.clone().drop_guard();
     if let Some(addr) = cfg.http_addr {
@@ -237,6 +243,7 @@ pub async fn run(
         agents: Agents::default(),
         jobs,
         fires,
+        paused,
         dropped,
         clock: tokio::sync::Notify::new(),
         grace: cfg.schedule_grace,
@@ -260,6 +267,9 @@ pub async fn run(
             .filter(|a| a.alive && a.heartbeat.role == Role::Agent);
         alive.set(alive_agents.count() as i64);
     });
+    for queue in sched.store.paused()?.queues {
+        sched.paused.get_or_create(&QueueLabel { queue }).set(1);
+    }
     sched.declare_schedules(&cfg.schedules).await?;
     // Before taking new submissions: what an earlier run recorded but could not queue.
     sched.publish_unpublished(Duration::ZERO).await;
@@ -309,12 +319,14 @@ pub async fn run(
     );
     tasks.spawn(sched.clone().clock(stop.clone()));
     let beat = Heartbeat::starting(Role::Scheduler, "scheduler", cfg.heartbeat_interval);
+    let beating = sched.clone();
     tasks.spawn(rota_common::heartbeat::run(
         broker.clone(),
         names.clone(),
         beat,
         stop.clone(),
-        |_| {},
+        // For `scheduler agents`, beside what each agent heard.
+        move |hb| hb.paused = beating.store.paused().ok(),
     ));
     health.started(true);
     info!(namespace = names.namespace(), data_dir = %dir.display(), jobs = sched.store.len(), "scheduler ready");
@@ -342,7 +354,14 @@ fn writes(request: &RpcRequest) -> bool {
             | RpcRequest::List { .. }
             | RpcRequest::Agents
             | RpcRequest::ScheduleList
+            | RpcRequest::Paused
     )
+}
+
+/// The label of `rota_queue_paused`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
 }
 
 /// The label of `rota_schedule_fires_total`.
@@ -386,6 +405,8 @@ struct Scheduler {
     jobs: JobCounter,
     /// Jobs submitted by each schedule, for the metrics.
     fires: Family<ScheduleLabel, Counter>,
+    /// Whether each queue paused once is paused now, for the metrics.
+    paused: Family<QueueLabel, Gauge>,
     /// Messages not taken, for the metrics.
     dropped: Dropped,
     /// Wakes the clock: something was scheduled that may be due before its next wake-up.
@@ -933,7 +954,11 @@ impl Scheduler {
                 }
             }
         };
-        if cancel && let Err(e) = self.tell_agents_to_cancel(event.uuid).await {
+        if cancel
+            && let Err(e) = self
+                .tell_agents(&AgentMessage::Cancel { uuid: event.uuid })
+                .await
+        {
             warn!(job_id = %event.uuid, error = %e, "cannot repeat a cancel request");
         }
         d.ack().await;
@@ -945,13 +970,44 @@ impl Scheduler {
             self.sent_by(&d, "heartbeat", senders).map(|()| hb)
         });
         match heard {
-            Ok(hb) => self.agents.heard(hb),
+            Ok(hb) => {
+                self.tell_if_behind(&hb).await;
+                self.agents.heard(hb);
+            }
             Err(refused) => {
                 warn!(reason = %refused, "ignoring a heartbeat");
                 self.dropped.count(Input::Heartbeat, refused.reason);
             }
         }
         d.ack().await;
+    }
+
+    /// Tells an agent whose heartbeat shows an older set of paused queues than the store's
+    /// (it missed a change) the set again, on its own queue; and one that never heard any
+    /// (none was paused when it started, or no scheduler ran) once some queue is paused. An
+    /// agent of a version before pauses, which says nothing of them, is told too: it logs the
+    /// message it cannot read, at each heartbeat while a queue is paused.
+    async fn tell_if_behind(&self, hb: &Heartbeat) {
+        if hb.role != Role::Agent || AgentId::new(&hb.id).is_err() {
+            return;
+        }
+        let Ok(paused) = self.store.paused() else {
+            return;
+        };
+        let behind = match &hb.paused {
+            Some(heard) => heard.version < paused.version,
+            None => !paused.queues.is_empty(),
+        };
+        if !behind {
+            return;
+        }
+        debug!(agent = %hb.id, version = paused.version, "telling an agent the paused queues again");
+        if let Ok(body) = serde_json::to_vec(&AgentMessage::Paused(paused)) {
+            let queue = self.names.agent_queue(&hb.id);
+            self.broker
+                .notify("", &queue, &body, &Props::default())
+                .await;
+        }
     }
 
     async fn on_rpc(&self, d: Delivery) {
@@ -1171,6 +1227,42 @@ impl Scheduler {
                     job: Box::new(record),
                 }
             }
+            RpcRequest::Pause { queue } => self.pause(queue, true).await?,
+            RpcRequest::Resume { queue } => self.pause(queue, false).await?,
+            RpcRequest::Paused => {
+                let PausedQueues { version, queues } = self.store.paused()?;
+                RpcReply::Paused {
+                    version,
+                    queues,
+                    changed: false,
+                }
+            }
+        })
+    }
+
+    /// Pauses `queue` (or resumes it): stores it, then tells every agent. An agent that does
+    /// not hear it (not started yet, its queue gone) is told again when its heartbeat shows it
+    /// behind (see [`Scheduler::on_heartbeat`]).
+    async fn pause(&self, queue: String, pause: bool) -> anyhow::Result<RpcReply> {
+        let (paused, changed) = self.store.set_paused(&queue, pause).await?;
+        self.paused
+            .get_or_create(&QueueLabel {
+                queue: queue.clone(),
+            })
+            .set(i64::from(pause));
+        if changed {
+            info!(queue = %queue, version = paused.version, "queue {}", if pause { "paused" } else { "resumed" });
+            if let Err(e) = self
+                .tell_agents(&AgentMessage::Paused(paused.clone()))
+                .await
+            {
+                warn!(queue = %queue, error = %e, "cannot tell the agents now; each is told at its next heartbeat");
+            }
+        }
+        Ok(RpcReply::Paused {
+            version: paused.version,
+            queues: paused.queues,
+            changed,
         })
     }
 
@@ -1385,19 +1477,21 @@ impl Scheduler {
         }
         let record = self.store.request_cancel(uuid, &record)?;
         self.store.flush().await?;
-        self.tell_agents_to_cancel(uuid).await?;
+        self.tell_agents(&AgentMessage::Cancel { uuid }).await?;
         info!(job_id = %uuid, "cancel requested");
         Ok(record)
     }
 
-    async fn tell_agents_to_cancel(&self, uuid: JobId) -> anyhow::Result<()> {
-        let body = serde_json::to_vec(&AgentMessage::Cancel { uuid })?;
+    /// Publishes `message` to every agent's queue (the control exchange).
+    async fn tell_agents(&self, message: &AgentMessage) -> anyhow::Result<()> {
+        let body = serde_json::to_vec(message)?;
         match self
             .broker
             .publish(&self.names.control(), "", &body, &Props::default())
             .await
         {
-            // No agent has ever bound its queue: nothing runs the job yet; its start repeats this.
+            // No agent has ever bound its queue: a cancelled job's start repeats the cancel, and
+            // a new agent asks for the paused queues.
             Ok(()) | Err(BrokerError::Unroutable { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }

@@ -2,7 +2,7 @@
 //! job's record, every result (with its logs), the jobs recorded but not yet confirmed by
 //! RabbitMQ, an index by creation time for listing, and what the scheduler's clock needs: the
 //! schedules, the timers of held jobs (delayed jobs and retries), the unique keys of unfinished
-//! jobs and the children of each job.
+//! jobs, the children of each job and the paused queues.
 //!
 //! Every change is one fjall single-writer transaction, across keyspaces: one write
 //! transaction at a time (a lock is held from its start to its commit), which reads what was
@@ -31,7 +31,7 @@ use fjall::{
 use rota_common::group_commit::GroupCommit;
 use rota_common::wire::{
     AgentId, Attempt, ErrorInfo, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine,
-    ScheduleInfo, Status,
+    PausedQueues, ScheduleInfo, Status,
 };
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +118,8 @@ struct Trees {
     schedules: Keyspace,
     /// One key, rewritten by [`Store::probe`] to learn whether the store writes again.
     probe: Keyspace,
+    /// One key, [`PAUSED`] → the paused queues ([`PausedQueues`])
+    paused: Keyspace,
     /// Makes the journal durable for every writer at once; last, so that the keyspaces are
     /// gone when its thread, which owns a handle on the database, ends.
     durable: GroupCommit,
@@ -127,7 +129,7 @@ type Keyspace = SingleWriterTxKeyspace;
 type WriteTx<'a> = SingleWriterWriteTx<'a>;
 
 /// The keyspaces, by name: the trees of a sled store, too.
-const KEYSPACES: [&str; 9] = [
+const KEYSPACES: [&str; 10] = [
     "jobs",
     "results",
     "unpublished",
@@ -137,7 +139,11 @@ const KEYSPACES: [&str; 9] = [
     "children",
     "schedules",
     "probe",
+    "paused",
 ];
+
+/// The key of the paused queues in their keyspace.
+const PAUSED: &str = "queues";
 
 /// The least the journal may hold before fjall writes its memtables out (fjall's minimum).
 const JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
@@ -196,6 +202,7 @@ impl Trees {
             children: open("children")?,
             schedules: open("schedules")?,
             probe: open("probe")?,
+            paused: open("paused")?,
             durable: {
                 let db = db.clone();
                 let failed = |e: fjall::Error| format!("cannot sync the store's journal: {e}");
@@ -231,9 +238,15 @@ impl Trees {
             "children" => &self.children,
             "schedules" => &self.schedules,
             "probe" => &self.probe,
+            "paused" => &self.paused,
             _ => return None,
         })
     }
+}
+
+/// Now, in milliseconds since 1970: the version of a change of the paused queues.
+fn now_ms() -> u64 {
+    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
 }
 
 /// Moves a sled store left in `path` by an older version to fjall, once: every tree is
@@ -636,6 +649,16 @@ impl Store {
         let path = dir.join("store");
         migrate_from_sled(&path)?;
         let trees = Trees::open(&path, cache_bytes)?;
+        if trees.paused.get(PAUSED)?.is_none() {
+            // A new store's set is newer than any an agent kept from an earlier one.
+            let first = PausedQueues {
+                version: now_ms(),
+                queues: Vec::new(),
+            };
+            let mut tx = trees.db.write_tx();
+            tx.insert(&trees.paused, PAUSED, serde_json::to_vec(&first)?);
+            tx.commit()?;
+        }
         Ok(Self {
             db: Arc::new(RwLock::new(Some(Arc::new(trees)))),
             path,
@@ -1001,6 +1024,55 @@ impl Store {
         };
         self.flush().await?;
         Ok(out)
+    }
+
+    /// The paused queues.
+    pub fn paused(&self) -> anyhow::Result<PausedQueues> {
+        let t = self.trees()?;
+        let bytes = t
+            .paused
+            .get(PAUSED)?
+            .context("the paused queues are missing")?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    /// Pauses `queue` (`pause`), or resumes it, durably; returns the paused queues and
+    /// whether they changed (a new version).
+    pub async fn set_paused(
+        &self,
+        queue: &str,
+        pause: bool,
+    ) -> anyhow::Result<(PausedQueues, bool)> {
+        let t = self.trees()?;
+        // The transaction (its lock) ends before the flush is awaited.
+        let (paused, changed) = {
+            let mut tx = t.db.write_tx();
+            let bytes = tx
+                .get(&t.paused, PAUSED)?
+                .context("the paused queues are missing")?;
+            let mut paused: PausedQueues = serde_json::from_slice(&bytes)?;
+            let was = paused.contains(queue);
+            if was == pause {
+                return Ok((paused, false));
+            }
+            anyhow::ensure!(
+                !pause || paused.queues.len() < rota_common::wire::MAX_PAUSED,
+                "{} queues are paused already, the most there may be: resume some first",
+                paused.queues.len()
+            );
+            if pause {
+                paused.queues.push(queue.to_owned());
+                paused.queues.sort();
+            } else {
+                paused.queues.retain(|q| q != queue);
+            }
+            paused.version = now_ms().max(paused.version + 1);
+            tx.insert(&t.paused, PAUSED, serde_json::to_vec(&paused)?);
+            tx.commit()?;
+            (paused, true)
+        };
+        self.flush().await?;
+        Ok((paused, changed))
     }
 
     /// Removes the finished jobs last changed before `cutoff`: their records, results and
@@ -1709,6 +1781,29 @@ mod tests {
         assert!(matches!(recorded, Recorded::New(_)));
         store.flush().await.expect("flushes");
         assert!(store.get(job.uuid.expect("uuid")).expect("reads").is_some());
+    }
+
+    /// Pausing twice or resuming what is not paused changes nothing; each change has a higher
+    /// version, and the set survives a reopen.
+    #[tokio::test]
+    async fn paused_queues_change_once_and_are_kept() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open(&dir);
+        let first = store.paused().expect("reads");
+        assert!(first.queues.is_empty() && first.version > 0);
+        let (paused, changed) = store.set_paused("mail", true).await.expect("pauses");
+        assert!(changed && paused.version > first.version);
+        assert_eq!(paused.queues, ["mail"]);
+        let (again, changed) = store.set_paused("mail", true).await.expect("pauses");
+        assert!(!changed);
+        assert_eq!(again, paused);
+        let (_, changed) = store.set_paused("other", false).await.expect("resumes");
+        assert!(!changed);
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.paused().expect("reads"), paused);
+        let (resumed, changed) = store.set_paused("mail", false).await.expect("resumes");
+        assert!(changed && resumed.version > paused.version && resumed.queues.is_empty());
     }
 
     fn open(dir: &tempfile::TempDir) -> Store {
