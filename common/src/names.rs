@@ -111,6 +111,12 @@ impl Names {
     pub fn rpc(&self) -> String {
         format!("{}.rpc", self.ns)
     }
+    /// Durable queue of jobs handed to the scheduler by the agent that received them: jobs
+    /// published straight to the jobs exchange with an option only the scheduler applies
+    /// (see [`crate::wire::Job::needs_admission`]).
+    pub fn admit(&self) -> String {
+        format!("{}.admit", self.ns)
+    }
     /// Durable queue of one pool agent: receipts and control messages.
     pub fn agent_queue(&self, agent: &str) -> String {
         format!("{}.agent.{agent}", self.ns)
