@@ -3,6 +3,7 @@
 //! may not run as they are to the scheduler); deadlines (`expires_at`, `ttl_s`); unique-key
 //! windows (`unique_for_s`) and debounce (`debounce_s`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -23,6 +24,24 @@ async fn ended(events: &mut rota_common::client::Events, uuid: JobId) -> Event {
         }
     })
     .await
+}
+
+/// The `job.finished` events that end each of `ids`, in whatever order they come.
+async fn all_ended(
+    events: &mut rota_common::client::Events,
+    ids: &[JobId],
+) -> HashMap<JobId, Event> {
+    let mut out = HashMap::new();
+    within(MINUTE, "the jobs to end", async {
+        while out.len() < ids.len() {
+            let e = events.next().await.expect("events keep coming");
+            if ids.contains(&e.uuid) && e.state.is_some_and(JobState::is_final) {
+                out.insert(e.uuid, e);
+            }
+        }
+    })
+    .await;
+    out
 }
 
 async fn status(sys: &System, uuid: JobId) -> JobRecord {
@@ -145,11 +164,12 @@ async fn an_expired_queued_job_ends_expired_without_running_and_one_in_time_runs
     in_time.expires_at = Some(Utc::now() + chrono::Duration::hours(1));
     let in_time = sys.client.publish_job(in_time).await.expect("published");
 
-    let event = ended(&mut finished, late).await;
+    let events = all_ended(&mut finished, &[late, in_time]).await;
     assert_eq!(
-        (event.status, event.state),
+        (events[&late].status, events[&late].state),
         (Some(Status::Expired), Some(JobState::Expired))
     );
+    assert_eq!(events[&in_time].state, Some(JobState::Succeeded));
     let record = status(&sys, late).await;
     let error = record.attempts[0].error.clone().expect("a reason");
     assert_eq!(error.kind, "expired");
@@ -159,8 +179,6 @@ async fn an_expired_queued_job_ends_expired_without_running_and_one_in_time_runs
         "{}",
         error.message
     );
-    let event = ended(&mut finished, in_time).await;
-    assert_eq!(event.state, Some(JobState::Succeeded));
 
     let before = Utc::now();
     let mut ttl = Job::new("demo.echo", json!({}));
@@ -275,8 +293,9 @@ async fn debounce_runs_only_the_last_of_three_quick_submissions() {
         assert_eq!(record.state, JobState::Scheduled);
         ids.push(record.uuid);
     }
+    let events = all_ended(&mut finished, &ids).await;
     for (i, uuid) in ids.iter().take(2).enumerate() {
-        let event = ended(&mut finished, *uuid).await;
+        let event = &events[uuid];
         assert_eq!(
             (event.status, event.state),
             (None, Some(JobState::Superseded))
@@ -285,8 +304,7 @@ async fn debounce_runs_only_the_last_of_three_quick_submissions() {
         assert_eq!(record.superseded_by, Some(ids[i + 1]));
         assert!(record.attempts.is_empty(), "never ran");
     }
-    let event = ended(&mut finished, ids[2]).await;
-    assert_eq!(event.state, Some(JobState::Succeeded));
+    assert_eq!(events[&ids[2]].state, Some(JobState::Succeeded));
     let record = status(&sys, ids[2]).await;
     assert_eq!(record.attempts[0].output, json!({ "i": 2 }));
 }
