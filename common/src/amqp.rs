@@ -156,7 +156,7 @@ impl QueueSpec {
 
 impl Topology {
     /// What every part shares: the jobs, dead-letter, results, heartbeats and events
-    /// exchanges and queues, the RPC queue and the queue of jobs handed over for admission.
+    /// exchanges and queues, and the RPC queue.
     pub fn core(names: &Names) -> Self {
         let mut t = Topology::default();
         t.exchange(&names.jobs_exchange(), ExchangeType::Direct)
@@ -167,8 +167,7 @@ impl Topology {
             .queue(QueueSpec::replicated(names.dead(), names))
             .bind(&names.dead(), &names.dead(), "")
             .queue(QueueSpec::replicated(names.results(), names))
-            .queue(QueueSpec::replicated(names.rpc(), names))
-            .queue(QueueSpec::replicated(names.admit(), names));
+            .queue(QueueSpec::replicated(names.rpc(), names));
         t
     }
 

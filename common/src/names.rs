@@ -113,7 +113,8 @@ impl Names {
     }
     /// Durable queue of jobs handed to the scheduler by the agent that received them: jobs
     /// published straight to the jobs exchange with an option only the scheduler applies
-    /// (see [`crate::wire::Job::needs_admission`]).
+    /// (see [`crate::wire::Job::needs_admission`]). The scheduler declares it; agents publish
+    /// to it through the default exchange, which needs no permission on the queue.
     pub fn admit(&self) -> String {
         format!("{}.admit", self.ns)
     }

@@ -27,7 +27,7 @@ pub struct Permissions {
 pub fn permissions(role: UserRole, namespaces: &str) -> Permissions {
     let ns = format!("(?:{namespaces})");
     // Names every part declares (Topology::core): exchanges and queues alike.
-    let core = format!("^{ns}\\.(jobs|dead|heartbeats|events|control|results|rpc|admit)$");
+    let core = format!("^{ns}\\.(jobs|dead|heartbeats|events|control|results|rpc)$");
     let jobs = format!("^{ns}\\.jobs\\..+$");
     let agents = format!("^{ns}\\.agent\\..+$");
     // A process's own auto-deleted queues: replies, and event and heartbeat listeners.
@@ -299,7 +299,6 @@ mod tests {
             n.control(),
             n.results(),
             n.rpc(),
-            n.admit(),
         ];
         for name in &core {
             for perms in [&producer, &agent, &scheduler] {
@@ -336,13 +335,7 @@ mod tests {
         for name in ["amq.default", &n.events(), &n.heartbeats(), &n.dead()] {
             assert!(grants(&agent.write, name), "{name}");
         }
-        for name in [
-            &n.rpc(),
-            &n.results(),
-            &n.scheduler_events(),
-            &n.events(),
-            &n.admit(),
-        ] {
+        for name in [&n.rpc(), &n.results(), &n.scheduler_events(), &n.events()] {
             assert!(!grants(&agent.read, name), "an agent reads {name}");
         }
         assert!(!grants(&agent.write, &n.jobs_exchange()));

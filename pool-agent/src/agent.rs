@@ -428,8 +428,9 @@ impl Agent {
     /// Hands a job published straight to the jobs exchange with an option that only the
     /// scheduler applies ([`Job::needs_admission`]) to the scheduler's admission queue,
     /// confirmed, then acks it; the scheduler records it as if submitted and publishes it when
-    /// it may run. Not confirmed, the job goes back to RabbitMQ. Killed in between, the job
-    /// comes again and is handed over again: the scheduler records it once, by its uuid.
+    /// it may run. Not confirmed (or no scheduler ever declared the queue), the job goes back
+    /// to RabbitMQ. Killed in between, the job comes again and is handed over again: the
+    /// scheduler records it once, by its uuid.
     async fn hand_over(&self, d: Delivery, Admitted { job, uuid, .. }: &Admitted) {
         let props = Props {
             message_id: Some(uuid.to_string()),
@@ -449,7 +450,9 @@ impl Agent {
                 d.ack().await;
             }
             Err(e) => {
-                warn!(job_id = %uuid, error = %e, "cannot hand the job over to the scheduler; handing it back to RabbitMQ");
+                warn!(job_id = %uuid, error = %e, "cannot hand the job over to the scheduler (its queue {} exists once a scheduler has started); handing it back to RabbitMQ in a second", self.names.admit());
+                // Not at once: the next delivery of it would most likely fail the same way.
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 d.requeue().await;
             }
         }

@@ -205,6 +205,7 @@ pub async fn run(
     let mut topology = Topology::core(&names);
     topology
         .jobs_queue(&names, DEFAULT_QUEUE)
+        .queue(QueueSpec::replicated(names.admit(), &names))
         .queue(QueueSpec {
             max_length: Some(100_000),
             ..QueueSpec::replicated(events_queue.clone(), &names)
