@@ -177,10 +177,11 @@ pub struct Job {
     /// How long the Work may run; the agent's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
-    /// How many attempts the scheduler allows (retries).
+    /// How many attempts the scheduler allows (retries), however the job arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
-    /// Held by the scheduler until this time.
+    /// Held by the scheduler until this time (a job published straight to the jobs exchange
+    /// is handed to the scheduler by the agent that receives it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_at: Option<DateTime<Utc>>,
     /// 1 for the first run, counted up by retries.
@@ -192,8 +193,10 @@ pub struct Job {
     /// Free-form labels for people and dashboards.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// While a job with this key is scheduled, queued or running, submitting another one with
-    /// the same key returns that job instead (enforced by the scheduler's `submit`).
+    /// While a job with this key is scheduled, queued or running (and for its `unique_for_s`
+    /// after), another one with the same key is not recorded: `submit` returns that job
+    /// instead (enforced by the scheduler, which sees a job published straight to the jobs
+    /// exchange with a key before it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique_key: Option<String>,
     /// The delay before the first retry, in milliseconds; it doubles with each attempt

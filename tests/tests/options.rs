@@ -332,3 +332,30 @@ async fn a_debounced_job_held_across_a_scheduler_restart_runs() {
     let record = status(&sys, record.uuid).await;
     assert_eq!(record.attempts.len(), 1);
 }
+
+/// A job handed over while no scheduler runs waits in `rota.admit` (which the first scheduler
+/// declared) and is held, then run once, by the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_handed_over_while_the_scheduler_is_down_runs_once_it_is_back() {
+    let sys = System::new().await;
+    let mut scheduler = sys.scheduler();
+    let _agent = sys.agent("a1", &[]);
+    sys.ready(true, &["a1"]).await;
+    scheduler.kill().await;
+    let mut finished = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
+    let at = Utc::now() + chrono::Duration::seconds(1);
+    let mut job = Job::new("demo.echo", json!({}));
+    job.run_at = Some(at);
+    job.unique_key = Some("nightly".into());
+    let uuid = sys.client.publish_job(job).await.expect("published");
+    let _scheduler = sys.scheduler();
+    let event = ended(&mut finished, uuid).await;
+    assert_eq!(event.state, Some(JobState::Succeeded));
+    let record = status(&sys, uuid).await;
+    assert_eq!(record.attempts.len(), 1, "run once");
+    assert!(record.attempts[0].started_at.expect("started") >= at);
+}
