@@ -382,6 +382,24 @@ mod tests {
     }
 
     #[test]
+    fn a_job_handed_over_must_be_valid_and_carry_its_uuid() {
+        let uuid = uuid::Uuid::new_v4();
+        let ok = format!(r#"{{"type":"demo.echo","uuid":"{uuid}","unique_key":"k"}}"#);
+        assert!(admission(ok.as_bytes()).is_ok());
+        for body in [
+            r#"{"type":"demo.echo","unique_key":"k"}"#.to_owned(),
+            format!(r#"{{"type":"demo.echo","uuid":"{uuid}","debounce_s":5}}"#),
+            "garbage".to_owned(),
+        ] {
+            assert_eq!(
+                admission(body.as_bytes()).map_err(|e| e.reason).err(),
+                Some(Reason::Invalid),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
     fn a_group_of_results_refuses_only_its_bad_entries() {
         let result = |uuid: uuid::Uuid, attempt: &str| result_of(uuid, uuid, attempt);
         let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
