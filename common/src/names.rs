@@ -111,6 +111,13 @@ impl Names {
     pub fn rpc(&self) -> String {
         format!("{}.rpc", self.ns)
     }
+    /// Durable queue of jobs handed to the scheduler by the agent that received them: jobs
+    /// published straight to the jobs exchange with an option only the scheduler applies
+    /// (see [`crate::wire::Job::needs_admission`]). The scheduler declares it; agents publish
+    /// to it through the default exchange, which needs no permission on the queue.
+    pub fn admit(&self) -> String {
+        format!("{}.admit", self.ns)
+    }
     /// Durable queue of one pool agent: receipts and control messages.
     pub fn agent_queue(&self, agent: &str) -> String {
         format!("{}.agent.{agent}", self.ns)

@@ -23,6 +23,11 @@ use uuid::Uuid;
 
 use crate::names::{DEFAULT_QUEUE, check_name};
 
+/// The header the scheduler sets on each job it publishes: the job was accepted by the
+/// scheduler (held, deduplicated, given its deadline), and runs as it is. Believed only from
+/// a scheduler's broker user.
+pub const ADMITTED_HEADER: &str = "x-rota-admitted";
+
 /// The largest priority a job may carry (the jobs queues are declared with it).
 pub const MAX_PRIORITY: u8 = 9;
 
@@ -172,10 +177,11 @@ pub struct Job {
     /// How long the Work may run; the agent's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
-    /// How many attempts the scheduler allows (retries).
+    /// How many attempts the scheduler allows (retries), however the job arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
-    /// Held by the scheduler until this time.
+    /// Held by the scheduler until this time (a job published straight to the jobs exchange
+    /// is handed to the scheduler by the agent that receives it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_at: Option<DateTime<Utc>>,
     /// 1 for the first run, counted up by retries.
@@ -187,8 +193,10 @@ pub struct Job {
     /// Free-form labels for people and dashboards.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// While a job with this key is scheduled, queued or running, submitting another one with
-    /// the same key returns that job instead (enforced by the scheduler's `submit`).
+    /// While a job with this key is scheduled, queued or running (and for its `unique_for_s`
+    /// after), another one with the same key is not recorded: `submit` returns that job
+    /// instead (enforced by the scheduler, which sees a job published straight to the jobs
+    /// exchange with a key before it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique_key: Option<String>,
     /// The delay before the first retry, in milliseconds; it doubles with each attempt
@@ -198,6 +206,23 @@ pub struct Job {
     /// The schedule that fired this job (its `run_at` is the instant it fired for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
+    /// The job's deadline: not started by then, it ends `expired` without running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// A deadline this many seconds after the scheduler accepts the job (its `submit`, or
+    /// the hand-over of a job published straight to the jobs exchange); the earlier of the
+    /// two when `expires_at` is given too. The scheduler writes the deadline in `expires_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
+    /// With `unique_key`: the key stays held this many seconds after the job ends, so that
+    /// another job with it is not accepted before ("not more than once per hour").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_for_s: Option<u64>,
+    /// With `unique_key`: the job is held this many seconds; a newer job with the same key
+    /// submitted meanwhile replaces it (it ends `superseded`) and is held in turn, so only
+    /// the last of a burst runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debounce_s: Option<u64>,
 }
 
 fn first_attempt() -> u32 {
@@ -222,6 +247,10 @@ impl Job {
             unique_key: None,
             backoff_ms: None,
             schedule: None,
+            expires_at: None,
+            ttl_s: None,
+            unique_for_s: None,
+            debounce_s: None,
         }
     }
 
@@ -276,7 +305,42 @@ impl Job {
         {
             return Err("unique_key must be 1 to 256 characters".into());
         }
+        for (field, value) in [
+            ("ttl_s", self.ttl_s),
+            ("unique_for_s", self.unique_for_s),
+            ("debounce_s", self.debounce_s),
+        ] {
+            match value {
+                Some(0) => return Err(format!("{field} must be 1 or more")),
+                Some(s) if s > MAX_TIMEOUT_S => {
+                    return Err(format!(
+                        "{field} {s} is out of range: at most {MAX_TIMEOUT_S} (a year)"
+                    ));
+                }
+                Some(_) if field != "ttl_s" && self.unique_key.is_none() => {
+                    return Err(format!(
+                        "{field} needs a unique_key: the key that the window applies to"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.unique_for_s.is_some() && self.debounce_s.is_some() {
+            return Err(
+                "unique_for_s and debounce_s contradict each other: the first keeps the first \
+                 job of a window, the second the last; use one"
+                    .into(),
+            );
+        }
         Ok(())
+    }
+
+    /// Whether the scheduler must see this job before it runs (at `now`): it is held until a
+    /// later `run_at`, deduplicated by its `unique_key`, or given its deadline by `ttl_s`. An
+    /// agent hands such a job, published straight to the jobs exchange, to the scheduler
+    /// unless the scheduler published it (header [`ADMITTED_HEADER`]).
+    pub fn needs_admission(&self, now: DateTime<Utc>) -> bool {
+        self.run_at.is_some_and(|at| at > now) || self.unique_key.is_some() || self.ttl_s.is_some()
     }
 
     pub fn queue_name(&self) -> &str {
@@ -294,6 +358,8 @@ pub enum Status {
     TimedOut,
     Cancelled,
     Rejected,
+    /// Not started by its deadline (`expires_at`): it did not run.
+    Expired,
 }
 
 impl Status {
@@ -305,6 +371,7 @@ impl Status {
             Status::TimedOut => "timed_out",
             Status::Cancelled => "cancelled",
             Status::Rejected => "rejected",
+            Status::Expired => "expired",
         }
     }
 }
@@ -681,6 +748,12 @@ pub enum JobState {
     Rejected,
     /// Failed on every one of its `max_attempts` (more than one) attempts.
     Dead,
+    /// Not started by its deadline (`expires_at`); `reason` or its last attempt says when it
+    /// was due and when it was looked at.
+    Expired,
+    /// Replaced, while held for its `debounce_s`, by a newer job with its unique key
+    /// (`superseded_by`).
+    Superseded,
 }
 
 impl JobState {
@@ -702,6 +775,8 @@ impl JobState {
             JobState::Cancelled => "cancelled",
             JobState::Rejected => "rejected",
             JobState::Dead => "dead",
+            JobState::Expired => "expired",
+            JobState::Superseded => "superseded",
         }
     }
 }
@@ -715,6 +790,7 @@ impl From<Status> for JobState {
             Status::TimedOut => JobState::TimedOut,
             Status::Cancelled => JobState::Cancelled,
             Status::Rejected => JobState::Rejected,
+            Status::Expired => JobState::Expired,
         }
     }
 }
@@ -725,7 +801,7 @@ impl FromStr for JobState {
         serde_json::from_value(Value::String(s.to_owned())).map_err(|_| {
             format!(
                 "unknown job state {s:?}: use scheduled, queued, running, succeeded, failed, \
-                 crashed, timed_out, cancelled, rejected or dead"
+                 crashed, timed_out, cancelled, rejected, dead, expired or superseded"
             )
         })
     }
@@ -781,6 +857,12 @@ pub struct JobRecord {
     /// The jobs its Work submitted (filled in by `status`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<JobId>,
+    /// Why the scheduler ended the job without running it (`expired`, `superseded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For `superseded`: the newer job with its unique key that replaced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<JobId>,
 }
 
 impl JobRecord {
@@ -1116,6 +1198,61 @@ mod tests {
     }
 
     #[test]
+    fn windows_need_a_unique_key_and_exclude_each_other() {
+        let job = |extra: Value| {
+            let mut v = json!({"type": "demo.echo"});
+            v.as_object_mut()
+                .expect("object")
+                .extend(extra.as_object().expect("object").clone());
+            Job::parse(&serde_json::to_vec(&v).expect("json"))
+        };
+        assert!(job(json!({"unique_key": "k", "debounce_s": 5})).is_ok());
+        assert!(job(json!({"ttl_s": 5})).is_ok(), "a deadline needs no key");
+        for (extra, want) in [
+            (json!({"debounce_s": 5}), "debounce_s needs a unique_key"),
+            (
+                json!({"unique_for_s": 5}),
+                "unique_for_s needs a unique_key",
+            ),
+            (json!({"ttl_s": 0}), "ttl_s must be 1 or more"),
+            (
+                json!({"unique_key": "k", "unique_for_s": u64::MAX}),
+                "unique_for_s 18446744073709551615 is out of range",
+            ),
+            (
+                json!({"unique_key": "k", "unique_for_s": 5, "debounce_s": 5}),
+                "contradict each other",
+            ),
+        ] {
+            let err = job(extra.clone()).expect_err(&format!("{extra} must be refused"));
+            assert!(err.contains(want), "{extra}: {err:?} should say {want:?}");
+        }
+    }
+
+    #[test]
+    fn only_options_the_scheduler_applies_need_admission() {
+        let now = Utc::now();
+        let mut job = Job::new("demo.echo", Value::Null);
+        job.max_attempts = Some(3);
+        job.expires_at = Some(now);
+        assert!(
+            !job.needs_admission(now),
+            "retries and deadlines apply as it runs"
+        );
+        job.run_at = Some(now - chrono::Duration::seconds(1));
+        assert!(!job.needs_admission(now), "a run_at passed already");
+        for set in [
+            |j: &mut Job| j.run_at = Some(Utc::now() + chrono::Duration::hours(1)),
+            |j: &mut Job| j.unique_key = Some("k".into()),
+            |j: &mut Job| j.ttl_s = Some(60),
+        ] {
+            let mut held = job.clone();
+            set(&mut held);
+            assert!(held.needs_admission(now));
+        }
+    }
+
+    #[test]
     fn a_job_round_trips() {
         let mut job = Job::new("demo.echo", json!({"a": [1, 2]}));
         job.uuid = Some(JobId::random());
@@ -1183,7 +1320,8 @@ mod tests {
             "queue": "default", "priority": 3, "timeout_s": 30, "max_attempts": 3,
             "run_at": "2026-11-23T05:00:00Z", "attempt": 1, "parent": JobId::random(),
             "labels": {"team": "billing"}, "unique_key": "k", "backoff_ms": 100,
-            "schedule": "nightly"
+            "schedule": "nightly", "expires_at": "2026-11-23T06:00:00Z", "ttl_s": 60,
+            "unique_for_s": 3600
         })
     }
 

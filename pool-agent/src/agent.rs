@@ -436,6 +436,12 @@ impl Agent {
             types: self.pool.types(),
         };
         match intake::admit(&d, &limits) {
+            Ok(admitted)
+                if admitted.job.needs_admission(Utc::now())
+                    && !intake::published_by_scheduler(self.names.roles(), &d) =>
+            {
+                self.hand_over(d, &admitted).await
+            }
             Ok(admitted) => {
                 let span = info_span!("job", job_id = %admitted.uuid, r#type = %admitted.job.work_type, attempt = admitted.job.attempt);
                 async {
@@ -453,6 +459,39 @@ impl Agent {
                 .await
             }
             Err(refusal) => self.refuse(d, refusal).await,
+        }
+    }
+
+    /// Hands a job published straight to the jobs exchange with an option that only the
+    /// scheduler applies ([`Job::needs_admission`]) to the scheduler's admission queue,
+    /// confirmed, then acks it; the scheduler records it as if submitted and publishes it when
+    /// it may run. Not confirmed (or no scheduler ever declared the queue), the job goes back
+    /// to RabbitMQ. Killed in between, the job comes again and is handed over again: the
+    /// scheduler records it once, by its uuid.
+    async fn hand_over(&self, d: Delivery, Admitted { job, uuid, .. }: &Admitted) {
+        let props = Props {
+            message_id: Some(uuid.to_string()),
+            ..Props::default()
+        };
+        let sent = match serde_json::to_vec(job) {
+            Ok(body) => self
+                .broker
+                .publish("", &self.names.admit(), &body, &props)
+                .await
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        match sent {
+            Ok(()) => {
+                info!(job_id = %uuid, "handed over to the scheduler, which applies its run_at, unique_key or ttl_s before it runs");
+                d.ack().await;
+            }
+            Err(e) => {
+                warn!(job_id = %uuid, error = %e, "cannot hand the job over to the scheduler (its queue {} exists once a scheduler has started); handing it back to RabbitMQ in a second", self.names.admit());
+                // Not at once: the next delivery of it would most likely fail the same way.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                d.requeue().await;
+            }
         }
     }
 
@@ -517,22 +556,8 @@ impl Agent {
         }
         if self.cancelled.lock().is_ok_and(|c| c.contains(&uuid)) {
             info!("cancelled before it started: not running it");
-            let now = Utc::now();
-            return Disposition::Store(Box::new(JobResult {
-                uuid,
-                attempt: job.attempt,
-                work_type: job.work_type.clone(),
-                agent: self.id.clone(),
-                worker: String::new(),
-                status: Status::Cancelled,
-                error: Some(ErrorInfo::new("cancelled", "cancelled before it started")),
-                output: serde_json::Value::Null,
-                logs: Vec::new(),
-                logs_dropped: 0,
-                started_at: now,
-                finished_at: now,
-                job,
-            }));
+            let error = ErrorInfo::new("cancelled", "cancelled before it started");
+            return self.not_run(uuid, job, Status::Cancelled, error);
         }
         let mut worker = tokio::select! {
             biased;
@@ -552,6 +577,14 @@ impl Agent {
         if self.paused.contains(&held.delivery.routing_key) {
             info!(queue = %held.delivery.routing_key, "its queue is paused: handing the job back to RabbitMQ, not running it");
             return Disposition::Requeue;
+        }
+        // Checked once a worker is free, right before the Work would start.
+        let now = Utc::now();
+        if let Some(deadline) = job.expires_at.filter(|at| *at <= now) {
+            drop(worker);
+            let why = format!("not started by its deadline {deadline} (looked at {now}): not run");
+            info!(reason = %why, "the job expired");
+            return self.not_run(uuid, job, Status::Expired, ErrorInfo::new("expired", why));
         }
         let announcing = self.announce_start(&job, uuid).await;
         let work_dir = self.work_root.join(uuid.to_string());
@@ -607,6 +640,26 @@ impl Agent {
             logs_dropped,
             started_at,
             finished_at: Utc::now(),
+            job,
+        }))
+    }
+
+    /// The result of a job that ends here without running (`status`, for the reason `error`).
+    fn not_run(&self, uuid: JobId, job: Job, status: Status, error: ErrorInfo) -> Disposition {
+        let now = Utc::now();
+        Disposition::Store(Box::new(JobResult {
+            uuid,
+            attempt: job.attempt,
+            work_type: job.work_type.clone(),
+            agent: self.id.clone(),
+            worker: String::new(),
+            status,
+            error: Some(error),
+            output: serde_json::Value::Null,
+            logs: Vec::new(),
+            logs_dropped: 0,
+            started_at: now,
+            finished_at: now,
             job,
         }))
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rota_common::amqp::{DELIVERY_LIMIT, Delivery};
 use rota_common::roles::{Roles, UserRole};
-use rota_common::wire::{Job, JobId};
+use rota_common::wire::{ADMITTED_HEADER, Job, JobId};
 use serde_json::Value;
 
 /// Checks that a message on the agent's own queue (a receipt, which makes the agent forget a
@@ -15,6 +15,16 @@ use serde_json::Value;
 pub fn from_scheduler(roles: &Roles, d: &Delivery) -> Result<(), String> {
     let what = "message to an agent (receipt or cancel)";
     roles.check(d.user_id.as_deref(), what, &[UserRole::Scheduler])
+}
+
+/// Whether the scheduler published this job: it carries [`ADMITTED_HEADER`] and comes from a
+/// scheduler's broker user, so the scheduler has applied its options (held it until its
+/// `run_at`, deduplicated it, given it its deadline) and it runs as it is.
+pub fn published_by_scheduler(roles: &Roles, d: &Delivery) -> bool {
+    d.headers.contains_key(ADMITTED_HEADER)
+        && roles
+            .check(d.user_id.as_deref(), "admitted job", &[UserRole::Scheduler])
+            .is_ok()
 }
 
 /// The limits a job must fit.

@@ -71,8 +71,8 @@ pub enum Command {
     },
     /// Lists jobs, newest first.
     List {
-        /// Only jobs in this state (queued, running, succeeded, failed, crashed, timed_out,
-        /// cancelled, rejected).
+        /// Only jobs in this state (scheduled, queued, running, succeeded, failed, crashed,
+        /// timed_out, cancelled, rejected, dead, expired, superseded).
         #[arg(long)]
         status: Option<JobState>,
         #[arg(long, default_value_t = 20)]
@@ -256,6 +256,20 @@ pub struct SubmitArgs {
     /// submitting another.
     #[arg(long)]
     pub unique_key: Option<String>,
+    /// With --unique-key: the key stays held this long after the job ends (e.g. 1h: not more
+    /// than once an hour).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "debounce")]
+    pub unique_for: Option<Duration>,
+    /// With --unique-key: holds the job this long; a newer one with the key submitted
+    /// meanwhile replaces it (it ends `superseded`), so only the last of a burst runs.
+    #[arg(long, value_parser = parse_duration)]
+    pub debounce: Option<Duration>,
+    /// Not started by this time (RFC 3339), the job ends `expired` without running.
+    #[arg(long, value_parser = parse_time)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Not started this long after the scheduler accepts it, the job ends `expired`.
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
     /// Waits until the job is over (retries included) and prints it; exits non-zero unless it
     /// succeeded.
     #[arg(long)]
@@ -531,6 +545,10 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     job.max_attempts = args.max_attempts;
     job.backoff_ms = args.backoff.map(|b| b.as_millis() as u64);
     job.unique_key = args.unique_key;
+    job.unique_for_s = args.unique_for.map(whole_seconds);
+    job.debounce_s = args.debounce.map(whole_seconds);
+    job.expires_at = args.expires_at;
+    job.ttl_s = args.ttl.map(whole_seconds);
     job.run_at = match (args.delay, args.at) {
         (Some(delay), _) => Some(Utc::now() + chrono::Duration::from_std(delay)?),
         (None, at) => at,
@@ -576,6 +594,11 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A duration option in whole seconds, as the job carries it (rounded up: at least 1).
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// The `--payload` of a job or schedule: JSON, or null when not given.
@@ -692,6 +715,12 @@ fn print_record(r: &JobRecord) {
     }
     if let Some(key) = &r.job.unique_key {
         println!("  unique key: {key}");
+    }
+    if let Some(at) = r.job.expires_at {
+        println!("  deadline {}", at.format("%Y-%m-%d %H:%M:%S%.3f UTC"));
+    }
+    if let Some(reason) = &r.reason {
+        println!("  {}: {reason}", r.state);
     }
     for a in &r.attempts {
         let status = a.status.map(Status::as_str).unwrap_or("running");

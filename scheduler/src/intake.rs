@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use rota_common::metrics::Metrics;
 use rota_common::roles::{Roles, UserRole};
 use rota_common::wire::{
-    Event, EventKind, Heartbeat, JobResult, MAX_RESULT_GROUP, Role, RpcRequest,
+    Event, EventKind, Heartbeat, Job, JobResult, MAX_RESULT_GROUP, Role, RpcRequest,
 };
 use serde::de::DeserializeOwned;
 
@@ -25,6 +25,8 @@ pub enum Input {
     Rpc,
     Event,
     Heartbeat,
+    /// Jobs handed over by agents for admission.
+    Admit,
 }
 
 impl Input {
@@ -34,6 +36,7 @@ impl Input {
             Input::Rpc => "rpc",
             Input::Event => "event",
             Input::Heartbeat => "heartbeat",
+            Input::Admit => "admit",
         }
     }
 }
@@ -98,8 +101,8 @@ impl Dropped {
         let dropped = Self::default();
         metrics.register(
             "scheduler_dropped",
-            "Messages the scheduler did not take (dead-lettered results and RPC requests, \
-             ignored events and heartbeats), by input and reason",
+            "Messages the scheduler did not take (dead-lettered results, RPC requests and jobs \
+             handed over for admission, ignored events and heartbeats), by input and reason",
             dropped.0.clone(),
         );
         dropped
@@ -269,6 +272,19 @@ pub fn started(body: &[u8]) -> Result<Event, Refused> {
     Ok(event)
 }
 
+/// A job handed over for admission by the agent that received it: a job that could have been
+/// submitted, with the uuid the agent gave it.
+pub fn admission(body: &[u8]) -> Result<Job, Refused> {
+    let job = Job::parse(body).map_err(|e| Refused::new(Reason::Invalid, e))?;
+    if job.uuid.is_none() {
+        return Err(Refused::new(
+            Reason::Invalid,
+            "a job handed over for admission has no uuid (the agent sets one)",
+        ));
+    }
+    Ok(job)
+}
+
 /// A heartbeat of any part.
 pub fn heartbeat(body: &[u8]) -> Result<Heartbeat, Refused> {
     if body.len() > MAX_HEARTBEAT_BYTES {
@@ -363,6 +379,24 @@ mod tests {
                 .err(),
             Some(Reason::Unreadable)
         );
+    }
+
+    #[test]
+    fn a_job_handed_over_must_be_valid_and_carry_its_uuid() {
+        let uuid = uuid::Uuid::new_v4();
+        let ok = format!(r#"{{"type":"demo.echo","uuid":"{uuid}","unique_key":"k"}}"#);
+        assert!(admission(ok.as_bytes()).is_ok());
+        for body in [
+            r#"{"type":"demo.echo","unique_key":"k"}"#.to_owned(),
+            format!(r#"{{"type":"demo.echo","uuid":"{uuid}","debounce_s":5}}"#),
+            "garbage".to_owned(),
+        ] {
+            assert_eq!(
+                admission(body.as_bytes()).map_err(|e| e.reason).err(),
+                Some(Reason::Invalid),
+                "{body}"
+            );
+        }
     }
 
     #[test]

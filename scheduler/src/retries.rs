@@ -58,7 +58,8 @@ impl RetryPolicy {
     }
 
     /// Sets the state of `record` after its current attempt ended with `status`: the
-    /// outcome, or `scheduled` for a retry, or `dead` when the attempts are used up.
+    /// outcome, or `scheduled` for a retry, or `dead` when the attempts are used up, or
+    /// `expired` when the retry would be due after the job's deadline.
     pub fn settle(&self, record: &mut JobRecord, status: Status, now: DateTime<Utc>) {
         let attempt = record.job.attempt;
         let max = self.max_attempts(&record.job);
@@ -68,8 +69,17 @@ impl RetryPolicy {
         } else if let Some(next) = attempt.checked_add(1).filter(|_| attempt < max) {
             let wait = chrono::Duration::from_std(self.delay(&record.job, attempt))
                 .unwrap_or_else(|_| chrono::Duration::hours(1));
+            let at = now.checked_add_signed(wait).unwrap_or(now);
+            if let Some(deadline) = record.job.expires_at.filter(|d| at >= *d) {
+                record.state = JobState::Expired;
+                record.reason = Some(format!(
+                    "attempt {next} would be due at {at}, not before the job's deadline \
+                     {deadline} (looked at {now}): not run"
+                ));
+                return;
+            }
             record.state = JobState::Scheduled;
-            record.next_run_at = Some(now.checked_add_signed(wait).unwrap_or(now));
+            record.next_run_at = Some(at);
             record.job.attempt = next;
         } else if max > 1 {
             record.state = JobState::Dead;
@@ -125,6 +135,8 @@ mod tests {
             cancel_requested: false,
             next_run_at: None,
             children: Vec::new(),
+            reason: None,
+            superseded_by: None,
         }
     }
 
@@ -155,5 +167,28 @@ mod tests {
         let mut cancelled = record(Some(3), 1);
         policy.settle(&mut cancelled, Status::Cancelled, now);
         assert_eq!(cancelled.state, JobState::Cancelled);
+        let mut expired = record(Some(3), 1);
+        policy.settle(&mut expired, Status::Expired, now);
+        assert_eq!(
+            expired.state,
+            JobState::Expired,
+            "an expired run is not retried"
+        );
+    }
+
+    #[test]
+    fn a_retry_due_after_the_deadline_ends_the_job_expired() {
+        let policy = RetryPolicy::default();
+        let now = Utc::now();
+        let mut late = record(Some(3), 1);
+        late.job.expires_at = Some(now + chrono::Duration::milliseconds(100));
+        policy.settle(&mut late, Status::Failed, now);
+        assert_eq!((late.state, late.job.attempt), (JobState::Expired, 1));
+        let reason = late.reason.expect("a reason");
+        assert!(reason.contains("attempt 2 would be due at"), "{reason}");
+        let mut in_time = record(Some(3), 1);
+        in_time.job.expires_at = Some(now + chrono::Duration::hours(1));
+        policy.settle(&mut in_time, Status::Failed, now);
+        assert_eq!(in_time.state, JobState::Scheduled);
     }
 }

@@ -29,9 +29,9 @@ use rota_common::metrics::{JobCounter, Metrics};
 use rota_common::names::DEFAULT_QUEUE;
 use rota_common::roles::UserRole;
 use rota_common::wire::{
-    AgentId, AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId, JobRecord,
-    JobResult, JobState, MAX_RECEIPTS, PausedQueues, Role, RpcReply, RpcRequest, Run, ScheduleInfo,
-    ScheduleSpec, Status,
+    ADMITTED_HEADER, AgentId, AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId,
+    JobRecord, JobResult, JobState, MAX_RECEIPTS, MAX_TIMEOUT_S, PausedQueues, Role, RpcReply,
+    RpcRequest, Run, ScheduleInfo, ScheduleSpec, Status,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,7 +44,7 @@ use crate::intake::{self, Dropped, Input, Reason, Refused};
 use crate::pages;
 use crate::retries::RetryPolicy;
 use crate::schedules::{self, Plan};
-use crate::store::{self, Recorded, Store};
+use crate::store::{self, Inserted, Recorded, Store};
 
 #[derive(Debug, Clone, Args)]
 pub struct SchedulerConfig {
@@ -182,6 +182,13 @@ pub async fn run(
         "1 while the queue is paused (scheduler pause), 0 once resumed",
         paused.clone(),
     );
+    let unrun = Family::<UnrunLabel, Counter>::default();
+    metrics.register(
+        "scheduler_jobs_unrun",
+        "Jobs the scheduler ended without running them (expired while held, superseded by a \
+         newer job with their debounce key), by work type and state",
+        unrun.clone(),
+    );
     let stop_http = CancellationToken::new();
     let _stop_http = stop_http.clone().drop_guard();
     if let Some(addr) = cfg.http_addr {
@@ -204,6 +211,7 @@ pub async fn run(
     let mut topology = Topology::core(&names);
     topology
         .jobs_queue(&names, DEFAULT_QUEUE)
+        .queue(QueueSpec::replicated(names.admit(), &names))
         .queue(QueueSpec {
             max_length: Some(100_000),
             ..QueueSpec::replicated(events_queue.clone(), &names)
@@ -244,6 +252,7 @@ pub async fn run(
         jobs,
         fires,
         paused,
+        unrun,
         dropped,
         clock: tokio::sync::Notify::new(),
         grace: cfg.schedule_grace,
@@ -290,6 +299,14 @@ pub async fn run(
         no_ack: false,
     };
     let started = broker.consume(started_spec.clone()).await?;
+    let admit_spec = ConsumeSpec {
+        queues: vec![names.admit()],
+        tag: "scheduler-admit".into(),
+        prefetch: 64,
+        exclusive: false,
+        no_ack: false,
+    };
+    let admit = broker.consume(admit_spec.clone()).await?;
     let beats = broker
         .consume(ConsumeSpec {
             queues: vec![beats_queue],
@@ -308,7 +325,12 @@ pub async fn run(
     tasks.spawn(
         sched
             .clone()
-            .serve_writes(started, started_spec, work.clone()),
+            .serve_writes(started, started_spec, work.clone(), Writes::Started),
+    );
+    tasks.spawn(
+        sched
+            .clone()
+            .serve_writes(admit, admit_spec, work.clone(), Writes::Admit),
     );
     tasks.spawn(sched.clone().serve(beats, work.clone(), Kind::Heartbeat));
     tasks.spawn(sched.clone().recover());
@@ -370,6 +392,13 @@ struct ScheduleLabel {
     schedule: String,
 }
 
+/// The labels of `rota_scheduler_jobs_unrun_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnrunLabel {
+    r#type: String,
+    state: &'static str,
+}
+
 /// A result recorded but not yet durable: the delivery that brought it (a group of results
 /// shares one), the result and what recording did.
 type RecordedResult = (Arc<Delivery>, JobResult, Recorded);
@@ -396,6 +425,13 @@ enum Kind {
     Heartbeat,
 }
 
+/// The inputs that need a write (see [`Scheduler::serve_writes`]).
+#[derive(Clone, Copy)]
+enum Writes {
+    Started,
+    Admit,
+}
+
 struct Scheduler {
     names: Names,
     broker: Broker,
@@ -407,6 +443,8 @@ struct Scheduler {
     fires: Family<ScheduleLabel, Counter>,
     /// Whether each queue paused once is paused now, for the metrics.
     paused: Family<QueueLabel, Gauge>,
+    /// Jobs ended without a run, for the metrics.
+    unrun: Family<UnrunLabel, Counter>,
     /// Messages not taken, for the metrics.
     dropped: Dropped,
     /// Wakes the clock: something was scheduled that may be due before its next wake-up.
@@ -441,13 +479,14 @@ impl Scheduler {
         }
     }
 
-    /// Like [`Scheduler::serve`] for started events, which need a write: consumes them only
-    /// while the store writes.
+    /// Like [`Scheduler::serve`] for started events and jobs handed over for admission, which
+    /// need a write: consumes them only while the store writes.
     async fn serve_writes(
         self: Arc<Self>,
         mut consumer: Consumer,
         spec: ConsumeSpec,
         work: TaskTracker,
+        kind: Writes,
     ) {
         loop {
             loop {
@@ -457,7 +496,12 @@ impl Scheduler {
                 };
                 let Some(d) = d else { return };
                 let me = self.clone();
-                work.spawn(async move { me.on_started(d).await });
+                work.spawn(async move {
+                    match kind {
+                        Writes::Started => me.on_started(d).await,
+                        Writes::Admit => me.on_admit(d).await,
+                    }
+                });
             }
             let Some(again) = self.pause_intake(consumer, Vec::new(), &spec).await else {
                 return;
@@ -771,7 +815,7 @@ impl Scheduler {
             Some(self.finished(
                 record,
                 result.attempt,
-                result.status,
+                Some(result.status),
                 Some(result.agent.clone()),
             ))
         });
@@ -885,12 +929,13 @@ impl Scheduler {
         self.broker.notify("", reply_to, &body, &props).await
     }
 
-    /// Announces that a run ended (`job.finished`), with the job's state after it.
+    /// Announces that a run ended (`job.finished`), with the job's state after it; a job that
+    /// the scheduler ended without a run (superseded) has no status.
     async fn finished(
         &self,
         record: &JobRecord,
         attempt: u32,
-        status: Status,
+        status: Option<Status>,
         agent: Option<AgentId>,
     ) {
         let event = Event {
@@ -900,7 +945,7 @@ impl Scheduler {
             work_type: record.job.work_type.clone(),
             agent,
             time: Utc::now(),
-            status: Some(status),
+            status,
             state: Some(record.state),
             progress: None,
             job: None,
@@ -1385,7 +1430,12 @@ impl Scheduler {
                 return self.store.next_due();
             }
             for uuid in due {
-                if let Some(record) = self.store.release(uuid, now).await? {
+                let Some(record) = self.store.release(uuid, now).await? else {
+                    continue;
+                };
+                if record.state == JobState::Expired {
+                    self.ended_unrun(&record).await;
+                } else {
                     info!(job_id = %uuid, attempt = record.job.attempt, "its time has come: queueing it");
                     if let Err(e) = self.publish(&record).await {
                         self.store_failed(&e);
@@ -1464,7 +1514,7 @@ impl Scheduler {
         // Held by the scheduler: it never reaches an agent.
         if let Some(record) = self.store.cancel_scheduled(uuid).await? {
             info!(job_id = %uuid, "scheduled job cancelled");
-            self.finished(&record, record.job.attempt, Status::Cancelled, None)
+            self.finished(&record, record.job.attempt, Some(Status::Cancelled), None)
                 .await;
             return Ok(record);
         }
@@ -1503,9 +1553,25 @@ impl Scheduler {
             .ok_or_else(|| anyhow::anyhow!("no job {uuid} is recorded"))
     }
 
-    /// Records the job, then publishes it (or holds it until its `run_at`). A job already
-    /// recorded, or an unfinished one with the same unique key, is returned as it is.
-    async fn submit(&self, mut job: Job) -> anyhow::Result<JobRecord> {
+    /// Records the job, then publishes it (or holds it until its time). A job already
+    /// recorded, or one whose unique key is held, is returned as it is.
+    async fn submit(&self, job: Job) -> anyhow::Result<JobRecord> {
+        let (record, new) = self.accept(job).await?;
+        if new && record.state == JobState::Queued {
+            let uuid = record.uuid;
+            self.publish(&record).await.with_context(|| {
+                format!("job {uuid} is recorded but not queued yet; the scheduler keeps trying to queue it")
+            })?;
+            info!(job_id = %uuid, r#type = %record.job.work_type, queue = record.job.queue_name(), "job submitted");
+        }
+        Ok(record)
+    }
+
+    /// Records a job as submitted (see [`Store::submit`]), its `ttl_s` made a deadline from
+    /// now, and announces the jobs that this ended without a run (the held job it superseded;
+    /// itself, when it cannot start by its deadline). Returns its record (or the job that
+    /// holds its unique key) and whether it is new: a new `queued` one is to be published.
+    async fn accept(&self, mut job: Job) -> anyhow::Result<(JobRecord, bool)> {
         job.check().map_err(anyhow::Error::msg)?;
         // The timers count nanoseconds in an i64: 1677 to 2262.
         if let Some(at) = job.run_at
@@ -1513,18 +1579,90 @@ impl Scheduler {
         {
             bail!("run_at {at} is out of range: use a time between the years 1678 and 2261");
         }
+        if let Some(ttl) = job.ttl_s {
+            // At most a year (Job::check).
+            let deadline = Utc::now() + chrono::Duration::seconds(ttl.min(MAX_TIMEOUT_S) as i64);
+            job.expires_at = Some(job.expires_at.map_or(deadline, |at| at.min(deadline)));
+        }
         let uuid = *job.uuid.get_or_insert_with(JobId::random);
-        let (record, new) = self.store.submit(job).await?;
+        let Inserted {
+            record,
+            new,
+            superseded,
+        } = self.store.submit(job).await?;
+        if let Some(old) = superseded {
+            self.ended_unrun(&old).await;
+        }
         if new && record.state == JobState::Scheduled {
             info!(job_id = %uuid, r#type = %record.job.work_type, run_at = ?record.next_run_at, "job held until its time");
             self.clock.notify_one();
-        } else if new {
-            self.publish(&record).await.with_context(|| {
-                format!("job {uuid} is recorded but not queued yet; the scheduler keeps trying to queue it")
-            })?;
-            info!(job_id = %uuid, r#type = %record.job.work_type, queue = record.job.queue_name(), "job submitted");
+        } else if new && record.state == JobState::Expired {
+            self.ended_unrun(&record).await;
+        } else if !new && record.uuid != uuid {
+            info!(job_id = %uuid, holder = %record.uuid, "not recorded: another job holds its unique key");
         }
-        Ok(record)
+        Ok((record, new))
+    }
+
+    /// Announces and counts a job that the scheduler ended without running it (expired while
+    /// held, superseded by a newer job with its debounce key).
+    async fn ended_unrun(&self, record: &JobRecord) {
+        let reason = record.reason.as_deref().unwrap_or_default();
+        info!(job_id = %record.uuid, state = %record.state, reason, "job ended without running");
+        self.unrun
+            .get_or_create(&UnrunLabel {
+                r#type: record.job.work_type.clone(),
+                state: record.state.as_str(),
+            })
+            .inc();
+        let status = (record.state == JobState::Expired).then_some(Status::Expired);
+        self.finished(record, record.job.attempt, status, None)
+            .await;
+    }
+
+    /// Takes a job that an agent handed over (it was published straight to the jobs exchange
+    /// with an option only the scheduler applies, see [`Job::needs_admission`]) and accepts
+    /// it as if submitted over RPC; acked once recorded. A job handed over twice (the agent
+    /// died before its ack) is recorded once, by its uuid.
+    async fn on_admit(&self, d: Delivery) {
+        let job = self
+            .sent_by(
+                &d,
+                "job handed over for admission",
+                &[UserRole::Agent, UserRole::Scheduler],
+            )
+            .and_then(|()| intake::admission(&d.body));
+        let job = match job {
+            Ok(job) => job,
+            Err(refused) => return self.refuse(&d, Input::Admit, refused).await,
+        };
+        loop {
+            if !self.is_writable() {
+                // Held unacked until the store writes again; when the scheduler stops first,
+                // it goes back to its queue with the connection.
+                tokio::select! {
+                    _ = self.until(true) => continue,
+                    _ = self.stop.cancelled() => return,
+                }
+            }
+            match self.accept(job.clone()).await {
+                Ok((record, new)) => {
+                    if new && record.state == JobState::Queued {
+                        info!(job_id = %record.uuid, r#type = %record.job.work_type, "job handed over by an agent: queueing it");
+                        if let Err(e) = self.publish(&record).await {
+                            warn!(job_id = %record.uuid, error = %e, "job recorded but not queued yet; trying again later");
+                        }
+                    }
+                    break;
+                }
+                Err(e) if self.store_failed(&e) => {}
+                Err(e) => {
+                    let refused = Refused::new(Reason::Unrecordable, format!("{e:#}"));
+                    return self.refuse(&d, Input::Admit, refused).await;
+                }
+            }
+        }
+        d.ack().await;
     }
 
     /// Publishes a recorded job to its queue (declaring the queue the first time), confirmed.
@@ -1542,6 +1680,7 @@ impl Scheduler {
         let props = Props {
             message_id: Some(record.uuid.to_string()),
             priority: record.job.priority,
+            headers: vec![(ADMITTED_HEADER.into(), "1".into())],
             ..Props::default()
         };
         self.broker

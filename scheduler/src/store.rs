@@ -365,34 +365,116 @@ fn pending_is(v: &[u8], attempt: u32) -> bool {
     read_pending(v).is_none_or(|(a, _)| a == attempt)
 }
 
-/// Records `fresh` (queued, or scheduled when its `run_at` is still ahead) in `tx` unless its
-/// uuid is known or an unfinished job holds its unique key: then that job, and false.
+/// What recording a new job did.
+#[derive(Debug)]
+pub struct Inserted {
+    /// The job's record; or the job that holds its unique key, when it was not recorded.
+    pub record: JobRecord,
+    /// Whether it was recorded (false: its uuid was known, or its unique key held).
+    pub new: bool,
+    /// A job held for its `debounce_s` that this one replaced: it ended `superseded`.
+    pub superseded: Option<JobRecord>,
+}
+
+/// Whether `holder`, the job that holds a unique key, keeps the key from a new job at `now`:
+/// while it is not over, and for its `unique_for_s` after it ended.
+fn holds_key(holder: &JobRecord, now: DateTime<Utc>) -> bool {
+    !holder.state.is_final()
+        || holder.job.unique_for_s.is_some_and(|window| {
+            i64::try_from(window)
+                .ok()
+                .and_then(chrono::Duration::try_seconds)
+                .and_then(|w| holder.updated_at.checked_add_signed(w))
+                .is_none_or(|until| now < until)
+        })
+}
+
+/// `now` plus `seconds` (bounded by the job checks to a year).
+fn after(now: DateTime<Utc>, seconds: u64) -> DateTime<Utc> {
+    let seconds = i64::try_from(seconds).unwrap_or(i64::MAX);
+    chrono::Duration::try_seconds(seconds)
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// Records `fresh` in `tx`: queued; or scheduled while its `run_at` or `debounce_s` holds it;
+/// or `expired` at once when it cannot start by its deadline. Not recorded when its uuid is
+/// known or a job holds its unique key ([`holds_key`]): then that job. A debounced job
+/// replaces the held job with its key, which ends `superseded`.
 fn insert_new(
     tx: &mut WriteTx,
     t: &Trees,
     mut fresh: JobRecord,
     now: DateTime<Utc>,
-) -> anyhow::Result<(JobRecord, bool)> {
+) -> anyhow::Result<Inserted> {
     let uuid = fresh.uuid;
     if let Some(old) = tx.get(&t.jobs, uuid.as_bytes())? {
-        return Ok((serde_json::from_slice(&old)?, false));
+        return Ok(Inserted {
+            record: serde_json::from_slice(&old)?,
+            new: false,
+            superseded: None,
+        });
     }
+    let mut superseded = None;
     if let Some(key) = &fresh.job.unique_key
         && let Some(holder) = tx.get(&t.unique, key.as_bytes())?
         && let Some(record) = tx.get(&t.jobs, &holder)?
     {
-        let record: JobRecord = serde_json::from_slice(&record)?;
-        if !record.state.is_final() {
-            return Ok((record, false));
+        let mut holder: JobRecord = serde_json::from_slice(&record)?;
+        if fresh.job.debounce_s.is_none() {
+            if holds_key(&holder, now) {
+                return Ok(Inserted {
+                    record: holder,
+                    new: false,
+                    superseded: None,
+                });
+            }
+        } else if holder.state == JobState::Scheduled && holder.attempts.is_empty() {
+            // Held for its debounce (or its run_at): this newer job takes its place.
+            if let Some(at) = holder.next_run_at.take() {
+                tx.remove(&t.timers, timer_key(at, holder.uuid));
+            }
+            holder.state = JobState::Superseded;
+            holder.superseded_by = Some(uuid);
+            holder.reason = Some(format!(
+                "replaced by job {uuid}, submitted at {now} with the same unique key within \
+                 its debounce window"
+            ));
+            holder.updated_at = now;
+            tx.insert(
+                &t.jobs,
+                holder.uuid.as_bytes().as_slice(),
+                serde_json::to_vec(&holder)?,
+            );
+            superseded = Some(holder);
         }
     }
-    match fresh.job.run_at {
-        Some(at) if at > now => {
+    let held_until = [
+        fresh.job.run_at.filter(|at| *at > now),
+        fresh.job.debounce_s.map(|s| after(now, s)),
+    ]
+    .into_iter()
+    .flatten()
+    .max();
+    match (held_until, fresh.job.expires_at) {
+        (_, Some(deadline)) if deadline <= now => {
+            fresh.state = JobState::Expired;
+            fresh.reason = Some(format!(
+                "its deadline {deadline} had passed when it was accepted at {now}: not run"
+            ));
+        }
+        (Some(at), Some(deadline)) if at >= deadline => {
+            fresh.state = JobState::Expired;
+            fresh.reason = Some(format!(
+                "held until {at}, not before its deadline {deadline} (looked at {now}): not run"
+            ));
+        }
+        (Some(at), _) => {
             fresh.state = JobState::Scheduled;
             fresh.next_run_at = Some(at);
             tx.insert(&t.timers, timer_key(at, uuid), EMPTY);
         }
-        _ => {
+        (None, _) => {
             fresh.state = JobState::Queued;
             tx.insert(
                 &t.unpublished,
@@ -407,13 +489,31 @@ fn insert_new(
         serde_json::to_vec(&fresh)?,
     );
     tx.insert(&t.by_time, time_key(&fresh), EMPTY);
-    if let Some(key) = &fresh.job.unique_key {
+    if let Some(key) = &fresh.job.unique_key
+        && !fresh.state.is_final()
+    {
         tx.insert(&t.unique, key.as_str(), uuid.as_bytes().as_slice());
     }
     if let Some(parent) = fresh.job.parent {
         tx.insert(&t.children, pair_key(parent, uuid).as_slice(), EMPTY);
     }
-    Ok((fresh, true))
+    Ok(Inserted {
+        record: fresh,
+        new: true,
+        superseded,
+    })
+}
+
+/// Gives back the unique key of `record`, a job that is over, if it holds it and no window
+/// keeps it (see [`holds_key`]; a window is checked when the key is asked for again).
+fn free_key(tx: &mut WriteTx, t: &Trees, record: &JobRecord) -> anyhow::Result<()> {
+    if let Some(key) = &record.job.unique_key
+        && record.job.unique_for_s.is_none()
+        && tx.get(&t.unique, key.as_bytes())?.as_deref() == Some(record.uuid.as_bytes().as_slice())
+    {
+        tx.remove(&t.unique, key.as_str());
+    }
+    Ok(())
 }
 
 /// The value of the keys that are an index alone.
@@ -720,13 +820,15 @@ impl Store {
             cancel_requested: false,
             next_run_at: None,
             children: Vec::new(),
+            reason: None,
+            superseded_by: None,
         }
     }
 
-    /// Records a submitted job (its uuid set): queued and not yet published, or scheduled
-    /// when its `run_at` is ahead. Returns the existing record instead if the uuid is known or
-    /// an unfinished job holds its unique key, and whether it is new.
-    pub async fn submit(&self, job: Job) -> anyhow::Result<(JobRecord, bool)> {
+    /// Records a submitted job (its uuid set): queued and not yet published, or held, or
+    /// expired (see [`insert_new`]). Returns the existing record instead if the uuid is known
+    /// or a job holds its unique key, whether it is new, and the job it superseded.
+    pub async fn submit(&self, job: Job) -> anyhow::Result<Inserted> {
         let t = self.trees()?;
         let uuid = job.uuid.context("a submitted job needs its uuid")?;
         let fresh = self.new_record(job, uuid, JobState::Queued);
@@ -737,7 +839,7 @@ impl Store {
             tx.commit()?;
             out
         };
-        if out.1 {
+        if out.new {
             self.flush().await?;
         }
         Ok(out)
@@ -774,15 +876,15 @@ impl Store {
                 let mut job = info.spec.job();
                 job.uuid = Some(uuid);
                 job.run_at = Some(*at);
-                let (record, new) = insert_new(
+                let inserted = insert_new(
                     &mut tx,
                     &t,
                     self.new_record(job, uuid, JobState::Queued),
                     now,
                 )?;
-                info.last_job = Some(record.uuid);
-                if new {
-                    out.push(record);
+                info.last_job = Some(inserted.record.uuid);
+                if inserted.new {
+                    out.push(inserted.record);
                 }
             }
             info.last_fire = Some(through);
@@ -820,8 +922,9 @@ impl Store {
         ))))
     }
 
-    /// Moves a held job whose time has come to `queued` (to publish) and drops its timers.
-    /// Returns its record if it is to be published now.
+    /// Moves a held job whose time has come to `queued` (to publish), or to `expired` when its
+    /// deadline has passed, and drops its timers. Returns its record if it changed: to publish
+    /// now when `queued`.
     pub async fn release(
         &self,
         uuid: JobId,
@@ -849,9 +952,19 @@ impl Store {
                     let due = record.state == JobState::Scheduled
                         && record.next_run_at.is_some_and(|at| at <= now);
                     due.then(|| {
-                        record.state = JobState::Queued;
-                        record.next_run_at = None;
+                        let due_at = record.next_run_at.take();
                         record.updated_at = now;
+                        match record.job.expires_at.filter(|d| *d <= now) {
+                            Some(deadline) => {
+                                record.state = JobState::Expired;
+                                record.reason = Some(format!(
+                                    "due at {} and looked at {now}, past its deadline \
+                                     {deadline}: not run",
+                                    due_at.unwrap_or(now)
+                                ));
+                            }
+                            None => record.state = JobState::Queued,
+                        }
                         record
                     })
                 }
@@ -863,11 +976,15 @@ impl Store {
                     uuid.as_bytes().as_slice(),
                     serde_json::to_vec(record)?,
                 );
-                tx.insert(
-                    &t.unpublished,
-                    uuid.as_bytes().as_slice(),
-                    pending(record.job.attempt, now).as_slice(),
-                );
+                if record.state == JobState::Queued {
+                    tx.insert(
+                        &t.unpublished,
+                        uuid.as_bytes().as_slice(),
+                        pending(record.job.attempt, now).as_slice(),
+                    );
+                } else {
+                    free_key(&mut tx, &t, record)?;
+                }
             }
             tx.commit()?;
             out
@@ -1314,18 +1431,14 @@ impl Store {
             true
         })?;
         // The indexes that follow a record's state: a held job has its timer; a job that is
-        // over gives back its unique key.
+        // over gives back its unique key (or keeps it for its `unique_for_s`).
         if record.state == JobState::Scheduled
             && let Some(at) = record.next_run_at
         {
             tx.insert(&t.timers, timer_key(at, record.uuid), EMPTY);
         }
-        if record.state.is_final()
-            && let Some(key) = &record.job.unique_key
-            && tx.get(&t.unique, key.as_bytes())?.as_deref()
-                == Some(record.uuid.as_bytes().as_slice())
-        {
-            tx.remove(&t.unique, key.as_str());
+        if record.state.is_final() {
+            free_key(&mut tx, &t, &record)?;
         }
         // It ran, so it was published, whatever the broker's confirm said (a later attempt
         // that waits to be published still does).
@@ -1648,12 +1761,14 @@ mod tests {
         let store = Store::open(dir.path(), RetryPolicy::default(), CACHE).expect("opens");
         let mut job = Job::new("demo.echo", Value::Null);
         job.uuid = Some(JobId::random());
-        let (rec, new) = store.submit(job.clone()).await.expect("submits");
+        let Inserted {
+            record: rec, new, ..
+        } = store.submit(job.clone()).await.expect("submits");
         assert!(new);
         assert_eq!(rec.state, JobState::Queued);
         assert_eq!(store.unpublished().expect("reads").len(), 1);
         assert!(
-            !store.submit(job.clone()).await.expect("submits").1,
+            !store.submit(job.clone()).await.expect("submits").new,
             "same uuid is not new"
         );
 
@@ -1867,7 +1982,7 @@ mod tests {
         let mut twin = job_with_id("demo.echo");
         twin.unique_key = Some("nightly".into());
         assert!(
-            !store.submit(twin).await.expect("submits").1,
+            !store.submit(twin).await.expect("submits").new,
             "the key moved"
         );
         assert!(
@@ -1934,7 +2049,9 @@ mod tests {
         let mut job = job_with_id("demo.echo");
         job.run_at = Some(Utc::now() + chrono::Duration::hours(1));
         job.unique_key = Some("report-42".into());
-        let (rec, new) = store.submit(job.clone()).await.expect("submits");
+        let Inserted {
+            record: rec, new, ..
+        } = store.submit(job.clone()).await.expect("submits");
         assert!(new);
         assert_eq!(rec.state, JobState::Scheduled);
         assert!(
@@ -1945,7 +2062,9 @@ mod tests {
 
         let mut twin = job_with_id("demo.echo");
         twin.unique_key = Some("report-42".into());
-        let (same, new) = store.submit(twin.clone()).await.expect("submits");
+        let Inserted {
+            record: same, new, ..
+        } = store.submit(twin.clone()).await.expect("submits");
         assert!(!new);
         assert_eq!(
             same.uuid, rec.uuid,
@@ -1959,9 +2078,108 @@ mod tests {
             .expect("was held");
         assert_eq!(cancelled.state, JobState::Cancelled);
         assert!(store.next_due().expect("reads").is_none());
-        let (other, new) = store.submit(twin).await.expect("submits");
+        let Inserted {
+            record: other, new, ..
+        } = store.submit(twin).await.expect("submits");
         assert!(new, "the key is free once its job is over");
         assert_ne!(other.uuid, rec.uuid);
+    }
+
+    #[tokio::test]
+    async fn a_unique_window_holds_the_key_after_the_job_ended() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let keyed = || {
+            let mut job = job_with_id("demo.echo");
+            job.unique_key = Some("digest".into());
+            job.unique_for_s = Some(3600);
+            job
+        };
+        let first = store.submit(keyed()).await.expect("submits").record;
+        let ok = result_of(&first.job, 1, Status::Succeeded);
+        store.record(&ok).expect("records");
+        let second = store.submit(keyed()).await.expect("submits");
+        assert!(!second.new, "the window holds the key");
+        assert_eq!(second.record.uuid, first.uuid);
+        // Reopened (a restart), the window still holds; once it is over, a new job is taken.
+        drop(store);
+        let store = open(&dir);
+        assert!(!store.submit(keyed()).await.expect("submits").new);
+        let later = keyed();
+        let fresh = store.new_record(later.clone(), later.uuid.expect("set"), JobState::Queued);
+        let t = store.trees().expect("open");
+        let mut tx = t.db.write_tx();
+        let after_window = Utc::now() + chrono::Duration::hours(2);
+        let inserted = insert_new(&mut tx, &t, fresh, after_window).expect("inserts");
+        assert!(
+            inserted.new,
+            "past the window of the job that holds the key"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_debounced_job_replaces_the_held_one_with_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let debounced = || {
+            let mut job = job_with_id("demo.echo");
+            job.unique_key = Some("reindex".into());
+            job.debounce_s = Some(60);
+            job
+        };
+        let first = store.submit(debounced()).await.expect("submits");
+        assert_eq!(first.record.state, JobState::Scheduled);
+        assert!(first.superseded.is_none());
+        let second = store.submit(debounced()).await.expect("submits");
+        assert!(second.new);
+        let old = second.superseded.expect("the held job is replaced");
+        assert_eq!(
+            (old.uuid, old.state, old.superseded_by),
+            (
+                first.record.uuid,
+                JobState::Superseded,
+                Some(second.record.uuid)
+            )
+        );
+        let stored = store.get(first.record.uuid).expect("reads").expect("kept");
+        assert_eq!(stored.state, JobState::Superseded);
+        let due = store
+            .due(Utc::now() + chrono::Duration::hours(1), 10)
+            .expect("reads");
+        assert_eq!(due, [second.record.uuid], "only the newest is held");
+    }
+
+    #[tokio::test]
+    async fn a_job_that_cannot_start_by_its_deadline_ends_expired() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let now = Utc::now();
+        let mut late = job_with_id("demo.echo");
+        late.run_at = Some(now + chrono::Duration::hours(2));
+        late.expires_at = Some(now + chrono::Duration::hours(1));
+        let record = store.submit(late).await.expect("submits").record;
+        assert_eq!(record.state, JobState::Expired);
+        assert!(
+            record
+                .reason
+                .expect("why")
+                .contains("not before its deadline")
+        );
+        assert!(store.next_due().expect("reads").is_none(), "not held");
+
+        let mut held = job_with_id("demo.echo");
+        held.run_at = Some(now + chrono::Duration::hours(1));
+        held.expires_at = Some(now + chrono::Duration::hours(2));
+        let uuid = held.uuid.expect("set");
+        store.submit(held).await.expect("submits");
+        // The scheduler was down past the deadline: released late, it is not queued.
+        let released = store
+            .release(uuid, now + chrono::Duration::hours(3))
+            .await
+            .expect("releases")
+            .expect("due");
+        assert_eq!(released.state, JobState::Expired);
+        assert!(store.unpublished().expect("reads").is_empty());
     }
 
     #[tokio::test]
