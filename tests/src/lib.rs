@@ -713,6 +713,16 @@ pub fn dead_reason(d: &lapin::message::Delivery) -> Option<String> {
     }
 }
 
+/// What the management API (the RabbitMQ UI) shows of `queue` in the default vhost.
+pub async fn queue_in_management(queue: &str) -> serde_json::Value {
+    let path = format!("/api/queues/%2f/{queue}");
+    let (status, body) = faults::management("GET", &path)
+        .await
+        .expect("the management API answers");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
 /// How many messages wait (ready) in `queue` now, asked over a connection of its own.
 pub async fn messages_in(queue: &str) -> u32 {
     use lapin::options::QueueDeclareOptions;

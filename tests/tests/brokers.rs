@@ -25,12 +25,7 @@ async fn major() -> u32 {
 
 /// The kind of queue `queue` is, from the management API (`classic` or `quorum`).
 async fn queue_kind(queue: &str) -> String {
-    let path = format!("/api/queues/%2f/{queue}");
-    let (status, body) = rota_tests::faults::management("GET", &path)
-        .await
-        .expect("the management API answers");
-    assert_eq!(status, 200, "{body}");
-    let q: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let q = rota_tests::queue_in_management(queue).await;
     q["type"].as_str().unwrap_or_default().to_owned()
 }
 

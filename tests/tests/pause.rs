@@ -18,12 +18,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 /// shows them; as RabbitMQ counts them over AMQP where the broker keeps no statistics for its
 /// UI (`disable_stats`, as the tests' RabbitMQ 4 node).
 async fn queue_in_ui(queue: &str) -> (u64, u64) {
-    let path = format!("/api/queues/%2f/{queue}");
-    let (status, body) = rota_tests::faults::management("GET", &path)
-        .await
-        .expect("the management API answers");
-    assert_eq!(status, 200, "{body}");
-    let q: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let q = rota_tests::queue_in_management(queue).await;
     match (q["consumers"].as_u64(), q["messages_ready"].as_u64()) {
         (Some(consumers), Some(ready)) => (consumers, ready),
         _ => {
