@@ -1969,6 +1969,11 @@ mod tests {
         }
         sled.flush().expect("flushes");
         drop((sled, t));
+        // sled's I/O threads may hold the database (and its file lock) a moment after the
+        // drop: wait for the lock, as the store's open would not.
+        let db = std::fs::File::open(path.join("db")).expect("sled's file");
+        db.lock().expect("sled lets go of its lock");
+        drop(db);
 
         let store = open(&dir);
         let record = store.get(uuid).expect("reads").expect("moved");
