@@ -119,6 +119,17 @@ async fn recorded(sys: &System, ids: &HashSet<JobId>) -> usize {
     jobs.iter().filter(|j| ids.contains(&j.uuid)).count()
 }
 
+/// Checks that the jobs `ids` of the paused `queue` still wait: no consumer of the queue
+/// now, and none of them recorded.
+async fn still_waiting(sys: &System, queue: &str, ids: &HashSet<JobId>) {
+    assert_eq!(
+        consumers_now(queue).await,
+        0,
+        "a consumer of the paused queue"
+    );
+    assert_eq!(recorded(sys, ids).await, 0, "a job of a paused queue ran");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_queue_keeps_its_jobs_across_restarts_until_resumed() {
     let sys = System::new().await;
@@ -167,17 +178,8 @@ async fn a_paused_queue_keeps_its_jobs_across_restarts_until_resumed() {
     // Jobs published now wait: ready in the queue, no consumer, none recorded.
     let waiting = publish(&sys, 5).await;
     ui_shows(&queue, 0, 5).await;
-    assert_eq!(
-        consumers_now(&queue).await,
-        0,
-        "a consumer of the paused queue"
-    );
     paused_at(&sys, "p1", "default", 5).await;
-    assert_eq!(
-        recorded(&sys, &waiting).await,
-        0,
-        "a job of a paused queue ran"
-    );
+    still_waiting(&sys, &queue, &waiting).await;
     let (_, text) = http_get(&agent_addr, "/metrics").await.expect("metrics");
     assert_eq!(metric(&text, r#"rota_queue_paused{queue="default"}"#), 1);
     let (_, text) = http_get(&sched_addr, "/metrics").await.expect("metrics");
@@ -203,16 +205,7 @@ async fn a_paused_queue_keeps_its_jobs_across_restarts_until_resumed() {
     paused_at(&sys, "p1", "default", 3).await;
     paused_at(&sys, "p2", "default", 3).await;
     ui_shows(&queue, 0, 5).await;
-    assert_eq!(
-        consumers_now(&queue).await,
-        0,
-        "a consumer of the paused queue"
-    );
-    assert_eq!(
-        recorded(&sys, &waiting).await,
-        0,
-        "a job of a paused queue ran"
-    );
+    still_waiting(&sys, &queue, &waiting).await;
 
     // Resumed: the waiting jobs run.
     assert!(
@@ -251,31 +244,13 @@ async fn an_agent_started_while_its_queue_is_paused_takes_no_jobs() {
     paused_at(&sys, "n1", "default", 5).await;
     let queue = sys.names.jobs_queue("default");
     ui_shows(&queue, 0, 3).await;
-    assert_eq!(
-        consumers_now(&queue).await,
-        0,
-        "a consumer of the paused queue"
-    );
-    assert_eq!(
-        recorded(&sys, &waiting).await,
-        0,
-        "a job of a paused queue ran"
-    );
+    still_waiting(&sys, &queue, &waiting).await;
     // Stopped while paused, it exits as ever; started again, it still takes nothing.
     let status = agent.terminate().await.expect("the agent stops");
     assert!(status.success(), "{}", agent.output());
     let _agent = sys.agent("n1", &[]);
     paused_at(&sys, "n1", "default", 5).await;
-    assert_eq!(
-        consumers_now(&queue).await,
-        0,
-        "a consumer of the paused queue"
-    );
-    assert_eq!(
-        recorded(&sys, &waiting).await,
-        0,
-        "a job of a paused queue ran"
-    );
+    still_waiting(&sys, &queue, &waiting).await;
 
     cli(&sys, "resume", "default").await;
     let mut beats = sys.heartbeats().await;
@@ -321,16 +296,7 @@ async fn a_reconnected_agent_does_not_consume_a_paused_queue() {
     paused_at(&sys, "r1", "default", 5).await;
     let queue = sys.names.jobs_queue("default");
     ui_shows(&queue, 0, 3).await;
-    assert_eq!(
-        consumers_now(&queue).await,
-        0,
-        "a consumer of the paused queue"
-    );
-    assert_eq!(
-        recorded(&sys, &waiting).await,
-        0,
-        "a job of a paused queue ran"
-    );
+    still_waiting(&sys, &queue, &waiting).await;
 
     cli(&sys, "resume", "default").await;
     let mut beats = sys.heartbeats().await;
