@@ -540,6 +540,7 @@ impl Scheduler {
                     batch.push(d);
                 }
                 let (recorded, mut unstored) = self.record_batch(batch).await;
+                self.announce(&recorded).await;
                 // The batch before is flushed and receipted first: its flush also covers
                 // what was just recorded, and acks keep their order.
                 if let Some(f) = finishing.take() {
@@ -796,16 +797,11 @@ impl Scheduler {
         (recorded, unstored)
     }
 
-    /// Announces a recorded batch, makes it durable, then writes its folders, receipts it and
-    /// acks it. Returns the deliveries whose results the flush did not make durable.
-    async fn finish_batch(self: Arc<Self>, recorded: Vec<RecordedResult>) -> Vec<Arc<Delivery>> {
-        if recorded.is_empty() {
-            return Vec::new();
-        }
-        // Announced once recorded, before the flush: a watcher can read the record at once,
-        // and the flush (about a millisecond) is off its path. Should the flush fail, or the
-        // scheduler die before it, the results are still in their queue, and are recorded
-        // and announced again, with the same outcome.
+    /// Announces the runs of a batch as soon as it is recorded: a watcher can read the records
+    /// at once, and neither the batch's flush nor that of the batch before is on its path.
+    /// Should the flush fail, or the scheduler die before it, the results are still in their
+    /// queue, and are recorded and announced again, with the same outcome.
+    async fn announce(&self, recorded: &[RecordedResult]) {
         let announce = recorded.iter().filter_map(|(_, result, recorded)| {
             let Recorded::New(record) = recorded else {
                 debug!(job_id = %result.uuid, attempt = result.attempt, "result already recorded; receipted it again");
@@ -820,6 +816,14 @@ impl Scheduler {
             ))
         });
         futures::future::join_all(announce).await;
+    }
+
+    /// Makes an announced batch durable, then writes its folders, receipts it and acks it.
+    /// Returns the deliveries whose results the flush did not make durable.
+    async fn finish_batch(self: Arc<Self>, recorded: Vec<RecordedResult>) -> Vec<Arc<Delivery>> {
+        if recorded.is_empty() {
+            return Vec::new();
+        }
         if let Err(e) = self.store.flush().await {
             error!(error = %e, "cannot flush the store; the results go back to the queue");
             self.store_failed(&e);
