@@ -559,8 +559,15 @@ impl Agent {
             let error = ErrorInfo::new("cancelled", "cancelled before it started");
             return self.not_run(uuid, job, Status::Cancelled, error);
         }
+        // A job of a queue paused before it started goes back, even while it waits for a
+        // worker (a prefetch above the pool's size).
         let mut worker = tokio::select! {
             biased;
+            // The routing key of a job is its queue's name.
+            () = self.paused.until_paused(&held.delivery.routing_key) => {
+                info!(queue = %held.delivery.routing_key, "its queue is paused: handing the job back to RabbitMQ, not running it");
+                return Disposition::Requeue;
+            }
             got = self.pool.get() => match got {
                 Ok(w) => w,
                 Err(e) => {
@@ -573,11 +580,6 @@ impl Agent {
                 return Disposition::Requeue;
             }
         };
-        // The routing key of a job is its queue's name.
-        if self.paused.contains(&held.delivery.routing_key) {
-            info!(queue = %held.delivery.routing_key, "its queue is paused: handing the job back to RabbitMQ, not running it");
-            return Disposition::Requeue;
-        }
         // Checked once a worker is free, right before the Work would start.
         let now = Utc::now();
         if let Some(deadline) = job.expires_at.filter(|at| *at <= now) {

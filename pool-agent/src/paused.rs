@@ -78,6 +78,15 @@ impl Paused {
             .is_some_and(|p| p.contains(queue))
     }
 
+    /// Resolves once `queue` is heard paused (at once if it is).
+    pub async fn until_paused(&self, queue: &str) {
+        let mut heard = self.heard.subscribe();
+        // The sender lives as long as `self`, so the wait ends only with a pause.
+        let _ = heard
+            .wait_for(|p| p.as_ref().is_some_and(|p| p.contains(queue)))
+            .await;
+    }
+
     /// The set heard last, if any was.
     pub fn heard(&self) -> Option<PausedQueues> {
         self.heard.borrow().clone()

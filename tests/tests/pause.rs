@@ -308,3 +308,60 @@ async fn a_reconnected_agent_does_not_consume_a_paused_queue() {
     .await;
     ui_shows(&queue, 1, 0).await;
 }
+
+/// A job that waits in an agent for a worker (a prefetch above the pool's size) goes back to
+/// RabbitMQ as soon as its queue is paused, not once a worker is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_for_a_worker_goes_back_when_its_queue_is_paused() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent(
+        "w1",
+        &[
+            "--started-delay",
+            "0s",
+            "--pool-max-size",
+            "1",
+            "--prefetch",
+            "2",
+        ],
+    );
+    sys.ready(true, &["w1"]).await;
+    let queue = sys.names.jobs_queue("default");
+    let ready_in_queue = |n: u32, what: &'static str| {
+        let queue = queue.clone();
+        within(MINUTE, what, async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                if declared(&queue).await.message_count() == n {
+                    return;
+                }
+            }
+        })
+    };
+    let mut events = sys
+        .client
+        .watch(&[EventKind::Started])
+        .await
+        .expect("watch");
+    // The pool's one worker is busy for far longer than the test waits.
+    let long = sys
+        .client
+        .publish_job(Job::new("demo.sleep", json!({"ms": 600_000})))
+        .await
+        .expect("published");
+    within(MINUTE, "the long job's start", async {
+        while events.next().await.expect("events").uuid != long {}
+    })
+    .await;
+    let waiting = publish(&sys, 1).await;
+    ready_in_queue(0, "the agent holding the second job").await;
+
+    cli(&sys, "pause", "default").await;
+    ready_in_queue(1, "the waiting job back in its queue").await;
+    still_waiting(&sys, &queue, &waiting).await;
+    let jobs = sys.list_all(None).await.expect("lists");
+    let long = jobs.iter().find(|j| j.uuid == long).expect("recorded");
+    assert_eq!(long.state, JobState::Running, "the long job still runs");
+}
