@@ -2,7 +2,8 @@
 //! job's record, every result (with its logs), the jobs recorded but not yet confirmed by
 //! RabbitMQ, an index by creation time for listing, and what the scheduler's clock needs: the
 //! schedules, the timers of held jobs (delayed jobs and retries), the unique keys of unfinished
-//! jobs, the children of each job and the paused queues.
+//! jobs, the children of each job, the paused queues, and which waiting job waits for which
+//! (see [`crate::groups`]).
 //!
 //! Every change is one fjall single-writer transaction, across keyspaces: one write
 //! transaction at a time (a lock is held from its start to its commit), which reads what was
@@ -35,6 +36,7 @@ use rota_common::wire::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::groups;
 use crate::retries::RetryPolicy;
 
 #[derive(Clone)]
@@ -55,6 +57,9 @@ pub struct Store {
     cache_bytes: u64,
     /// The thread that makes the frequent writes ([`Store::write`]).
     writer: Arc<Writer>,
+    /// Waiting jobs that a committed write moved on ([`groups::ended`]): for the server to
+    /// publish or announce, once durable ([`Store::take_moved`]).
+    moved: Arc<Mutex<Vec<JobRecord>>>,
 }
 
 /// The runs (uuid, attempt) recorded first since the last flush, and those whose flush
@@ -97,7 +102,7 @@ impl Writer {
 
 /// The keyspaces of one open database (sled's trees of older versions, the same keys and
 /// values).
-struct Trees {
+pub(crate) struct Trees {
     db: SingleWriterTxDatabase,
     /// uuid → JobRecord
     jobs: Keyspace,
@@ -120,16 +125,18 @@ struct Trees {
     probe: Keyspace,
     /// One key, [`PAUSED`] → the paused queues ([`PausedQueues`])
     paused: Keyspace,
+    /// awaited uuid + waiting uuid → () while a `waiting` job waits for that job
+    pub(crate) awaited: Keyspace,
     /// Makes the journal durable for every writer at once; last, so that the keyspaces are
     /// gone when its thread, which owns a handle on the database, ends.
     durable: GroupCommit,
 }
 
 type Keyspace = SingleWriterTxKeyspace;
-type WriteTx<'a> = SingleWriterWriteTx<'a>;
+pub(crate) type WriteTx<'a> = SingleWriterWriteTx<'a>;
 
 /// The keyspaces, by name: the trees of a sled store, too.
-const KEYSPACES: [&str; 10] = [
+const KEYSPACES: [&str; 11] = [
     "jobs",
     "results",
     "unpublished",
@@ -140,6 +147,7 @@ const KEYSPACES: [&str; 10] = [
     "schedules",
     "probe",
     "paused",
+    "awaited",
 ];
 
 /// The key of the paused queues in their keyspace.
@@ -203,6 +211,7 @@ impl Trees {
             schedules: open("schedules")?,
             probe: open("probe")?,
             paused: open("paused")?,
+            awaited: open("awaited")?,
             durable: {
                 let db = db.clone();
                 let failed = |e: fjall::Error| format!("cannot sync the store's journal: {e}");
@@ -239,6 +248,7 @@ impl Trees {
             "schedules" => &self.schedules,
             "probe" => &self.probe,
             "paused" => &self.paused,
+            "awaited" => &self.awaited,
             _ => return None,
         })
     }
@@ -374,6 +384,8 @@ pub struct Inserted {
     pub new: bool,
     /// A job held for its `debounce_s` that this one replaced: it ended `superseded`.
     pub superseded: Option<JobRecord>,
+    /// The waiting jobs that the end of `superseded` moved on (see [`groups::ended`]).
+    pub follow_ups: Vec<JobRecord>,
 }
 
 /// Whether `holder`, the job that holds a unique key, keeps the key from a new job at `now`:
@@ -413,6 +425,7 @@ fn insert_new(
             record: serde_json::from_slice(&old)?,
             new: false,
             superseded: None,
+            follow_ups: Vec::new(),
         });
     }
     let mut superseded = None;
@@ -427,6 +440,7 @@ fn insert_new(
                     record: holder,
                     new: false,
                     superseded: None,
+                    follow_ups: Vec::new(),
                 });
             }
         } else if holder.state == JobState::Scheduled && holder.attempts.is_empty() {
@@ -449,39 +463,12 @@ fn insert_new(
             superseded = Some(holder);
         }
     }
-    let held_until = [
-        fresh.job.run_at.filter(|at| *at > now),
-        fresh.job.debounce_s.map(|s| after(now, s)),
-    ]
-    .into_iter()
-    .flatten()
-    .max();
-    match (held_until, fresh.job.expires_at) {
-        (_, Some(deadline)) if deadline <= now => {
-            fresh.state = JobState::Expired;
-            fresh.reason = Some(format!(
-                "its deadline {deadline} had passed when it was accepted at {now}: not run"
-            ));
-        }
-        (Some(at), Some(deadline)) if at >= deadline => {
-            fresh.state = JobState::Expired;
-            fresh.reason = Some(format!(
-                "held until {at}, not before its deadline {deadline} (looked at {now}): not run"
-            ));
-        }
-        (Some(at), _) => {
-            fresh.state = JobState::Scheduled;
-            fresh.next_run_at = Some(at);
-            tx.insert(&t.timers, timer_key(at, uuid), EMPTY);
-        }
-        (None, _) => {
-            fresh.state = JobState::Queued;
-            tx.insert(
-                &t.unpublished,
-                uuid.as_bytes().as_slice(),
-                pending(fresh.job.attempt, now).as_slice(),
-            );
-        }
+    let mut follow_ups = Vec::new();
+    if let Some(old) = &superseded {
+        follow_ups = groups::ended(tx, t, old, now)?;
+    }
+    if !groups::hold(tx, t, &mut fresh)? {
+        place(tx, t, &mut fresh, now);
     }
     tx.insert(
         &t.jobs,
@@ -501,12 +488,83 @@ fn insert_new(
         record: fresh,
         new: true,
         superseded,
+        follow_ups,
     })
+}
+
+/// Places `record`, a job free to run from `now` on, in `tx`: queued (to publish); or
+/// scheduled while its `run_at` or `debounce_s` holds it; or `expired` at once when it cannot
+/// start by its deadline.
+pub(crate) fn place(tx: &mut WriteTx, t: &Trees, record: &mut JobRecord, now: DateTime<Utc>) {
+    let uuid = record.uuid;
+    let held_until = [
+        record.job.run_at.filter(|at| *at > now),
+        record.job.debounce_s.map(|s| after(now, s)),
+    ]
+    .into_iter()
+    .flatten()
+    .max();
+    match (held_until, record.job.expires_at) {
+        (_, Some(deadline)) if deadline <= now => {
+            record.state = JobState::Expired;
+            record.reason = Some(format!(
+                "its deadline {deadline} had passed when it was free to run at {now}: not run"
+            ));
+        }
+        (Some(at), Some(deadline)) if at >= deadline => {
+            record.state = JobState::Expired;
+            record.reason = Some(format!(
+                "held until {at}, not before its deadline {deadline} (looked at {now}): not run"
+            ));
+        }
+        (Some(at), _) => {
+            record.state = JobState::Scheduled;
+            record.next_run_at = Some(at);
+            tx.insert(&t.timers, timer_key(at, uuid), EMPTY);
+        }
+        (None, _) => {
+            record.state = JobState::Queued;
+            tx.insert(
+                &t.unpublished,
+                uuid.as_bytes().as_slice(),
+                pending(record.job.attempt, now).as_slice(),
+            );
+        }
+    }
+}
+
+/// The record of `uuid` as `tx` sees it.
+pub(crate) fn read(tx: &WriteTx, t: &Trees, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
+    match tx.get(&t.jobs, uuid.as_bytes())? {
+        Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+            format!("the stored record of job {uuid} is unreadable")
+        })?)),
+        None => Ok(None),
+    }
+}
+
+/// Writes `record` in `tx`.
+pub(crate) fn write(tx: &mut WriteTx, t: &Trees, record: &JobRecord) -> anyhow::Result<()> {
+    tx.insert(
+        &t.jobs,
+        record.uuid.as_bytes().as_slice(),
+        serde_json::to_vec(record)?,
+    );
+    Ok(())
+}
+
+/// The children of `parent` as `tx` sees them.
+pub(crate) fn children(tx: &WriteTx, t: &Trees, parent: JobId) -> anyhow::Result<Vec<JobId>> {
+    let mut out = Vec::new();
+    for item in tx.prefix(&t.children, parent.as_bytes()) {
+        out.extend(id_from(&item.key()?[16..]));
+    }
+    Ok(out)
 }
 
 /// Gives back the unique key of `record`, a job that is over, if it holds it and no window
 /// keeps it (see [`holds_key`]; a window is checked when the key is asked for again).
-fn free_key(tx: &mut WriteTx, t: &Trees, record: &JobRecord) -> anyhow::Result<()> {
+pub(crate) fn free_key(tx: &mut WriteTx, t: &Trees, record: &JobRecord) -> anyhow::Result<()> {
     if let Some(key) = &record.job.unique_key
         && record.job.unique_for_s.is_none()
         && tx.get(&t.unique, key.as_bytes())?.as_deref() == Some(record.uuid.as_bytes().as_slice())
@@ -517,7 +575,7 @@ fn free_key(tx: &mut WriteTx, t: &Trees, record: &JobRecord) -> anyhow::Result<(
 }
 
 /// The value of the keys that are an index alone.
-const EMPTY: &[u8] = &[];
+pub(crate) const EMPTY: &[u8] = &[];
 
 /// Applies `change` to the record of `uuid` in `tx` (creating it from `fresh` when absent);
 /// `change` returns false to leave the record as it is. Returns the record after.
@@ -630,14 +688,14 @@ fn timer_key(at: DateTime<Utc>, uuid: JobId) -> Vec<u8> {
     k
 }
 
-fn pair_key(a: JobId, b: JobId) -> [u8; 32] {
+pub(crate) fn pair_key(a: JobId, b: JobId) -> [u8; 32] {
     let mut k = [0u8; 32];
     k[..16].copy_from_slice(a.as_bytes());
     k[16..].copy_from_slice(b.as_bytes());
     k
 }
 
-fn id_from(bytes: &[u8]) -> Option<JobId> {
+pub(crate) fn id_from(bytes: &[u8]) -> Option<JobId> {
     uuid::Uuid::from_slice(bytes).ok().map(JobId)
 }
 
@@ -768,6 +826,7 @@ impl Store {
             undurable: Arc::default(),
             cache_bytes,
             writer: Arc::new(Writer::start()?),
+            moved: Arc::default(),
         })
     }
 
@@ -802,6 +861,22 @@ impl Store {
             })
     }
 
+    /// Notes waiting jobs that a committed write moved on.
+    fn moved_on(&self, records: Vec<JobRecord>) {
+        if !records.is_empty() {
+            self.moved
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(records);
+        }
+    }
+
+    /// The waiting jobs moved on since the last call (queued, held, or ended), each as it was
+    /// then: durable after the next [`Store::flush`].
+    pub fn take_moved(&self) -> Vec<JobRecord> {
+        std::mem::take(&mut *self.moved.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
     /// The folder of one job.
     pub fn job_dir(&self, uuid: JobId) -> PathBuf {
         self.work_root.join(uuid.to_string())
@@ -822,6 +897,7 @@ impl Store {
             children: Vec::new(),
             reason: None,
             superseded_by: None,
+            waiting_for: Vec::new(),
         }
     }
 
@@ -833,13 +909,46 @@ impl Store {
         let uuid = job.uuid.context("a submitted job needs its uuid")?;
         let fresh = self.new_record(job, uuid, JobState::Queued);
         // The transaction (its lock) ends before the flush is awaited.
-        let out = {
+        let mut out = {
             let mut tx = t.db.write_tx();
             let out = insert_new(&mut tx, &t, fresh, Utc::now())?;
             tx.commit()?;
             out
         };
+        self.moved_on(std::mem::take(&mut out.follow_ups));
         if out.new {
+            self.flush().await?;
+        }
+        Ok(out)
+    }
+
+    /// Records submitted jobs (their uuids set) at once, in order, as [`Store::submit`]
+    /// does; `link` may change each job before it is recorded, from the records of the jobs
+    /// before it (a group's callback or a chain's link set to wait for them). Nothing is
+    /// recorded if one cannot be.
+    pub async fn submit_all(
+        &self,
+        jobs: Vec<Job>,
+        link: impl Fn(&[Inserted], &mut Job),
+    ) -> anyhow::Result<Vec<Inserted>> {
+        let t = self.trees()?;
+        let now = Utc::now();
+        // The transaction (its lock) ends before the flush is awaited.
+        let mut out: Vec<Inserted> = Vec::with_capacity(jobs.len());
+        {
+            let mut tx = t.db.write_tx();
+            for mut job in jobs {
+                link(&out, &mut job);
+                let uuid = job.uuid.context("a submitted job needs its uuid")?;
+                let fresh = self.new_record(job, uuid, JobState::Queued);
+                out.push(insert_new(&mut tx, &t, fresh, now)?);
+            }
+            tx.commit()?;
+        }
+        for inserted in &mut out {
+            self.moved_on(std::mem::take(&mut inserted.follow_ups));
+        }
+        if out.iter().any(|i| i.new) {
             self.flush().await?;
         }
         Ok(out)
@@ -970,6 +1079,7 @@ impl Store {
                 }
                 None => None,
             };
+            let mut moved = Vec::new();
             if let Some(record) = &out {
                 tx.insert(
                     &t.jobs,
@@ -984,17 +1094,20 @@ impl Store {
                     );
                 } else {
                     free_key(&mut tx, &t, record)?;
+                    moved = groups::ended(&mut tx, &t, record, now)?;
                 }
             }
             tx.commit()?;
+            self.moved_on(moved);
             out
         };
         self.flush().await?;
         Ok(out)
     }
 
-    /// Cancels a job held in `scheduled`: it ends `cancelled` without running. Returns None
-    /// if the job is not held (then agents must be told).
+    /// Cancels a job held in `scheduled` or `waiting`: it ends `cancelled` without running
+    /// (again, for a job whose Work ended and waits for its children). Returns None if the
+    /// job is not held (then agents must be told).
     pub async fn cancel_scheduled(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
         let t = self.trees()?;
         // The transaction (its lock) ends before the flush is awaited.
@@ -1004,12 +1117,13 @@ impl Store {
                 return Ok(None);
             };
             let mut record: JobRecord = serde_json::from_slice(&bytes)?;
-            if record.state != JobState::Scheduled {
+            if !matches!(record.state, JobState::Scheduled | JobState::Waiting) {
                 return Ok(None);
             }
             if let Some(at) = record.next_run_at.take() {
                 tx.remove(&t.timers, timer_key(at, uuid));
             }
+            groups::stop_waiting(&mut tx, &t, &mut record);
             record.state = JobState::Cancelled;
             record.cancel_requested = true;
             record.updated_at = Utc::now();
@@ -1023,7 +1137,9 @@ impl Store {
                 uuid.as_bytes().as_slice(),
                 serde_json::to_vec(&record)?,
             );
+            let moved = groups::ended(&mut tx, &t, &record, record.updated_at)?;
             tx.commit()?;
+            self.moved_on(moved);
             record
         };
         self.flush().await?;
@@ -1397,7 +1513,8 @@ impl Store {
         // A job first seen through its result (published straight to RabbitMQ): its record
         // is made from the job the result carries.
         let fresh = || self.new_record(winner.job.clone(), winner.uuid, JobState::Queued);
-        let record = update(&mut tx, &t, winner.uuid, fresh, |record| {
+        let mut settled = false;
+        let mut record = update(&mut tx, &t, winner.uuid, fresh, |record| {
             let attempt = Attempt {
                 attempt: winner.attempt,
                 agent: Some(winner.agent.clone()),
@@ -1427,9 +1544,21 @@ impl Store {
             {
                 record.job.attempt = winner.attempt;
                 self.policy.settle(record, winner.status, Utc::now());
+                settled = true;
             }
             true
         })?;
+        // A run that ended its job moves on the jobs waiting for it; a Work may ask that
+        // its job wait for its children first.
+        let mut moved = Vec::new();
+        if settled {
+            if groups::after_run(&mut tx, &t, &mut record)? {
+                write(&mut tx, &t, &record)?;
+            }
+            if record.state.is_final() {
+                moved = groups::ended(&mut tx, &t, &record, Utc::now())?;
+            }
+        }
         // The indexes that follow a record's state: a held job has its timer; a job that is
         // over gives back its unique key (or keeps it for its `unique_for_s`).
         if record.state == JobState::Scheduled
@@ -1446,6 +1575,7 @@ impl Store {
             attempt <= result.attempt
         })?;
         tx.commit()?;
+        self.moved_on(moved);
         let run = (result.uuid, result.attempt);
         let mut undurable = self.undurable();
         let first = if won {
