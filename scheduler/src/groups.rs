@@ -78,7 +78,11 @@ pub fn hold(tx: &mut WriteTx, t: &Trees, fresh: &mut JobRecord) -> anyhow::Resul
         return Ok(false);
     }
     for &uuid in &waiting_for {
-        tx.insert(&t.awaited, store::pair_key(uuid, fresh.uuid).as_slice(), EMPTY);
+        tx.insert(
+            &t.awaited,
+            store::pair_key(uuid, fresh.uuid).as_slice(),
+            EMPTY,
+        );
     }
     fresh.state = JobState::Waiting;
     fresh.waiting_for = waiting_for;
@@ -148,7 +152,11 @@ pub fn after_run(tx: &mut WriteTx, t: &Trees, record: &mut JobRecord) -> anyhow:
         return Ok(true);
     }
     for &child in &waiting_for {
-        tx.insert(&t.awaited, store::pair_key(child, record.uuid).as_slice(), EMPTY);
+        tx.insert(
+            &t.awaited,
+            store::pair_key(child, record.uuid).as_slice(),
+            EMPTY,
+        );
     }
     record.state = JobState::Waiting;
     record.waiting_for = waiting_for;
@@ -315,20 +323,33 @@ mod tests {
         let callback = records[3].uuid;
         assert_eq!(get(&store, callback).state, JobState::Waiting);
         // Members end out of order; the second one's result comes twice.
-        for (i, status) in [(2, Status::Succeeded), (1, Status::Failed), (1, Status::Failed)] {
+        for (i, status) in [
+            (2, Status::Succeeded),
+            (1, Status::Failed),
+            (1, Status::Failed),
+        ] {
             let r = result(&records[i], status, json!({ "n": i }));
             store.record(&r).expect("recorded");
             assert_eq!(get(&store, callback).state, JobState::Waiting);
         }
         assert_eq!(store.take_moved().len(), 2);
-        assert!(
-            matches!(store.record(&result(&records[0], Status::Succeeded, json!(0))), Ok(Recorded::New(_)))
-        );
+        assert!(matches!(
+            store.record(&result(&records[0], Status::Succeeded, json!(0))),
+            Ok(Recorded::New(_))
+        ));
         let moved = store.take_moved();
         assert_eq!(moved.len(), 1);
         let released = get(&store, callback);
-        assert_eq!((moved[0].uuid, released.state), (callback, JobState::Queued));
-        let states: Vec<_> = released.job.inputs.iter().map(|i| (i.uuid, i.state)).collect();
+        assert_eq!(
+            (moved[0].uuid, released.state),
+            (callback, JobState::Queued)
+        );
+        let states: Vec<_> = released
+            .job
+            .inputs
+            .iter()
+            .map(|i| (i.uuid, i.state))
+            .collect();
         assert_eq!(
             states,
             [
@@ -404,7 +425,11 @@ mod tests {
     #[tokio::test]
     async fn a_parent_waits_for_its_children_and_fails_naming_those_that_did() {
         let (_dir, store) = open();
-        let parent = store.submit(job("demo.spawn")).await.expect("recorded").record;
+        let parent = store
+            .submit(job("demo.spawn"))
+            .await
+            .expect("recorded")
+            .record;
         let mut children = Vec::new();
         for _ in 0..2 {
             let mut child = job("demo.echo");
@@ -424,7 +449,12 @@ mod tests {
             .expect("recorded");
         let ended = get(&store, parent.uuid);
         assert_eq!(ended.state, JobState::Failed);
-        assert!(ended.reason.expect("a reason").contains(&children[1].uuid.to_string()));
+        assert!(
+            ended
+                .reason
+                .expect("a reason")
+                .contains(&children[1].uuid.to_string())
+        );
         let output = &ended.attempts[0].output;
         assert_eq!(output["output"], json!("mine"));
         assert_eq!(output["children"].as_array().map(Vec::len), Some(2));

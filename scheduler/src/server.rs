@@ -31,8 +31,7 @@ use rota_common::roles::UserRole;
 use rota_common::wire::{
     ADMITTED_HEADER, AgentId, AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId,
     JobRecord, JobResult, JobState, MAX_RECEIPTS, MAX_TIMEOUT_S, OnFailure, PausedQueues, Role,
-    RpcReply,
-    RpcRequest, Run, ScheduleInfo, ScheduleSpec, Status,
+    RpcReply, RpcRequest, Run, ScheduleInfo, ScheduleSpec, Status,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

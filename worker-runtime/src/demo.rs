@@ -208,7 +208,10 @@ impl Work for Spawn {
         let mut ids = Vec::new();
         if let Some(callback) = callback {
             ids = ctx.submit_group(children, callback, on_failure).await?;
-            ctx.info(format!("submitted a group of {} and its callback", ids.len() - 1));
+            ctx.info(format!(
+                "submitted a group of {} and its callback",
+                ids.len() - 1
+            ));
         } else {
             for child in children {
                 let work_type = child.work_type.clone();
