@@ -977,6 +977,7 @@ impl Store {
                 return Ok(Vec::new()); // paused meanwhile, or handled already
             }
             let mut out = Vec::new();
+            let mut moved = Vec::new();
             for at in instants {
                 if info.last_fire.is_some_and(|last| last >= *at) {
                     continue;
@@ -985,12 +986,13 @@ impl Store {
                 let mut job = info.spec.job();
                 job.uuid = Some(uuid);
                 job.run_at = Some(*at);
-                let inserted = insert_new(
+                let mut inserted = insert_new(
                     &mut tx,
                     &t,
                     self.new_record(job, uuid, JobState::Queued),
                     now,
                 )?;
+                moved.append(&mut inserted.follow_ups);
                 info.last_job = Some(inserted.record.uuid);
                 if inserted.new {
                     out.push(inserted.record);
@@ -1000,6 +1002,7 @@ impl Store {
             info.next_fire = next;
             tx.insert(&t.schedules, name, serde_json::to_vec(&info)?);
             tx.commit()?;
+            self.moved_on(moved);
             out
         };
         self.flush().await?;
@@ -1784,6 +1787,9 @@ impl Store {
                 }
             }
         }
+        // Jobs moved on by writes that may not have reached the disk: what did is in the
+        // store read back (a released job waits in `unpublished`).
+        self.take_moved();
         let (path, cache_bytes) = (self.path.clone(), self.cache_bytes);
         let trees = tokio::task::spawn_blocking(move || Trees::open(&path, cache_bytes))
             .await

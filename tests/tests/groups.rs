@@ -377,3 +377,27 @@ async fn a_scheduler_killed_with_a_group_half_done_still_runs_the_callback_once(
     assert_eq!(states, [JobState::Succeeded; 3]);
     assert_eq!(callback.job.inputs[1].output, json!(2));
 }
+
+/// A job published straight to the jobs exchange with an `after` is handed to the scheduler,
+/// which holds it like a callback: it runs once the job it names has ended, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_job_with_after_waits_for_the_jobs_it_names() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("a1", &[]);
+    let mut finished = watch(&sys).await;
+    let first = sys
+        .client
+        .submit(Job::new("demo.sleep", json!({ "ms": 500 })))
+        .await
+        .expect("submitted")
+        .uuid;
+    let mut then = echo(json!({}));
+    then.after = vec![first];
+    let then = sys.client.publish_job(then).await.expect("published");
+    all_ended(&mut finished, &[first, then]).await;
+    let (first, then) = (status(&sys, first).await, status(&sys, then).await);
+    assert_eq!(then.state, JobState::Succeeded);
+    assert_eq!(then.job.inputs[0].uuid, first.uuid);
+    assert!(then.attempts[0].started_at >= first.attempts[0].finished_at);
+}
