@@ -461,6 +461,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_waiting_job_cancelled_stops_waiting_and_cancels_the_links_after_it() {
+        let (_dir, store) = open();
+        let jobs: Vec<Job> = (0..3).map(|_| job("demo.echo")).collect();
+        let records: Vec<JobRecord> = store
+            .submit_all(jobs, |done, job| {
+                if let Some(before) = done.last() {
+                    job.after = vec![before.record.uuid];
+                    job.on_failure = Some(OnFailure::Cancel);
+                }
+            })
+            .await
+            .expect("recorded")
+            .into_iter()
+            .map(|i| i.record)
+            .collect();
+        let cancelled = store
+            .cancel_scheduled(records[1].uuid)
+            .await
+            .expect("cancels")
+            .expect("it was held");
+        assert_eq!(cancelled.state, JobState::Cancelled);
+        assert!(cancelled.waiting_for.is_empty());
+        assert_eq!(get(&store, records[2].uuid).state, JobState::Cancelled);
+        assert_eq!(store.take_moved().len(), 1);
+        // The first link ends later: nothing waits for it any more.
+        store
+            .record(&result(&records[0], Status::Succeeded, Value::Null))
+            .expect("recorded");
+        assert!(store.take_moved().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_callback_names_only_recorded_jobs() {
         let (_dir, store) = open();
         let mut callback = job("demo.callback");
