@@ -15,7 +15,9 @@ use crate::Names;
 use crate::amqp::{
     Broker, BrokerError, ConsumeSpec, Consumer, Props, QueueSpec, Startup, Topology,
 };
-use crate::wire::{Event, EventKind, Heartbeat, Job, JobId, JobRecord, RpcReply, RpcRequest};
+use crate::wire::{
+    Event, EventKind, Heartbeat, Job, JobId, JobRecord, OnFailure, RpcReply, RpcRequest,
+};
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<RpcReply>>>>;
 
@@ -128,6 +130,28 @@ impl Client {
         expect_job(self.call(&RpcRequest::Submit { job }).await?)
     }
 
+    /// Asks the scheduler to record a group (see [`RpcRequest::SubmitGroup`]); returns the
+    /// records of its jobs, the callback last.
+    pub async fn submit_group(
+        &self,
+        jobs: Vec<Job>,
+        callback: Job,
+        on_failure: Option<OnFailure>,
+    ) -> anyhow::Result<Vec<JobRecord>> {
+        let request = RpcRequest::SubmitGroup {
+            jobs,
+            callback,
+            on_failure,
+        };
+        expect_jobs(self.call(&request).await?)
+    }
+
+    /// Asks the scheduler to record a chain (see [`RpcRequest::SubmitChain`]); returns the
+    /// records of its jobs in order.
+    pub async fn submit_chain(&self, jobs: Vec<Job>) -> anyhow::Result<Vec<JobRecord>> {
+        expect_jobs(self.call(&RpcRequest::SubmitChain { jobs }).await?)
+    }
+
     pub async fn status(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
         expect_job(self.call(&RpcRequest::Status { uuid }).await?)
     }
@@ -212,6 +236,13 @@ impl Client {
 fn expect_job(reply: RpcReply) -> anyhow::Result<JobRecord> {
     match reply {
         RpcReply::Job { job } => Ok(*job),
+        other => bail!("unexpected reply from the scheduler: {other:?}"),
+    }
+}
+
+fn expect_jobs(reply: RpcReply) -> anyhow::Result<Vec<JobRecord>> {
+    match reply {
+        RpcReply::Jobs { jobs, .. } => Ok(jobs),
         other => bail!("unexpected reply from the scheduler: {other:?}"),
     }
 }

@@ -223,7 +223,75 @@ pub struct Job {
     /// the last of a burst runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debounce_s: Option<u64>,
+    /// Held by the scheduler (`waiting`) until every one of these jobs has ended; then queued
+    /// with their outcomes in `inputs`, in this order (a group's callback, a chain's next
+    /// link). The jobs must be recorded before this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<JobId>,
+    /// With `after`: what a job of `after` that ends other than `succeeded` does to this one
+    /// (`run` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
+    /// Written by the scheduler when it queues a job that waited (`after`): how each job it
+    /// waited for ended, in the order of `after`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<JobOutcome>,
 }
+
+/// What a job that waits for others (`after`) does when one of them ends other than
+/// `succeeded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Runs anyway once all have ended, with their states in `inputs`.
+    #[default]
+    Run,
+    /// Ends `failed` at once, without running; the others go on.
+    Fail,
+    /// Ends `cancelled` at once, without running (a chain's later links).
+    Cancel,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Run => "run",
+            OnFailure::Fail => "fail",
+            OnFailure::Cancel => "cancel",
+        }
+    }
+}
+
+impl FromStr for OnFailure {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        serde_json::from_value(Value::String(s.to_owned()))
+            .map_err(|_| format!("unknown failure policy {s:?}: use run, fail or cancel"))
+    }
+}
+
+/// How a job that another waited for ended: one entry of the waiting job's `inputs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct JobOutcome {
+    pub uuid: JobId,
+    /// Its final state.
+    pub state: JobState,
+    /// The output of its last run (null when it did not run or did not succeed).
+    #[serde(default)]
+    pub output: Value,
+    /// Why it did not succeed: its last run's error, or why the scheduler ended it unrun.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+/// The output a Work returns to have its job wait for its children: `{WAIT_FOR_CHILDREN:
+/// true, "output": …}` (see `Context::wait_for_children`). The scheduler holds the job
+/// (`waiting`) until every child has ended; it then ends `succeeded` when every child did,
+/// else `failed`, with the output `{"output": …, "children": [JobOutcome…]}`.
+pub const WAIT_FOR_CHILDREN: &str = "rota.wait_for_children";
+
+/// The most jobs one `after` (a group, a chain) may name.
+pub const MAX_AFTER: usize = 10_000;
 
 fn first_attempt() -> u32 {
     1
@@ -251,6 +319,9 @@ impl Job {
             ttl_s: None,
             unique_for_s: None,
             debounce_s: None,
+            after: Vec::new(),
+            on_failure: None,
+            inputs: Vec::new(),
         }
     }
 
@@ -325,6 +396,19 @@ impl Job {
                 _ => {}
             }
         }
+        if self.after.len() > MAX_AFTER {
+            return Err(format!(
+                "after names {} jobs: at most {MAX_AFTER}; split the group",
+                self.after.len()
+            ));
+        }
+        let mut named = std::collections::HashSet::new();
+        if let Some(twice) = self.after.iter().find(|u| !named.insert(**u)) {
+            return Err(format!("after names job {twice} twice"));
+        }
+        if self.on_failure.is_some() && self.after.is_empty() {
+            return Err("on_failure needs after: the jobs whose failure it applies to".into());
+        }
         if self.unique_for_s.is_some() && self.debounce_s.is_some() {
             return Err(
                 "unique_for_s and debounce_s contradict each other: the first keeps the first \
@@ -336,11 +420,15 @@ impl Job {
     }
 
     /// Whether the scheduler must see this job before it runs (at `now`): it is held until a
-    /// later `run_at`, deduplicated by its `unique_key`, or given its deadline by `ttl_s`. An
+    /// later `run_at`, deduplicated by its `unique_key`, given its deadline by `ttl_s`, or
+    /// held until the jobs it names in `after` have ended. An
     /// agent hands such a job, published straight to the jobs exchange, to the scheduler
     /// unless the scheduler published it (header [`ADMITTED_HEADER`]).
     pub fn needs_admission(&self, now: DateTime<Utc>) -> bool {
-        self.run_at.is_some_and(|at| at > now) || self.unique_key.is_some() || self.ttl_s.is_some()
+        self.run_at.is_some_and(|at| at > now)
+            || self.unique_key.is_some()
+            || self.ttl_s.is_some()
+            || !self.after.is_empty()
     }
 
     pub fn queue_name(&self) -> &str {
@@ -754,13 +842,17 @@ pub enum JobState {
     /// Replaced, while held for its `debounce_s`, by a newer job with its unique key
     /// (`superseded_by`).
     Superseded,
+    /// Held until other jobs end: a group's callback or a chain's next link (until the jobs of
+    /// its `after` end; `waiting_for` lists those not ended yet), or a job whose Work ended and
+    /// waits for its children.
+    Waiting,
 }
 
 impl JobState {
     pub fn is_final(self) -> bool {
         !matches!(
             self,
-            JobState::Scheduled | JobState::Queued | JobState::Running
+            JobState::Scheduled | JobState::Queued | JobState::Running | JobState::Waiting
         )
     }
     pub fn as_str(self) -> &'static str {
@@ -777,6 +869,7 @@ impl JobState {
             JobState::Dead => "dead",
             JobState::Expired => "expired",
             JobState::Superseded => "superseded",
+            JobState::Waiting => "waiting",
         }
     }
 }
@@ -801,7 +894,7 @@ impl FromStr for JobState {
         serde_json::from_value(Value::String(s.to_owned())).map_err(|_| {
             format!(
                 "unknown job state {s:?}: use scheduled, queued, running, succeeded, failed, \
-                 crashed, timed_out, cancelled, rejected, dead, expired or superseded"
+                 crashed, timed_out, cancelled, rejected, dead, expired, superseded or waiting"
             )
         })
     }
@@ -863,6 +956,9 @@ pub struct JobRecord {
     /// For `superseded`: the newer job with its unique key that replaced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by: Option<JobId>,
+    /// While `waiting`: the jobs it still waits for (of its `after`, or its children).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<JobId>,
 }
 
 impl JobRecord {
@@ -882,6 +978,24 @@ pub enum RpcRequest {
     /// recorded returns the existing record and queues nothing.
     Submit {
         job: Job,
+    },
+    /// Record a group: `jobs` queued as by `submit`, and `callback` held (`waiting`) until
+    /// every one of them has ended, then queued with their outcomes in its `inputs` (its
+    /// `after` is set to them). All are recorded at once; replies with `jobs` (their records
+    /// in order, the callback last). Submitting it again (the same uuids) records nothing new.
+    SubmitGroup {
+        jobs: Vec<Job>,
+        callback: Job,
+        /// What a member that ends other than `succeeded` does to the callback (`run` when
+        /// absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        on_failure: Option<OnFailure>,
+    },
+    /// Record a chain: the first job queued, each next one held (`waiting`) until the one
+    /// before it ends, then queued with its outcome in `inputs`; when one ends other than
+    /// `succeeded`, the rest end `cancelled` without running. Replies with `jobs` in order.
+    SubmitChain {
+        jobs: Vec<Job>,
     },
     Status {
         uuid: JobId,
@@ -954,6 +1068,13 @@ impl RpcRequest {
         let request: RpcRequest = decode("request", body)?;
         match &request {
             RpcRequest::Submit { job } => job.check()?,
+            RpcRequest::SubmitGroup { jobs, callback, .. } => {
+                check_jobs("group", jobs)?;
+                callback
+                    .check()
+                    .map_err(|e| format!("the group's callback: {e}"))?;
+            }
+            RpcRequest::SubmitChain { jobs } => check_jobs("chain", jobs)?,
             RpcRequest::ScheduleAdd { schedule } => schedule
                 .job()
                 .check()
@@ -965,6 +1086,21 @@ impl RpcRequest {
         }
         Ok(request)
     }
+}
+
+/// Checks the jobs of a group or a chain: 1 to [`MAX_AFTER`] of them, each valid.
+fn check_jobs(what: &str, jobs: &[Job]) -> Result<(), String> {
+    if jobs.is_empty() || jobs.len() > MAX_AFTER {
+        return Err(format!(
+            "a {what} has 1 to {MAX_AFTER} jobs, not {}",
+            jobs.len()
+        ));
+    }
+    for (i, job) in jobs.iter().enumerate() {
+        job.check()
+            .map_err(|e| format!("job {} of the {what}: {e}", i + 1))?;
+    }
+    Ok(())
 }
 
 /// The scheduler's reply to an [`RpcRequest`].

@@ -13,8 +13,8 @@ use rota_common::config::{BrokerArgs, parse_duration};
 use rota_common::roles::UserRole;
 use rota_common::users::{self, Management, UserSpec};
 use rota_common::wire::{
-    AgentInfo, AttemptLogs, EventKind, Job, JobId, JobRecord, JobState, MissedPolicy, Role,
-    RpcReply, RpcRequest, ScheduleInfo, ScheduleSpec, Status,
+    AgentInfo, AttemptLogs, EventKind, Job, JobId, JobRecord, JobState, MissedPolicy, OnFailure,
+    Role, RpcReply, RpcRequest, ScheduleInfo, ScheduleSpec, Status,
 };
 use serde_json::Value;
 
@@ -50,6 +50,31 @@ pub enum Command {
     Bench(BenchArgs),
     /// Submits a job to the running scheduler.
     Submit(SubmitArgs),
+    /// Submits a group: its jobs run as usual, and its callback once every one of them has
+    /// ended, with their outcomes in its `inputs`. Prints the uuids, the callback's last.
+    SubmitGroup {
+        /// The callback, as TYPE or TYPE:JSON (its payload).
+        #[arg(long, value_parser = job_spec)]
+        callback: Job,
+        /// What a member that ends other than succeeded does to the callback: run it anyway
+        /// (with the member's state in its inputs), or fail it without running it.
+        #[arg(long, default_value = "run")]
+        on_failure: OnFailure,
+        /// The members, each as TYPE or TYPE:JSON.
+        #[arg(required = true, value_parser = job_spec)]
+        jobs: Vec<Job>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submits a chain: each job runs once the one before it succeeded, with its outcome in
+    /// its `inputs`; when one ends otherwise, the rest end cancelled. Prints the uuids.
+    SubmitChain {
+        /// The jobs in order, each as TYPE or TYPE:JSON.
+        #[arg(required = true, value_parser = job_spec)]
+        jobs: Vec<Job>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Shows what the scheduler knows of a job.
     Status {
         uuid: JobId,
@@ -373,6 +398,23 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
     let client = Client::connect(&broker.amqp_url(), broker.names()?, "scheduler-cli").await?;
     let code = match command {
         Command::Submit(args) => submit(&client, args).await?,
+        Command::SubmitGroup {
+            callback,
+            on_failure,
+            jobs,
+            json,
+        } => {
+            let records = client
+                .submit_group(jobs, callback, Some(on_failure))
+                .await?;
+            print_uuids(json, &records)?;
+            ExitCode::SUCCESS
+        }
+        Command::SubmitChain { jobs, json } => {
+            let records = client.submit_chain(jobs).await?;
+            print_uuids(json, &records)?;
+            ExitCode::SUCCESS
+        }
         Command::Status { uuid, json } => {
             let record = client.status(uuid).await?;
             print(json, &record, || print_record(&record))?;
@@ -596,6 +638,32 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// A job of a group or a chain on the command line: `TYPE` or `TYPE:JSON` (its payload);
+/// its uuid is chosen here, so that the command can be repeated safely.
+fn job_spec(text: &str) -> Result<Job, String> {
+    let (work_type, payload) = match text.split_once(':') {
+        Some((t, json)) => (
+            t,
+            serde_json::from_str(json)
+                .map_err(|e| format!("the payload of {t:?} is not valid JSON: {e}"))?,
+        ),
+        None => (text, Value::Null),
+    };
+    let mut job = Job::new(work_type, payload);
+    job.uuid = Some(JobId::random());
+    job.check()?;
+    Ok(job)
+}
+
+/// Prints the records of a group or a chain: their uuids, one a line, or the records.
+fn print_uuids(json: bool, records: &[JobRecord]) -> anyhow::Result<()> {
+    print(json, &records, || {
+        for r in records {
+            println!("{}  {}  {}", r.uuid, r.job.work_type, r.state);
+        }
+    })
+}
+
 /// A duration option in whole seconds, as the job carries it (rounded up: at least 1).
 fn whole_seconds(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
@@ -721,6 +789,31 @@ fn print_record(r: &JobRecord) {
     }
     if let Some(reason) = &r.reason {
         println!("  {}: {reason}", r.state);
+    }
+    if !r.job.after.is_empty() {
+        let policy = r.job.on_failure.unwrap_or_default().as_str();
+        println!(
+            "  waits for {} job(s) (on failure: {policy}); {} ended:",
+            r.job.after.len(),
+            r.job.inputs.len()
+        );
+        for u in &r.job.after {
+            match r.job.inputs.iter().find(|i| i.uuid == *u) {
+                Some(i) => println!("    {u}  {}", i.state),
+                None if r.waiting_for.contains(u) => println!("    {u}  (not ended)"),
+                None => println!("    {u}"),
+            }
+        }
+    } else if !r.waiting_for.is_empty() {
+        println!(
+            "  its Work ended; waits for {} of its children: {}",
+            r.waiting_for.len(),
+            r.waiting_for
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     for a in &r.attempts {
         let status = a.status.map(Status::as_str).unwrap_or("running");

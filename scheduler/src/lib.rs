@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod cron;
 pub mod demo;
+mod groups;
 mod intake;
 pub mod pages;
 pub mod retries;

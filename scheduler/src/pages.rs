@@ -61,7 +61,8 @@ pub fn parse_logs_cursor(cursor: &str) -> Result<(u32, usize), BadCursor> {
 }
 
 /// The record, made to fit `budget` bytes of JSON: when it is larger, the outputs of its
-/// attempts and its job's payload are replaced by a note of where they are kept.
+/// attempts and of the jobs it waited for (its `inputs`), and its job's payload, are replaced
+/// by a note of where they are kept.
 pub fn fit_record(mut record: JobRecord, budget: usize) -> JobRecord {
     let size = |r: &JobRecord| serde_json::to_vec(r).map_or(usize::MAX, |v| v.len());
     if size(&record) <= budget {
@@ -77,6 +78,16 @@ pub fn fit_record(mut record: JobRecord, budget: usize) -> JobRecord {
             a.output = Value::String(format!(
                 "[rota: an output of {bytes} bytes, left out to keep the reply small; it is in {}]",
                 file.display()
+            ));
+        }
+    }
+    // The outcomes of the jobs it waited for: each is in that job's own record.
+    for input in &mut record.job.inputs {
+        let bytes = serde_json::to_vec(&input.output).map_or(0, |v| v.len());
+        if bytes > 256 {
+            input.output = Value::String(format!(
+                "[rota: an output of {bytes} bytes, left out to keep the reply small; `scheduler status {}` shows it]",
+                input.uuid
             ));
         }
     }

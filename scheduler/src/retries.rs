@@ -137,6 +137,7 @@ mod tests {
             children: Vec::new(),
             reason: None,
             superseded_by: None,
+            waiting_for: Vec::new(),
         }
     }
 

@@ -30,8 +30,8 @@ use rota_common::names::DEFAULT_QUEUE;
 use rota_common::roles::UserRole;
 use rota_common::wire::{
     ADMITTED_HEADER, AgentId, AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId,
-    JobRecord, JobResult, JobState, MAX_RECEIPTS, MAX_TIMEOUT_S, PausedQueues, Role, RpcReply,
-    RpcRequest, Run, ScheduleInfo, ScheduleSpec, Status,
+    JobRecord, JobResult, JobState, MAX_RECEIPTS, MAX_TIMEOUT_S, OnFailure, PausedQueues, Role,
+    RpcReply, RpcRequest, Run, ScheduleInfo, ScheduleSpec, Status,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -839,6 +839,7 @@ impl Scheduler {
                 }
             }
         }
+        self.move_on().await;
         Vec::new()
     }
 
@@ -1125,6 +1126,35 @@ impl Scheduler {
             RpcRequest::Submit { job } => RpcReply::Job {
                 job: Box::new(self.submit(job).await?),
             },
+            RpcRequest::SubmitGroup {
+                jobs,
+                callback,
+                on_failure,
+            } => {
+                let members = jobs.len();
+                let mut all = jobs;
+                all.push(callback);
+                let jobs = self
+                    .submit_all(all, |done, job| {
+                        if done.len() == members {
+                            job.after = done.iter().map(|i| i.record.uuid).collect();
+                            job.on_failure = on_failure;
+                        }
+                    })
+                    .await?;
+                RpcReply::Jobs { jobs, next: None }
+            }
+            RpcRequest::SubmitChain { jobs } => {
+                let jobs = self
+                    .submit_all(jobs, |done, job| {
+                        if let Some(before) = done.last() {
+                            job.after = vec![before.record.uuid];
+                            job.on_failure = Some(OnFailure::Cancel);
+                        }
+                    })
+                    .await?;
+                RpcReply::Jobs { jobs, next: None }
+            }
             RpcRequest::Status { uuid } => {
                 let mut record = self.record_of(uuid)?;
                 record.children = self.store.children_of(uuid)?;
@@ -1439,6 +1469,7 @@ impl Scheduler {
                 };
                 if record.state == JobState::Expired {
                     self.ended_unrun(&record).await;
+                    self.move_on().await;
                 } else {
                     info!(job_id = %uuid, attempt = record.job.attempt, "its time has come: queueing it");
                     if let Err(e) = self.publish(&record).await {
@@ -1517,9 +1548,10 @@ impl Scheduler {
     async fn cancel(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
         // Held by the scheduler: it never reaches an agent.
         if let Some(record) = self.store.cancel_scheduled(uuid).await? {
-            info!(job_id = %uuid, "scheduled job cancelled");
+            info!(job_id = %uuid, "held job cancelled");
             self.finished(&record, record.job.attempt, Some(Status::Cancelled), None)
                 .await;
+            self.move_on().await;
             return Ok(record);
         }
         let record = self.record_of(uuid)?;
@@ -1561,21 +1593,49 @@ impl Scheduler {
     /// recorded, or one whose unique key is held, is returned as it is.
     async fn submit(&self, job: Job) -> anyhow::Result<JobRecord> {
         let (record, new) = self.accept(job).await?;
+        self.queue_new(&record, new).await?;
+        Ok(record)
+    }
+
+    /// Publishes `record`, a job just accepted, when it is new and `queued`.
+    async fn queue_new(&self, record: &JobRecord, new: bool) -> anyhow::Result<()> {
         if new && record.state == JobState::Queued {
             let uuid = record.uuid;
-            self.publish(&record).await.with_context(|| {
+            self.publish(record).await.with_context(|| {
                 format!("job {uuid} is recorded but not queued yet; the scheduler keeps trying to queue it")
             })?;
             info!(job_id = %uuid, r#type = %record.job.work_type, queue = record.job.queue_name(), "job submitted");
         }
-        Ok(record)
+        Ok(())
     }
 
-    /// Records a job as submitted (see [`Store::submit`]), its `ttl_s` made a deadline from
-    /// now, and announces the jobs that this ended without a run (the held job it superseded;
-    /// itself, when it cannot start by its deadline). Returns its record (or the job that
-    /// holds its unique key) and whether it is new: a new `queued` one is to be published.
-    async fn accept(&self, mut job: Job) -> anyhow::Result<(JobRecord, bool)> {
+    /// Records jobs at once (see [`Store::submit_all`]: a group, a chain), each made ready
+    /// as by `submit`, then publishes the new ones that are `queued`. Returns their records.
+    async fn submit_all(
+        &self,
+        jobs: Vec<Job>,
+        link: impl Fn(&[Inserted], &mut Job),
+    ) -> anyhow::Result<Vec<JobRecord>> {
+        let jobs = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, job)| self.ready(job).with_context(|| format!("job {}", i + 1)))
+            .collect::<anyhow::Result<Vec<Job>>>()?;
+        let inserted = self.store.submit_all(jobs, link).await?;
+        let mut records = Vec::with_capacity(inserted.len());
+        for i in inserted {
+            let uuid = i.record.uuid;
+            let (record, new) = self.accepted(uuid, i).await;
+            self.queue_new(&record, new).await?;
+            records.push(record);
+        }
+        self.move_on().await;
+        Ok(records)
+    }
+
+    /// Checks a job to record and makes it ready: its uuid set, its `ttl_s` made a deadline
+    /// from now.
+    fn ready(&self, mut job: Job) -> anyhow::Result<Job> {
         job.check().map_err(anyhow::Error::msg)?;
         // The timers count nanoseconds in an i64: 1677 to 2262.
         if let Some(at) = job.run_at
@@ -1588,28 +1648,84 @@ impl Scheduler {
             let deadline = Utc::now() + chrono::Duration::seconds(ttl.min(MAX_TIMEOUT_S) as i64);
             job.expires_at = Some(job.expires_at.map_or(deadline, |at| at.min(deadline)));
         }
-        let uuid = *job.uuid.get_or_insert_with(JobId::random);
+        job.uuid.get_or_insert_with(JobId::random);
+        Ok(job)
+    }
+
+    /// Publishes (or holds, or announces as ended) the waiting jobs that recent writes moved
+    /// on, once those writes are durable: a job released before its release is on disk could
+    /// run, and then be released again after a crash.
+    async fn move_on(&self) {
+        let moved = self.store.take_moved();
+        if moved.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.flush().await {
+            // They stay in the store: queued ones are published by the republish pass.
+            self.store_failed(&e);
+            return warn!(error = %e, "cannot flush the store; jobs released from waiting are queued later");
+        }
+        for record in moved {
+            match record.state {
+                JobState::Queued => {
+                    info!(job_id = %record.uuid, r#type = %record.job.work_type, "the jobs it waited for have ended: queueing it");
+                    if let Err(e) = self.publish(&record).await {
+                        self.store_failed(&e);
+                        warn!(job_id = %record.uuid, error = %e, "job not queued yet; trying again later");
+                    }
+                }
+                JobState::Scheduled => self.clock.notify_one(),
+                JobState::Waiting => {}
+                _ if record.attempts.is_empty() => self.ended_unrun(&record).await,
+                _ => {
+                    info!(job_id = %record.uuid, state = %record.state, "its children have ended: job over");
+                    self.finished(&record, record.job.attempt, None, None).await;
+                }
+            }
+        }
+    }
+
+    /// Records a job as submitted (see [`Store::submit`]), its `ttl_s` made a deadline from
+    /// now, and announces the jobs that this ended without a run (the held job it superseded;
+    /// itself, when it cannot start by its deadline). Returns its record (or the job that
+    /// holds its unique key) and whether it is new: a new `queued` one is to be published.
+    async fn accept(&self, job: Job) -> anyhow::Result<(JobRecord, bool)> {
+        let job = self.ready(job)?;
+        let uuid = job.uuid.context("a ready job has its uuid")?;
+        let inserted = self.store.submit(job).await?;
+        let accepted = self.accepted(uuid, inserted).await;
+        self.move_on().await;
+        Ok(accepted)
+    }
+
+    /// Announces what recording the job `uuid` did (see [`Store::submit`]) and returns its
+    /// record (or the job that holds its unique key) and whether it is new.
+    async fn accepted(&self, uuid: JobId, inserted: Inserted) -> (JobRecord, bool) {
         let Inserted {
             record,
             new,
             superseded,
-        } = self.store.submit(job).await?;
+            ..
+        } = inserted;
         if let Some(old) = superseded {
             self.ended_unrun(&old).await;
         }
         if new && record.state == JobState::Scheduled {
             info!(job_id = %uuid, r#type = %record.job.work_type, run_at = ?record.next_run_at, "job held until its time");
             self.clock.notify_one();
-        } else if new && record.state == JobState::Expired {
+        } else if new && record.state == JobState::Waiting {
+            info!(job_id = %uuid, r#type = %record.job.work_type, waiting_for = record.waiting_for.len(), "job held until the jobs it waits for end");
+        } else if new && record.state.is_final() {
             self.ended_unrun(&record).await;
         } else if !new && record.uuid != uuid {
             info!(job_id = %uuid, holder = %record.uuid, "not recorded: another job holds its unique key");
         }
-        Ok((record, new))
+        (record, new)
     }
 
     /// Announces and counts a job that the scheduler ended without running it (expired while
-    /// held, superseded by a newer job with its debounce key).
+    /// held, superseded by a newer job with its debounce key, a callback or a chain's link
+    /// ended by the failure of a job it waited for).
     async fn ended_unrun(&self, record: &JobRecord) {
         let reason = record.reason.as_deref().unwrap_or_default();
         info!(job_id = %record.uuid, state = %record.state, reason, "job ended without running");

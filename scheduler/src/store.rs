@@ -2,7 +2,8 @@
 //! job's record, every result (with its logs), the jobs recorded but not yet confirmed by
 //! RabbitMQ, an index by creation time for listing, and what the scheduler's clock needs: the
 //! schedules, the timers of held jobs (delayed jobs and retries), the unique keys of unfinished
-//! jobs, the children of each job and the paused queues.
+//! jobs, the children of each job, the paused queues, and which waiting job waits for which
+//! (see [`crate::groups`]).
 //!
 //! Every change is one fjall single-writer transaction, across keyspaces: one write
 //! transaction at a time (a lock is held from its start to its commit), which reads what was
@@ -35,6 +36,7 @@ use rota_common::wire::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::groups;
 use crate::retries::RetryPolicy;
 
 #[derive(Clone)]
@@ -55,6 +57,9 @@ pub struct Store {
     cache_bytes: u64,
     /// The thread that makes the frequent writes ([`Store::write`]).
     writer: Arc<Writer>,
+    /// Waiting jobs that a committed write moved on ([`groups::ended`]): for the server to
+    /// publish or announce, once durable ([`Store::take_moved`]).
+    moved: Arc<Mutex<Vec<JobRecord>>>,
 }
 
 /// The runs (uuid, attempt) recorded first since the last flush, and those whose flush
@@ -97,7 +102,7 @@ impl Writer {
 
 /// The keyspaces of one open database (sled's trees of older versions, the same keys and
 /// values).
-struct Trees {
+pub(crate) struct Trees {
     db: SingleWriterTxDatabase,
     /// uuid → JobRecord
     jobs: Keyspace,
@@ -120,16 +125,18 @@ struct Trees {
     probe: Keyspace,
     /// One key, [`PAUSED`] → the paused queues ([`PausedQueues`])
     paused: Keyspace,
+    /// awaited uuid + waiting uuid → () while a `waiting` job waits for that job
+    pub(crate) awaited: Keyspace,
     /// Makes the journal durable for every writer at once; last, so that the keyspaces are
     /// gone when its thread, which owns a handle on the database, ends.
     durable: GroupCommit,
 }
 
 type Keyspace = SingleWriterTxKeyspace;
-type WriteTx<'a> = SingleWriterWriteTx<'a>;
+pub(crate) type WriteTx<'a> = SingleWriterWriteTx<'a>;
 
 /// The keyspaces, by name: the trees of a sled store, too.
-const KEYSPACES: [&str; 10] = [
+const KEYSPACES: [&str; 11] = [
     "jobs",
     "results",
     "unpublished",
@@ -140,6 +147,7 @@ const KEYSPACES: [&str; 10] = [
     "schedules",
     "probe",
     "paused",
+    "awaited",
 ];
 
 /// The key of the paused queues in their keyspace.
@@ -203,6 +211,7 @@ impl Trees {
             schedules: open("schedules")?,
             probe: open("probe")?,
             paused: open("paused")?,
+            awaited: open("awaited")?,
             durable: {
                 let db = db.clone();
                 let mut journal = JournalSync::new(path);
@@ -241,6 +250,7 @@ impl Trees {
             "schedules" => &self.schedules,
             "probe" => &self.probe,
             "paused" => &self.paused,
+            "awaited" => &self.awaited,
             _ => return None,
         })
     }
@@ -437,6 +447,8 @@ pub struct Inserted {
     pub new: bool,
     /// A job held for its `debounce_s` that this one replaced: it ended `superseded`.
     pub superseded: Option<JobRecord>,
+    /// The waiting jobs that the end of `superseded` moved on (see [`groups::ended`]).
+    pub follow_ups: Vec<JobRecord>,
 }
 
 /// Whether `holder`, the job that holds a unique key, keeps the key from a new job at `now`:
@@ -476,6 +488,7 @@ fn insert_new(
             record: serde_json::from_slice(&old)?,
             new: false,
             superseded: None,
+            follow_ups: Vec::new(),
         });
     }
     let mut superseded = None;
@@ -490,6 +503,7 @@ fn insert_new(
                     record: holder,
                     new: false,
                     superseded: None,
+                    follow_ups: Vec::new(),
                 });
             }
         } else if holder.state == JobState::Scheduled && holder.attempts.is_empty() {
@@ -512,39 +526,12 @@ fn insert_new(
             superseded = Some(holder);
         }
     }
-    let held_until = [
-        fresh.job.run_at.filter(|at| *at > now),
-        fresh.job.debounce_s.map(|s| after(now, s)),
-    ]
-    .into_iter()
-    .flatten()
-    .max();
-    match (held_until, fresh.job.expires_at) {
-        (_, Some(deadline)) if deadline <= now => {
-            fresh.state = JobState::Expired;
-            fresh.reason = Some(format!(
-                "its deadline {deadline} had passed when it was accepted at {now}: not run"
-            ));
-        }
-        (Some(at), Some(deadline)) if at >= deadline => {
-            fresh.state = JobState::Expired;
-            fresh.reason = Some(format!(
-                "held until {at}, not before its deadline {deadline} (looked at {now}): not run"
-            ));
-        }
-        (Some(at), _) => {
-            fresh.state = JobState::Scheduled;
-            fresh.next_run_at = Some(at);
-            tx.insert(&t.timers, timer_key(at, uuid), EMPTY);
-        }
-        (None, _) => {
-            fresh.state = JobState::Queued;
-            tx.insert(
-                &t.unpublished,
-                uuid.as_bytes().as_slice(),
-                pending(fresh.job.attempt, now).as_slice(),
-            );
-        }
+    let mut follow_ups = Vec::new();
+    if let Some(old) = &superseded {
+        follow_ups = groups::ended(tx, t, old, now)?;
+    }
+    if !groups::hold(tx, t, &mut fresh)? {
+        place(tx, t, &mut fresh, now);
     }
     tx.insert(
         &t.jobs,
@@ -564,12 +551,83 @@ fn insert_new(
         record: fresh,
         new: true,
         superseded,
+        follow_ups,
     })
+}
+
+/// Places `record`, a job free to run from `now` on, in `tx`: queued (to publish); or
+/// scheduled while its `run_at` or `debounce_s` holds it; or `expired` at once when it cannot
+/// start by its deadline.
+pub(crate) fn place(tx: &mut WriteTx, t: &Trees, record: &mut JobRecord, now: DateTime<Utc>) {
+    let uuid = record.uuid;
+    let held_until = [
+        record.job.run_at.filter(|at| *at > now),
+        record.job.debounce_s.map(|s| after(now, s)),
+    ]
+    .into_iter()
+    .flatten()
+    .max();
+    match (held_until, record.job.expires_at) {
+        (_, Some(deadline)) if deadline <= now => {
+            record.state = JobState::Expired;
+            record.reason = Some(format!(
+                "its deadline {deadline} had passed when it was free to run at {now}: not run"
+            ));
+        }
+        (Some(at), Some(deadline)) if at >= deadline => {
+            record.state = JobState::Expired;
+            record.reason = Some(format!(
+                "held until {at}, not before its deadline {deadline} (looked at {now}): not run"
+            ));
+        }
+        (Some(at), _) => {
+            record.state = JobState::Scheduled;
+            record.next_run_at = Some(at);
+            tx.insert(&t.timers, timer_key(at, uuid), EMPTY);
+        }
+        (None, _) => {
+            record.state = JobState::Queued;
+            tx.insert(
+                &t.unpublished,
+                uuid.as_bytes().as_slice(),
+                pending(record.job.attempt, now).as_slice(),
+            );
+        }
+    }
+}
+
+/// The record of `uuid` as `tx` sees it.
+pub(crate) fn read(tx: &WriteTx, t: &Trees, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
+    match tx.get(&t.jobs, uuid.as_bytes())? {
+        Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+            format!("the stored record of job {uuid} is unreadable")
+        })?)),
+        None => Ok(None),
+    }
+}
+
+/// Writes `record` in `tx`.
+pub(crate) fn write(tx: &mut WriteTx, t: &Trees, record: &JobRecord) -> anyhow::Result<()> {
+    tx.insert(
+        &t.jobs,
+        record.uuid.as_bytes().as_slice(),
+        serde_json::to_vec(record)?,
+    );
+    Ok(())
+}
+
+/// The children of `parent` as `tx` sees them.
+pub(crate) fn children(tx: &WriteTx, t: &Trees, parent: JobId) -> anyhow::Result<Vec<JobId>> {
+    let mut out = Vec::new();
+    for item in tx.prefix(&t.children, parent.as_bytes()) {
+        out.extend(id_from(&item.key()?[16..]));
+    }
+    Ok(out)
 }
 
 /// Gives back the unique key of `record`, a job that is over, if it holds it and no window
 /// keeps it (see [`holds_key`]; a window is checked when the key is asked for again).
-fn free_key(tx: &mut WriteTx, t: &Trees, record: &JobRecord) -> anyhow::Result<()> {
+pub(crate) fn free_key(tx: &mut WriteTx, t: &Trees, record: &JobRecord) -> anyhow::Result<()> {
     if let Some(key) = &record.job.unique_key
         && record.job.unique_for_s.is_none()
         && tx.get(&t.unique, key.as_bytes())?.as_deref() == Some(record.uuid.as_bytes().as_slice())
@@ -580,7 +638,7 @@ fn free_key(tx: &mut WriteTx, t: &Trees, record: &JobRecord) -> anyhow::Result<(
 }
 
 /// The value of the keys that are an index alone.
-const EMPTY: &[u8] = &[];
+pub(crate) const EMPTY: &[u8] = &[];
 
 /// Applies `change` to the record of `uuid` in `tx` (creating it from `fresh` when absent);
 /// `change` returns false to leave the record as it is. Returns the record after.
@@ -693,14 +751,14 @@ fn timer_key(at: DateTime<Utc>, uuid: JobId) -> Vec<u8> {
     k
 }
 
-fn pair_key(a: JobId, b: JobId) -> [u8; 32] {
+pub(crate) fn pair_key(a: JobId, b: JobId) -> [u8; 32] {
     let mut k = [0u8; 32];
     k[..16].copy_from_slice(a.as_bytes());
     k[16..].copy_from_slice(b.as_bytes());
     k
 }
 
-fn id_from(bytes: &[u8]) -> Option<JobId> {
+pub(crate) fn id_from(bytes: &[u8]) -> Option<JobId> {
     uuid::Uuid::from_slice(bytes).ok().map(JobId)
 }
 
@@ -831,6 +889,7 @@ impl Store {
             undurable: Arc::default(),
             cache_bytes,
             writer: Arc::new(Writer::start()?),
+            moved: Arc::default(),
         })
     }
 
@@ -865,6 +924,22 @@ impl Store {
             })
     }
 
+    /// Notes waiting jobs that a committed write moved on.
+    fn moved_on(&self, records: Vec<JobRecord>) {
+        if !records.is_empty() {
+            self.moved
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(records);
+        }
+    }
+
+    /// The waiting jobs moved on since the last call (queued, held, or ended), each as it was
+    /// then: durable after the next [`Store::flush`].
+    pub fn take_moved(&self) -> Vec<JobRecord> {
+        std::mem::take(&mut *self.moved.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
     /// The folder of one job.
     pub fn job_dir(&self, uuid: JobId) -> PathBuf {
         self.work_root.join(uuid.to_string())
@@ -885,6 +960,7 @@ impl Store {
             children: Vec::new(),
             reason: None,
             superseded_by: None,
+            waiting_for: Vec::new(),
         }
     }
 
@@ -896,13 +972,46 @@ impl Store {
         let uuid = job.uuid.context("a submitted job needs its uuid")?;
         let fresh = self.new_record(job, uuid, JobState::Queued);
         // The transaction (its lock) ends before the flush is awaited.
-        let out = {
+        let mut out = {
             let mut tx = t.db.write_tx();
             let out = insert_new(&mut tx, &t, fresh, Utc::now())?;
             tx.commit()?;
             out
         };
+        self.moved_on(std::mem::take(&mut out.follow_ups));
         if out.new {
+            self.flush().await?;
+        }
+        Ok(out)
+    }
+
+    /// Records submitted jobs (their uuids set) at once, in order, as [`Store::submit`]
+    /// does; `link` may change each job before it is recorded, from the records of the jobs
+    /// before it (a group's callback or a chain's link set to wait for them). Nothing is
+    /// recorded if one cannot be.
+    pub async fn submit_all(
+        &self,
+        jobs: Vec<Job>,
+        link: impl Fn(&[Inserted], &mut Job),
+    ) -> anyhow::Result<Vec<Inserted>> {
+        let t = self.trees()?;
+        let now = Utc::now();
+        // The transaction (its lock) ends before the flush is awaited.
+        let mut out: Vec<Inserted> = Vec::with_capacity(jobs.len());
+        {
+            let mut tx = t.db.write_tx();
+            for mut job in jobs {
+                link(&out, &mut job);
+                let uuid = job.uuid.context("a submitted job needs its uuid")?;
+                let fresh = self.new_record(job, uuid, JobState::Queued);
+                out.push(insert_new(&mut tx, &t, fresh, now)?);
+            }
+            tx.commit()?;
+        }
+        for inserted in &mut out {
+            self.moved_on(std::mem::take(&mut inserted.follow_ups));
+        }
+        if out.iter().any(|i| i.new) {
             self.flush().await?;
         }
         Ok(out)
@@ -931,6 +1040,7 @@ impl Store {
                 return Ok(Vec::new()); // paused meanwhile, or handled already
             }
             let mut out = Vec::new();
+            let mut moved = Vec::new();
             for at in instants {
                 if info.last_fire.is_some_and(|last| last >= *at) {
                     continue;
@@ -939,12 +1049,13 @@ impl Store {
                 let mut job = info.spec.job();
                 job.uuid = Some(uuid);
                 job.run_at = Some(*at);
-                let inserted = insert_new(
+                let mut inserted = insert_new(
                     &mut tx,
                     &t,
                     self.new_record(job, uuid, JobState::Queued),
                     now,
                 )?;
+                moved.append(&mut inserted.follow_ups);
                 info.last_job = Some(inserted.record.uuid);
                 if inserted.new {
                     out.push(inserted.record);
@@ -954,6 +1065,7 @@ impl Store {
             info.next_fire = next;
             tx.insert(&t.schedules, name, serde_json::to_vec(&info)?);
             tx.commit()?;
+            self.moved_on(moved);
             out
         };
         self.flush().await?;
@@ -1033,6 +1145,7 @@ impl Store {
                 }
                 None => None,
             };
+            let mut moved = Vec::new();
             if let Some(record) = &out {
                 tx.insert(
                     &t.jobs,
@@ -1047,17 +1160,20 @@ impl Store {
                     );
                 } else {
                     free_key(&mut tx, &t, record)?;
+                    moved = groups::ended(&mut tx, &t, record, now)?;
                 }
             }
             tx.commit()?;
+            self.moved_on(moved);
             out
         };
         self.flush().await?;
         Ok(out)
     }
 
-    /// Cancels a job held in `scheduled`: it ends `cancelled` without running. Returns None
-    /// if the job is not held (then agents must be told).
+    /// Cancels a job held in `scheduled` or `waiting`: it ends `cancelled` without running
+    /// (again, for a job whose Work ended and waits for its children). Returns None if the
+    /// job is not held (then agents must be told).
     pub async fn cancel_scheduled(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
         let t = self.trees()?;
         // The transaction (its lock) ends before the flush is awaited.
@@ -1067,12 +1183,13 @@ impl Store {
                 return Ok(None);
             };
             let mut record: JobRecord = serde_json::from_slice(&bytes)?;
-            if record.state != JobState::Scheduled {
+            if !matches!(record.state, JobState::Scheduled | JobState::Waiting) {
                 return Ok(None);
             }
             if let Some(at) = record.next_run_at.take() {
                 tx.remove(&t.timers, timer_key(at, uuid));
             }
+            groups::stop_waiting(&mut tx, &t, &mut record);
             record.state = JobState::Cancelled;
             record.cancel_requested = true;
             record.updated_at = Utc::now();
@@ -1086,7 +1203,9 @@ impl Store {
                 uuid.as_bytes().as_slice(),
                 serde_json::to_vec(&record)?,
             );
+            let moved = groups::ended(&mut tx, &t, &record, record.updated_at)?;
             tx.commit()?;
+            self.moved_on(moved);
             record
         };
         self.flush().await?;
@@ -1460,7 +1579,8 @@ impl Store {
         // A job first seen through its result (published straight to RabbitMQ): its record
         // is made from the job the result carries.
         let fresh = || self.new_record(winner.job.clone(), winner.uuid, JobState::Queued);
-        let record = update(&mut tx, &t, winner.uuid, fresh, |record| {
+        let mut settled = false;
+        let mut record = update(&mut tx, &t, winner.uuid, fresh, |record| {
             let attempt = Attempt {
                 attempt: winner.attempt,
                 agent: Some(winner.agent.clone()),
@@ -1490,9 +1610,21 @@ impl Store {
             {
                 record.job.attempt = winner.attempt;
                 self.policy.settle(record, winner.status, Utc::now());
+                settled = true;
             }
             true
         })?;
+        // A run that ended its job moves on the jobs waiting for it; a Work may ask that
+        // its job wait for its children first.
+        let mut moved = Vec::new();
+        if settled {
+            if groups::after_run(&mut tx, &t, &mut record)? {
+                write(&mut tx, &t, &record)?;
+            }
+            if record.state.is_final() {
+                moved = groups::ended(&mut tx, &t, &record, Utc::now())?;
+            }
+        }
         // The indexes that follow a record's state: a held job has its timer; a job that is
         // over gives back its unique key (or keeps it for its `unique_for_s`).
         if record.state == JobState::Scheduled
@@ -1509,6 +1641,7 @@ impl Store {
             attempt <= result.attempt
         })?;
         tx.commit()?;
+        self.moved_on(moved);
         let run = (result.uuid, result.attempt);
         let mut undurable = self.undurable();
         let first = if won {
@@ -1717,6 +1850,9 @@ impl Store {
                 }
             }
         }
+        // Jobs moved on by writes that may not have reached the disk: what did is in the
+        // store read back (a released job waits in `unpublished`).
+        self.take_moved();
         let (path, cache_bytes) = (self.path.clone(), self.cache_bytes);
         let trees = tokio::task::spawn_blocking(move || Trees::open(&path, cache_bytes))
             .await

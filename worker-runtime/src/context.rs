@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use chrono::Utc;
-use rota_common::wire::{Job, JobId, Level, LogLine, Progress};
+use rota_common::wire::{Job, JobId, Level, LogLine, OnFailure, Progress, WAIT_FOR_CHILDREN};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -228,6 +228,36 @@ impl Context {
             .submit(job)
             .await
             .with_context(|| format!("cannot submit child job {uuid}"))
+    }
+
+    /// Submits `children` as child jobs (see [`Context::submit`]), then `callback`, a child
+    /// too, that the scheduler holds (`waiting`) until every one of them has ended and then
+    /// queues with their outcomes in its `inputs` (in their order). `on_failure` says what a
+    /// child that ends other than `succeeded` does to the callback (`run` when None). Returns
+    /// the children's uuids and the callback's, last. The uuids are those of [`Context::submit`],
+    /// so a repeated run records no second group.
+    pub async fn submit_group(
+        &self,
+        children: Vec<Job>,
+        mut callback: Job,
+        on_failure: Option<OnFailure>,
+    ) -> anyhow::Result<Vec<JobId>> {
+        let mut ids = Vec::with_capacity(children.len() + 1);
+        for child in children {
+            ids.push(self.submit(child).await?);
+        }
+        callback.after = ids.clone();
+        callback.on_failure = on_failure;
+        ids.push(self.submit(callback).await?);
+        Ok(ids)
+    }
+
+    /// The output to return for this job to wait for its children: its Work ends (its worker
+    /// is free), and the scheduler holds the job (`waiting`) until every child has ended; it
+    /// then ends `succeeded` if every child did, else `failed`, with the output
+    /// `{"output": output, "children": [{uuid, state, output, error}…]}`.
+    pub fn wait_for_children(&self, output: Value) -> Value {
+        serde_json::json!({ WAIT_FOR_CHILDREN: true, "output": output })
     }
 
     /// This job's own folder, empty at start, for scratch files. It is made the first time

@@ -180,26 +180,52 @@ impl Work for Flaky {
     }
 }
 
-/// Submits each job of `children` as a child job and returns their uuids.
+/// Submits each job of `children` as a child job and returns their uuids; with a `callback`,
+/// as a group with that callback (and `on_failure`); with `wait`, its job then waits for its
+/// children.
 struct Spawn;
 
 #[derive(Deserialize)]
 struct SpawnPayload {
     children: Vec<rota_common::wire::Job>,
+    #[serde(default)]
+    callback: Option<rota_common::wire::Job>,
+    #[serde(default)]
+    on_failure: Option<rota_common::wire::OnFailure>,
+    #[serde(default)]
+    wait: bool,
 }
 
 #[async_trait::async_trait]
 impl Work for Spawn {
     async fn execute(&self, ctx: &Context) -> anyhow::Result<Value> {
-        let SpawnPayload { children } = ctx.payload_as()?;
+        let SpawnPayload {
+            children,
+            callback,
+            on_failure,
+            wait,
+        } = ctx.payload_as()?;
         let mut ids = Vec::new();
-        for child in children {
-            let work_type = child.work_type.clone();
-            let uuid = ctx.submit(child).await?;
-            ctx.info(format!("submitted child {uuid} ({work_type})"));
-            ids.push(uuid);
+        if let Some(callback) = callback {
+            ids = ctx.submit_group(children, callback, on_failure).await?;
+            ctx.info(format!(
+                "submitted a group of {} and its callback",
+                ids.len() - 1
+            ));
+        } else {
+            for child in children {
+                let work_type = child.work_type.clone();
+                let uuid = ctx.submit(child).await?;
+                ctx.info(format!("submitted child {uuid} ({work_type})"));
+                ids.push(uuid);
+            }
         }
-        Ok(json!({ "children": ids }))
+        let output = json!({ "children": ids });
+        Ok(if wait {
+            ctx.wait_for_children(output)
+        } else {
+            output
+        })
     }
 }
 
