@@ -41,7 +41,7 @@ impl GroupCommit {
     /// Starts the thread; `flush` makes every earlier write durable.
     pub fn start(
         name: &str,
-        mut flush: impl FnMut() -> Result<(), String> + Send + 'static,
+        flush: impl Fn() -> Result<(), String> + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let thread = std::thread::Builder::new()

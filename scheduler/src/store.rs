@@ -214,13 +214,11 @@ impl Trees {
             awaited: open("awaited")?,
             durable: {
                 let db = db.clone();
-                let mut journal = JournalSync::new(path);
                 let failed = |e: fjall::Error| format!("cannot sync the store's journal: {e}");
                 GroupCommit::start("store", move || {
-                    // Hands the journal's buffer to the kernel, then syncs the journal file:
-                    // what a transaction committed before survives a power cut.
-                    db.persist(PersistMode::Buffer).map_err(failed)?;
-                    journal.sync()?;
+                    // Flushes the journal's buffer and syncs it (`fsync`): what a transaction
+                    // committed before survives a power cut.
+                    db.persist(PersistMode::SyncAll).map_err(failed)?;
                     // fjall writes memtables out on its own threads, and does not hold writers
                     // back until they have: a writer that outpaces them waits here, so that
                     // memory stays bounded. Whenever the memtables hold more than their
@@ -253,67 +251,6 @@ impl Trees {
             "awaited" => &self.awaited,
             _ => return None,
         })
-    }
-}
-
-/// Syncs the journal fjall writes to, outside fjall's own journal lock.
-///
-/// fjall's `persist(SyncAll)` holds the journal's lock while the disk syncs (a millisecond
-/// usually, 8 to 12 ms at times on a busy disk), and every transaction waits for that lock to
-/// commit: results arriving meanwhile were neither recorded nor announced until the sync
-/// ended. So the flush takes the lock only to hand the journal's buffer to the kernel
-/// (`persist(Buffer)`), and syncs the file itself (`fdatasync`) while writers go on. The
-/// file is the newest `<id>.jnl` beside the keyspaces: fjall writes one journal at a time and
-/// syncs it when it starts the next (its `rotate`), so syncing the newest after the buffer
-/// was handed over covers every transaction committed before.
-///
-/// A failed sync may have dropped pages that a later one would not write again: like fjall
-/// after a failed write, every later sync then fails, until the store is reopened from disk.
-struct JournalSync {
-    dir: PathBuf,
-    /// The journal synced last, by id.
-    file: Option<(u64, std::fs::File)>,
-    failed: Option<String>,
-}
-
-impl JournalSync {
-    fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_owned(),
-            file: None,
-            failed: None,
-        }
-    }
-
-    fn sync(&mut self) -> Result<(), String> {
-        if let Some(e) = &self.failed {
-            return Err(e.clone());
-        }
-        self.sync_newest().map_err(|e| {
-            let e = format!(
-                "cannot sync the store's journal in {}: {e}",
-                self.dir.display()
-            );
-            self.failed = Some(e.clone());
-            e
-        })
-    }
-
-    fn sync_newest(&mut self) -> std::io::Result<()> {
-        let newest = std::fs::read_dir(&self.dir)?
-            .filter_map(|entry| {
-                let name = entry.ok()?.file_name();
-                name.to_str()?.strip_suffix(".jnl")?.parse::<u64>().ok()
-            })
-            .max()
-            .ok_or_else(|| std::io::Error::other("no journal (*.jnl) found"))?;
-        let file = match self.file.take() {
-            Some((id, file)) if id == newest => file,
-            _ => std::fs::File::open(self.dir.join(format!("{newest}.jnl")))?,
-        };
-        let synced = file.sync_data();
-        self.file = Some((newest, file));
-        synced
     }
 }
 
@@ -1952,29 +1889,6 @@ mod tests {
             finished_at: Utc::now(),
             job: job.clone(),
         }
-    }
-
-    #[tokio::test]
-    async fn the_flush_syncs_the_newest_journal_and_a_failed_sync_fails_every_later_one() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), RetryPolicy::default(), CACHE).expect("opens");
-        let mut job = Job::new("demo.echo", Value::Null);
-        job.uuid = Some(JobId::random());
-        store.submit(job).await.expect("submits and flushes");
-        let mut journal = JournalSync::new(&store.path);
-        journal.sync().expect("finds and syncs fjall's journal");
-        assert!(
-            journal
-                .file
-                .is_some_and(|(_, f)| f.metadata().expect("stat").len() > 0)
-        );
-
-        let empty = tempfile::tempdir().expect("tempdir");
-        let mut journal = JournalSync::new(empty.path());
-        let failed = journal.sync().expect_err("no journal to sync");
-        assert!(failed.contains("no journal"), "{failed}");
-        std::fs::write(empty.path().join("0.jnl"), b"").expect("writes");
-        assert_eq!(journal.sync(), Err(failed), "a failed sync fails again");
     }
 
     #[tokio::test]
