@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cron;
 pub mod demo;
 mod intake;
+mod limits;
 pub mod pages;
 pub mod retries;
 pub mod schedules;

@@ -2,7 +2,7 @@
 //! job's record, every result (with its logs), the jobs recorded but not yet confirmed by
 //! RabbitMQ, an index by creation time for listing, and what the scheduler's clock needs: the
 //! schedules, the timers of held jobs (delayed jobs and retries), the unique keys of unfinished
-//! jobs, the children of each job and the paused queues.
+//! jobs, the children of each job, the paused queues and the limits (see [`crate::limits`]).
 //!
 //! Every change is one fjall single-writer transaction, across keyspaces: one write
 //! transaction at a time (a lock is held from its start to its commit), which reads what was
@@ -30,11 +30,12 @@ use fjall::{
 };
 use rota_common::group_commit::GroupCommit;
 use rota_common::wire::{
-    AgentId, Attempt, ErrorInfo, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine,
-    PausedQueues, ScheduleInfo, Status,
+    AgentId, Attempt, ErrorInfo, Event, Job, JobId, JobRecord, JobResult, JobState, Limit,
+    LimitInfo, LimitKind, LimitScope, LogLine, MAX_LIMITS, PausedQueues, ScheduleInfo, Status,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{self, Gate, Spaces};
 use crate::retries::RetryPolicy;
 
 #[derive(Clone)]
@@ -118,18 +119,24 @@ struct Trees {
     schedules: Keyspace,
     /// One key, rewritten by [`Store::probe`] to learn whether the store writes again.
     probe: Keyspace,
-    /// One key, [`PAUSED`] → the paused queues ([`PausedQueues`])
+    /// One key, [`PAUSED`] → the paused queues ([`PausedQueues`]), with what the limits
+    /// apply to
     paused: Keyspace,
+    /// The limits and the jobs they hold (see [`crate::limits`]).
+    limits: Keyspace,
+    limit_waiting: Keyspace,
+    limit_running: Keyspace,
+    limit_windows: Keyspace,
     /// Makes the journal durable for every writer at once; last, so that the keyspaces are
     /// gone when its thread, which owns a handle on the database, ends.
     durable: GroupCommit,
 }
 
-type Keyspace = SingleWriterTxKeyspace;
-type WriteTx<'a> = SingleWriterWriteTx<'a>;
+pub(crate) type Keyspace = SingleWriterTxKeyspace;
+pub(crate) type WriteTx<'a> = SingleWriterWriteTx<'a>;
 
 /// The keyspaces, by name: the trees of a sled store, too.
-const KEYSPACES: [&str; 10] = [
+const KEYSPACES: [&str; 14] = [
     "jobs",
     "results",
     "unpublished",
@@ -140,6 +147,10 @@ const KEYSPACES: [&str; 10] = [
     "schedules",
     "probe",
     "paused",
+    "limits",
+    "limit_waiting",
+    "limit_running",
+    "limit_windows",
 ];
 
 /// The key of the paused queues in their keyspace.
@@ -203,6 +214,10 @@ impl Trees {
             schedules: open("schedules")?,
             probe: open("probe")?,
             paused: open("paused")?,
+            limits: open("limits")?,
+            limit_waiting: open("limit_waiting")?,
+            limit_running: open("limit_running")?,
+            limit_windows: open("limit_windows")?,
             durable: {
                 let db = db.clone();
                 let failed = |e: fjall::Error| format!("cannot sync the store's journal: {e}");
@@ -239,8 +254,22 @@ impl Trees {
             "schedules" => &self.schedules,
             "probe" => &self.probe,
             "paused" => &self.paused,
+            "limits" => &self.limits,
+            "limit_waiting" => &self.limit_waiting,
+            "limit_running" => &self.limit_running,
+            "limit_windows" => &self.limit_windows,
             _ => return None,
         })
+    }
+
+    /// The keyspaces of the limits.
+    fn limit_spaces(&self) -> Spaces<'_> {
+        Spaces {
+            limits: &self.limits,
+            waiting: &self.limit_waiting,
+            running: &self.limit_running,
+            windows: &self.limit_windows,
+        }
     }
 }
 
@@ -475,12 +504,8 @@ fn insert_new(
             tx.insert(&t.timers, timer_key(at, uuid), EMPTY);
         }
         (None, _) => {
-            fresh.state = JobState::Queued;
-            tx.insert(
-                &t.unpublished,
-                uuid.as_bytes().as_slice(),
-                pending(fresh.job.attempt, now).as_slice(),
-            );
+            let limits = limits::all(tx, &t.limit_spaces())?;
+            queue_or_hold(tx, t, &limits, &mut fresh, None, now)?;
         }
     }
     tx.insert(
@@ -502,6 +527,44 @@ fn insert_new(
         new: true,
         superseded,
     })
+}
+
+/// Queues `record` (an `unpublished` entry: to publish) when its limits allow it, or holds
+/// it `throttled` (see [`limits::gate`]; with a timer at its deadline, if it has one, for the
+/// clock to end it `expired`). `waiting_at` is its entry in a limit's queue, if it waits in
+/// one. The caller writes the record.
+fn queue_or_hold(
+    tx: &mut WriteTx,
+    t: &Trees,
+    limits: &[rota_common::wire::Limit],
+    record: &mut JobRecord,
+    waiting_at: Option<&[u8]>,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Gate> {
+    let gate = limits::gate(tx, &t.limit_spaces(), limits, record, waiting_at, now)?;
+    match &gate {
+        Gate::Open => {
+            if record.state == JobState::Throttled {
+                record.reason = None;
+            }
+            record.state = JobState::Queued;
+            tx.insert(
+                &t.unpublished,
+                record.uuid.as_bytes().as_slice(),
+                pending(record.job.attempt, now).as_slice(),
+            );
+        }
+        Gate::Held { reason, .. } => {
+            if record.state != JobState::Throttled
+                && let Some(deadline) = record.job.expires_at
+            {
+                tx.insert(&t.timers, timer_key(deadline, record.uuid), EMPTY);
+            }
+            record.state = JobState::Throttled;
+            record.reason = Some(reason.clone());
+        }
+    }
+    Ok(gate)
 }
 
 /// Gives back the unique key of `record`, a job that is over, if it holds it and no window
@@ -754,6 +817,7 @@ impl Store {
             let first = PausedQueues {
                 version: now_ms(),
                 queues: Vec::new(),
+                limited: Vec::new(),
             };
             let mut tx = trees.db.write_tx();
             tx.insert(&trees.paused, PAUSED, serde_json::to_vec(&first)?);
@@ -922,9 +986,9 @@ impl Store {
         ))))
     }
 
-    /// Moves a held job whose time has come to `queued` (to publish), or to `expired` when its
-    /// deadline has passed, and drops its timers. Returns its record if it changed: to publish
-    /// now when `queued`.
+    /// Moves a held job whose time has come to `queued` (to publish) or `throttled` (see
+    /// [`queue_or_hold`]), or to `expired` when its deadline has passed (a throttled job too),
+    /// and drops its timers. Returns its record if it changed: to publish now when `queued`.
     pub async fn release(
         &self,
         uuid: JobId,
@@ -949,24 +1013,38 @@ impl Store {
             let out = match tx.get(&t.jobs, uuid.as_bytes())? {
                 Some(bytes) => {
                     let mut record: JobRecord = serde_json::from_slice(&bytes)?;
+                    let limits = limits::all(&tx, &t.limit_spaces())?;
+                    let deadline = record.job.expires_at.filter(|d| *d <= now);
                     let due = record.state == JobState::Scheduled
                         && record.next_run_at.is_some_and(|at| at <= now);
-                    due.then(|| {
+                    let expired = record.state == JobState::Throttled && deadline.is_some();
+                    if due || expired {
                         let due_at = record.next_run_at.take();
                         record.updated_at = now;
-                        match record.job.expires_at.filter(|d| *d <= now) {
+                        match deadline {
                             Some(deadline) => {
+                                record.reason = Some(match due_at {
+                                    Some(at) => format!(
+                                        "due at {at} and looked at {now}, past its deadline \
+                                         {deadline}: not run"
+                                    ),
+                                    None => format!(
+                                        "{} until {now}, past its deadline {deadline}: not run",
+                                        record.reason.as_deref().unwrap_or("throttled")
+                                    ),
+                                });
+                                limits::forget(&mut tx, &t.limit_spaces(), &limits, &record)?;
                                 record.state = JobState::Expired;
-                                record.reason = Some(format!(
-                                    "due at {} and looked at {now}, past its deadline \
-                                     {deadline}: not run",
-                                    due_at.unwrap_or(now)
-                                ));
+                                free_key(&mut tx, &t, &record)?;
                             }
-                            None => record.state = JobState::Queued,
+                            None => {
+                                queue_or_hold(&mut tx, &t, &limits, &mut record, None, now)?;
+                            }
                         }
-                        record
-                    })
+                        Some(record)
+                    } else {
+                        None
+                    }
                 }
                 None => None,
             };
@@ -976,15 +1054,6 @@ impl Store {
                     uuid.as_bytes().as_slice(),
                     serde_json::to_vec(record)?,
                 );
-                if record.state == JobState::Queued {
-                    tx.insert(
-                        &t.unpublished,
-                        uuid.as_bytes().as_slice(),
-                        pending(record.job.attempt, now).as_slice(),
-                    );
-                } else {
-                    free_key(&mut tx, &t, record)?;
-                }
             }
             tx.commit()?;
             out
@@ -993,8 +1062,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Cancels a job held in `scheduled`: it ends `cancelled` without running. Returns None
-    /// if the job is not held (then agents must be told).
+    /// Cancels a job held in `scheduled` or `throttled`: it ends `cancelled` without running.
+    /// Returns None if the job is not held (then agents must be told).
     pub async fn cancel_scheduled(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
         let t = self.trees()?;
         // The transaction (its lock) ends before the flush is awaited.
@@ -1004,9 +1073,11 @@ impl Store {
                 return Ok(None);
             };
             let mut record: JobRecord = serde_json::from_slice(&bytes)?;
-            if record.state != JobState::Scheduled {
+            if !matches!(record.state, JobState::Scheduled | JobState::Throttled) {
                 return Ok(None);
             }
+            let limits = limits::all(&tx, &t.limit_spaces())?;
+            limits::forget(&mut tx, &t.limit_spaces(), &limits, &record)?;
             if let Some(at) = record.next_run_at.take() {
                 tx.remove(&t.timers, timer_key(at, uuid));
             }
@@ -1030,7 +1101,8 @@ impl Store {
         Ok(Some(record))
     }
 
-    /// Queues a job that ended without success once more, as its next attempt.
+    /// Queues a job that ended without success once more, as its next attempt (or holds it
+    /// for its limits).
     pub async fn retry(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
         let t = self.trees()?;
         // The transaction (its lock) ends before the flush is awaited.
@@ -1056,7 +1128,6 @@ impl Store {
                 anyhow::bail!("job {uuid} has used every attempt number: submit it again instead");
             };
             record.job.attempt = next;
-            record.state = JobState::Queued;
             record.cancel_requested = false;
             record.next_run_at = None;
             record.updated_at = Utc::now();
@@ -1072,15 +1143,13 @@ impl Store {
                     tx.insert(&t.unique, key.as_str(), uuid.as_bytes().as_slice());
                 }
             }
+            let limits = limits::all(&tx, &t.limit_spaces())?;
+            let now = record.updated_at;
+            queue_or_hold(&mut tx, &t, &limits, &mut record, None, now)?;
             tx.insert(
                 &t.jobs,
                 uuid.as_bytes().as_slice(),
                 serde_json::to_vec(&record)?,
-            );
-            tx.insert(
-                &t.unpublished,
-                uuid.as_bytes().as_slice(),
-                pending(record.job.attempt, record.updated_at).as_slice(),
             );
             tx.commit()?;
             record
@@ -1190,6 +1259,182 @@ impl Store {
         };
         self.flush().await?;
         Ok((paused, changed))
+    }
+
+    /// Sets the rate, the concurrency or both of the limit on `limit.scope` (what `limit` does
+    /// not give stays as it was), durably, and makes the paused queues' version newer when
+    /// the scopes that agents must know change. Returns the limits and whether they changed.
+    pub async fn set_limit(&self, limit: Limit) -> anyhow::Result<(Vec<LimitInfo>, bool)> {
+        self.change_limit(&limit.scope.clone(), |old| {
+            let mut new = old.cloned().unwrap_or_else(|| Limit {
+                scope: limit.scope.clone(),
+                rate: None,
+                concurrency: None,
+            });
+            new.rate = limit.rate.or(new.rate);
+            new.concurrency = limit.concurrency.or(new.concurrency);
+            Some(new)
+        })
+        .await
+    }
+
+    /// Clears the limit on `scope` (only its `kind` when given), durably: what it counted is
+    /// forgotten, and the jobs it holds are for the clock to release.
+    pub async fn clear_limit(
+        &self,
+        scope: &LimitScope,
+        kind: Option<LimitKind>,
+    ) -> anyhow::Result<(Vec<LimitInfo>, bool)> {
+        self.change_limit(scope, |old| {
+            let mut new = old?.clone();
+            match kind {
+                Some(LimitKind::Rate) => new.rate = None,
+                Some(LimitKind::Concurrency) => new.concurrency = None,
+                None => return None,
+            }
+            (new.rate.is_some() || new.concurrency.is_some()).then_some(new)
+        })
+        .await
+    }
+
+    /// Replaces the limit on `scope` with what `change` makes of it (None: no limit).
+    async fn change_limit(
+        &self,
+        scope: &LimitScope,
+        change: impl FnOnce(Option<&Limit>) -> Option<Limit>,
+    ) -> anyhow::Result<(Vec<LimitInfo>, bool)> {
+        let t = self.trees()?;
+        let s = t.limit_spaces();
+        let key = limits::scope_key(scope);
+        // The transaction (its lock) ends before the flush is awaited.
+        let changed = {
+            let mut tx = t.db.write_tx();
+            let old: Option<Limit> = match tx.get(&t.limits, &key)? {
+                Some(b) => Some(serde_json::from_slice(&b)?),
+                None => None,
+            };
+            let new = change(old.as_ref());
+            if new == old {
+                false
+            } else {
+                if let Some(old) = &old {
+                    limits::cleared(&mut tx, &s, old, new.as_ref())?;
+                }
+                match &new {
+                    Some(limit) => {
+                        anyhow::ensure!(
+                            old.is_some() || tx.iter(&t.limits).count() < MAX_LIMITS,
+                            "{MAX_LIMITS} limits are set already, the most there may be: clear some first"
+                        );
+                        tx.insert(&t.limits, &key, serde_json::to_vec(limit)?)
+                    }
+                    None => tx.remove(&t.limits, key),
+                }
+                if old.is_none() || new.is_none() {
+                    // What agents hand to the scheduler changed: they hear it with the
+                    // paused queues, as a new version.
+                    let bytes = tx
+                        .get(&t.paused, PAUSED)?
+                        .context("the paused queues are missing")?;
+                    let mut paused: PausedQueues = serde_json::from_slice(&bytes)?;
+                    paused.limited = limits::all(&tx, &s)?.into_iter().map(|l| l.scope).collect();
+                    paused.version = now_ms().max(paused.version + 1);
+                    tx.insert(&t.paused, PAUSED, serde_json::to_vec(&paused)?);
+                }
+                tx.commit()?;
+                true
+            }
+        };
+        if changed {
+            self.flush().await?;
+        }
+        Ok((self.limits()?, changed))
+    }
+
+    /// Every limit, with the jobs it holds.
+    pub fn limits(&self) -> anyhow::Result<Vec<LimitInfo>> {
+        let t = self.trees()?;
+        limits::usage(&t.db.read_tx(), &t.limit_spaces())
+    }
+
+    /// Whether any job is held `throttled`.
+    pub fn throttling(&self) -> bool {
+        self.trees()
+            .is_ok_and(|t| t.limit_waiting.first_key_value().is_some())
+    }
+
+    /// Publishes (moves to `queued`, at most `max` of them) the throttled jobs that their
+    /// limits allow now, each queue's jobs in the order they came; a job that a limit no
+    /// longer holds goes too. Returns them, and when a rate allows the next (`now` when
+    /// `max` were released: more may follow).
+    pub async fn admit_throttled(
+        &self,
+        now: DateTime<Utc>,
+        max: usize,
+    ) -> anyhow::Result<(Vec<JobRecord>, Option<DateTime<Utc>>)> {
+        let t = self.trees()?;
+        let s = t.limit_spaces();
+        let mut admitted = Vec::new();
+        let mut wake = None;
+        // The transaction (its lock) ends before the flush is awaited.
+        let changed = {
+            let mut tx = t.db.write_tx();
+            let limits = limits::all(&tx, &s)?;
+            let mut changed = false;
+            let mut after: Option<Vec<u8>> = None;
+            while let Some(limits::Head { key, queue, uuid }) =
+                limits::next_head(&tx, &s, after.as_deref())?
+            {
+                if admitted.len() >= max {
+                    wake = Some(now);
+                    break;
+                }
+                let record = match uuid {
+                    Some(uuid) => tx.get(&t.jobs, uuid.as_bytes())?,
+                    None => None,
+                };
+                let record = record
+                    .map(|b| serde_json::from_slice::<JobRecord>(&b))
+                    .transpose()?;
+                let Some(mut record) = record.filter(|r| r.state == JobState::Throttled) else {
+                    // Over meanwhile (cancelled, expired).
+                    tx.remove(&t.limit_waiting, key);
+                    changed = true;
+                    continue;
+                };
+                let reason = record.reason.clone();
+                match queue_or_hold(&mut tx, &t, &limits, &mut record, Some(&key), now)? {
+                    Gate::Open => admitted.push(record.clone()),
+                    Gate::Held { retry_at, .. } => {
+                        if let Some(at) = retry_at {
+                            wake = Some(wake.map_or(at, |w: DateTime<Utc>| w.min(at)));
+                        }
+                        if tx.get(&t.limit_waiting, &key)?.is_some() {
+                            // Still first of its queue: the next queue.
+                            after = Some(limits::queue_end(&queue));
+                        }
+                        if record.reason == reason {
+                            continue;
+                        }
+                    }
+                }
+                record.updated_at = now;
+                tx.insert(
+                    &t.jobs,
+                    record.uuid.as_bytes().as_slice(),
+                    serde_json::to_vec(&record)?,
+                );
+                changed = true;
+            }
+            if changed {
+                tx.commit()?;
+            }
+            changed
+        };
+        if changed {
+            self.flush().await?;
+        }
+        Ok((admitted, wake))
     }
 
     /// Removes the finished jobs last changed before `cutoff`: their records, results and
@@ -1439,6 +1684,11 @@ impl Store {
         }
         if record.state.is_final() {
             free_key(&mut tx, &t, &record)?;
+        }
+        // Over, or waiting for a retry (which comes through the limits again): its slots go.
+        if record.state.is_final() || record.state == JobState::Scheduled {
+            let limits = limits::all(&tx, &t.limit_spaces())?;
+            limits::give_back(&mut tx, &t.limit_spaces(), &limits, &record)?;
         }
         // It ran, so it was published, whatever the broker's confirm said (a later attempt
         // that waits to be published still does).
