@@ -5,7 +5,10 @@
 //! the jobs' states:
 //!
 //! - `limits`: the scope → its [`Limit`];
-//! - `limit_waiting`: scope + value + sequence number → the uuid of a throttled job;
+//! - `limit_waiting`: scope + value + the job's creation time + its uuid → its uuid, for a
+//!   throttled job: ordered by when the jobs came, wherever a job waits (a job released by
+//!   one limit and held by another takes its place by age in that one's queue, never
+//!   behind jobs that came after it);
 //! - `limit_running`: scope + value + uuid → () for each job published under a concurrency
 //!   limit and not yet over, taken as it is queued and given back as its state becomes final
 //!   or it waits for a retry: keyed by uuid, so a job counts once whatever comes twice, and
@@ -58,6 +61,15 @@ fn prefix(scope: &LimitScope, value: &str) -> Vec<u8> {
         k.extend_from_slice(&(part.len() as u16).to_be_bytes());
         k.extend_from_slice(&part);
     }
+    k
+}
+
+/// The entry of `record` in the queue with prefix `p`: by its creation time, then uuid.
+fn entry(p: &[u8], record: &JobRecord) -> Vec<u8> {
+    let mut k = p.to_vec();
+    let nanos = record.created_at.timestamp_nanos_opt().unwrap_or_default();
+    k.extend_from_slice(&nanos.max(0).to_be_bytes());
+    k.extend_from_slice(record.uuid.as_bytes());
     k
 }
 
@@ -136,10 +148,10 @@ fn count(tx: &WriteTx, keyspace: &Keyspace, prefix: &[u8]) -> usize {
 }
 
 /// Decides whether `record`, about to be published, may be: every limit that applies to it
-/// must have room, and no job of the same value may wait before it. `waiting_at` is its
+/// must have room, and no older job of the same value may wait. `waiting_at` is its
 /// entry in a waiting queue, when it waits in one. Open: the limits count it (a concurrency
 /// slot, a time in the rate's window) and its entry goes. Held: it waits in the queue of the
-/// first limit that holds it (it keeps its place when that is where it waits).
+/// first limit that holds it, in its place by age.
 pub fn gate(
     tx: &mut WriteTx,
     s: &Spaces,
@@ -184,7 +196,8 @@ pub fn gate(
                 DateTime::from_timestamp_millis(at),
             ));
         }
-        let ahead = first.is_some_and(|k| Some(&*k) != waiting_at);
+        // An older job waits for this value: it goes first.
+        let ahead = first.is_some_and(|k| *k < *entry(&p, record));
         if held.is_none() && ahead {
             held = Some((
                 format!("waiting behind earlier jobs of limit {named}"),
@@ -192,21 +205,12 @@ pub fn gate(
             ));
         }
         if let Some((reason, retry_at)) = held {
-            if !waiting_at.is_some_and(|k| k.starts_with(&p) && k.len() == p.len() + 8) {
+            let mine = entry(&p, record);
+            if waiting_at != Some(mine.as_slice()) {
                 if let Some(old) = waiting_at {
                     tx.remove(s.waiting, old);
                 }
-                let last = tx
-                    .prefix(s.waiting, &p)
-                    .next_back()
-                    .map(|i| i.key())
-                    .transpose()?;
-                let seq = last
-                    .and_then(|k| Some(u64::from_be_bytes(k.get(p.len()..)?.try_into().ok()?)))
-                    .map_or(0, |seq| seq + 1);
-                let mut key = p;
-                key.extend_from_slice(&seq.to_be_bytes());
-                tx.insert(s.waiting, key, record.uuid.as_bytes().as_slice());
+                tx.insert(s.waiting, mine, record.uuid.as_bytes().as_slice());
             }
             return Ok(Gate::Held { reason, retry_at });
         }
@@ -258,19 +262,8 @@ pub fn forget(
     record: &JobRecord,
 ) -> anyhow::Result<()> {
     for limit in limits {
-        let Some(value) = limit.scope.value_of(&record.job) else {
-            continue;
-        };
-        let mut found = None;
-        for item in tx.prefix(s.waiting, prefix(&limit.scope, value)) {
-            let (key, uuid) = item.into_inner()?;
-            if id_from(&uuid) == Some(record.uuid) {
-                found = Some(key);
-                break;
-            }
-        }
-        if let Some(key) = found {
-            tx.remove(s.waiting, key);
+        if let Some(value) = limit.scope.value_of(&record.job) {
+            tx.remove(s.waiting, entry(&prefix(&limit.scope, value), record));
         }
     }
     Ok(())
@@ -312,7 +305,7 @@ pub fn next_head(tx: &WriteTx, s: &Spaces, after: Option<&[u8]>) -> anyhow::Resu
 /// The key after every entry of the queue with prefix `p`.
 pub fn queue_end(p: &[u8]) -> Vec<u8> {
     let mut k = p.to_vec();
-    k.extend_from_slice(&[0xff; 8]);
+    k.extend_from_slice(&[0xff; 24]);
     k
 }
 
@@ -441,7 +434,7 @@ mod tests {
         ] {
             let p = prefix(&scope, "a\0b");
             let mut key = p.clone();
-            key.extend_from_slice(&7u64.to_be_bytes());
+            key.extend_from_slice(&[7; 24]);
             assert_eq!(split(&key), Some((scope, "a\0b".to_owned(), p.len())));
         }
     }

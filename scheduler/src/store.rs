@@ -2297,6 +2297,124 @@ mod tests {
         assert_eq!(rec.attempts.len(), 2);
     }
 
+    /// The one limit's usage of `store` for `value`: (waiting, running).
+    fn usage(store: &Store, value: &str) -> (u64, u64) {
+        let limits = store.limits().expect("reads");
+        limits[0]
+            .values
+            .iter()
+            .find(|u| u.value == value)
+            .map_or((0, 0), |u| (u.waiting, u.running))
+    }
+
+    #[tokio::test]
+    async fn a_concurrency_limit_holds_jobs_in_order_across_a_reopen_and_counts_each_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let scope = LimitScope::Label("customer".into());
+        let limit = Limit {
+            scope: scope.clone(),
+            rate: None,
+            concurrency: Some(1),
+        };
+        let (_, changed) = store.set_limit(limit).await.expect("sets");
+        assert!(changed);
+        assert_eq!(store.paused().expect("reads").limited, vec![scope.clone()]);
+        let mut jobs = Vec::new();
+        for _ in 0..3 {
+            let mut job = job_with_id("demo.echo");
+            job.labels.insert("customer".into(), "acme".into());
+            let Inserted { record, .. } = store.submit(job.clone()).await.expect("submits");
+            jobs.push((job, record));
+        }
+        let states: Vec<_> = jobs.iter().map(|(_, r)| r.state).collect();
+        assert_eq!(
+            states,
+            [JobState::Queued, JobState::Throttled, JobState::Throttled]
+        );
+        assert_eq!(
+            jobs[1].1.reason.as_deref(),
+            Some("waiting for concurrency limit customer=acme (1 running)")
+        );
+        assert_eq!(usage(&store, "acme"), (2, 1));
+        // The result comes twice: the slot is given back once, the next job takes it.
+        let first = result_of(&jobs[0].0, 1, Status::Succeeded);
+        store.record(&first).expect("records");
+        store.record(&first).expect("records again");
+        let (admitted, wake) = store.admit_throttled(Utc::now(), 10).await.expect("admits");
+        assert_eq!(wake, None, "a slot wakes the clock, not a time");
+        assert_eq!(
+            admitted.iter().map(|r| r.uuid).collect::<Vec<_>>(),
+            [jobs[1].1.uuid],
+            "the older of the two waiting"
+        );
+        assert_eq!(admitted[0].state, JobState::Queued);
+        drop(store);
+        // As after a kill: the count is what the store holds.
+        let store = open(&dir);
+        assert_eq!(usage(&store, "acme"), (1, 1));
+        let (admitted, _) = store.admit_throttled(Utc::now(), 10).await.expect("admits");
+        assert!(admitted.is_empty(), "the slot is taken");
+        let cancelled = store
+            .cancel_scheduled(jobs[2].1.uuid)
+            .await
+            .expect("cancels")
+            .expect("was held");
+        assert_eq!(cancelled.state, JobState::Cancelled);
+        assert_eq!(usage(&store, "acme"), (0, 1));
+        store
+            .record(&result_of(&jobs[1].0, 1, Status::Succeeded))
+            .expect("records");
+        assert_eq!(usage(&store, "acme"), (0, 0));
+        let (_, changed) = store.clear_limit(&scope, None).await.expect("clears");
+        assert!(changed);
+        assert!(store.limits().expect("reads").is_empty());
+        assert!(store.paused().expect("reads").limited.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_rate_holds_a_job_until_its_window_and_a_deadline_ends_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let rate = "1/1h".parse().expect("a rate");
+        let limit = Limit {
+            scope: LimitScope::WorkType("demo.echo".into()),
+            rate: Some(rate),
+            concurrency: None,
+        };
+        store.set_limit(limit).await.expect("sets");
+        let first = store
+            .submit(job_with_id("demo.echo"))
+            .await
+            .expect("submits");
+        assert_eq!(first.record.state, JobState::Queued);
+        let mut late = job_with_id("demo.echo");
+        let deadline = Utc::now() + chrono::Duration::seconds(1);
+        late.expires_at = Some(deadline);
+        let held = store.submit(late).await.expect("submits").record;
+        assert_eq!(held.state, JobState::Throttled);
+        let (admitted, wake) = store.admit_throttled(Utc::now(), 10).await.expect("admits");
+        assert!(admitted.is_empty());
+        let wake = wake.expect("the rate says when");
+        assert!(wake > Utc::now() + chrono::Duration::minutes(59), "{wake}");
+        assert_eq!(store.next_due().expect("reads"), Some(deadline));
+        let after = deadline + chrono::Duration::milliseconds(1);
+        let expired = store
+            .release(held.uuid, after)
+            .await
+            .expect("releases")
+            .expect("changed");
+        assert_eq!(expired.state, JobState::Expired);
+        assert!(
+            expired
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("rate limit")),
+            "{expired:?}"
+        );
+        assert!(store.limits().expect("reads")[0].values.is_empty());
+    }
+
     #[tokio::test]
     async fn a_delayed_job_is_held_then_released_and_a_unique_key_makes_one_job() {
         let dir = tempfile::tempdir().expect("tempdir");
