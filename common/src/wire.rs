@@ -615,14 +615,17 @@ pub struct Rate {
     pub interval_ms: u64,
 }
 
-/// The most jobs a rate may allow per interval (the scheduler keeps the time of each).
-pub const MAX_RATE_COUNT: u32 = 10_000;
+/// The most jobs a rate may allow per interval: the scheduler keeps the time of each in its
+/// window, rewritten at each admission (8 bytes a time). A higher rate takes a shorter
+/// interval: `1000/100ms` rather than `10000/1s`.
+pub const MAX_RATE_COUNT: u32 = 1_000;
 
 impl Rate {
     pub fn check(&self) -> Result<(), String> {
         if self.count == 0 || self.count > MAX_RATE_COUNT {
             return Err(format!(
-                "a rate of {} jobs per interval: use 1 to {MAX_RATE_COUNT}",
+                "a rate of {} jobs per interval: use 1 to {MAX_RATE_COUNT} (for more, a shorter \
+                 interval: 1000/100ms rather than 10000/1s)",
                 self.count
             ));
         }
@@ -1483,6 +1486,44 @@ mod tests {
             set(&mut held);
             assert!(held.needs_admission(now));
         }
+    }
+
+    #[test]
+    fn limit_requests_read_as_the_readme_writes_them() {
+        let set = RpcRequest::parse(
+            br#"{"method": "set_limit", "scope": {"label": "customer"}, "concurrency": 2}"#,
+        )
+        .expect("valid");
+        let RpcRequest::SetLimit { limit } = &set else {
+            panic!("not set_limit: {set:?}");
+        };
+        assert_eq!(limit.scope, LimitScope::Label("customer".into()));
+        assert_eq!((limit.rate, limit.concurrency), (None, Some(2)));
+        let rate = br#"{"method": "set_limit", "scope": {"work_type": "pdf.render"}, "rate": {"count": 10, "interval_ms": 1000}}"#;
+        assert!(RpcRequest::parse(rate).is_ok());
+        let clear = br#"{"method": "clear_limit", "scope": {"label": "customer"}, "kind": "rate"}"#;
+        assert!(RpcRequest::parse(clear).is_ok());
+        assert_eq!(
+            RpcRequest::parse(br#"{"method": "limits"}"#),
+            Ok(RpcRequest::Limits)
+        );
+        for bad in [
+            &br#"{"method": "set_limit", "scope": {"label": "customer"}}"#[..],
+            br#"{"method": "set_limit", "scope": {"label": "customer"}, "concurrency": 0}"#,
+            br#"{"method": "set_limit", "scope": {"work_type": "x"}, "rate": {"count": 5, "interval_ms": 0}}"#,
+        ] {
+            assert!(RpcRequest::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let job = Job::new("pdf.render", json!({}));
+        let paused = PausedQueues {
+            version: 1,
+            queues: Vec::new(),
+            limited: vec![LimitScope::Label("customer".into())],
+        };
+        assert!(!paused.limits(&job), "no customer label: no limit");
+        let mut labelled = job.clone();
+        labelled.labels.insert("customer".into(), "acme".into());
+        assert!(paused.limits(&labelled));
     }
 
     #[test]

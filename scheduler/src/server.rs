@@ -1552,7 +1552,7 @@ impl Scheduler {
             let (admitted, wake) = self.store.admit_throttled(now, 256).await?;
             let more = admitted.len() == 256;
             for record in admitted {
-                info!(job_id = %record.uuid, attempt = record.job.attempt, "its limits allow it now: queueing it");
+                debug!(job_id = %record.uuid, attempt = record.job.attempt, "its limits allow it now: queueing it");
                 if let Err(e) = self.publish(&record).await {
                     self.store_failed(&e);
                     warn!(job_id = %record.uuid, error = %e, "job not queued yet; trying again later");

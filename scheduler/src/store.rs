@@ -1365,13 +1365,16 @@ impl Store {
 
     /// Publishes (moves to `queued`, at most `max` of them) the throttled jobs that their
     /// limits allow now, each queue's jobs in the order they came; a job that a limit no
-    /// longer holds goes too. Returns them, and when a rate allows the next (`now` when
-    /// `max` were released: more may follow).
+    /// longer holds goes too. Returns them (more may follow when there are `max`), and when a
+    /// rate allows the next of those it looked at.
     pub async fn admit_throttled(
         &self,
         now: DateTime<Utc>,
         max: usize,
     ) -> anyhow::Result<(Vec<JobRecord>, Option<DateTime<Utc>>)> {
+        if !self.throttling() {
+            return Ok((Vec::new(), None));
+        }
         let t = self.trees()?;
         let s = t.limit_spaces();
         let mut admitted = Vec::new();
@@ -1386,7 +1389,6 @@ impl Store {
                 limits::next_head(&tx, &s, after.as_deref())?
             {
                 if admitted.len() >= max {
-                    wake = Some(now);
                     break;
                 }
                 let record = match uuid {
