@@ -2375,6 +2375,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_retry_gives_its_slot_back_and_comes_through_the_limit_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let limit = Limit {
+            scope: LimitScope::WorkType("demo.fail".into()),
+            rate: None,
+            concurrency: Some(1),
+        };
+        store.set_limit(limit).await.expect("sets");
+        let mut a = job_with_id("demo.fail");
+        a.max_attempts = Some(2);
+        let first = store.submit(a.clone()).await.expect("submits").record;
+        let b = store
+            .submit(job_with_id("demo.fail"))
+            .await
+            .expect("submits")
+            .record;
+        assert_eq!(
+            (first.state, b.state),
+            (JobState::Queued, JobState::Throttled)
+        );
+        let Recorded::New(failed) = store
+            .record(&result_of(&a, 1, Status::Failed))
+            .expect("records")
+        else {
+            panic!("recorded first");
+        };
+        assert_eq!(failed.state, JobState::Scheduled, "a retry follows");
+        let (admitted, _) = store.admit_throttled(Utc::now(), 10).await.expect("admits");
+        assert_eq!(
+            admitted.len(),
+            1,
+            "the retry's wait gave the slot to the other job"
+        );
+        assert_eq!(admitted[0].uuid, b.uuid);
+        let due = failed.next_run_at.expect("a retry time");
+        let again = store
+            .release(first.uuid, due)
+            .await
+            .expect("releases")
+            .expect("changed");
+        assert_eq!(
+            (again.state, again.job.attempt),
+            (JobState::Throttled, 2),
+            "the retry waits for the slot"
+        );
+        store
+            .record(&result_of(&b.job, 1, Status::Succeeded))
+            .expect("records");
+        let (admitted, _) = store.admit_throttled(Utc::now(), 10).await.expect("admits");
+        assert_eq!(admitted.len(), 1);
+        assert_eq!((admitted[0].uuid, admitted[0].job.attempt), (first.uuid, 2));
+    }
+
+    #[tokio::test]
     async fn a_rate_holds_a_job_until_its_window_and_a_deadline_ends_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(&dir);
