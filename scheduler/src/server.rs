@@ -1500,11 +1500,11 @@ impl Scheduler {
                     wake = Some(now + chrono::Duration::seconds(1));
                 }
             }
-            let nap = wake
-                .and_then(|w| (w - Utc::now()).to_std().ok())
-                .map_or(LONGEST_NAP, |d| {
-                    (d + Duration::from_millis(1)).min(LONGEST_NAP)
-                });
+            // A wake-up already past (the pass took longer than what was left) is now.
+            let nap = wake.map_or(LONGEST_NAP, |w| {
+                let left = (w - Utc::now()).to_std().unwrap_or_default();
+                (left + Duration::from_millis(1)).min(LONGEST_NAP)
+            });
             tokio::select! {
                 _ = tokio::time::sleep(nap) => {}
                 _ = self.clock.notified() => {}

@@ -536,7 +536,7 @@ fn insert_new(
 fn queue_or_hold(
     tx: &mut WriteTx,
     t: &Trees,
-    limits: &[rota_common::wire::Limit],
+    limits: &[Limit],
     record: &mut JobRecord,
     waiting_at: Option<&[u8]>,
     now: DateTime<Utc>,

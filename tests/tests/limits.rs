@@ -161,6 +161,10 @@ async fn a_rate_limit_holds_across_two_agents() {
         took >= chrono::Duration::seconds(3),
         "20 jobs at 5/1s take 3 s at least: {took}"
     );
+    assert!(
+        took < chrono::Duration::seconds(10),
+        "the clock releases each job once the rate allows it, not later: {took}"
+    );
 }
 
 /// A concurrency of 2 per customer, 200 jobs over 3 customers submitted at once to an agent
