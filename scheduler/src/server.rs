@@ -1491,7 +1491,7 @@ impl Scheduler {
             if let Some(next) = self.fire_schedules(now).await {
                 wake = Some(wake.map_or(next, |w| w.min(next)));
             }
-            match self.admit_throttled(now).await {
+            match self.admit_throttled().await {
                 Ok(Some(next)) => wake = Some(wake.map_or(next, |w| w.min(next))),
                 Ok(None) => {}
                 Err(e) => {
@@ -1544,12 +1544,9 @@ impl Scheduler {
 
     /// Publishes the throttled jobs that their limits allow now; returns when a rate allows
     /// the next (a concurrency slot given back wakes the clock).
-    async fn admit_throttled(
-        &self,
-        now: chrono::DateTime<Utc>,
-    ) -> anyhow::Result<Option<chrono::DateTime<Utc>>> {
+    async fn admit_throttled(&self) -> anyhow::Result<Option<chrono::DateTime<Utc>>> {
         loop {
-            let (admitted, wake) = self.store.admit_throttled(now, 256).await?;
+            let (admitted, wake) = self.store.admit_throttled(256).await?;
             let more = admitted.len() == 256;
             for record in admitted {
                 debug!(job_id = %record.uuid, attempt = record.job.attempt, "its limits allow it now: queueing it");

@@ -1369,7 +1369,6 @@ impl Store {
     /// rate allows the next of those it looked at.
     pub async fn admit_throttled(
         &self,
-        now: DateTime<Utc>,
         max: usize,
     ) -> anyhow::Result<(Vec<JobRecord>, Option<DateTime<Utc>>)> {
         if !self.throttling() {
@@ -1382,6 +1381,8 @@ impl Store {
         // The transaction (its lock) ends before the flush is awaited.
         let changed = {
             let mut tx = t.db.write_tx();
+            // Taken with the lock: a rate counts the time the admission is made.
+            let now = Utc::now();
             let limits = limits::all(&tx, &s)?;
             let mut changed = false;
             let mut after: Option<Vec<u8>> = None;
@@ -2343,7 +2344,7 @@ mod tests {
         let first = result_of(&jobs[0].0, 1, Status::Succeeded);
         store.record(&first).expect("records");
         store.record(&first).expect("records again");
-        let (admitted, wake) = store.admit_throttled(Utc::now(), 10).await.expect("admits");
+        let (admitted, wake) = store.admit_throttled(10).await.expect("admits");
         assert_eq!(wake, None, "a slot wakes the clock, not a time");
         assert_eq!(
             admitted.iter().map(|r| r.uuid).collect::<Vec<_>>(),
@@ -2355,7 +2356,7 @@ mod tests {
         // As after a kill: the count is what the store holds.
         let store = open(&dir);
         assert_eq!(usage(&store, "acme"), (1, 1));
-        let (admitted, _) = store.admit_throttled(Utc::now(), 10).await.expect("admits");
+        let (admitted, _) = store.admit_throttled(10).await.expect("admits");
         assert!(admitted.is_empty(), "the slot is taken");
         let cancelled = store
             .cancel_scheduled(jobs[2].1.uuid)
@@ -2403,7 +2404,7 @@ mod tests {
             panic!("recorded first");
         };
         assert_eq!(failed.state, JobState::Scheduled, "a retry follows");
-        let (admitted, _) = store.admit_throttled(Utc::now(), 10).await.expect("admits");
+        let (admitted, _) = store.admit_throttled(10).await.expect("admits");
         assert_eq!(
             admitted.len(),
             1,
@@ -2424,7 +2425,7 @@ mod tests {
         store
             .record(&result_of(&b.job, 1, Status::Succeeded))
             .expect("records");
-        let (admitted, _) = store.admit_throttled(Utc::now(), 10).await.expect("admits");
+        let (admitted, _) = store.admit_throttled(10).await.expect("admits");
         assert_eq!(admitted.len(), 1);
         assert_eq!((admitted[0].uuid, admitted[0].job.attempt), (first.uuid, 2));
     }
@@ -2450,7 +2451,7 @@ mod tests {
         late.expires_at = Some(deadline);
         let held = store.submit(late).await.expect("submits").record;
         assert_eq!(held.state, JobState::Throttled);
-        let (admitted, wake) = store.admit_throttled(Utc::now(), 10).await.expect("admits");
+        let (admitted, wake) = store.admit_throttled(10).await.expect("admits");
         assert!(admitted.is_empty());
         let wake = wake.expect("the rate says when");
         assert!(wake > Utc::now() + chrono::Duration::minutes(59), "{wake}");
