@@ -606,6 +606,11 @@ pub enum AgentMessage {
 pub struct PausedQueues {
     pub version: u64,
     pub queues: Vec<String>,
+    /// What the limits set at the scheduler apply to (`scheduler limit`): a job in one of
+    /// them that was published straight to the jobs exchange is handed to the scheduler, which
+    /// publishes it when its limits allow. Changes with the same `version`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limited: Vec<LimitScope>,
 }
 
 /// The most queues a paused set may name.
@@ -620,6 +625,13 @@ impl PausedQueues {
                 self.queues.len()
             ));
         }
+        if self.limited.len() > MAX_LIMITS {
+            return Err(format!(
+                "{} limits; at most {MAX_LIMITS}",
+                self.limited.len()
+            ));
+        }
+        self.limited.iter().try_for_each(LimitScope::check)?;
         self.queues
             .iter()
             .try_for_each(|q| check_name_field("paused queue", q))
@@ -628,6 +640,198 @@ impl PausedQueues {
     pub fn contains(&self, queue: &str) -> bool {
         self.queues.iter().any(|q| q == queue)
     }
+
+    /// Whether a limit applies to `job`: the scheduler must admit it.
+    pub fn limits(&self, job: &Job) -> bool {
+        self.limited
+            .iter()
+            .any(|scope| scope.value_of(job).is_some())
+    }
+}
+
+/// What a limit applies to: the jobs of one work type, or the jobs with one label key, each
+/// value of the label on its own (a limit on `customer` holds for each customer).
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitScope {
+    WorkType(String),
+    Label(String),
+}
+
+impl LimitScope {
+    /// The value of the scope for `job` (its work type, or its label's value): the jobs of
+    /// one value share the limit. None when the limit does not apply to it.
+    pub fn value_of<'a>(&self, job: &'a Job) -> Option<&'a str> {
+        match self {
+            LimitScope::WorkType(t) => (*t == job.work_type).then_some(job.work_type.as_str()),
+            LimitScope::Label(key) => job.labels.get(key).map(String::as_str),
+        }
+    }
+
+    /// The scope with one of its values, as a person reads it: `work_type=pdf.render`,
+    /// `customer=acme`.
+    pub fn with_value(&self, value: &str) -> String {
+        match self {
+            LimitScope::WorkType(_) => format!("work_type={value}"),
+            LimitScope::Label(key) => format!("{key}={value}"),
+        }
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            LimitScope::WorkType(t) => check_name_field("work type", t),
+            LimitScope::Label(key) => check_name_field("label key", key),
+        }
+    }
+}
+
+impl std::fmt::Display for LimitScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitScope::WorkType(t) => write!(f, "work_type={t}"),
+            LimitScope::Label(key) => write!(f, "label={key}"),
+        }
+    }
+}
+
+/// A rate: at most `count` jobs started (published by the scheduler) in any `interval_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Rate {
+    pub count: u32,
+    pub interval_ms: u64,
+}
+
+/// The most jobs a rate may allow per interval: the scheduler keeps the time of each in its
+/// window, rewritten at each admission (8 bytes a time). A higher rate takes a shorter
+/// interval: `1000/100ms` rather than `10000/1s`.
+pub const MAX_RATE_COUNT: u32 = 1_000;
+
+impl Rate {
+    pub fn check(&self) -> Result<(), String> {
+        if self.count == 0 || self.count > MAX_RATE_COUNT {
+            return Err(format!(
+                "a rate of {} jobs per interval: use 1 to {MAX_RATE_COUNT} (for more, a shorter \
+                 interval: 1000/100ms rather than 10000/1s)",
+                self.count
+            ));
+        }
+        if self.interval_ms == 0 || self.interval_ms > 86_400_000 {
+            return Err(format!(
+                "a rate interval of {} ms: use 1 ms to a day",
+                self.interval_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.interval_ms;
+        match ms {
+            _ if ms.is_multiple_of(3_600_000) => write!(f, "{}/{}h", self.count, ms / 3_600_000),
+            _ if ms.is_multiple_of(60_000) => write!(f, "{}/{}m", self.count, ms / 60_000),
+            _ if ms.is_multiple_of(1_000) => write!(f, "{}/{}s", self.count, ms / 1_000),
+            _ => write!(f, "{}/{}ms", self.count, ms),
+        }
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    /// Reads `N/INTERVAL`: `10/1s`, `100/1m`, `5/500ms`, `1000/1h`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid rate {s:?}: write N/INTERVAL, e.g. 10/1s, 100/1m, 5/500ms");
+        let (count, interval) = s.split_once('/').ok_or_else(bad)?;
+        let count = count.trim().parse().map_err(|_| bad())?;
+        let interval = interval.trim();
+        let split = interval
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(bad)?;
+        let (n, unit) = interval.split_at(split);
+        let n: u64 = if n.is_empty() {
+            1
+        } else {
+            n.parse().map_err(|_| bad())?
+        };
+        let per = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return Err(bad()),
+        };
+        let rate = Rate {
+            count,
+            interval_ms: n.checked_mul(per).ok_or_else(bad)?,
+        };
+        rate.check()?;
+        Ok(rate)
+    }
+}
+
+/// The most limits there may be (scopes with a rate, a concurrency or both).
+pub const MAX_LIMITS: usize = 1_000;
+
+/// The most jobs of one value a concurrency limit may let run at once.
+pub const MAX_CONCURRENCY: u32 = 1_000_000;
+
+/// The limits on one scope: a rate, a concurrency (at most this many running at once), or
+/// both; each value of the scope has them on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Limit {
+    pub scope: LimitScope,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+}
+
+impl Limit {
+    pub fn check(&self) -> Result<(), String> {
+        self.scope.check()?;
+        if let Some(rate) = &self.rate {
+            rate.check()?;
+        }
+        if let Some(n) = self.concurrency
+            && !(1..=MAX_CONCURRENCY).contains(&n)
+        {
+            return Err(format!(
+                "a concurrency of {n}: use 1 to {MAX_CONCURRENCY} (clear the limit to lift it)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A limit with the values it holds jobs for now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LimitInfo {
+    #[serde(flatten)]
+    pub limit: Limit,
+    /// The values with jobs waiting or running under the limit.
+    pub values: Vec<LimitUsage>,
+}
+
+/// The jobs of one value of a limit's scope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LimitUsage {
+    pub value: String,
+    /// Jobs held `throttled`, waiting their turn.
+    pub waiting: u64,
+    /// Jobs published and not over, counted by the concurrency limit (0 without one).
+    pub running: u64,
+}
+
+/// Which limit of a scope to clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKind {
+    Rate,
+    Concurrency,
 }
 
 /// One run of a job: the job and its attempt.
@@ -825,6 +1029,9 @@ pub struct PoolStatus {
 pub enum JobState {
     /// Held by the scheduler until its time: a delayed job, or a retry waiting for its backoff.
     Scheduled,
+    /// Held by the scheduler for a rate or concurrency limit (`scheduler limit`); `reason`
+    /// says which.
+    Throttled,
     /// Recorded and published; waiting in RabbitMQ for a worker.
     Queued,
     Running,
@@ -852,12 +1059,17 @@ impl JobState {
     pub fn is_final(self) -> bool {
         !matches!(
             self,
-            JobState::Scheduled | JobState::Queued | JobState::Running | JobState::Waiting
+            JobState::Scheduled
+                | JobState::Throttled
+                | JobState::Queued
+                | JobState::Running
+                | JobState::Waiting
         )
     }
     pub fn as_str(self) -> &'static str {
         match self {
             JobState::Scheduled => "scheduled",
+            JobState::Throttled => "throttled",
             JobState::Queued => "queued",
             JobState::Running => "running",
             JobState::Succeeded => "succeeded",
@@ -893,8 +1105,9 @@ impl FromStr for JobState {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(Value::String(s.to_owned())).map_err(|_| {
             format!(
-                "unknown job state {s:?}: use scheduled, queued, running, succeeded, failed, \
-                 crashed, timed_out, cancelled, rejected, dead, expired, superseded or waiting"
+                "unknown job state {s:?}: use scheduled, throttled, waiting, queued, running, \
+                 succeeded, failed, crashed, timed_out, cancelled, rejected, dead, expired or \
+                 superseded"
             )
         })
     }
@@ -1059,6 +1272,20 @@ pub enum RpcRequest {
     },
     /// The paused queues (a new pool agent asks, before it takes jobs).
     Paused,
+    /// Sets the rate, the concurrency, or both, of the limit on `scope` (what is not given
+    /// stays as it was). Replies with the limits.
+    SetLimit {
+        #[serde(flatten)]
+        limit: Limit,
+    },
+    /// Clears the limit on `scope` (only its `kind` when given); the jobs it held go on.
+    ClearLimit {
+        scope: LimitScope,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<LimitKind>,
+    },
+    /// The limits, with the jobs each holds.
+    Limits,
 }
 
 impl RpcRequest {
@@ -1082,6 +1309,13 @@ impl RpcRequest {
             RpcRequest::Pause { queue } | RpcRequest::Resume { queue } => {
                 check_name_field("queue", queue)?
             }
+            RpcRequest::SetLimit { limit } => {
+                limit.check()?;
+                if limit.rate.is_none() && limit.concurrency.is_none() {
+                    return Err("set_limit needs a rate, a concurrency or both".into());
+                }
+            }
+            RpcRequest::ClearLimit { scope, .. } => scope.check()?,
             _ => {}
         }
         Ok(request)
@@ -1137,6 +1371,13 @@ pub enum RpcReply {
         /// False when the queue already was paused (`pause`) or was not (`resume`), and for
         /// `paused`.
         changed: bool,
+        /// What the limits apply to (see [`PausedQueues::limited`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        limited: Vec<LimitScope>,
+    },
+    /// The answer to `set_limit`, `clear_limit` and `limits`.
+    Limits {
+        limits: Vec<LimitInfo>,
     },
     Schedule {
         schedule: Box<ScheduleInfo>,
@@ -1386,6 +1627,44 @@ mod tests {
             set(&mut held);
             assert!(held.needs_admission(now));
         }
+    }
+
+    #[test]
+    fn limit_requests_read_as_the_readme_writes_them() {
+        let set = RpcRequest::parse(
+            br#"{"method": "set_limit", "scope": {"label": "customer"}, "concurrency": 2}"#,
+        )
+        .expect("valid");
+        let RpcRequest::SetLimit { limit } = &set else {
+            panic!("not set_limit: {set:?}");
+        };
+        assert_eq!(limit.scope, LimitScope::Label("customer".into()));
+        assert_eq!((limit.rate, limit.concurrency), (None, Some(2)));
+        let rate = br#"{"method": "set_limit", "scope": {"work_type": "pdf.render"}, "rate": {"count": 10, "interval_ms": 1000}}"#;
+        assert!(RpcRequest::parse(rate).is_ok());
+        let clear = br#"{"method": "clear_limit", "scope": {"label": "customer"}, "kind": "rate"}"#;
+        assert!(RpcRequest::parse(clear).is_ok());
+        assert_eq!(
+            RpcRequest::parse(br#"{"method": "limits"}"#),
+            Ok(RpcRequest::Limits)
+        );
+        for bad in [
+            &br#"{"method": "set_limit", "scope": {"label": "customer"}}"#[..],
+            br#"{"method": "set_limit", "scope": {"label": "customer"}, "concurrency": 0}"#,
+            br#"{"method": "set_limit", "scope": {"work_type": "x"}, "rate": {"count": 5, "interval_ms": 0}}"#,
+        ] {
+            assert!(RpcRequest::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let job = Job::new("pdf.render", json!({}));
+        let paused = PausedQueues {
+            version: 1,
+            queues: Vec::new(),
+            limited: vec![LimitScope::Label("customer".into())],
+        };
+        assert!(!paused.limits(&job), "no customer label: no limit");
+        let mut labelled = job.clone();
+        labelled.labels.insert("customer".into(), "acme".into());
+        assert!(paused.limits(&labelled));
     }
 
     #[test]

@@ -437,7 +437,8 @@ impl Agent {
         };
         match intake::admit(&d, &limits) {
             Ok(admitted)
-                if admitted.job.needs_admission(Utc::now())
+                if (admitted.job.needs_admission(Utc::now())
+                    || self.paused.limits(&admitted.job))
                     && !intake::published_by_scheduler(self.names.roles(), &d) =>
             {
                 self.hand_over(d, &admitted).await
@@ -483,7 +484,7 @@ impl Agent {
         };
         match sent {
             Ok(()) => {
-                info!(job_id = %uuid, "handed over to the scheduler, which applies its run_at, unique_key or ttl_s before it runs");
+                info!(job_id = %uuid, "handed over to the scheduler, which applies its run_at, unique_key, ttl_s or limits before it runs");
                 d.ack().await;
             }
             Err(e) => {
@@ -1014,8 +1015,15 @@ impl Agent {
         };
         match answer {
             Ok(RpcReply::Paused {
-                version, queues, ..
-            }) => self.paused.hear(PausedQueues { version, queues }),
+                version,
+                queues,
+                limited,
+                ..
+            }) => self.paused.hear(PausedQueues {
+                version,
+                queues,
+                limited,
+            }),
             Ok(other) => warn!(reply = ?other, "unexpected reply from the scheduler to `paused`"),
             Err(e) if self.paused.heard().is_some() => {
                 info!(reason = %e, "cannot ask the scheduler which queues are paused: going by those heard last")

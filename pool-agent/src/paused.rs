@@ -1,4 +1,5 @@
-//! The paused queues (`scheduler pause`), as this agent last heard them from the scheduler, on
+//! The paused queues (`scheduler pause`) and what the limits apply to (`scheduler limit`), as
+//! this agent last heard them from the scheduler, on
 //! its own queue (at each change, and again whenever its heartbeats show it behind). Kept in a
 //! file of the agent's data folder, so that an agent restarted while the scheduler is away
 //! takes no job from a queue paused before.
@@ -7,7 +8,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use rota_common::wire::PausedQueues;
+use rota_common::wire::{Job, PausedQueues};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -87,6 +88,12 @@ impl Paused {
             .await;
     }
 
+    /// Whether a limit applies to `job`: published straight to the jobs exchange, it goes to
+    /// the scheduler, which publishes it when its limits allow.
+    pub fn limits(&self, job: &Job) -> bool {
+        self.heard.borrow().as_ref().is_some_and(|p| p.limits(job))
+    }
+
     /// The set heard last, if any was.
     pub fn heard(&self) -> Option<PausedQueues> {
         self.heard.borrow().clone()
@@ -106,6 +113,7 @@ mod tests {
         PausedQueues {
             version,
             queues: queues.iter().map(|q| q.to_string()).collect(),
+            limited: Vec::new(),
         }
     }
 

@@ -13,8 +13,9 @@ use rota_common::config::{BrokerArgs, parse_duration};
 use rota_common::roles::UserRole;
 use rota_common::users::{self, Management, UserSpec};
 use rota_common::wire::{
-    AgentInfo, AttemptLogs, EventKind, Job, JobId, JobRecord, JobState, MissedPolicy, OnFailure,
-    Role, RpcReply, RpcRequest, ScheduleInfo, ScheduleSpec, Status,
+    AgentInfo, AttemptLogs, EventKind, Job, JobId, JobRecord, JobState, Limit, LimitInfo,
+    LimitKind, LimitScope, MissedPolicy, OnFailure, Rate, Role, RpcReply, RpcRequest,
+    ScheduleInfo, ScheduleSpec, Status,
 };
 use serde_json::Value;
 
@@ -96,8 +97,8 @@ pub enum Command {
     },
     /// Lists jobs, newest first.
     List {
-        /// Only jobs in this state (scheduled, queued, running, succeeded, failed, crashed,
-        /// timed_out, cancelled, rejected, dead, expired, superseded).
+        /// Only jobs in this state (scheduled, throttled, queued, running, succeeded, failed,
+        /// crashed, timed_out, cancelled, rejected, dead, expired, superseded).
         #[arg(long)]
         status: Option<JobState>,
         #[arg(long, default_value_t = 20)]
@@ -132,11 +133,74 @@ pub enum Command {
     /// Time-based schedules: add, list, pause, resume, remove, run-now.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Rate and concurrency limits across every agent: set, clear. A job a limit applies to
+    /// is published by the scheduler when the limit allows, and waits `throttled` until then.
+    #[command(subcommand)]
+    Limit(LimitCommand),
+    /// Lists the limits, with the jobs each one holds waiting and running, by value.
+    Limits {
+        #[arg(long)]
+        json: bool,
+    },
     /// Creates (or brings up to date) one broker user per role, producer, scheduler, agent
     /// and viewer, with the permissions of its role over the namespace, through RabbitMQ's
     /// management API. Idempotent: an existing user keeps its password unless one is given; a
     /// new one without a given password gets a generated one, printed once.
     SetupUsers(SetupUsersArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LimitCommand {
+    /// Sets a limit (what is not given stays as it was; survives restarts). A rate holds
+    /// per work type or per value of a label (each customer its own); a concurrency is the
+    /// most jobs of one value running at once.
+    Set {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// At most N jobs started per interval: `10/1s`, `100/1m`, `5/500ms`.
+        #[arg(long)]
+        rate: Option<Rate>,
+        /// At most N jobs running at once.
+        #[arg(long)]
+        concurrency: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clears a limit (only its rate or its concurrency, when given); the jobs it holds go on.
+    Clear {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Only the rate.
+        #[arg(long, conflicts_with = "concurrency")]
+        rate: bool,
+        /// Only the concurrency.
+        #[arg(long)]
+        concurrency: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What a limit applies to.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ScopeArgs {
+    /// The jobs of this work type.
+    #[arg(long)]
+    work_type: Option<String>,
+    /// The jobs with this label key, each value on its own (e.g. `customer`).
+    #[arg(long)]
+    label: Option<String>,
+}
+
+impl ScopeArgs {
+    fn scope(self) -> LimitScope {
+        match (self.work_type, self.label) {
+            (Some(t), _) => LimitScope::WorkType(t),
+            (None, Some(key)) => LimitScope::Label(key),
+            (None, None) => unreachable!("clap requires one of them"),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -467,6 +531,12 @@ pub async fn client_command(broker: &BrokerArgs, command: Command) -> anyhow::Re
             ExitCode::SUCCESS
         }
         Command::Schedule(command) => schedule(&client, command).await?,
+        Command::Limit(command) => limit(&client, command).await?,
+        Command::Limits { json } => {
+            let limits = expect_limits(client.call(&RpcRequest::Limits).await?)?;
+            print(json, &limits, || print_limits(&limits))?;
+            ExitCode::SUCCESS
+        }
         Command::Run(_) | Command::Demo(_) | Command::Bench(_) | Command::SetupUsers(_) => {
             unreachable!("not a client command")
         }
@@ -510,6 +580,92 @@ async fn pause(
         println!("paused queues: {}", listed(&queues));
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sets or clears a limit, and prints the limits.
+async fn limit(client: &Client, command: LimitCommand) -> anyhow::Result<ExitCode> {
+    let (request, json) = match command {
+        LimitCommand::Set {
+            scope,
+            rate,
+            concurrency,
+            json,
+        } => {
+            if rate.is_none() && concurrency.is_none() {
+                bail!("give --rate N/INTERVAL, --concurrency N or both");
+            }
+            let limit = Limit {
+                scope: scope.scope(),
+                rate,
+                concurrency,
+            };
+            (RpcRequest::SetLimit { limit }, json)
+        }
+        LimitCommand::Clear {
+            scope,
+            rate,
+            concurrency,
+            json,
+        } => {
+            let kind = match (rate, concurrency) {
+                (true, _) => Some(LimitKind::Rate),
+                (_, true) => Some(LimitKind::Concurrency),
+                _ => None,
+            };
+            let scope = scope.scope();
+            (RpcRequest::ClearLimit { scope, kind }, json)
+        }
+    };
+    let limits = expect_limits(client.call(&request).await?)?;
+    print(json, &limits, || print_limits(&limits))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn expect_limits(reply: RpcReply) -> anyhow::Result<Vec<LimitInfo>> {
+    match reply {
+        RpcReply::Limits { limits } => Ok(limits),
+        _ => bail!("unexpected reply from the scheduler"),
+    }
+}
+
+/// One row per limit and kind, and per value holding jobs.
+fn print_limits(limits: &[LimitInfo]) {
+    if limits.is_empty() {
+        return println!("no limits are set");
+    }
+    println!(
+        "{:<32}  {:<11}  {:<10}  {:<24}  {:>7}  {:>7}",
+        "LIMIT", "KIND", "VALUE", "FOR", "WAITING", "RUNNING"
+    );
+    for info in limits {
+        let kinds = [
+            info.limit.rate.map(|r| ("rate", r.to_string())),
+            info.limit
+                .concurrency
+                .map(|n| ("concurrency", n.to_string())),
+        ];
+        for (kind, value) in kinds.into_iter().flatten() {
+            let scope = info.limit.scope.to_string();
+            if info.values.is_empty() {
+                println!(
+                    "{scope:<32}  {kind:<11}  {value:<10}  {:<24}  {:>7}  {:>7}",
+                    "-", 0, 0
+                );
+            }
+            for usage in &info.values {
+                let running = if kind == "concurrency" {
+                    usage.running.to_string()
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "{scope:<32}  {kind:<11}  {value:<10}  {:<24}  {:>7}  {running:>7}",
+                    info.limit.scope.with_value(&usage.value),
+                    usage.waiting
+                );
+            }
+        }
+    }
 }
 
 /// Names separated by commas, or `none`.

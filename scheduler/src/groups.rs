@@ -235,7 +235,7 @@ pub fn ended(
                     }
                 } else if waiter.waiting_for.is_empty() {
                     sort_inputs(&mut waiter);
-                    store::place(tx, t, &mut waiter, now);
+                    store::place(tx, t, &mut waiter, now)?;
                 }
             }
             waiter.updated_at = now;

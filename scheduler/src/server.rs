@@ -30,8 +30,8 @@ use rota_common::names::DEFAULT_QUEUE;
 use rota_common::roles::UserRole;
 use rota_common::wire::{
     ADMITTED_HEADER, AgentId, AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId,
-    JobRecord, JobResult, JobState, MAX_RECEIPTS, MAX_TIMEOUT_S, OnFailure, PausedQueues, Role,
-    RpcReply, RpcRequest, Run, ScheduleInfo, ScheduleSpec, Status,
+    JobRecord, JobResult, JobState, LimitInfo, LimitScope, LimitUsage, MAX_RECEIPTS, MAX_TIMEOUT_S,
+    OnFailure, PausedQueues, Role, RpcReply, RpcRequest, Run, ScheduleInfo, ScheduleSpec, Status,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -268,6 +268,18 @@ pub async fn run(
         "Pool agents whose heartbeats arrive",
         alive.clone(),
     );
+    let throttled = Family::<LimitLabel, Gauge>::default();
+    metrics.register(
+        "scheduler_jobs_throttled",
+        "Jobs held throttled by each limit (scheduler limit), waiting their turn",
+        throttled.clone(),
+    );
+    let limited_running = Family::<LimitLabel, Gauge>::default();
+    metrics.register(
+        "scheduler_limit_running",
+        "Jobs published and not over, counted by each concurrency limit",
+        limited_running.clone(),
+    );
     let seen = sched.clone();
     metrics.before_scrape(move || {
         let agents = seen.agents.list();
@@ -275,6 +287,20 @@ pub async fn run(
             .iter()
             .filter(|a| a.alive && a.heartbeat.role == Role::Agent);
         alive.set(alive_agents.count() as i64);
+        throttled.clear();
+        limited_running.clear();
+        for info in seen.store.limits().unwrap_or_default() {
+            let label = LimitLabel {
+                limit: info.limit.scope.to_string(),
+            };
+            let sum = |f: fn(&LimitUsage) -> u64| info.values.iter().map(f).sum::<u64>() as i64;
+            throttled.get_or_create(&label).set(sum(|u| u.waiting));
+            if info.limit.concurrency.is_some() {
+                limited_running
+                    .get_or_create(&label)
+                    .set(sum(|u| u.running));
+            }
+        }
     });
     for queue in sched.store.paused()?.queues {
         sched.paused.get_or_create(&QueueLabel { queue }).set(1);
@@ -377,6 +403,7 @@ fn writes(request: &RpcRequest) -> bool {
             | RpcRequest::Agents
             | RpcRequest::ScheduleList
             | RpcRequest::Paused
+            | RpcRequest::Limits
     )
 }
 
@@ -384,6 +411,13 @@ fn writes(request: &RpcRequest) -> bool {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabel {
     queue: String,
+}
+
+/// The label of the limits' gauges: the limit's scope (`work_type=pdf.render`,
+/// `label=customer`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: String,
 }
 
 /// The label of `rota_schedule_fires_total`.
@@ -840,6 +874,9 @@ impl Scheduler {
             }
         }
         self.move_on().await;
+        if self.store.throttling() {
+            self.clock.notify_one(); // slots given back
+        }
         Vec::new()
     }
 
@@ -1046,7 +1083,7 @@ impl Scheduler {
         };
         let behind = match &hb.paused {
             Some(heard) => heard.version < paused.version,
-            None => !paused.queues.is_empty(),
+            None => !paused.queues.is_empty() || !paused.limited.is_empty(),
         };
         if !behind {
             return;
@@ -1227,6 +1264,9 @@ impl Scheduler {
             },
             RpcRequest::Retry { uuid } => {
                 let record = self.store.retry(uuid).await?;
+                if record.state == JobState::Throttled {
+                    self.clock.notify_one();
+                }
                 self.publish(&record).await.with_context(|| {
                     format!("job {uuid} is recorded for another attempt but not queued yet; the scheduler keeps trying")
                 })?;
@@ -1309,14 +1349,58 @@ impl Scheduler {
             RpcRequest::Pause { queue } => self.pause(queue, true).await?,
             RpcRequest::Resume { queue } => self.pause(queue, false).await?,
             RpcRequest::Paused => {
-                let PausedQueues { version, queues } = self.store.paused()?;
+                let PausedQueues {
+                    version,
+                    queues,
+                    limited,
+                } = self.store.paused()?;
                 RpcReply::Paused {
                     version,
                     queues,
                     changed: false,
+                    limited,
                 }
             }
+            RpcRequest::SetLimit { limit } => {
+                let scope = limit.scope.clone();
+                let changed = self.store.set_limit(limit).await?;
+                self.limit_changed(&scope, changed, "set").await
+            }
+            RpcRequest::ClearLimit { scope, kind } => {
+                let changed = self.store.clear_limit(&scope, kind).await?;
+                self.limit_changed(&scope, changed, "cleared").await
+            }
+            RpcRequest::Limits => RpcReply::Limits {
+                limits: self.store.limits()?,
+            },
         })
+    }
+
+    /// After the limit on `scope` was set or cleared (`what`): the clock looks at the jobs it
+    /// held, and agents hear what the limits apply to, when that changed.
+    async fn limit_changed(
+        &self,
+        scope: &LimitScope,
+        (limits, changed): (Vec<LimitInfo>, bool),
+        what: &str,
+    ) -> RpcReply {
+        if changed {
+            let limit = limits.iter().find(|l| l.limit.scope == *scope);
+            info!(scope = %scope, rate = ?limit.and_then(|l| l.limit.rate.map(|r| r.to_string())),
+                concurrency = ?limit.and_then(|l| l.limit.concurrency), "limit {what}");
+            self.clock.notify_one();
+            match self.store.paused() {
+                Ok(paused) => {
+                    if let Err(e) = self.tell_agents(&AgentMessage::Paused(paused)).await {
+                        warn!(error = %e, "cannot tell the agents the limits now; each is told at its next heartbeat");
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read what the limits apply to; agents are told at their next heartbeat")
+                }
+            }
+        }
+        RpcReply::Limits { limits }
     }
 
     /// Pauses `queue` (or resumes it): stores it, then tells every agent. An agent that does
@@ -1342,6 +1426,7 @@ impl Scheduler {
             version: paused.version,
             queues: paused.queues,
             changed,
+            limited: paused.limited,
         })
     }
 
@@ -1440,11 +1525,20 @@ impl Scheduler {
             if let Some(next) = self.fire_schedules(now).await {
                 wake = Some(wake.map_or(next, |w| w.min(next)));
             }
-            let nap = wake
-                .and_then(|w| (w - Utc::now()).to_std().ok())
-                .map_or(LONGEST_NAP, |d| {
-                    (d + Duration::from_millis(1)).min(LONGEST_NAP)
-                });
+            match self.admit_throttled().await {
+                Ok(Some(next)) => wake = Some(wake.map_or(next, |w| w.min(next))),
+                Ok(None) => {}
+                Err(e) => {
+                    self.store_failed(&e);
+                    error!(error = %e, "cannot release the throttled jobs; trying again soon");
+                    wake = Some(now + chrono::Duration::seconds(1));
+                }
+            }
+            // A wake-up already past (the pass took longer than what was left) is now.
+            let nap = wake.map_or(LONGEST_NAP, |w| {
+                let left = (w - Utc::now()).to_std().unwrap_or_default();
+                (left + Duration::from_millis(1)).min(LONGEST_NAP)
+            });
             tokio::select! {
                 _ = tokio::time::sleep(nap) => {}
                 _ = self.clock.notified() => {}
@@ -1470,6 +1564,8 @@ impl Scheduler {
                 if record.state == JobState::Expired {
                     self.ended_unrun(&record).await;
                     self.move_on().await;
+                } else if record.state == JobState::Throttled {
+                    debug!(job_id = %uuid, reason = record.reason.as_deref().unwrap_or_default(), "its time has come: throttled");
                 } else {
                     info!(job_id = %uuid, attempt = record.job.attempt, "its time has come: queueing it");
                     if let Err(e) = self.publish(&record).await {
@@ -1477,6 +1573,25 @@ impl Scheduler {
                         warn!(job_id = %uuid, error = %e, "job not queued yet; trying again later");
                     }
                 }
+            }
+        }
+    }
+
+    /// Publishes the throttled jobs that their limits allow now; returns when a rate allows
+    /// the next (a concurrency slot given back wakes the clock).
+    async fn admit_throttled(&self) -> anyhow::Result<Option<chrono::DateTime<Utc>>> {
+        loop {
+            let (admitted, wake) = self.store.admit_throttled(256).await?;
+            let more = admitted.len() == 256;
+            for record in admitted {
+                debug!(job_id = %record.uuid, attempt = record.job.attempt, "its limits allow it now: queueing it");
+                if let Err(e) = self.publish(&record).await {
+                    self.store_failed(&e);
+                    warn!(job_id = %record.uuid, error = %e, "job not queued yet; trying again later");
+                }
+            }
+            if !more {
+                return Ok(wake);
             }
         }
     }
@@ -1715,6 +1830,9 @@ impl Scheduler {
             self.clock.notify_one();
         } else if new && record.state == JobState::Waiting {
             info!(job_id = %uuid, r#type = %record.job.work_type, waiting_for = record.waiting_for.len(), "job held until the jobs it waits for end");
+        } else if new && record.state == JobState::Throttled {
+            debug!(job_id = %uuid, r#type = %record.job.work_type, reason = record.reason.as_deref().unwrap_or_default(), "job throttled");
+            self.clock.notify_one();
         } else if new && record.state.is_final() {
             self.ended_unrun(&record).await;
         } else if !new && record.uuid != uuid {

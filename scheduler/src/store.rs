@@ -2,8 +2,8 @@
 //! job's record, every result (with its logs), the jobs recorded but not yet confirmed by
 //! RabbitMQ, an index by creation time for listing, and what the scheduler's clock needs: the
 //! schedules, the timers of held jobs (delayed jobs and retries), the unique keys of unfinished
-//! jobs, the children of each job, the paused queues, and which waiting job waits for which
-//! (see [`crate::groups`]).
+//! jobs, the children of each job, the paused queues, which waiting job waits for which (see
+//! [`crate::groups`]) and the limits (see [`crate::limits`]).
 //!
 //! Every change is one fjall single-writer transaction, across keyspaces: one write
 //! transaction at a time (a lock is held from its start to its commit), which reads what was
@@ -31,12 +31,13 @@ use fjall::{
 };
 use rota_common::group_commit::GroupCommit;
 use rota_common::wire::{
-    AgentId, Attempt, ErrorInfo, Event, Job, JobId, JobRecord, JobResult, JobState, LogLine,
-    PausedQueues, ScheduleInfo, Status,
+    AgentId, Attempt, ErrorInfo, Event, Job, JobId, JobRecord, JobResult, JobState, Limit,
+    LimitInfo, LimitKind, LimitScope, LogLine, MAX_LIMITS, PausedQueues, ScheduleInfo, Status,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::groups;
+use crate::limits::{self, Gate, Spaces};
 use crate::retries::RetryPolicy;
 
 #[derive(Clone)]
@@ -123,20 +124,26 @@ pub(crate) struct Trees {
     schedules: Keyspace,
     /// One key, rewritten by [`Store::probe`] to learn whether the store writes again.
     probe: Keyspace,
-    /// One key, [`PAUSED`] → the paused queues ([`PausedQueues`])
+    /// One key, [`PAUSED`] → the paused queues ([`PausedQueues`]), with what the limits
+    /// apply to
     paused: Keyspace,
     /// awaited uuid + waiting uuid → () while a `waiting` job waits for that job
     pub(crate) awaited: Keyspace,
+    /// The limits and the jobs they hold (see [`crate::limits`]).
+    limits: Keyspace,
+    limit_waiting: Keyspace,
+    limit_running: Keyspace,
+    limit_windows: Keyspace,
     /// Makes the journal durable for every writer at once; last, so that the keyspaces are
     /// gone when its thread, which owns a handle on the database, ends.
     durable: GroupCommit,
 }
 
-type Keyspace = SingleWriterTxKeyspace;
+pub(crate) type Keyspace = SingleWriterTxKeyspace;
 pub(crate) type WriteTx<'a> = SingleWriterWriteTx<'a>;
 
 /// The keyspaces, by name: the trees of a sled store, too.
-const KEYSPACES: [&str; 11] = [
+const KEYSPACES: [&str; 15] = [
     "jobs",
     "results",
     "unpublished",
@@ -148,6 +155,10 @@ const KEYSPACES: [&str; 11] = [
     "probe",
     "paused",
     "awaited",
+    "limits",
+    "limit_waiting",
+    "limit_running",
+    "limit_windows",
 ];
 
 /// The key of the paused queues in their keyspace.
@@ -212,6 +223,10 @@ impl Trees {
             probe: open("probe")?,
             paused: open("paused")?,
             awaited: open("awaited")?,
+            limits: open("limits")?,
+            limit_waiting: open("limit_waiting")?,
+            limit_running: open("limit_running")?,
+            limit_windows: open("limit_windows")?,
             durable: {
                 let db = db.clone();
                 let failed = |e: fjall::Error| format!("cannot sync the store's journal: {e}");
@@ -249,8 +264,22 @@ impl Trees {
             "probe" => &self.probe,
             "paused" => &self.paused,
             "awaited" => &self.awaited,
+            "limits" => &self.limits,
+            "limit_waiting" => &self.limit_waiting,
+            "limit_running" => &self.limit_running,
+            "limit_windows" => &self.limit_windows,
             _ => return None,
         })
+    }
+
+    /// The keyspaces of the limits.
+    fn limit_spaces(&self) -> Spaces<'_> {
+        Spaces {
+            limits: &self.limits,
+            waiting: &self.limit_waiting,
+            running: &self.limit_running,
+            windows: &self.limit_windows,
+        }
     }
 }
 
@@ -468,7 +497,7 @@ fn insert_new(
         follow_ups = groups::ended(tx, t, old, now)?;
     }
     if !groups::hold(tx, t, &mut fresh)? {
-        place(tx, t, &mut fresh, now);
+        place(tx, t, &mut fresh, now)?;
     }
     tx.insert(
         &t.jobs,
@@ -492,10 +521,15 @@ fn insert_new(
     })
 }
 
-/// Places `record`, a job free to run from `now` on, in `tx`: queued (to publish); or
-/// scheduled while its `run_at` or `debounce_s` holds it; or `expired` at once when it cannot
-/// start by its deadline.
-pub(crate) fn place(tx: &mut WriteTx, t: &Trees, record: &mut JobRecord, now: DateTime<Utc>) {
+/// Places `record`, a job free to run from `now` on, in `tx`: queued (to publish), or
+/// throttled while a limit holds it; or scheduled while its `run_at` or `debounce_s` holds
+/// it; or `expired` at once when it cannot start by its deadline.
+pub(crate) fn place(
+    tx: &mut WriteTx,
+    t: &Trees,
+    record: &mut JobRecord,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
     let uuid = record.uuid;
     let held_until = [
         record.job.run_at.filter(|at| *at > now),
@@ -523,14 +557,11 @@ pub(crate) fn place(tx: &mut WriteTx, t: &Trees, record: &mut JobRecord, now: Da
             tx.insert(&t.timers, timer_key(at, uuid), EMPTY);
         }
         (None, _) => {
-            record.state = JobState::Queued;
-            tx.insert(
-                &t.unpublished,
-                uuid.as_bytes().as_slice(),
-                pending(record.job.attempt, now).as_slice(),
-            );
+            let limits = limits::all(tx, &t.limit_spaces())?;
+            queue_or_hold(tx, t, &limits, record, None, now)?;
         }
     }
+    Ok(())
 }
 
 /// The record of `uuid` as `tx` sees it.
@@ -560,6 +591,44 @@ pub(crate) fn children(tx: &WriteTx, t: &Trees, parent: JobId) -> anyhow::Result
         out.extend(id_from(&item.key()?[16..]));
     }
     Ok(out)
+}
+
+/// Queues `record` (an `unpublished` entry: to publish) when its limits allow it, or holds
+/// it `throttled` (see [`limits::gate`]; with a timer at its deadline, if it has one, for the
+/// clock to end it `expired`). `waiting_at` is its entry in a limit's queue, if it waits in
+/// one. The caller writes the record.
+fn queue_or_hold(
+    tx: &mut WriteTx,
+    t: &Trees,
+    limits: &[Limit],
+    record: &mut JobRecord,
+    waiting_at: Option<&[u8]>,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Gate> {
+    let gate = limits::gate(tx, &t.limit_spaces(), limits, record, waiting_at, now)?;
+    match &gate {
+        Gate::Open => {
+            if record.state == JobState::Throttled {
+                record.reason = None;
+            }
+            record.state = JobState::Queued;
+            tx.insert(
+                &t.unpublished,
+                record.uuid.as_bytes().as_slice(),
+                pending(record.job.attempt, now).as_slice(),
+            );
+        }
+        Gate::Held { reason, .. } => {
+            if record.state != JobState::Throttled
+                && let Some(deadline) = record.job.expires_at
+            {
+                tx.insert(&t.timers, timer_key(deadline, record.uuid), EMPTY);
+            }
+            record.state = JobState::Throttled;
+            record.reason = Some(reason.clone());
+        }
+    }
+    Ok(gate)
 }
 
 /// Gives back the unique key of `record`, a job that is over, if it holds it and no window
@@ -812,6 +881,7 @@ impl Store {
             let first = PausedQueues {
                 version: now_ms(),
                 queues: Vec::new(),
+                limited: Vec::new(),
             };
             let mut tx = trees.db.write_tx();
             tx.insert(&trees.paused, PAUSED, serde_json::to_vec(&first)?);
@@ -1034,9 +1104,9 @@ impl Store {
         ))))
     }
 
-    /// Moves a held job whose time has come to `queued` (to publish), or to `expired` when its
-    /// deadline has passed, and drops its timers. Returns its record if it changed: to publish
-    /// now when `queued`.
+    /// Moves a held job whose time has come to `queued` (to publish) or `throttled` (see
+    /// [`queue_or_hold`]), or to `expired` when its deadline has passed (a throttled job too),
+    /// and drops its timers. Returns its record if it changed: to publish now when `queued`.
     pub async fn release(
         &self,
         uuid: JobId,
@@ -1061,24 +1131,38 @@ impl Store {
             let out = match tx.get(&t.jobs, uuid.as_bytes())? {
                 Some(bytes) => {
                     let mut record: JobRecord = serde_json::from_slice(&bytes)?;
+                    let limits = limits::all(&tx, &t.limit_spaces())?;
+                    let deadline = record.job.expires_at.filter(|d| *d <= now);
                     let due = record.state == JobState::Scheduled
                         && record.next_run_at.is_some_and(|at| at <= now);
-                    due.then(|| {
+                    let expired = record.state == JobState::Throttled && deadline.is_some();
+                    if due || expired {
                         let due_at = record.next_run_at.take();
                         record.updated_at = now;
-                        match record.job.expires_at.filter(|d| *d <= now) {
+                        match deadline {
                             Some(deadline) => {
+                                record.reason = Some(match due_at {
+                                    Some(at) => format!(
+                                        "due at {at} and looked at {now}, past its deadline \
+                                         {deadline}: not run"
+                                    ),
+                                    None => format!(
+                                        "{} until {now}, past its deadline {deadline}: not run",
+                                        record.reason.as_deref().unwrap_or("throttled")
+                                    ),
+                                });
+                                limits::forget(&mut tx, &t.limit_spaces(), &limits, &record)?;
                                 record.state = JobState::Expired;
-                                record.reason = Some(format!(
-                                    "due at {} and looked at {now}, past its deadline \
-                                     {deadline}: not run",
-                                    due_at.unwrap_or(now)
-                                ));
+                                free_key(&mut tx, &t, &record)?;
                             }
-                            None => record.state = JobState::Queued,
+                            None => {
+                                queue_or_hold(&mut tx, &t, &limits, &mut record, None, now)?;
+                            }
                         }
-                        record
-                    })
+                        Some(record)
+                    } else {
+                        None
+                    }
                 }
                 None => None,
             };
@@ -1089,14 +1173,8 @@ impl Store {
                     uuid.as_bytes().as_slice(),
                     serde_json::to_vec(record)?,
                 );
-                if record.state == JobState::Queued {
-                    tx.insert(
-                        &t.unpublished,
-                        uuid.as_bytes().as_slice(),
-                        pending(record.job.attempt, now).as_slice(),
-                    );
-                } else {
-                    free_key(&mut tx, &t, record)?;
+                // Queued (to publish) or throttled by `queue_or_hold`, or ended (expired).
+                if record.state.is_final() {
                     moved = groups::ended(&mut tx, &t, record, now)?;
                 }
             }
@@ -1108,9 +1186,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Cancels a job held in `scheduled` or `waiting`: it ends `cancelled` without running
-    /// (again, for a job whose Work ended and waits for its children). Returns None if the
-    /// job is not held (then agents must be told).
+    /// Cancels a job held in `scheduled`, `throttled` or `waiting`: it ends `cancelled`
+    /// without running (again, for a job whose Work ended and waits for its children).
+    /// Returns None if the job is not held (then agents must be told).
     pub async fn cancel_scheduled(&self, uuid: JobId) -> anyhow::Result<Option<JobRecord>> {
         let t = self.trees()?;
         // The transaction (its lock) ends before the flush is awaited.
@@ -1120,9 +1198,14 @@ impl Store {
                 return Ok(None);
             };
             let mut record: JobRecord = serde_json::from_slice(&bytes)?;
-            if !matches!(record.state, JobState::Scheduled | JobState::Waiting) {
+            if !matches!(
+                record.state,
+                JobState::Scheduled | JobState::Throttled | JobState::Waiting
+            ) {
                 return Ok(None);
             }
+            let limits = limits::all(&tx, &t.limit_spaces())?;
+            limits::forget(&mut tx, &t.limit_spaces(), &limits, &record)?;
             if let Some(at) = record.next_run_at.take() {
                 tx.remove(&t.timers, timer_key(at, uuid));
             }
@@ -1149,7 +1232,8 @@ impl Store {
         Ok(Some(record))
     }
 
-    /// Queues a job that ended without success once more, as its next attempt.
+    /// Queues a job that ended without success once more, as its next attempt (or holds it
+    /// for its limits).
     pub async fn retry(&self, uuid: JobId) -> anyhow::Result<JobRecord> {
         let t = self.trees()?;
         // The transaction (its lock) ends before the flush is awaited.
@@ -1175,7 +1259,6 @@ impl Store {
                 anyhow::bail!("job {uuid} has used every attempt number: submit it again instead");
             };
             record.job.attempt = next;
-            record.state = JobState::Queued;
             record.cancel_requested = false;
             record.next_run_at = None;
             record.updated_at = Utc::now();
@@ -1191,15 +1274,13 @@ impl Store {
                     tx.insert(&t.unique, key.as_str(), uuid.as_bytes().as_slice());
                 }
             }
+            let limits = limits::all(&tx, &t.limit_spaces())?;
+            let now = record.updated_at;
+            queue_or_hold(&mut tx, &t, &limits, &mut record, None, now)?;
             tx.insert(
                 &t.jobs,
                 uuid.as_bytes().as_slice(),
                 serde_json::to_vec(&record)?,
-            );
-            tx.insert(
-                &t.unpublished,
-                uuid.as_bytes().as_slice(),
-                pending(record.job.attempt, record.updated_at).as_slice(),
             );
             tx.commit()?;
             record
@@ -1309,6 +1390,185 @@ impl Store {
         };
         self.flush().await?;
         Ok((paused, changed))
+    }
+
+    /// Sets the rate, the concurrency or both of the limit on `limit.scope` (what `limit` does
+    /// not give stays as it was), durably, and makes the paused queues' version newer when
+    /// the scopes that agents must know change. Returns the limits and whether they changed.
+    pub async fn set_limit(&self, limit: Limit) -> anyhow::Result<(Vec<LimitInfo>, bool)> {
+        self.change_limit(&limit.scope.clone(), |old| {
+            let mut new = old.cloned().unwrap_or_else(|| Limit {
+                scope: limit.scope.clone(),
+                rate: None,
+                concurrency: None,
+            });
+            new.rate = limit.rate.or(new.rate);
+            new.concurrency = limit.concurrency.or(new.concurrency);
+            Some(new)
+        })
+        .await
+    }
+
+    /// Clears the limit on `scope` (only its `kind` when given), durably: what it counted is
+    /// forgotten, and the jobs it holds are for the clock to release.
+    pub async fn clear_limit(
+        &self,
+        scope: &LimitScope,
+        kind: Option<LimitKind>,
+    ) -> anyhow::Result<(Vec<LimitInfo>, bool)> {
+        self.change_limit(scope, |old| {
+            let mut new = old?.clone();
+            match kind {
+                Some(LimitKind::Rate) => new.rate = None,
+                Some(LimitKind::Concurrency) => new.concurrency = None,
+                None => return None,
+            }
+            (new.rate.is_some() || new.concurrency.is_some()).then_some(new)
+        })
+        .await
+    }
+
+    /// Replaces the limit on `scope` with what `change` makes of it (None: no limit).
+    async fn change_limit(
+        &self,
+        scope: &LimitScope,
+        change: impl FnOnce(Option<&Limit>) -> Option<Limit>,
+    ) -> anyhow::Result<(Vec<LimitInfo>, bool)> {
+        let t = self.trees()?;
+        let s = t.limit_spaces();
+        let key = limits::scope_key(scope);
+        // The transaction (its lock) ends before the flush is awaited.
+        let changed = {
+            let mut tx = t.db.write_tx();
+            let old: Option<Limit> = match tx.get(&t.limits, &key)? {
+                Some(b) => Some(serde_json::from_slice(&b)?),
+                None => None,
+            };
+            let new = change(old.as_ref());
+            if new == old {
+                false
+            } else {
+                if let Some(old) = &old {
+                    limits::cleared(&mut tx, &s, old, new.as_ref())?;
+                }
+                match &new {
+                    Some(limit) => {
+                        anyhow::ensure!(
+                            old.is_some() || tx.iter(&t.limits).count() < MAX_LIMITS,
+                            "{MAX_LIMITS} limits are set already, the most there may be: clear some first"
+                        );
+                        tx.insert(&t.limits, &key, serde_json::to_vec(limit)?)
+                    }
+                    None => tx.remove(&t.limits, key),
+                }
+                if old.is_none() || new.is_none() {
+                    // What agents hand to the scheduler changed: they hear it with the
+                    // paused queues, as a new version.
+                    let bytes = tx
+                        .get(&t.paused, PAUSED)?
+                        .context("the paused queues are missing")?;
+                    let mut paused: PausedQueues = serde_json::from_slice(&bytes)?;
+                    paused.limited = limits::all(&tx, &s)?.into_iter().map(|l| l.scope).collect();
+                    paused.version = now_ms().max(paused.version + 1);
+                    tx.insert(&t.paused, PAUSED, serde_json::to_vec(&paused)?);
+                }
+                tx.commit()?;
+                true
+            }
+        };
+        if changed {
+            self.flush().await?;
+        }
+        Ok((self.limits()?, changed))
+    }
+
+    /// Every limit, with the jobs it holds.
+    pub fn limits(&self) -> anyhow::Result<Vec<LimitInfo>> {
+        let t = self.trees()?;
+        limits::usage(&t.db.read_tx(), &t.limit_spaces())
+    }
+
+    /// Whether any job is held `throttled`.
+    pub fn throttling(&self) -> bool {
+        self.trees()
+            .is_ok_and(|t| t.limit_waiting.first_key_value().is_some())
+    }
+
+    /// Publishes (moves to `queued`, at most `max` of them) the throttled jobs that their
+    /// limits allow now, each queue's jobs in the order they came; a job that a limit no
+    /// longer holds goes too. Returns them (more may follow when there are `max`), and when a
+    /// rate allows the next of those it looked at.
+    pub async fn admit_throttled(
+        &self,
+        max: usize,
+    ) -> anyhow::Result<(Vec<JobRecord>, Option<DateTime<Utc>>)> {
+        if !self.throttling() {
+            return Ok((Vec::new(), None));
+        }
+        let t = self.trees()?;
+        let s = t.limit_spaces();
+        let mut admitted = Vec::new();
+        let mut wake = None;
+        // The transaction (its lock) ends before the flush is awaited.
+        let changed = {
+            let mut tx = t.db.write_tx();
+            // Taken with the lock: a rate counts the time the admission is made.
+            let now = Utc::now();
+            let limits = limits::all(&tx, &s)?;
+            let mut changed = false;
+            let mut after: Option<Vec<u8>> = None;
+            while let Some(limits::Head { key, queue, uuid }) =
+                limits::next_head(&tx, &s, after.as_deref())?
+            {
+                if admitted.len() >= max {
+                    break;
+                }
+                let record = match uuid {
+                    Some(uuid) => tx.get(&t.jobs, uuid.as_bytes())?,
+                    None => None,
+                };
+                let record = record
+                    .map(|b| serde_json::from_slice::<JobRecord>(&b))
+                    .transpose()?;
+                let Some(mut record) = record.filter(|r| r.state == JobState::Throttled) else {
+                    // Over meanwhile (cancelled, expired).
+                    tx.remove(&t.limit_waiting, key);
+                    changed = true;
+                    continue;
+                };
+                let reason = record.reason.clone();
+                match queue_or_hold(&mut tx, &t, &limits, &mut record, Some(&key), now)? {
+                    Gate::Open => admitted.push(record.clone()),
+                    Gate::Held { retry_at, .. } => {
+                        if let Some(at) = retry_at {
+                            wake = Some(wake.map_or(at, |w: DateTime<Utc>| w.min(at)));
+                        }
+                        if tx.get(&t.limit_waiting, &key)?.is_some() {
+                            // Still first of its queue: the next queue.
+                            after = Some(limits::queue_end(&queue));
+                        }
+                        if record.reason == reason {
+                            continue;
+                        }
+                    }
+                }
+                record.updated_at = now;
+                tx.insert(
+                    &t.jobs,
+                    record.uuid.as_bytes().as_slice(),
+                    serde_json::to_vec(&record)?,
+                );
+                changed = true;
+            }
+            if changed {
+                tx.commit()?;
+            }
+            changed
+        };
+        if changed {
+            self.flush().await?;
+        }
+        Ok((admitted, wake))
     }
 
     /// Removes the finished jobs last changed before `cutoff`: their records, results and
@@ -1571,6 +1831,15 @@ impl Store {
         }
         if record.state.is_final() {
             free_key(&mut tx, &t, &record)?;
+        }
+        // Over, waiting for a retry (which comes through the limits again) or for its
+        // children (its Work ended; were it to keep its slot, children under the same limit
+        // could never start): its slots go.
+        if record.state.is_final()
+            || matches!(record.state, JobState::Scheduled | JobState::Waiting)
+        {
+            let limits = limits::all(&tx, &t.limit_spaces())?;
+            limits::give_back(&mut tx, &t.limit_spaces(), &limits, &record)?;
         }
         // It ran, so it was published, whatever the broker's confirm said (a later attempt
         // that waits to be published still does).
@@ -2181,6 +2450,179 @@ mod tests {
         let rec = store.get(uuid).expect("reads").expect("exists");
         assert_eq!(rec.state, JobState::Succeeded);
         assert_eq!(rec.attempts.len(), 2);
+    }
+
+    /// The one limit's usage of `store` for `value`: (waiting, running).
+    fn usage(store: &Store, value: &str) -> (u64, u64) {
+        let limits = store.limits().expect("reads");
+        limits[0]
+            .values
+            .iter()
+            .find(|u| u.value == value)
+            .map_or((0, 0), |u| (u.waiting, u.running))
+    }
+
+    #[tokio::test]
+    async fn a_concurrency_limit_holds_jobs_in_order_across_a_reopen_and_counts_each_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let scope = LimitScope::Label("customer".into());
+        let limit = Limit {
+            scope: scope.clone(),
+            rate: None,
+            concurrency: Some(1),
+        };
+        let (_, changed) = store.set_limit(limit).await.expect("sets");
+        assert!(changed);
+        assert_eq!(store.paused().expect("reads").limited, vec![scope.clone()]);
+        let mut jobs = Vec::new();
+        for _ in 0..3 {
+            let mut job = job_with_id("demo.echo");
+            job.labels.insert("customer".into(), "acme".into());
+            let Inserted { record, .. } = store.submit(job.clone()).await.expect("submits");
+            jobs.push((job, record));
+        }
+        let states: Vec<_> = jobs.iter().map(|(_, r)| r.state).collect();
+        assert_eq!(
+            states,
+            [JobState::Queued, JobState::Throttled, JobState::Throttled]
+        );
+        assert_eq!(
+            jobs[1].1.reason.as_deref(),
+            Some("waiting for concurrency limit customer=acme (1 running)")
+        );
+        assert_eq!(usage(&store, "acme"), (2, 1));
+        // The result comes twice: the slot is given back once, the next job takes it.
+        let first = result_of(&jobs[0].0, 1, Status::Succeeded);
+        store.record(&first).expect("records");
+        store.record(&first).expect("records again");
+        let (admitted, wake) = store.admit_throttled(10).await.expect("admits");
+        assert_eq!(wake, None, "a slot wakes the clock, not a time");
+        assert_eq!(
+            admitted.iter().map(|r| r.uuid).collect::<Vec<_>>(),
+            [jobs[1].1.uuid],
+            "the older of the two waiting"
+        );
+        assert_eq!(admitted[0].state, JobState::Queued);
+        drop(store);
+        // As after a kill: the count is what the store holds.
+        let store = open(&dir);
+        assert_eq!(usage(&store, "acme"), (1, 1));
+        let (admitted, _) = store.admit_throttled(10).await.expect("admits");
+        assert!(admitted.is_empty(), "the slot is taken");
+        let cancelled = store
+            .cancel_scheduled(jobs[2].1.uuid)
+            .await
+            .expect("cancels")
+            .expect("was held");
+        assert_eq!(cancelled.state, JobState::Cancelled);
+        assert_eq!(usage(&store, "acme"), (0, 1));
+        store
+            .record(&result_of(&jobs[1].0, 1, Status::Succeeded))
+            .expect("records");
+        assert_eq!(usage(&store, "acme"), (0, 0));
+        let (_, changed) = store.clear_limit(&scope, None).await.expect("clears");
+        assert!(changed);
+        assert!(store.limits().expect("reads").is_empty());
+        assert!(store.paused().expect("reads").limited.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_retry_gives_its_slot_back_and_comes_through_the_limit_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let limit = Limit {
+            scope: LimitScope::WorkType("demo.fail".into()),
+            rate: None,
+            concurrency: Some(1),
+        };
+        store.set_limit(limit).await.expect("sets");
+        let mut a = job_with_id("demo.fail");
+        a.max_attempts = Some(2);
+        let first = store.submit(a.clone()).await.expect("submits").record;
+        let b = store
+            .submit(job_with_id("demo.fail"))
+            .await
+            .expect("submits")
+            .record;
+        assert_eq!(
+            (first.state, b.state),
+            (JobState::Queued, JobState::Throttled)
+        );
+        let Recorded::New(failed) = store
+            .record(&result_of(&a, 1, Status::Failed))
+            .expect("records")
+        else {
+            panic!("recorded first");
+        };
+        assert_eq!(failed.state, JobState::Scheduled, "a retry follows");
+        let (admitted, _) = store.admit_throttled(10).await.expect("admits");
+        assert_eq!(
+            admitted.len(),
+            1,
+            "the retry's wait gave the slot to the other job"
+        );
+        assert_eq!(admitted[0].uuid, b.uuid);
+        let due = failed.next_run_at.expect("a retry time");
+        let again = store
+            .release(first.uuid, due)
+            .await
+            .expect("releases")
+            .expect("changed");
+        assert_eq!(
+            (again.state, again.job.attempt),
+            (JobState::Throttled, 2),
+            "the retry waits for the slot"
+        );
+        store
+            .record(&result_of(&b.job, 1, Status::Succeeded))
+            .expect("records");
+        let (admitted, _) = store.admit_throttled(10).await.expect("admits");
+        assert_eq!(admitted.len(), 1);
+        assert_eq!((admitted[0].uuid, admitted[0].job.attempt), (first.uuid, 2));
+    }
+
+    #[tokio::test]
+    async fn a_rate_holds_a_job_until_its_window_and_a_deadline_ends_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let rate = "1/1h".parse().expect("a rate");
+        let limit = Limit {
+            scope: LimitScope::WorkType("demo.echo".into()),
+            rate: Some(rate),
+            concurrency: None,
+        };
+        store.set_limit(limit).await.expect("sets");
+        let first = store
+            .submit(job_with_id("demo.echo"))
+            .await
+            .expect("submits");
+        assert_eq!(first.record.state, JobState::Queued);
+        let mut late = job_with_id("demo.echo");
+        let deadline = Utc::now() + chrono::Duration::seconds(1);
+        late.expires_at = Some(deadline);
+        let held = store.submit(late).await.expect("submits").record;
+        assert_eq!(held.state, JobState::Throttled);
+        let (admitted, wake) = store.admit_throttled(10).await.expect("admits");
+        assert!(admitted.is_empty());
+        let wake = wake.expect("the rate says when");
+        assert!(wake > Utc::now() + chrono::Duration::minutes(59), "{wake}");
+        assert_eq!(store.next_due().expect("reads"), Some(deadline));
+        let after = deadline + chrono::Duration::milliseconds(1);
+        let expired = store
+            .release(held.uuid, after)
+            .await
+            .expect("releases")
+            .expect("changed");
+        assert_eq!(expired.state, JobState::Expired);
+        assert!(
+            expired
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("rate limit")),
+            "{expired:?}"
+        );
+        assert!(store.limits().expect("reads")[0].values.is_empty());
     }
 
     #[tokio::test]
