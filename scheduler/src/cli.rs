@@ -14,8 +14,8 @@ use rota_common::roles::UserRole;
 use rota_common::users::{self, Management, UserSpec};
 use rota_common::wire::{
     AgentInfo, AttemptLogs, EventKind, Job, JobId, JobRecord, JobState, Limit, LimitInfo,
-    LimitKind, LimitScope, MissedPolicy, OnFailure, Rate, Role, RpcReply, RpcRequest,
-    ScheduleInfo, ScheduleSpec, Status,
+    LimitKind, LimitScope, MissedPolicy, OnFailure, Rate, Role, RpcReply, RpcRequest, ScheduleInfo,
+    ScheduleSpec, Status,
 };
 use serde_json::Value;
 

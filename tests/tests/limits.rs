@@ -350,3 +350,46 @@ async fn a_cleared_limit_releases_the_waiting_jobs_and_a_deadline_ends_one() {
     }
     assert_eq!(cli_json(&sys, &["limits"]).await, json!([]));
 }
+
+/// A parent that waits for its children gives its concurrency slot back when its Work ends:
+/// with at most 1 running job per customer, its children (the same customer) run one at a
+/// time, and it ends after them. Were it to keep its slot, they would wait for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_waiting_for_its_children_does_not_hold_their_slot() {
+    let sys = System::new().await;
+    let _scheduler = sys.scheduler();
+    let _agent = sys.agent("w1", &["--pool-max-size", "4"]);
+    sys.ready(true, &["w1"]).await;
+    cli_json(
+        &sys,
+        &["limit", "set", "--label", "customer", "--concurrency", "1"],
+    )
+    .await;
+    let mut events = sys
+        .client
+        .watch(&[EventKind::Finished])
+        .await
+        .expect("watch");
+    let child = json!({
+        "type": "demo.sleep",
+        "payload": { "ms": 200 },
+        "labels": { "customer": "acme" },
+    });
+    let mut parent = Job::new(
+        "demo.spawn",
+        json!({ "children": [child.clone(), child], "wait": true }),
+    );
+    parent.labels.insert("customer".into(), "acme".into());
+    let parent = sys.client.submit(parent).await.expect("submitted").uuid;
+    all_ended(&sys, &mut events, &[parent]).await;
+    let parent = sys.client.status(parent).await.expect("status");
+    assert_eq!(parent.state, JobState::Succeeded, "{parent:?}");
+    let mut intervals = Vec::new();
+    for child in &parent.children {
+        let child = sys.client.status(*child).await.expect("status");
+        assert_eq!(child.state, JobState::Succeeded, "{child:?}");
+        intervals.push((started(&child), finished(&child)));
+    }
+    assert_eq!(intervals.len(), 2);
+    assert_eq!(most_at_once(&intervals), 1, "one at a time: {intervals:?}");
+}
