@@ -393,11 +393,10 @@ mod tests {
         assert_eq!(get(&store, records[0].uuid).state, JobState::Succeeded);
     }
 
-    #[tokio::test]
-    async fn a_chain_link_that_fails_cancels_the_rest() {
-        let (_dir, store) = open();
+    /// Three `demo.echo` jobs, each after the one before (as `submit_chain` makes them).
+    async fn chain_of_three(store: &Store) -> Vec<JobRecord> {
         let jobs: Vec<Job> = (0..3).map(|_| job("demo.echo")).collect();
-        let records: Vec<JobRecord> = store
+        store
             .submit_all(jobs, |done, job| {
                 if let Some(before) = done.last() {
                     job.after = vec![before.record.uuid];
@@ -408,7 +407,13 @@ mod tests {
             .expect("recorded")
             .into_iter()
             .map(|i| i.record)
-            .collect();
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_chain_link_that_fails_cancels_the_rest() {
+        let (_dir, store) = open();
+        let records = chain_of_three(&store).await;
         store
             .record(&result(&records[0], Status::Failed, Value::Null))
             .expect("recorded");
@@ -463,19 +468,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_job_cancelled_stops_waiting_and_cancels_the_links_after_it() {
         let (_dir, store) = open();
-        let jobs: Vec<Job> = (0..3).map(|_| job("demo.echo")).collect();
-        let records: Vec<JobRecord> = store
-            .submit_all(jobs, |done, job| {
-                if let Some(before) = done.last() {
-                    job.after = vec![before.record.uuid];
-                    job.on_failure = Some(OnFailure::Cancel);
-                }
-            })
-            .await
-            .expect("recorded")
-            .into_iter()
-            .map(|i| i.record)
-            .collect();
+        let records = chain_of_three(&store).await;
         let cancelled = store
             .cancel_scheduled(records[1].uuid)
             .await

@@ -818,6 +818,25 @@ pub async fn event_of(
     .await
 }
 
+/// The `job.finished` events that end each of `ids` (a final state), in whatever order they
+/// come, within three minutes.
+pub async fn all_ended(
+    events: &mut rota_common::client::Events,
+    ids: &[JobId],
+) -> std::collections::HashMap<JobId, rota_common::wire::Event> {
+    let mut out = std::collections::HashMap::new();
+    within(Duration::from_secs(180), "the jobs to end", async {
+        while out.len() < ids.len() {
+            let e = events.next().await.expect("events keep coming");
+            if ids.contains(&e.uuid) && e.state.is_some_and(rota_common::wire::JobState::is_final) {
+                out.insert(e.uuid, e);
+            }
+        }
+    })
+    .await;
+    out
+}
+
 /// Runs `f` with a deadline, so a stuck test fails with a message instead of hanging.
 pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
     match tokio::time::timeout(limit, f).await {

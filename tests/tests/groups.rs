@@ -2,32 +2,13 @@
 //! their outcomes; the failure policies; chains; a parent that waits for its children; a Work
 //! that submits a group; and a group half done when the scheduler is killed.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use rota_tests::wire::{Event, EventKind, Job, JobId, JobRecord, JobState, OnFailure};
-use rota_tests::{System, within};
+use rota_tests::wire::{EventKind, Job, JobId, JobRecord, JobState, OnFailure};
+use rota_tests::{System, all_ended, within};
 use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// The `job.finished` events that end each of `ids` (a final state), in whatever order.
-async fn all_ended(
-    events: &mut rota_common::client::Events,
-    ids: &[JobId],
-) -> HashMap<JobId, Event> {
-    let mut out = HashMap::new();
-    within(MINUTE, "the jobs to end", async {
-        while out.len() < ids.len() {
-            let e = events.next().await.expect("events keep coming");
-            if ids.contains(&e.uuid) && e.state.is_some_and(JobState::is_final) {
-                out.insert(e.uuid, e);
-            }
-        }
-    })
-    .await;
-    out
-}
 
 async fn status(sys: &System, uuid: JobId) -> JobRecord {
     sys.client.status(uuid).await.expect("recorded")

@@ -5,14 +5,14 @@
 //! the scheduler; a limit cleared releases its jobs; a throttled job past its deadline ends
 //! `expired`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rota_tests::wire::{
     EventKind, Job, JobId, JobRecord, JobState, LimitInfo, Role, RpcReply, RpcRequest,
 };
-use rota_tests::{System, free_addrs, http_get, metric, within};
+use rota_tests::{System, all_ended, free_addrs, http_get, metric, within};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -50,21 +50,12 @@ async fn agent_heard_limits(sys: &System, id: &str) {
 }
 
 /// Waits until every job of `ids` has ended; returns their records.
-async fn all_ended(
+async fn records_once_ended(
     sys: &System,
     events: &mut rota_common::client::Events,
     ids: &[JobId],
 ) -> HashMap<JobId, JobRecord> {
-    let mut left: HashSet<JobId> = ids.iter().copied().collect();
-    within(MINUTE * 3, "the jobs to end", async {
-        while !left.is_empty() {
-            let e = events.next().await.expect("events keep coming");
-            if e.state.is_some_and(JobState::is_final) {
-                left.remove(&e.uuid);
-            }
-        }
-    })
-    .await;
+    all_ended(events, ids).await;
     let jobs = sys.list_all(None).await.expect("list");
     jobs.into_iter()
         .filter(|j| ids.contains(&j.uuid))
@@ -142,7 +133,7 @@ async fn a_rate_limit_holds_across_two_agents() {
         }
     }
     assert!(throttled >= 9, "{throttled} of 14 were throttled at once");
-    let records = all_ended(&sys, &mut events, &ids).await;
+    let records = records_once_ended(&sys, &mut events, &ids).await;
     assert_eq!(records.len(), 20);
     let mut starts: Vec<_> = records
         .values()
@@ -210,7 +201,7 @@ async fn a_concurrency_limit_holds_for_200_jobs_of_3_customers() {
         ids.push(record.uuid);
         order.entry(customer).or_default().push(record.uuid);
     }
-    let records = all_ended(&sys, &mut events, &ids).await;
+    let records = records_once_ended(&sys, &mut events, &ids).await;
     assert_eq!(records.len(), 200);
     for (customer, jobs) in &order {
         let runs: Vec<&JobRecord> = jobs.iter().map(|id| &records[id]).collect();
@@ -272,7 +263,7 @@ async fn a_limit_survives_a_scheduler_kill() {
     assert!(throttled.len() >= 4, "{} throttled", throttled.len());
     scheduler.kill().await;
     let _scheduler = sys.scheduler();
-    let records = all_ended(&sys, &mut events, &ids).await;
+    let records = records_once_ended(&sys, &mut events, &ids).await;
     let mut intervals = Vec::new();
     for r in records.values() {
         assert_eq!(r.state, JobState::Succeeded, "{r:?}");
@@ -321,7 +312,7 @@ async fn a_cleared_limit_releases_the_waiting_jobs_and_a_deadline_ends_one() {
     late.ttl_s = Some(1);
     let late = sys.client.submit(late).await.expect("submitted");
     assert_eq!(late.state, JobState::Throttled);
-    let first = all_ended(&sys, &mut events, &[ids[0], late.uuid]).await;
+    let first = records_once_ended(&sys, &mut events, &[ids[0], late.uuid]).await;
     assert_eq!(first[&ids[0]].state, JobState::Succeeded);
     let expired = &first[&late.uuid];
     assert_eq!(expired.state, JobState::Expired, "{expired:?}");
@@ -344,7 +335,7 @@ async fn a_cleared_limit_releases_the_waiting_jobs_and_a_deadline_ends_one() {
     let series = r#"rota_scheduler_jobs_throttled{limit="work_type=demo.echo"}"#;
     assert_eq!(metric(&text, series), 2, "{text}");
     cli_json(&sys, &["limit", "clear", "--work-type", "demo.echo"]).await;
-    let rest = all_ended(&sys, &mut events, &ids[1..]).await;
+    let rest = records_once_ended(&sys, &mut events, &ids[1..]).await;
     for r in rest.values() {
         assert_eq!(r.state, JobState::Succeeded, "{r:?}");
     }
@@ -381,7 +372,7 @@ async fn a_parent_waiting_for_its_children_does_not_hold_their_slot() {
     );
     parent.labels.insert("customer".into(), "acme".into());
     let parent = sys.client.submit(parent).await.expect("submitted").uuid;
-    all_ended(&sys, &mut events, &[parent]).await;
+    all_ended(&mut events, &[parent]).await;
     let parent = sys.client.status(parent).await.expect("status");
     assert_eq!(parent.state, JobState::Succeeded, "{parent:?}");
     let mut intervals = Vec::new();

@@ -3,12 +3,11 @@
 //! may not run as they are to the scheduler); deadlines (`expires_at`, `ttl_s`); unique-key
 //! windows (`unique_for_s`) and debounce (`debounce_s`).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
 use rota_tests::wire::{Event, EventKind, Job, JobId, JobRecord, JobState, Status};
-use rota_tests::{System, within};
+use rota_tests::{System, all_ended, within};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -24,24 +23,6 @@ async fn ended(events: &mut rota_common::client::Events, uuid: JobId) -> Event {
         }
     })
     .await
-}
-
-/// The `job.finished` events that end each of `ids`, in whatever order they come.
-async fn all_ended(
-    events: &mut rota_common::client::Events,
-    ids: &[JobId],
-) -> HashMap<JobId, Event> {
-    let mut out = HashMap::new();
-    within(MINUTE, "the jobs to end", async {
-        while out.len() < ids.len() {
-            let e = events.next().await.expect("events keep coming");
-            if ids.contains(&e.uuid) && e.state.is_some_and(JobState::is_final) {
-                out.insert(e.uuid, e);
-            }
-        }
-    })
-    .await;
-    out
 }
 
 async fn status(sys: &System, uuid: JobId) -> JobRecord {
