@@ -77,16 +77,22 @@ pub fn hold(tx: &mut WriteTx, t: &Trees, fresh: &mut JobRecord) -> anyhow::Resul
         sort_inputs(fresh);
         return Ok(false);
     }
+    wait_for(tx, t, fresh, waiting_for);
+    Ok(true)
+}
+
+/// Holds `record` (`waiting`) until the jobs `waiting_for` have ended: each gets an
+/// `awaited` entry that leads back to it (see [`stop_waiting`] for the reverse).
+fn wait_for(tx: &mut WriteTx, t: &Trees, record: &mut JobRecord, waiting_for: Vec<JobId>) {
     for &uuid in &waiting_for {
         tx.insert(
             &t.awaited,
-            store::pair_key(uuid, fresh.uuid).as_slice(),
+            store::pair_key(uuid, record.uuid).as_slice(),
             EMPTY,
         );
     }
-    fresh.state = JobState::Waiting;
-    fresh.waiting_for = waiting_for;
-    Ok(true)
+    record.state = JobState::Waiting;
+    record.waiting_for = waiting_for;
 }
 
 /// Ends `waiter` without running it, when its `on_failure` says so for `failed` (a job it
@@ -151,15 +157,7 @@ pub fn after_run(tx: &mut WriteTx, t: &Trees, record: &mut JobRecord) -> anyhow:
         finish_parent(tx, t, record)?;
         return Ok(true);
     }
-    for &child in &waiting_for {
-        tx.insert(
-            &t.awaited,
-            store::pair_key(child, record.uuid).as_slice(),
-            EMPTY,
-        );
-    }
-    record.state = JobState::Waiting;
-    record.waiting_for = waiting_for;
+    wait_for(tx, t, record, waiting_for);
     Ok(true)
 }
 

@@ -819,13 +819,14 @@ pub async fn event_of(
 }
 
 /// The `job.finished` events that end each of `ids` (a final state), in whatever order they
-/// come, within three minutes.
+/// come, within `limit`.
 pub async fn all_ended(
     events: &mut rota_common::client::Events,
     ids: &[JobId],
+    limit: Duration,
 ) -> std::collections::HashMap<JobId, rota_common::wire::Event> {
     let mut out = std::collections::HashMap::new();
-    within(Duration::from_secs(180), "the jobs to end", async {
+    within(limit, "the jobs to end", async {
         while out.len() < ids.len() {
             let e = events.next().await.expect("events keep coming");
             if ids.contains(&e.uuid) && e.state.is_some_and(rota_common::wire::JobState::is_final) {
@@ -865,6 +866,19 @@ pub fn tool(name: &str) -> PathBuf {
 }
 
 impl System {
+    /// The `job.finished` events from now on.
+    pub async fn finished_events(&self) -> rota_common::client::Events {
+        self.client
+            .watch(&[rota_common::wire::EventKind::Finished])
+            .await
+            .expect("watch")
+    }
+
+    /// What the scheduler knows of job `uuid`, which it has recorded.
+    pub async fn status(&self, uuid: JobId) -> rota_common::wire::JobRecord {
+        self.client.status(uuid).await.expect("recorded")
+    }
+
     /// Every recorded job (only those in `state`, if given), newest first: the scheduler
     /// answers `list` a page at a time; this follows the pages.
     pub async fn list_all(

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use rota_tests::wire::{EventKind, Job, JobId, JobState, Role};
+use rota_tests::wire::{Job, JobId, JobState, Role};
 use rota_tests::{System, free_addrs, http_get, probe_until, within};
 use serde_json::json;
 
@@ -24,11 +24,7 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
     let _scheduler = sys.scheduler_with(&["--http-addr", &sched_addr]);
     let _agent = sys.agent("r1", &["--pool-max-size", "8", "--http-addr", &agent_addr]);
     sys.ready(true, &["r1"]).await;
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let mut beats = sys.heartbeats().await;
     let mut ids = HashSet::new();
     // 10 s of work for 8 workers, so that jobs surely run while the broker stops (1-3 s).

@@ -193,11 +193,7 @@ async fn priorities_are_what_each_queue_type_offers() {
             priority.insert(sys.client.publish_job(job).await.expect("published"), p);
         }
         // One worker: the jobs end in the order they were delivered in.
-        let mut events = sys
-            .client
-            .watch(&[EventKind::Finished])
-            .await
-            .expect("watch");
+        let mut events = sys.finished_events().await;
         let _scheduler = sys.scheduler();
         let _agent = sys.agent("p1", &["--pool-max-size", "1"]);
         let mut order = Vec::new();

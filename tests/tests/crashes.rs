@@ -62,11 +62,7 @@ async fn an_agent_killed_mid_run_and_restarted_loses_nothing() {
     let _scheduler = sys.scheduler();
     let mut agent = sys.agent("k1", &["--pool-max-size", "8"]);
     sys.ready(true, &["k1"]).await;
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let mut beats = sys.heartbeats().await;
     // 2.5 s of work for 8 workers: plenty is left once 50 are done.
     let ids = publish_sleepers(&sys, 200, 100).await;

@@ -4,22 +4,11 @@
 
 use std::time::Duration;
 
-use rota_tests::wire::{EventKind, Job, JobId, JobRecord, JobState, OnFailure};
+use rota_tests::wire::{Job, JobId, JobRecord, JobState, OnFailure};
 use rota_tests::{System, all_ended, within};
 use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-async fn status(sys: &System, uuid: JobId) -> JobRecord {
-    sys.client.status(uuid).await.expect("recorded")
-}
-
-async fn watch(sys: &System) -> rota_common::client::Events {
-    sys.client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch")
-}
 
 fn echo(payload: Value) -> Job {
     Job::new("demo.echo", payload)
@@ -39,7 +28,7 @@ async fn a_group_of_three_runs_its_callback_once_after_all_with_their_outcomes()
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = watch(&sys).await;
+    let mut finished = sys.finished_events().await;
     let members = vec![
         Job::new("demo.sleep", json!({ "ms": 600 })),
         echo(json!({ "n": 2 })),
@@ -54,13 +43,13 @@ async fn a_group_of_three_runs_its_callback_once_after_all_with_their_outcomes()
     let callback = ids[3];
     assert_eq!(records[3].state, JobState::Waiting);
     assert_eq!(records[3].job.after, ids[..3]);
-    all_ended(&mut finished, &ids).await;
-    let done = status(&sys, callback).await;
+    all_ended(&mut finished, &ids, MINUTE).await;
+    let done = sys.status(callback).await;
     assert_eq!(done.state, JobState::Succeeded);
     assert_eq!(done.attempts.len(), 1, "the callback ran once");
     let mut members = Vec::new();
     for uuid in &ids[..3] {
-        members.push(status(&sys, *uuid).await);
+        members.push(sys.status(*uuid).await);
     }
     let started = done.attempts[0].started_at.expect("started");
     assert!(
@@ -97,7 +86,7 @@ async fn a_group_of_three_runs_its_callback_once_after_all_with_their_outcomes()
         .await
         .expect("submitted");
     assert_eq!(twice[3].state, JobState::Succeeded);
-    assert_eq!(status(&sys, callback).await.attempts.len(), 1);
+    assert_eq!(sys.status(callback).await.attempts.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +94,7 @@ async fn policy_run_runs_the_callback_with_the_failure_and_policy_fail_does_not_
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = watch(&sys).await;
+    let mut finished = sys.finished_events().await;
     let group = |policy| {
         sys.client.submit_group(
             vec![
@@ -119,9 +108,9 @@ async fn policy_run_runs_the_callback_with_the_failure_and_policy_fail_does_not_
     let run = group(None).await.expect("submitted");
     let fail = group(Some(OnFailure::Fail)).await.expect("submitted");
     let ids: Vec<JobId> = run.iter().chain(&fail).map(|r| r.uuid).collect();
-    all_ended(&mut finished, &ids).await;
+    all_ended(&mut finished, &ids, MINUTE).await;
 
-    let ran = status(&sys, run[2].uuid).await;
+    let ran = sys.status(run[2].uuid).await;
     assert_eq!(ran.state, JobState::Succeeded);
     assert_eq!(ran.attempts.len(), 1);
     let failed = &ran.job.inputs[1];
@@ -131,7 +120,7 @@ async fn policy_run_runs_the_callback_with_the_failure_and_policy_fail_does_not_
         Some("boom")
     );
 
-    let not_run = status(&sys, fail[2].uuid).await;
+    let not_run = sys.status(fail[2].uuid).await;
     assert_eq!(not_run.state, JobState::Failed);
     assert!(not_run.attempts.is_empty(), "the callback did not run");
     let reason = not_run.reason.expect("a reason");
@@ -140,7 +129,7 @@ async fn policy_run_runs_the_callback_with_the_failure_and_policy_fail_does_not_
         "{reason}"
     );
     // The other member went on.
-    assert_eq!(status(&sys, fail[0].uuid).await.state, JobState::Succeeded);
+    assert_eq!(sys.status(fail[0].uuid).await.state, JobState::Succeeded);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,10 +172,10 @@ async fn the_cli_submits_a_group_and_shows_its_progress() {
             && shown.contains("waits for 2 job(s) (on failure: fail); 0 ended"),
         "{shown}"
     );
-    let mut finished = watch(&sys).await;
+    let mut finished = sys.finished_events().await;
     let _agent = sys.agent("a1", &[]);
-    all_ended(&mut finished, &ids).await;
-    let done = status(&sys, ids[2]).await;
+    all_ended(&mut finished, &ids, MINUTE).await;
+    let done = sys.status(ids[2]).await;
     assert_eq!(done.state, JobState::Succeeded);
     assert_eq!(done.job.inputs[0].output, json!({ "a": 1 }));
 }
@@ -196,7 +185,7 @@ async fn a_chain_passes_each_output_on_and_a_failing_link_cancels_the_rest() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = watch(&sys).await;
+    let mut finished = sys.finished_events().await;
     let chain = sys
         .client
         .submit_chain(vec![echo(json!(1)), echo(json!(2)), echo(json!(3))])
@@ -213,11 +202,11 @@ async fn a_chain_passes_each_output_on_and_a_failing_link_cancels_the_rest() {
         .await
         .expect("submitted");
     let ids: Vec<JobId> = chain.iter().chain(&broken).map(|r| r.uuid).collect();
-    all_ended(&mut finished, &ids).await;
+    all_ended(&mut finished, &ids, MINUTE).await;
 
     let mut links = Vec::new();
     for r in &chain {
-        links.push(status(&sys, r.uuid).await);
+        links.push(sys.status(r.uuid).await);
     }
     for pair in links.windows(2) {
         let (before, after) = (&pair[0], &pair[1]);
@@ -228,15 +217,15 @@ async fn a_chain_passes_each_output_on_and_a_failing_link_cancels_the_rest() {
         assert!(after.attempts[0].started_at >= before.attempts[0].finished_at);
     }
 
-    assert_eq!(status(&sys, broken[1].uuid).await.state, JobState::Failed);
-    let third = status(&sys, broken[2].uuid).await;
+    assert_eq!(sys.status(broken[1].uuid).await.state, JobState::Failed);
+    let third = sys.status(broken[2].uuid).await;
     assert_eq!(third.state, JobState::Cancelled);
     assert!(third.attempts.is_empty());
     assert_eq!(
         third.reason.as_deref(),
         Some(format!("the chain's link {} ended failed", broken[1].uuid).as_str())
     );
-    let fourth = status(&sys, broken[3].uuid).await;
+    let fourth = sys.status(broken[3].uuid).await;
     assert_eq!(fourth.state, JobState::Cancelled);
     assert!(fourth.attempts.is_empty());
 }
@@ -246,7 +235,7 @@ async fn a_parent_waits_for_its_children_and_ends_after_them() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = watch(&sys).await;
+    let mut finished = sys.finished_events().await;
     let payload = json!({
         "children": [
             { "type": "demo.sleep", "payload": { "ms": 800 } },
@@ -271,13 +260,13 @@ async fn a_parent_waits_for_its_children_and_ends_after_them() {
         }
     })
     .await;
-    all_ended(&mut finished, &[parent]).await;
-    let done = status(&sys, parent).await;
+    all_ended(&mut finished, &[parent], MINUTE).await;
+    let done = sys.status(parent).await;
     assert_eq!(done.state, JobState::Succeeded);
     assert_eq!(done.children.len(), 2);
     let mut children = Vec::new();
     for c in &done.children {
-        children.push(status(&sys, *c).await);
+        children.push(sys.status(*c).await);
     }
     assert!(children.iter().all(|c| c.state == JobState::Succeeded));
     assert!(done.updated_at >= last_finish(&children));
@@ -294,7 +283,7 @@ async fn a_work_submits_its_children_as_a_group_with_a_callback() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &["--worker-location", "process"]);
-    let mut finished = watch(&sys).await;
+    let mut finished = sys.finished_events().await;
     let payload = json!({
         "children": [
             { "type": "demo.echo", "payload": { "part": 1 } },
@@ -308,16 +297,16 @@ async fn a_work_submits_its_children_as_a_group_with_a_callback() {
         .await
         .expect("submitted")
         .uuid;
-    all_ended(&mut finished, &[parent]).await;
+    all_ended(&mut finished, &[parent], MINUTE).await;
     let ids: Vec<JobId> =
-        serde_json::from_value(status(&sys, parent).await.attempts[0].output["children"].clone())
+        serde_json::from_value(sys.status(parent).await.attempts[0].output["children"].clone())
             .expect("the uuids");
     assert_eq!(ids.len(), 3);
     // The children may have ended before the parent (their events gone by): the record says.
-    if !status(&sys, ids[2]).await.state.is_final() {
-        all_ended(&mut finished, &ids[2..]).await;
+    if !sys.status(ids[2]).await.state.is_final() {
+        all_ended(&mut finished, &ids[2..], MINUTE).await;
     }
-    let callback = status(&sys, ids[2]).await;
+    let callback = sys.status(ids[2]).await;
     assert_eq!(callback.state, JobState::Succeeded);
     assert_eq!(callback.job.parent, Some(parent));
     assert_eq!(callback.attempts.len(), 1);
@@ -332,7 +321,7 @@ async fn a_scheduler_killed_with_a_group_half_done_still_runs_the_callback_once(
     let sys = System::new().await;
     let mut scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = watch(&sys).await;
+    let mut finished = sys.finished_events().await;
     let records = sys
         .client
         .submit_group(
@@ -347,12 +336,12 @@ async fn a_scheduler_killed_with_a_group_half_done_still_runs_the_callback_once(
         .await
         .expect("submitted");
     let ids: Vec<JobId> = records.iter().map(|r| r.uuid).collect();
-    all_ended(&mut finished, &ids[..2]).await;
+    all_ended(&mut finished, &ids[..2], MINUTE).await;
     scheduler.kill().await;
     let _scheduler = sys.scheduler();
-    let ended = all_ended(&mut finished, &ids[2..]).await;
+    let ended = all_ended(&mut finished, &ids[2..], MINUTE).await;
     assert_eq!(ended[&ids[3]].state, Some(JobState::Succeeded));
-    let callback = status(&sys, ids[3]).await;
+    let callback = sys.status(ids[3]).await;
     assert_eq!(callback.attempts.len(), 1, "the callback ran once");
     let states: Vec<JobState> = callback.job.inputs.iter().map(|i| i.state).collect();
     assert_eq!(states, [JobState::Succeeded; 3]);
@@ -366,7 +355,7 @@ async fn a_direct_job_with_after_waits_for_the_jobs_it_names() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = watch(&sys).await;
+    let mut finished = sys.finished_events().await;
     let first = sys
         .client
         .submit(Job::new("demo.sleep", json!({ "ms": 500 })))
@@ -376,8 +365,8 @@ async fn a_direct_job_with_after_waits_for_the_jobs_it_names() {
     let mut then = echo(json!({}));
     then.after = vec![first];
     let then = sys.client.publish_job(then).await.expect("published");
-    all_ended(&mut finished, &[first, then]).await;
-    let (first, then) = (status(&sys, first).await, status(&sys, then).await);
+    all_ended(&mut finished, &[first, then], MINUTE).await;
+    let (first, then) = (sys.status(first).await, sys.status(then).await);
     assert_eq!(then.state, JobState::Succeeded);
     assert_eq!(then.job.inputs[0].uuid, first.uuid);
     assert!(then.attempts[0].started_at >= first.attempts[0].finished_at);

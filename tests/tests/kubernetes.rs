@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use rota_common::config::parse_duration;
-use rota_tests::wire::{EventKind, Job, Status};
+use rota_tests::wire::{Job, Status};
 use rota_tests::{System, event_of, free_addrs, probe_until, tool, within};
 use serde_json::{Value, json};
 
@@ -654,11 +654,7 @@ async fn the_configmap_settings_run_a_job_and_answer_the_probes() {
         assert!(body.contains("rota_"), "{name}'s {metrics}: {body}");
     }
 
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     let record = sys
         .client
         .submit(Job::new("demo.echo", json!({"from": "the ConfigMap"})))

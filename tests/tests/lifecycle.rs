@@ -55,11 +55,7 @@ async fn a_delayed_job_is_scheduled_and_runs_no_earlier_than_its_time() {
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("d1", &[]);
     sys.ready(true, &["d1"]).await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
 
     let at = (Utc::now() + chrono::Duration::seconds(5)).to_rfc3339();
     let (code, by_delay) =
@@ -173,11 +169,7 @@ async fn a_job_always_failing_is_dead_after_max_attempts_and_a_manual_retry_runs
         "{text}"
     );
 
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     let (code, again) = cli_json(&sys, &["retry", &rec.uuid.to_string()]).await;
     assert_eq!(code, Some(0));
     let again = record(again);
@@ -208,11 +200,7 @@ async fn higher_priority_jobs_queued_behind_lower_ones_run_first() {
     .await;
     let _scheduler = sys.scheduler();
     sys.ready(true, &[]).await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     // Queued before any agent runs: low ones first, high ones behind them.
     let mut priority = HashMap::new();
     for p in [0, 0, 0, 0, 9, 9, 9, 9] {
@@ -249,11 +237,7 @@ async fn a_work_submits_two_children(location: &'static str) {
     flags.extend(["--pool-max-size", "2"]);
     let _agent = sys.agent("c1", &flags);
     sys.ready(true, &["c1"]).await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     let parent = Job::new(
         "demo.spawn",
         json!({"children": [
@@ -341,11 +325,7 @@ async fn two_submissions_with_one_unique_key_make_one_job() {
     );
     assert_ne!(submit("other-key").await, first);
 
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     let _agent = sys.agent("u1", &[]);
     within(MINUTE, "the job", until_over(&sys, &mut events, first)).await;
     let third = submit("nightly-report").await;

@@ -9,9 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rota_tests::wire::{
-    EventKind, Job, JobId, JobRecord, JobState, LimitInfo, Role, RpcReply, RpcRequest,
-};
+use rota_tests::wire::{Job, JobId, JobRecord, JobState, LimitInfo, Role, RpcReply, RpcRequest};
 use rota_tests::{System, all_ended, free_addrs, http_get, metric, within};
 use serde_json::json;
 
@@ -55,7 +53,7 @@ async fn records_once_ended(
     events: &mut rota_common::client::Events,
     ids: &[JobId],
 ) -> HashMap<JobId, JobRecord> {
-    all_ended(events, ids).await;
+    all_ended(events, ids, MINUTE * 3).await;
     let jobs = sys.list_all(None).await.expect("list");
     jobs.into_iter()
         .filter(|j| ids.contains(&j.uuid))
@@ -108,11 +106,7 @@ async fn a_rate_limit_holds_across_two_agents() {
     assert_eq!(limits[0]["rate"], json!({"count": 5, "interval_ms": 1000}));
     agent_heard_limits(&sys, "a1").await;
     agent_heard_limits(&sys, "a2").await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     let mut ids = Vec::new();
     let mut throttled = 0;
     for i in 0..20 {
@@ -185,11 +179,7 @@ async fn a_concurrency_limit_holds_for_200_jobs_of_3_customers() {
         &["limit", "set", "--label", "customer", "--concurrency", "2"],
     )
     .await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     let customers = ["acme", "globex", "initech"];
     let mut ids = Vec::new();
     let mut order: HashMap<&str, Vec<JobId>> = HashMap::new();
@@ -248,11 +238,7 @@ async fn a_limit_survives_a_scheduler_kill() {
         &["limit", "set", "--label", "customer", "--concurrency", "1"],
     )
     .await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     let mut ids = Vec::new();
     for _ in 0..6 {
         let mut job = Job::new("demo.sleep", json!({ "ms": 300 }));
@@ -293,11 +279,7 @@ async fn a_cleared_limit_releases_the_waiting_jobs_and_a_deadline_ends_one() {
         &["limit", "set", "--work-type", "demo.echo", "--rate", "1/1h"],
     )
     .await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(
@@ -356,11 +338,7 @@ async fn a_parent_waiting_for_its_children_does_not_hold_their_slot() {
         &["limit", "set", "--label", "customer", "--concurrency", "1"],
     )
     .await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     let child = json!({
         "type": "demo.sleep",
         "payload": { "ms": 200 },
@@ -372,7 +350,7 @@ async fn a_parent_waiting_for_its_children_does_not_hold_their_slot() {
     );
     parent.labels.insert("customer".into(), "acme".into());
     let parent = sys.client.submit(parent).await.expect("submitted").uuid;
-    all_ended(&mut events, &[parent]).await;
+    all_ended(&mut events, &[parent], MINUTE * 3).await;
     let parent = sys.client.status(parent).await.expect("status");
     assert_eq!(parent.state, JobState::Succeeded, "{parent:?}");
     let mut intervals = Vec::new();

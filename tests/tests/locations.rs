@@ -263,11 +263,7 @@ async fn a_dying_worker_process_is_reported_crashed_and_workers_are_recycled() {
         .watch(&[EventKind::Started])
         .await
         .expect("watch");
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let uuid = sys
         .client
         .publish_job(Job::new("demo.sleep", json!({"ms": 60000})))
@@ -388,11 +384,7 @@ async fn cancel_at(location: &'static str, busy_type: &str) {
         .watch(&[EventKind::Started])
         .await
         .expect("watch");
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let running = sys
         .client
         .submit(Job::new(busy_type, json!({"ms": 60000})))

@@ -2,7 +2,7 @@
 //! pool agent, read the way Kubernetes and Prometheus read them. (`/readyz` while the broker is
 //! down is in `broker_restart.rs`, which alone may stop the broker.)
 
-use rota_tests::wire::{EventKind, Job};
+use rota_tests::wire::Job;
 use rota_tests::{System, free_addrs, http_get, probe_until, within};
 use serde_json::json;
 
@@ -18,11 +18,7 @@ async fn the_daemons_serve_health_and_the_metrics_of_the_jobs_that_ran() {
         probe_until(addr, "/readyz", 200).await;
     }
 
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     for (work_type, payload) in [("demo.echo", "1"), ("demo.echo", "2"), ("demo.fail", "{}")] {
         sys.submit_wait(&["--type", work_type, "--payload", payload])
             .await;

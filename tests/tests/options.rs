@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use rota_tests::wire::{Event, EventKind, Job, JobId, JobRecord, JobState, Status};
+use rota_tests::wire::{Event, Job, JobId, JobState, Status};
 use rota_tests::{System, all_ended, within};
 use serde_json::json;
 
@@ -14,19 +14,8 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 /// The `job.finished` event that ends job `uuid` (a final state), within a minute.
 async fn ended(events: &mut rota_common::client::Events, uuid: JobId) -> Event {
-    within(MINUTE, "the job to end", async {
-        loop {
-            let e = events.next().await.expect("events keep coming");
-            if e.uuid == uuid && e.state.is_some_and(JobState::is_final) {
-                return e;
-            }
-        }
-    })
-    .await
-}
-
-async fn status(sys: &System, uuid: JobId) -> JobRecord {
-    sys.client.status(uuid).await.expect("recorded")
+    let mut ended = all_ended(events, &[uuid], MINUTE).await;
+    ended.remove(&uuid).expect("the job's end")
 }
 
 fn sleep_job(ms: u64) -> Job {
@@ -38,18 +27,14 @@ async fn a_failing_job_published_directly_is_retried_as_its_max_attempts_say() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let mut job = Job::new("demo.fail", json!({ "message": "boom" }));
     job.max_attempts = Some(3);
     job.backoff_ms = Some(50);
     let uuid = sys.client.publish_job(job).await.expect("published");
     let last = ended(&mut finished, uuid).await;
     assert_eq!(last.attempt, 3);
-    let record = status(&sys, uuid).await;
+    let record = sys.status(uuid).await;
     assert_eq!(
         record.state,
         JobState::Dead,
@@ -64,18 +49,14 @@ async fn a_direct_job_with_a_later_run_at_does_not_run_before_its_time() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let at = Utc::now() + chrono::Duration::seconds(2);
     let mut job = Job::new("demo.echo", json!({}));
     job.run_at = Some(at);
     let uuid = sys.client.publish_job(job).await.expect("published");
     let event = ended(&mut finished, uuid).await;
     assert_eq!(event.state, Some(JobState::Succeeded));
-    let record = status(&sys, uuid).await;
+    let record = sys.status(uuid).await;
     let started = record.attempts[0].started_at.expect("started");
     assert!(
         started >= at,
@@ -90,11 +71,7 @@ async fn a_direct_job_with_a_later_run_at_does_not_run_before_its_time() {
 async fn a_direct_duplicate_of_a_unique_key_is_deduplicated_as_over_rpc() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let mut ids = Vec::new();
     for _ in 0..2 {
         let mut job = sleep_job(2000);
@@ -133,11 +110,7 @@ async fn an_expired_queued_job_ends_expired_without_running_and_one_in_time_runs
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let mut late = Job::new("demo.echo", json!({}));
     late.expires_at = Some(Utc::now() - chrono::Duration::seconds(1));
     let late = sys.client.publish_job(late).await.expect("published");
@@ -145,13 +118,13 @@ async fn an_expired_queued_job_ends_expired_without_running_and_one_in_time_runs
     in_time.expires_at = Some(Utc::now() + chrono::Duration::hours(1));
     let in_time = sys.client.publish_job(in_time).await.expect("published");
 
-    let events = all_ended(&mut finished, &[late, in_time]).await;
+    let events = all_ended(&mut finished, &[late, in_time], MINUTE).await;
     assert_eq!(
         (events[&late].status, events[&late].state),
         (Some(Status::Expired), Some(JobState::Expired))
     );
     assert_eq!(events[&in_time].state, Some(JobState::Succeeded));
-    let record = status(&sys, late).await;
+    let record = sys.status(late).await;
     let error = record.attempts[0].error.clone().expect("a reason");
     assert_eq!(error.kind, "expired");
     assert!(
@@ -181,11 +154,7 @@ async fn a_held_job_whose_deadline_passes_ends_expired() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let held = || {
         let mut job = Job::new("demo.echo", json!({}));
         job.run_at = Some(Utc::now() + chrono::Duration::seconds(5));
@@ -200,7 +169,7 @@ async fn a_held_job_whose_deadline_passes_ends_expired() {
     let direct = sys.client.publish_job(held()).await.expect("published");
     let event = ended(&mut finished, direct).await;
     assert_eq!(event.state, Some(JobState::Expired));
-    assert!(status(&sys, direct).await.attempts.is_empty(), "never ran");
+    assert!(sys.status(direct).await.attempts.is_empty(), "never ran");
 
     let mut flaky = Job::new("demo.fail", json!({ "message": "boom" }));
     flaky.max_attempts = Some(3);
@@ -212,7 +181,7 @@ async fn a_held_job_whose_deadline_passes_ends_expired() {
         (event.attempt, event.status, event.state),
         (1, Some(Status::Failed), Some(JobState::Expired))
     );
-    let reason = status(&sys, record.uuid).await.reason.expect("a reason");
+    let reason = sys.status(record.uuid).await.reason.expect("a reason");
     assert!(reason.contains("attempt 2 would be due"), "{reason}");
 }
 
@@ -222,11 +191,7 @@ async fn a_dedupe_window_refuses_a_second_job_after_the_first_finished_then_admi
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let hourly = || {
         let mut job = Job::new("demo.echo", json!({}));
         job.unique_key = Some("digest".into());
@@ -235,7 +200,7 @@ async fn a_dedupe_window_refuses_a_second_job_after_the_first_finished_then_admi
     };
     let first = sys.client.submit(hourly()).await.expect("submitted");
     ended(&mut finished, first.uuid).await;
-    let ended_at = status(&sys, first.uuid).await.updated_at;
+    let ended_at = sys.status(first.uuid).await.updated_at;
     let second = sys.client.submit(hourly()).await.expect("submitted");
     assert_eq!(
         second.uuid, first.uuid,
@@ -260,11 +225,7 @@ async fn debounce_runs_only_the_last_of_three_quick_submissions() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let mut ids = Vec::new();
     for i in 0..3 {
         let mut job = Job::new("demo.echo", json!({ "i": i }));
@@ -274,19 +235,19 @@ async fn debounce_runs_only_the_last_of_three_quick_submissions() {
         assert_eq!(record.state, JobState::Scheduled);
         ids.push(record.uuid);
     }
-    let events = all_ended(&mut finished, &ids).await;
+    let events = all_ended(&mut finished, &ids, MINUTE).await;
     for (i, uuid) in ids.iter().take(2).enumerate() {
         let event = &events[uuid];
         assert_eq!(
             (event.status, event.state),
             (None, Some(JobState::Superseded))
         );
-        let record = status(&sys, *uuid).await;
+        let record = sys.status(*uuid).await;
         assert_eq!(record.superseded_by, Some(ids[i + 1]));
         assert!(record.attempts.is_empty(), "never ran");
     }
     assert_eq!(events[&ids[2]].state, Some(JobState::Succeeded));
-    let record = status(&sys, ids[2]).await;
+    let record = sys.status(ids[2]).await;
     assert_eq!(record.attempts[0].output, json!({ "i": 2 }));
 }
 
@@ -296,11 +257,7 @@ async fn a_debounced_job_held_across_a_scheduler_restart_runs() {
     let sys = System::new().await;
     let mut scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let mut job = Job::new("demo.echo", json!({}));
     job.unique_key = Some("sync".into());
     job.debounce_s = Some(3);
@@ -310,7 +267,7 @@ async fn a_debounced_job_held_across_a_scheduler_restart_runs() {
     let _scheduler = sys.scheduler();
     let event = ended(&mut finished, record.uuid).await;
     assert_eq!(event.state, Some(JobState::Succeeded));
-    let record = status(&sys, record.uuid).await;
+    let record = sys.status(record.uuid).await;
     assert_eq!(record.attempts.len(), 1);
 }
 
@@ -323,11 +280,7 @@ async fn a_job_handed_over_while_the_scheduler_is_down_runs_once_it_is_back() {
     let _agent = sys.agent("a1", &[]);
     sys.ready(true, &["a1"]).await;
     scheduler.kill().await;
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let at = Utc::now() + chrono::Duration::seconds(1);
     let mut job = Job::new("demo.echo", json!({}));
     job.run_at = Some(at);
@@ -336,7 +289,7 @@ async fn a_job_handed_over_while_the_scheduler_is_down_runs_once_it_is_back() {
     let _scheduler = sys.scheduler();
     let event = ended(&mut finished, uuid).await;
     assert_eq!(event.state, Some(JobState::Succeeded));
-    let record = status(&sys, uuid).await;
+    let record = sys.status(uuid).await;
     assert_eq!(record.attempts.len(), 1, "run once");
     assert!(record.attempts[0].started_at.expect("started") >= at);
 }

@@ -18,11 +18,7 @@ async fn a_thousand_jobs_are_each_recorded_exactly_once_with_their_logs() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &["--pool-max-size", "16"]);
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let n = 1000;
     let mut ids = HashSet::new();
     for i in 0..n {
@@ -124,11 +120,7 @@ async fn concurrent_first_publishes_to_a_new_queue_all_land() {
 async fn a_busy_agent_sends_its_results_in_groups() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let n = 500;
     let publishes = (0..n).map(|i| {
         sys.client
@@ -201,11 +193,7 @@ async fn events_watched_in_a_select_loop_are_all_seen() {
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("w1", &["--pool-max-size", "8"]);
     sys.ready(true, &["w1"]).await;
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let mut ids = HashSet::new();
     for i in 0..500 {
         let job = Job::new("demo.echo", json!({ "i": i }));
@@ -275,11 +263,7 @@ async fn jobs_published_with_plain_amqp_are_run_and_recorded() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     sys.ready(true, &["a1"]).await;
 
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -335,11 +319,7 @@ async fn invalid_jobs_are_dead_lettered_with_a_reason_and_the_agent_survives() {
     let sys = System::new().await;
     let _scheduler = sys.scheduler();
     let agent = sys.agent("a1", &["--max-job-timeout", "1h"]);
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     sys.ready(true, &["a1"]).await;
 
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -535,11 +515,7 @@ async fn other_services_can_submit_over_rpc_with_direct_reply_to() {
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("a1", &[]);
     sys.ready(true, &["a1"]).await;
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
 
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await

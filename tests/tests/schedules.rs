@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rota_tests::wire::{EventKind, JobRecord, JobState, ScheduleInfo};
+use rota_tests::wire::{JobRecord, JobState, ScheduleInfo};
 use rota_tests::{System, event_of, within};
 use serde_json::{Value, json};
 
@@ -83,11 +83,7 @@ async fn a_schedule_every_second_fires_and_pause_resume_remove_take_effect() {
     let _scheduler = sys.scheduler();
     let _agent = sys.agent("s1", &["--pool-max-size", "4"]);
     sys.ready(true, &["s1"]).await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
 
     let added: ScheduleInfo = serde_json::from_value(
         cli_json(
@@ -167,11 +163,7 @@ async fn a_scheduler_killed_and_restarted_fires_no_time_twice() {
     let mut scheduler = sys.scheduler_with(&grace);
     let _agent = sys.agent("s2", &["--pool-max-size", "4"]);
     sys.ready(true, &["s2"]).await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     cli_json(
         &sys,
         &[
@@ -223,11 +215,7 @@ missed = "run-once"
     let _scheduler = sys.scheduler_with(&["--config", &path]);
     let _agent = sys.agent("s3", &[]);
     sys.ready(true, &["s3"]).await;
-    let mut events = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut events = sys.finished_events().await;
     next_fires(&sys, &mut events, "from-file", 1).await;
     let job = &fired_by(&sys, "from-file").await[0];
     assert_eq!(job.job.payload, json!({"from": "file"}));

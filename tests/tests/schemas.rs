@@ -131,11 +131,7 @@ async fn every_message_rota_sends_matches_its_published_schema() {
         .watch(&[EventKind::Started])
         .await
         .expect("watch");
-    let mut finished = sys
-        .client
-        .watch(&[EventKind::Finished])
-        .await
-        .expect("watch");
+    let mut finished = sys.finished_events().await;
     let (_, done) = sys
         .submit_wait(&["--type", "demo.log", "--payload", r#"{"lines":2}"#])
         .await;
