@@ -409,6 +409,7 @@ impl System {
             names.jobs_queue("hostnet"),
             names.dead(),
             names.results(),
+            names.admit(),
             names.rpc(),
             names.scheduler_events(),
         ];
