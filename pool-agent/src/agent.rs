@@ -36,6 +36,7 @@ use crate::outbox::Outbox;
 use crate::paused::Paused;
 use crate::pool::{Pool, WorkerSpec};
 use crate::process::ProcessSpec;
+use crate::recent::Recent;
 use crate::results::Results;
 
 /// Runs a pool agent until `shutdown` is cancelled, then stops taking jobs, lets running ones
@@ -187,6 +188,7 @@ pub async fn run(
     let bg = TaskTracker::new();
     bg.spawn(agent.clone().receive_receipts(receipts));
     bg.spawn(agent.clone().resend_loop(background.clone()));
+    bg.spawn(agent.clone().trim_when_idle(background.clone()));
     tokio::select! {
         _ = agent.first_hearing() => {}
         _ = shutdown.cancelled() => {}
@@ -359,10 +361,10 @@ struct Agent {
     aliases: Arc<Aliases>,
     /// Jobs held now (received, not yet acked), by job id and attempt.
     running: Mutex<HashMap<(JobId, u32), Running>>,
-    /// Jobs cancelled before they arrived here (the newest few thousand).
+    /// Jobs cancelled before they arrived here (the last minute's, or the newest thousand).
     cancelled: Mutex<Recent<JobId>>,
-    /// Runs whose result the scheduler receipted (the newest few thousand): a late
-    /// redelivery of one (its ack was lost with its channel) is acked, not run again.
+    /// Runs whose result the scheduler receipted (the last minute's, or the newest thousand):
+    /// a late redelivery of one (its ack was lost with its channel) is acked, not run again.
     receipted: Mutex<Recent<(JobId, u32)>>,
     /// Stored results RabbitMQ confirmed, with when to send each again if no receipt comes.
     /// A stored result missing here was never confirmed: the resend timer tries it again.
@@ -953,6 +955,43 @@ impl Agent {
         }
     }
 
+    /// Gives back to the system the memory a burst of jobs left free, once the agent has
+    /// sent no result for a while and holds no job: glibc keeps what each thread freed in
+    /// that thread's arena for later, and maps keep the room they grew to. Then again each
+    /// time it forgets receipted runs that aged (see [`Recent`]).
+    async fn trim_when_idle(self: Arc<Self>, stop: CancellationToken) {
+        const TICK: Duration = Duration::from_secs(5);
+        let sent = || self.metrics.results_sent.get();
+        let (mut seen, mut trimmed) = (sent(), true);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = stop.cancelled() => return,
+            }
+            let now = sent();
+            if now != seen {
+                (seen, trimmed) = (now, false);
+                continue;
+            }
+            let idle = self.outbox.is_empty() && self.running.lock().is_ok_and(|r| r.is_empty());
+            if !idle {
+                continue;
+            }
+            let forgot = self.receipted.lock().is_ok_and(|mut r| r.shrink())
+                | self.cancelled.lock().is_ok_and(|mut c| c.shrink());
+            if forgot || !trimmed {
+                if let Ok(mut r) = self.running.lock() {
+                    r.shrink_to_fit();
+                }
+                if let Ok(mut c) = self.confirmed.lock() {
+                    c.shrink_to_fit();
+                }
+                release_free_memory();
+                trimmed = true;
+            }
+        }
+    }
+
     /// Applies the scheduler's receipts and control messages from this agent's queue.
     async fn receive_receipts(self: Arc<Self>, mut receipts: Consumer) {
         while let Some(d) = receipts.recv().await {
@@ -1225,43 +1264,19 @@ async fn ack_all(deliveries: Vec<Delivery>) {
     }
 }
 
+/// Returns the allocator's free pages to the system.
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists, under its locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 async fn requeue_all(deliveries: Vec<Delivery>) {
     for d in deliveries {
         d.requeue().await;
-    }
-}
-
-/// A bounded set of ids: the oldest are forgotten first.
-struct Recent<K> {
-    ids: std::collections::HashSet<K>,
-    order: std::collections::VecDeque<K>,
-}
-
-impl<K> Default for Recent<K> {
-    fn default() -> Self {
-        Self {
-            ids: Default::default(),
-            order: Default::default(),
-        }
-    }
-}
-
-impl<K: std::hash::Hash + Eq + Copy> Recent<K> {
-    const KEEP: usize = 10_000;
-
-    fn insert(&mut self, id: K) {
-        if self.ids.insert(id) {
-            self.order.push_back(id);
-        }
-        while self.order.len() > Self::KEEP {
-            if let Some(old) = self.order.pop_front() {
-                self.ids.remove(&old);
-            }
-        }
-    }
-
-    fn contains(&self, id: &K) -> bool {
-        self.ids.contains(id)
     }
 }
 

@@ -17,6 +17,7 @@ pub mod outbox;
 mod paused;
 pub mod pool;
 pub mod process;
+mod recent;
 mod results;
 
 pub use agent::run;
