@@ -19,7 +19,7 @@
 # lapin loop, persistent + confirms) side by side, interleaved in rounds, printed as a markdown
 # table of figures, ratios and Rota's goals (progress on stderr, the table on stdout; see
 # deploy/bench/compare.py for the measures):
-#   deploy/bench.sh compare [--rounds 3] [--jobs 10000] [--lone 300] [--paced 3000]
+#   deploy/bench.sh compare [--rounds 3] [--jobs 10000] [--lone 300] [--paced 10000]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 what=jobs

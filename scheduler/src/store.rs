@@ -231,9 +231,11 @@ impl Trees {
                 let db = db.clone();
                 let failed = |e: fjall::Error| format!("cannot sync the store's journal: {e}");
                 GroupCommit::start("store", move || {
-                    // Flushes the journal's buffer and syncs it (`fsync`): what a transaction
-                    // committed before survives a power cut.
-                    db.persist(PersistMode::SyncAll).map_err(failed)?;
+                    // Flushes the journal's buffer and syncs its data (`fdatasync`): what a
+                    // transaction committed before survives a power cut. fjall sizes each
+                    // journal file when it makes it (and syncs it whole then), so no later
+                    // write changes the file's size, and `fsync` would only add its times.
+                    db.persist(PersistMode::SyncData).map_err(failed)?;
                     // fjall writes memtables out on its own threads, and does not hold writers
                     // back until they have: a writer that outpaces them waits here, so that
                     // memory stays bounded. Whenever the memtables hold more than their
