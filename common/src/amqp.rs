@@ -1648,6 +1648,24 @@ fn with_defaults(url: &str) -> String {
     url
 }
 
+/// How long RabbitMQ may take to notice that a connection made with `url` (one URL, or several
+/// separated by commas) died, and hand back its unacked messages: two missed heartbeats, at
+/// the heartbeat the URL asks for (10 s unless it says). With `heartbeat=0` there are none,
+/// and the broker waits for TCP's keepalive to give up: about 2 hours 11 minutes with Linux's
+/// defaults.
+pub fn dead_peer_after(url: &str) -> Duration {
+    url.split(',')
+        .map(|u| {
+            let asked = url_param(&with_defaults(u.trim()), "heartbeat");
+            match asked.and_then(|h| h.parse::<u64>().ok()) {
+                Some(0) => Duration::from_secs(7_200 + 9 * 75),
+                heartbeat => Duration::from_secs(2 * heartbeat.unwrap_or(10)),
+            }
+        })
+        .max()
+        .unwrap_or(Duration::from_secs(20))
+}
+
 /// The TLS files an `amqps://` URL names (`cacertfile`, `certfile`, `keyfile`), read.
 fn tls_config(url: &str) -> Result<OwnedTLSConfig, BrokerError> {
     let read = |key: &str, what: &str| -> Result<Option<Vec<u8>>, BrokerError> {
@@ -1827,6 +1845,16 @@ mod tests {
             "amqp://guest:***@h:5672/%2f"
         );
         assert_eq!(redact("amqp://h:5672/%2f"), "amqp://h:5672/%2f");
+    }
+
+    #[test]
+    fn a_dead_peer_is_noticed_after_two_heartbeats_of_the_slowest_node() {
+        assert_eq!(dead_peer_after("amqp://h/%2f"), Duration::from_secs(20));
+        assert_eq!(
+            dead_peer_after("amqp://a/%2f?heartbeat=5, amqp://b/%2f?heartbeat=60"),
+            Duration::from_secs(120)
+        );
+        assert!(dead_peer_after("amqp://h/%2f?heartbeat=0") > Duration::from_secs(7_200));
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub async fn run(
     cfg.check()?;
     // Chromium never loads from the broker's port, wherever it listens.
     cfg.chromium.deny_broker_port(amqp_url);
+    // Receipted and cancelled runs are remembered while RabbitMQ may still hand one back.
+    let dead_peer_after = rota_common::amqp::dead_peer_after(amqp_url);
     names.roles().warn_if_open();
     let id = AgentId::new(&cfg.id).map_err(anyhow::Error::msg)?;
     let health = Health::default();
@@ -170,8 +172,8 @@ pub async fn run(
         pool,
         aliases,
         running: Mutex::default(),
-        cancelled: Mutex::default(),
-        receipted: Mutex::default(),
+        cancelled: Mutex::new(Recent::for_dead_peer_after(dead_peer_after)),
+        receipted: Mutex::new(Recent::for_dead_peer_after(dead_peer_after)),
         confirmed: Mutex::default(),
         store_problem: tokio::sync::watch::Sender::new(None),
         stopping: CancellationToken::new(),
