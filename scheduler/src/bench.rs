@@ -3,13 +3,17 @@
 //! from submitting a job to its `job.finished` event (which the scheduler publishes once the
 //! result is recorded), and the peak memory of each Rota process on this host. The jobs go
 //! all at once (by default), at a set rate (`--rate`), one at a time (`--one-at-a-time`), or
-//! are queued first and drained once told to start (`--drain`). `deploy/bench.sh compare`
-//! runs each mode beside Celery and the broker alone, reading the `--json` line.
+//! are queued first and drained once told to start (`--drain`). All at once and paced, it
+//! then asks the scheduler about the slowest 1% of the jobs and says where their time went.
+//! `deploy/bench.sh compare` runs each mode beside Celery and the broker alone, reading the
+//! `--json` line.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
@@ -60,8 +64,8 @@ pub struct BenchArgs {
     pub timeout: Duration,
 }
 
-/// The jobs submitted and not finished yet, with when each was submitted.
-type Sent = Arc<Mutex<HashMap<JobId, Instant>>>;
+/// The jobs submitted and not finished yet, with when each was submitted (and by the clock).
+type Sent = Arc<Mutex<HashMap<JobId, (Instant, DateTime<Utc>)>>>;
 
 /// What one measure gives.
 struct Measured {
@@ -70,7 +74,20 @@ struct Measured {
     /// Sorted.
     latencies: Vec<Duration>,
     failed: usize,
+    /// The slowest 1% of the jobs (up to [`SLOWEST`]) when each was submitted and when its
+    /// `job.finished` came (none for the one-at-a-time and drain measures).
+    slowest: Vec<Timed>,
 }
+
+/// A job's submit and `job.finished`, by the clock.
+struct Timed {
+    uuid: JobId,
+    submitted: DateTime<Utc>,
+    seen: DateTime<Utc>,
+}
+
+/// At most this many of the slowest jobs are looked up.
+const SLOWEST: usize = 100;
 
 pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let client = Arc::new(Client::connect(&broker.amqp_url(), broker.names()?, "bench").await?);
@@ -95,7 +112,12 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
         elapsed,
         latencies,
         failed,
+        slowest,
     } = measured?;
+    let stages = stages(&client, &slowest).await.unwrap_or_else(|e| {
+        eprintln!("cannot look up the slowest jobs' records, so no breakdown of them: {e:#}");
+        None
+    });
 
     let pct = |p: f64| {
         let i = ((latencies.len() as f64 * p).ceil() as usize).max(1) - 1;
@@ -129,6 +151,12 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
                 "p50_ms": pct(0.50),
                 "p99_ms": pct(0.99),
                 "max_ms": pct(1.0),
+                "slowest_1pct_median_ms": stages.map(|[to_start, run, to_recorded, to_seen]| json!({
+                    "submit_to_start": to_start,
+                    "run": run,
+                    "finish_to_stored": to_recorded,
+                    "stored_to_seen": to_seen,
+                })),
                 "peak_rss": peaks,
             })
         );
@@ -157,6 +185,14 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
             pct(0.99),
             pct(1.0)
         );
+        if let Some([to_start, run, to_recorded, to_seen]) = stages {
+            println!(
+                "slowest 1%:  submit → start {to_start:.1} ms, run {run:.1}, finish → stored \
+                 {to_recorded:.1}, stored → synced and seen here {to_seen:.1} (medians over {} \
+                 jobs)",
+                slowest.len()
+            );
+        }
         for (what, pid, kib) in &peaks {
             match kib {
                 Some(kib) => println!(
@@ -199,6 +235,7 @@ async fn measure(
             elapsed: start.elapsed(),
             latencies,
             failed,
+            slowest: Vec::new(),
         });
     }
 
@@ -226,21 +263,22 @@ async fn measure(
             .context("cannot read standard input")?;
         start = Instant::now();
         if let Ok(mut s) = sent.lock() {
-            s.values_mut().for_each(|t| *t = start);
+            s.values_mut().for_each(|t| *t = (start, Utc::now()));
         }
     }
 
-    let mut latencies: Vec<Duration> = Vec::with_capacity(args.jobs);
+    let mut timed: Vec<(Duration, Timed)> = Vec::with_capacity(args.jobs);
     let mut failed = 0usize;
     // A job that could not be submitted never finishes: stop at the first such error.
-    while latencies.len() < args.jobs {
+    while timed.len() < args.jobs {
         tokio::select! {
             event = events.next() => {
                 let Some(event) = event else { bail!("lost the connection to RabbitMQ") };
-                let Some(t0) = sent.lock().ok().and_then(|mut s| s.remove(&event.uuid)) else {
+                let Some((t0, submitted)) = sent.lock().ok().and_then(|mut s| s.remove(&event.uuid)) else {
                     continue;
                 };
-                latencies.push(t0.elapsed());
+                let seen = Utc::now();
+                timed.push((t0.elapsed(), Timed { uuid: event.uuid, submitted, seen }));
                 failed += usize::from(event.status != Some(Status::Succeeded));
             }
             done = async { submitter.as_mut().expect("checked").await }, if submitter.is_some() => {
@@ -249,12 +287,58 @@ async fn measure(
             }
         }
     }
-    latencies.sort();
+    let elapsed = start.elapsed();
+    timed.sort_by_key(|(latency, _)| *latency);
+    let latencies = timed.iter().map(|(latency, _)| *latency).collect();
+    let slowest = if args.drain {
+        Vec::new()
+    } else {
+        let n = timed.len().div_ceil(100).min(SLOWEST);
+        timed.drain(..).rev().take(n).map(|(_, t)| t).collect()
+    };
     Ok(Measured {
-        elapsed: start.elapsed(),
+        elapsed,
         latencies,
         failed,
+        slowest,
     })
+}
+
+/// Where the time of the slowest jobs went, from their records: the median over them of each
+/// stage, in ms: submitted → started by a worker → finished → written into the scheduler's
+/// store (its `updated_at`) → `job.finished` seen here (the store's group commit, then the
+/// event's way back). By this host's clock and the agent's and the scheduler's (one clock
+/// when all run here). None when there is nothing to look up.
+async fn stages(client: &Client, slowest: &[Timed]) -> anyhow::Result<Option<[f64; 4]>> {
+    let mut by_stage: [Vec<f64>; 4] = Default::default();
+    for t in slowest {
+        let record = client.status(t.uuid).await?;
+        let Some(attempt) = record.attempts.last() else {
+            continue;
+        };
+        let (Some(started), Some(finished)) = (attempt.started_at, attempt.finished_at) else {
+            continue;
+        };
+        let ms = |from: DateTime<Utc>, to: DateTime<Utc>| {
+            (to - from).num_microseconds().unwrap_or(0) as f64 / 1e3
+        };
+        let times = [
+            ms(t.submitted, started),
+            ms(started, finished),
+            ms(finished, record.updated_at),
+            ms(record.updated_at, t.seen),
+        ];
+        for (stage, v) in by_stage.iter_mut().zip(times) {
+            stage.push(v);
+        }
+    }
+    if by_stage[0].is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(by_stage.map(|mut v| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    })))
 }
 
 /// Submits `args.jobs` jobs, `args.concurrency` at once (paced by `args.rate`), noting in
@@ -273,7 +357,7 @@ async fn submit_all(client: Arc<Client>, sent: Sent, args: BenchArgs) -> anyhow:
                 }
                 let (uuid, job) = no_op(i);
                 if let Ok(mut s) = sent.lock() {
-                    s.insert(uuid, Instant::now());
+                    s.insert(uuid, (Instant::now(), Utc::now()));
                 }
                 submit(&client, args.via, job).await
             }

@@ -161,7 +161,8 @@ async fn a_busy_agent_sends_its_results_in_groups() {
     println!("{results} results in {messages} messages");
 }
 
-/// `scheduler bench`, which the README's figures come from, runs through and prints them.
+/// `scheduler bench`, which the README's figures come from, runs through and prints them,
+/// with where the slowest jobs' time went.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_benchmark_prints_throughput_latency_and_memory() {
     let sys = System::new().await;
@@ -183,6 +184,11 @@ async fn the_benchmark_prints_throughput_latency_and_memory() {
     );
     assert!(stdout.contains("jobs/s end to end"), "{stdout}");
     assert!(stdout.contains("latency:     p50"), "{stdout}");
+    // 300 jobs: their slowest 1% are 3, looked up in the scheduler.
+    assert!(
+        stdout.contains("slowest 1%:  submit → start") && stdout.contains("(medians over 3 jobs)"),
+        "{stdout}"
+    );
     assert_eq!(stdout.matches("peak RSS:").count(), 2, "{stdout}");
 }
 
