@@ -13,9 +13,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-
 use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use rota_common::client::{Client, Events, short_host};
@@ -151,10 +150,10 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
                 "p50_ms": pct(0.50),
                 "p99_ms": pct(0.99),
                 "max_ms": pct(1.0),
-                "slowest_1pct_median_ms": stages.map(|[to_start, run, to_recorded, to_seen]| json!({
+                "slowest_1pct_median_ms": stages.map(|[to_start, run, to_stored, to_seen]| json!({
                     "submit_to_start": to_start,
                     "run": run,
-                    "finish_to_stored": to_recorded,
+                    "finish_to_stored": to_stored,
                     "stored_to_seen": to_seen,
                 })),
                 "peak_rss": peaks,
@@ -185,10 +184,10 @@ pub async fn run(broker: &BrokerArgs, args: BenchArgs) -> anyhow::Result<ExitCod
             pct(0.99),
             pct(1.0)
         );
-        if let Some([to_start, run, to_recorded, to_seen]) = stages {
+        if let Some([to_start, run, to_stored, to_seen]) = stages {
             println!(
                 "slowest 1%:  submit → start {to_start:.1} ms, run {run:.1}, finish → stored \
-                 {to_recorded:.1}, stored → synced and seen here {to_seen:.1} (medians over {} \
+                 {to_stored:.1}, stored → synced and seen here {to_seen:.1} (medians over {} \
                  jobs)",
                 slowest.len()
             );
