@@ -187,6 +187,8 @@ pub struct System {
     pub url: String,
     /// Agent ids started, whose queues to delete at the end.
     agents: std::sync::Mutex<Vec<String>>,
+    /// The jobs queues its agents served (`--queue`), deleted at the end.
+    queues: std::sync::Mutex<Vec<String>>,
 }
 
 impl System {
@@ -214,6 +216,7 @@ impl System {
             client,
             url: url.to_owned(),
             agents: Default::default(),
+            queues: Default::default(),
         }
     }
 
@@ -263,6 +266,10 @@ impl System {
     /// Starts `pool-agent run --id ID` with fast heartbeats and resends, plus `extra` flags.
     pub fn agent(&self, id: &str, extra: &[&str]) -> Proc {
         self.owns_agent(id);
+        if let Ok(mut q) = self.queues.lock() {
+            let named = extra.windows(2).filter(|w| w[0] == "--queue");
+            q.extend(named.flat_map(|w| w[1].split(',')).map(str::to_owned));
+        }
         let data = self.data_dir().display().to_string();
         let mut args = vec!["run", "--id", id];
         for (flag, value) in [
@@ -397,7 +404,12 @@ impl System {
         }
     }
 
-    async fn cleanup(url: String, names: Names, agents: Vec<String>) -> anyhow::Result<()> {
+    async fn cleanup(
+        url: String,
+        names: Names,
+        agents: Vec<String>,
+        served: Vec<String>,
+    ) -> anyhow::Result<()> {
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
         // A plain connection (to the first node): a Rota client would first declare the
         // topology, which fails where a test made its queues of another type.
@@ -414,6 +426,7 @@ impl System {
             names.scheduler_events(),
         ];
         queues.extend(agents.iter().map(|a| names.agent_queue(a)));
+        queues.extend(served.iter().map(|q| names.jobs_queue(q)));
         for q in queues {
             // A channel each: a failed delete closes its channel.
             let ch = conn.create_channel().await?;
@@ -468,12 +481,13 @@ impl Drop for System {
         let names = self.names.clone();
         let url = self.url.clone();
         let agents = self.agents.lock().map(|a| a.clone()).unwrap_or_default();
+        let served = self.queues.lock().map(|q| q.clone()).unwrap_or_default();
         // Drop cannot await: clean up on a thread with a runtime of its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(System::cleanup(url, names, agents))
+            rt.block_on(System::cleanup(url, names, agents, served))
         })
         .join();
     }
