@@ -53,7 +53,8 @@ from celery.result import ResultSet
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BIN = ROOT / "target" / "release"
-# An agent remembers the runs receipted in the last minute (pool-agent/src/recent.rs).
+# An agent remembers the runs receipted in the last minute at the default heartbeat
+# (pool-agent/src/recent.rs).
 IDLE_AFTER = 70
 NAMESPACE = "rota-bench-compare"
 VHOST = "rota-bench-celery"

@@ -363,10 +363,11 @@ struct Agent {
     aliases: Arc<Aliases>,
     /// Jobs held now (received, not yet acked), by job id and attempt.
     running: Mutex<HashMap<(JobId, u32), Running>>,
-    /// Jobs cancelled before they arrived here (the last minute's, or the newest thousand).
+    /// Jobs cancelled before they arrived here, while a redelivery may still come (see
+    /// [`Recent`]).
     cancelled: Mutex<Recent<JobId>>,
-    /// Runs whose result the scheduler receipted (the last minute's, or the newest thousand):
-    /// a late redelivery of one (its ack was lost with its channel) is acked, not run again.
+    /// Runs whose result the scheduler receipted, while a redelivery may still come (see
+    /// [`Recent`]): a late one (its ack was lost with its channel) is acked, not run again.
     receipted: Mutex<Recent<(JobId, u32)>>,
     /// Stored results RabbitMQ confirmed, with when to send each again if no receipt comes.
     /// A stored result missing here was never confirmed: the resend timer tries it again.

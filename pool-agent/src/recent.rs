@@ -23,12 +23,6 @@ pub struct Recent<K> {
     keep_for: Duration,
 }
 
-impl<K> Default for Recent<K> {
-    fn default() -> Self {
-        Self::for_dead_peer_after(Duration::ZERO)
-    }
-}
-
 impl<K> Recent<K> {
     /// Kept whatever their age: at a low rate, a redelivery can come long after.
     pub const KEEP: usize = 1_000;
@@ -101,7 +95,7 @@ mod tests {
 
     #[test]
     fn keeps_everything_younger_than_the_window_however_many() {
-        let mut r = R::default();
+        let mut r = R::for_dead_peer_after(Duration::ZERO);
         let t0 = Instant::now();
         for i in 0..(R::KEEP as u32 * 5) {
             r.insert_at(i, t0 + Duration::from_millis(i as u64));
@@ -112,7 +106,7 @@ mod tests {
 
     #[test]
     fn forgets_the_old_but_keeps_the_newest_few_whatever_their_age() {
-        let mut r = R::default();
+        let mut r = R::for_dead_peer_after(Duration::ZERO);
         let t0 = Instant::now();
         for i in 0..(R::KEEP as u32 * 3) {
             r.insert_at(i, t0);
@@ -140,7 +134,7 @@ mod tests {
 
     #[test]
     fn never_holds_more_than_its_maximum() {
-        let mut r = R::default();
+        let mut r = R::for_dead_peer_after(Duration::ZERO);
         let t0 = Instant::now();
         for i in 0..(R::MAX as u32 + 10) {
             r.insert_at(i, t0);
@@ -151,7 +145,7 @@ mod tests {
 
     #[test]
     fn an_id_inserted_twice_is_kept_once() {
-        let mut r = R::default();
+        let mut r = R::for_dead_peer_after(Duration::ZERO);
         r.insert(7);
         r.insert(7);
         assert_eq!(r.len(), 1);

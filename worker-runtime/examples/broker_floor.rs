@@ -171,10 +171,7 @@ async fn at_rate(
     let receive_all = async {
         let mut latencies = Vec::with_capacity(n);
         while latencies.len() < n {
-            let delivery = tokio::time::timeout(Duration::from_secs(60), consumer.next())
-                .await
-                .context("no message from RabbitMQ for a minute")?
-                .context("the consumer was cancelled")??;
+            let delivery = next_delivery(consumer).await?;
             let i: usize = std::str::from_utf8(&delivery.data[..20])?.trim().parse()?;
             let t0 = sent
                 .lock()
@@ -229,11 +226,20 @@ fn confirmed(c: lapin::Result<Confirmation>) -> anyhow::Result<()> {
 /// Receives and acks `n` messages (gives up after a minute without one).
 async fn consume(consumer: &mut Consumer, n: usize) -> anyhow::Result<()> {
     for _ in 0..n {
-        let delivery = tokio::time::timeout(Duration::from_secs(60), consumer.next())
-            .await
-            .context("no message from RabbitMQ for a minute")?
-            .context("the consumer was cancelled")??;
-        delivery.ack(BasicAckOptions::default()).await?;
+        next_delivery(consumer)
+            .await?
+            .ack(BasicAckOptions::default())
+            .await?;
     }
     Ok(())
+}
+
+/// The next message (gives up after a minute without one).
+async fn next_delivery(consumer: &mut Consumer) -> anyhow::Result<lapin::message::Delivery> {
+    Ok(
+        tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .context("no message from RabbitMQ for a minute")?
+            .context("the consumer was cancelled")??,
+    )
 }
