@@ -20,6 +20,7 @@ use clap::Parser;
 use futures::StreamExt;
 use rota_common::Names;
 use rota_common::amqp::{Broker, ConsumeSpec, Props, QueueSpec, Startup, Topology};
+use rota_common::names::DEFAULT_QUEUE;
 use rota_common::wire::{AgentId, AgentMessage, Job, JobId, JobResult, LogLine, Status};
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -77,7 +78,15 @@ async fn run(args: &Args, scheduler: &Path, i: usize) -> anyhow::Result<()> {
     let broker =
         Broker::connect(&args.amqp_url, "record_bench", topology, Startup::FailFast).await?;
     let outcome = measure(args, scheduler, &names, &broker, &receipts).await;
-    for queue in [names.results(), names.rpc(), names.dead()] {
+    // Every queue the scheduler declares, as the tests' clean-up does.
+    for queue in [
+        names.results(),
+        names.rpc(),
+        names.dead(),
+        names.admit(),
+        names.scheduler_events(),
+        names.jobs_queue(DEFAULT_QUEUE),
+    ] {
         let _ = broker.delete_queue(&queue).await;
     }
     for exchange in [

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use fjall::config::PinningPolicy;
+use fjall::config::{PartitioningPolicy, PinningPolicy};
 use fjall::{
     KeyspaceCreateOptions, KvSeparationOptions, PersistMode, Readable, SingleWriterTxDatabase,
     SingleWriterTxKeyspace, SingleWriterWriteTx,
@@ -228,8 +228,8 @@ impl Trees {
                         .with_kv_separation(Some(
                             KvSeparationOptions::default().separation_threshold(SEPARATED_FROM),
                         ))
-                        .filter_block_partitioning_policy(PinningPolicy::all(true))
-                        .index_block_partitioning_policy(PinningPolicy::all(true))
+                        .filter_block_partitioning_policy(PartitioningPolicy::all(true))
+                        .index_block_partitioning_policy(PartitioningPolicy::all(true))
                 } else {
                     options
                 }
