@@ -17,7 +17,8 @@ The measures:
   5. memory and disk: RSS of an idle pool agent at its start and once idle for IDLE_AFTER
      seconds after the runs (and of an idle Celery worker), the scheduler's RSS after the
      runs, its store on disk per recorded job;
-  6. CPU per job of each part (user + sys from /proc/PID/stat around measure 1).
+  6. CPU per job of each part (user + sys from /proc/PID/stat) around measures 1 and 4, and
+     how busy the machine was (/proc/stat) during measure 4.
 
 Rota runs as shipped: a release `scheduler run` and one `pool-agent run` with 16 `local` workers
 and a prefetch of 4 jobs per worker, Celery's default (namespace rota-bench-compare), driven by
@@ -181,6 +182,29 @@ def memory_kib(pid, field="VmRSS", source="status"):
     return total
 
 
+def machine_jiffies():
+    """(busy, all) clock ticks of every core since boot, from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def measured(parts, jobs, run):
+    """Runs `run()`; returns what it returned, the CPU per job in ms of each of `parts` (name →
+    a function giving that part's CPU seconds so far) and the machine's busy share, in %."""
+    before = {p: f() for p, f in parts.items()}
+    busy0, all0 = machine_jiffies()
+    out = run()
+    busy1, all1 = machine_jiffies()
+    cpu = {p: (f() - before[p]) / jobs * 1e3 for p, f in parts.items()}
+    return out, cpu, 100 * (busy1 - busy0) / max(all1 - all0, 1)
+
+
+def with_rabbitmq(parts):
+    """`parts`, and RabbitMQ's node when it runs on this host."""
+    mq = rabbitmq_pid()
+    return {**parts, "RabbitMQ": lambda: cpu_seconds(mq)} if mq else parts
+
+
 def children_cpu():
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -269,13 +293,15 @@ class Rota:
             raise SystemExit(f"{figures['failed']} of Rota's no-op jobs failed; see {self.log.name}")
         return figures
 
+    def parts(self):
+        return with_rabbitmq({
+            "scheduler": lambda: cpu_seconds(self.scheduler.pid),
+            "pool agent": lambda: cpu_seconds(self.agent.pid),
+            "client (scheduler bench)": children_cpu,
+        })
+
     def at_once(self, jobs):
-        mq = rabbitmq_pid()
-        before = (cpu_seconds(self.scheduler.pid), cpu_seconds(self.agent.pid), children_cpu(), mq and cpu_seconds(mq))
-        f = self.bench("--jobs", str(jobs))
-        after = (cpu_seconds(self.scheduler.pid), cpu_seconds(self.agent.pid), children_cpu(), mq and cpu_seconds(mq))
-        parts = ["scheduler", "pool agent", "client (scheduler bench)", "RabbitMQ"]
-        cpu = {p: (a - b) / jobs * 1e3 for p, a, b in zip(parts, after, before) if a is not None}
+        f, cpu, _ = measured(self.parts(), jobs, lambda: self.bench("--jobs", str(jobs)))
         return {"jobs_per_s": f["jobs_per_s"], "cpu_ms": cpu}
 
     def drain(self, jobs):
@@ -311,8 +337,8 @@ class Rota:
         return {"p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"]}
 
     def paced(self, rate, jobs):
-        f = self.bench("--rate", f"{rate:.0f}", "--jobs", str(jobs))
-        return {"rate": rate, "p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"]}
+        f, cpu, busy = measured(self.parts(), jobs, lambda: self.bench("--rate", f"{rate:.0f}", "--jobs", str(jobs)))
+        return {"rate": rate, "p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"], "cpu_ms": cpu, "busy": busy}
 
     def idle_agent_mib(self):
         return memory_kib(self.agent.pid) / 1024
@@ -408,18 +434,15 @@ class Celery:
 class Floor:
     name = "floor"
 
-    def run(self, messages, round_trips):
-        before = children_cpu()
-        mq = rabbitmq_pid()
-        mq_before = mq and cpu_seconds(mq)
-        f = run_json([BIN / "examples" / "broker_floor", str(messages), str(round_trips)], what="broker_floor")
-        f["cpu_ms"] = {"floor program": (children_cpu() - before) / max(messages, 1) * 1e3}
-        if mq:
-            f["cpu_ms"]["RabbitMQ"] = (cpu_seconds(mq) - mq_before) / max(messages, 1) * 1e3
-        return f
+    def run(self, *argv, per=1):
+        """broker_floor with `argv`: its figures, with the CPU per message of `per` messages."""
+        parts = with_rabbitmq({"floor program": children_cpu})
+        f, cpu, busy = measured(
+            parts, max(per, 1), lambda: run_json([BIN / "examples" / "broker_floor", *map(str, argv)], what="broker_floor"))
+        return {**f, "cpu_ms": cpu, "busy": busy}
 
     def at_once(self, jobs):
-        f = self.run(jobs, 0)
+        f = self.run(jobs, 0, per=jobs)
         return {"jobs_per_s": f["msg_per_s"], "cpu_ms": f["cpu_ms"]}
 
     def one_at_a_time(self, jobs):
@@ -427,8 +450,8 @@ class Floor:
         return {"p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"]}
 
     def paced(self, rate, jobs):
-        f = run_json([BIN / "examples" / "broker_floor", "0", "0", str(jobs), f"{rate:.0f}"], what="broker_floor")
-        return {"rate": rate, "p50_ms": f["paced_p50_ms"], "p99_ms": f["paced_p99_ms"]}
+        f = self.run(0, 0, jobs, f"{rate:.0f}", per=jobs)
+        return {"rate": rate, "p50_ms": f["paced_p50_ms"], "p99_ms": f["paced_p99_ms"], "cpu_ms": f["cpu_ms"], "busy": f["busy"]}
 
 
 # ---- figures ------------------------------------------------------------------------------
@@ -591,10 +614,24 @@ def table(args, res, idle, sched_rss, sched_peak, disk, recorded):
         "| system | part | CPU ms per job |",
         "|---|---|---|",
     ]
+    two = lambda v: f"{v:.2f}"  # noqa: E731
     for s in ("Rota", "Celery", "floor"):
         runs = res[s]["at_once"]
         for part in runs[0]["cpu_ms"]:
-            out.append(f"| {s} | {part} | {spread([x['cpu_ms'].get(part) for x in runs], lambda v: f'{v:.2f}')} |")
+            out.append(f"| {s} | {part} | {spread([x['cpu_ms'].get(part) for x in runs], two)} |")
+    out += [
+        "",
+        "Measure 4, paced at the same rate: CPU per job (the floor: per message), user + system, ms, and",
+        "how busy the machine's cores were, % (median (range) over the rounds):",
+        "",
+        "| system | part | CPU ms per job |",
+        "|---|---|---|",
+    ]
+    for s in ("Rota", "floor"):
+        runs = res[s]["paced"]
+        for part in runs[0]["cpu_ms"]:
+            out.append(f"| {s} | {part} | {spread([x['cpu_ms'].get(part) for x in runs], two)} |")
+        out.append(f"| {s} | all, machine busy % | {spread([x['busy'] for x in runs], lambda v: f'{v:.0f}')} |")
     return "\n".join(out)
 
 
