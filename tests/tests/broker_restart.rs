@@ -22,7 +22,23 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
     let sys = System::new().await;
     let [sched_addr, agent_addr] = free_addrs();
     let _scheduler = sys.scheduler_with(&["--http-addr", &sched_addr]);
-    let _agent = sys.agent("r1", &["--pool-max-size", "8", "--http-addr", &agent_addr]);
+    // A receipt lost with the broker is made up for by sending the result again once its
+    // receipt is overdue (`--receipt-timeout`, 5 minutes by default): short here, so that
+    // the wait below covers it. On a slower machine (2026-11-30) the default left 5 of 200
+    // results unreceipted past the wait in 3 of 5 runs.
+    let _agent = sys.agent(
+        "r1",
+        &[
+            "--pool-max-size",
+            "8",
+            "--http-addr",
+            &agent_addr,
+            "--receipt-timeout",
+            "5s",
+            "--resend-interval",
+            "5s",
+        ],
+    );
     sys.ready(true, &["r1"]).await;
     let mut finished = sys.finished_events().await;
     let mut beats = sys.heartbeats().await;
