@@ -12,8 +12,10 @@ The measures:
      result;
   3. one at a time: publish, wait for the result, next (after a warm-up): p50 and p99;
   4. paced: Rota at half the rate it reached in (1) in the same round: p99 from submit to
-     result recorded; and right before it, the floor at that rate: p99 from publish to
-     delivery, what the broker alone adds on this machine at that moment;
+     result recorded; and right before it, at that rate, the floor (p99 from publish to
+     delivery, what the broker alone adds on this machine at that moment) and the chain
+     (`broker_floor chain`: a message through the three hops a job takes, between three bare
+     lapin processes: the least Rota's structure can take here);
   5. memory and disk: RSS of an idle pool agent at its start and once idle for IDLE_AFTER
      seconds after the runs (and of an idle Celery worker), the scheduler's RSS after the
      runs, its store on disk per recorded job;
@@ -454,6 +456,20 @@ class Floor:
         return {"rate": rate, "p50_ms": f["paced_p50_ms"], "p99_ms": f["paced_p99_ms"], "cpu_ms": f["cpu_ms"], "busy": f["busy"]}
 
 
+class Chain:
+    """`broker_floor chain`: a job's three hops through the broker between three bare
+    lapin processes (the client, a relay for the agent, one for the scheduler), nothing of Rota
+    in them. Rota's paced latency can come no lower than this on the same machine."""
+
+    name = "chain"
+
+    def paced(self, rate, jobs):
+        parts = with_rabbitmq({"chain's 3 processes": children_cpu})
+        f, cpu, busy = measured(
+            parts, jobs, lambda: run_json([BIN / "examples" / "broker_floor", "chain", f"{rate:.0f}", str(jobs)], what="broker_floor chain"))
+        return {"rate": rate, "p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"], "cpu_ms": cpu, "busy": busy}
+
+
 # ---- figures ------------------------------------------------------------------------------
 
 
@@ -513,12 +529,12 @@ def main():
     try:
         mgmt.fresh_vhost(VHOST, user)
         mgmt.delete_namespace("/", NAMESPACE + ".")
-        rota, celery, floor = Rota(procs, data), Celery(procs, data), Floor()
+        rota, celery, floor, chain = Rota(procs, data), Celery(procs, data), Floor(), Chain()
         rota.start()
         celery.start()
         idle = {"agent": rota.idle_agent_mib(), "celery": celery.idle_worker_mib()}
         say(f"all started (logs in {data}); {args.rounds} rounds")
-        res = {s: {m: [] for m in ("at_once", "drain", "lone", "paced")} for s in ("Rota", "Celery", "floor")}
+        res = {s: {m: [] for m in ("at_once", "drain", "lone", "paced")} for s in ("Rota", "Celery", "floor", "chain")}
         systems = [rota, celery, floor]
         for r in range(args.rounds):
             order = systems[r % 3:] + systems[:r % 3]
@@ -536,7 +552,7 @@ def main():
                 res[s.name]["lone"].append(s.one_at_a_time(args.lone))
                 say(f"  p50 {res[s.name]['lone'][-1]['p50_ms']:.2f} ms")
             half = res["Rota"]["at_once"][-1]["jobs_per_s"] / 2
-            for s in (floor, rota):
+            for s in (floor, chain, rota):
                 say(f"round {r + 1}: {s.name}, {args.paced:,} paced at {half:,.0f}/s")
                 res[s.name]["paced"].append(s.paced(half, args.paced))
                 say(f"  p99 {res[s.name]['paced'][-1]['p99_ms']:.1f} ms")
@@ -567,7 +583,7 @@ def table(args, res, idle, sched_rss, sched_peak, disk, recorded):
     rota_drain, celery_drain = (get(s, "drain", "jobs_per_s") for s in ("Rota", "Celery"))
     rota_p50, celery_p50, floor_p50 = (get(s, "lone", "p50_ms") for s in ("Rota", "Celery", "floor"))
     rota_p99, celery_p99, floor_p99 = (get(s, "lone", "p99_ms") for s in ("Rota", "Celery", "floor"))
-    paced_p99, floor_paced_p99 = (get(s, "paced", "p99_ms") for s in ("Rota", "floor"))
+    paced_p99, floor_paced_p99, chain_p99 = (get(s, "paced", "p99_ms") for s in ("Rota", "floor", "chain"))
     paced_rate = get("Rota", "paced", "rate")
     met = lambda ok: "**yes**" if ok else "no"  # noqa: E731
     med = statistics.median
@@ -590,6 +606,9 @@ def table(args, res, idle, sched_rss, sched_peak, disk, recorded):
          f"{spread(paced_p99, ms)} at {spread(paced_rate, rate)} jobs/s",
          "—", spread(floor_paced_p99, ms), "—", spread(ratios(paced_p99, floor_paced_p99), times),
          "≤ 20 ms", met(med(paced_p99) <= 20)),
+        ("the same, through the broker-only chain of three processes, p99 ms", "—", "—",
+         f"{spread(chain_p99, ms)} (Rota/chain {spread(ratios(paced_p99, chain_p99), times)})", "—", "—",
+         "the least Rota's three hops can take here", "—"),
         (f"idle agent RSS, MiB (at start / {IDLE_AFTER} s after the runs)",
          f"{idle['agent']:.1f} / {idle['agent after']:.1f}", f"{idle['celery']:.1f} (idle worker, prefork ×2: PSS of its 3 processes)",
          "—", "—", "—", "≤ 20 MiB", met(max(idle["agent"], idle["agent after"]) <= 20)),
@@ -627,7 +646,7 @@ def table(args, res, idle, sched_rss, sched_peak, disk, recorded):
         "| system | part | CPU ms per job |",
         "|---|---|---|",
     ]
-    for s in ("Rota", "floor"):
+    for s in ("Rota", "floor", "chain"):
         runs = res[s]["paced"]
         for part in runs[0]["cpu_ms"]:
             out.append(f"| {s} | {part} | {spread([x['cpu_ms'].get(part) for x in runs], two)} |")
