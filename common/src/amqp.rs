@@ -893,14 +893,16 @@ impl Broker {
         self.inner.reconnects.load(Ordering::Relaxed)
     }
 
-    /// Resolves after the next successful reconnect (for resending what may have been lost).
-    pub fn reconnected(&self) -> impl Future<Output = ()> + Send + 'static {
+    /// Resolves once the connection has been made again more than `seen` times in all (see
+    /// [`Broker::reconnects`]) and is live: for resending what may have been lost with the
+    /// broker. A caller that keeps the count it last acted on misses no reconnect, not even
+    /// one that came while it was busy (a pass that waited for the broker while it was away).
+    pub fn reconnected_since(&self, seen: u64) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.inner.live.subscribe();
-        let start = self.reconnects();
         let inner = self.inner.clone();
         async move {
             let _ = rx
-                .wait_for(|l| l.is_some() && inner.reconnects.load(Ordering::Relaxed) > start)
+                .wait_for(|l| l.is_some() && inner.reconnects.load(Ordering::Relaxed) > seen)
                 .await;
         }
     }

@@ -185,11 +185,12 @@ pub async fn run(
     });
 
     // Results left from an earlier run go out first.
+    let reconnects = agent.broker.reconnects();
     agent.resend_due(Due::All).await;
     let background = CancellationToken::new();
     let bg = TaskTracker::new();
     bg.spawn(agent.clone().receive_receipts(receipts));
-    bg.spawn(agent.clone().resend_loop(background.clone()));
+    bg.spawn(agent.clone().resend_loop(reconnects, background.clone()));
     bg.spawn(agent.clone().trim_when_idle(background.clone()));
     tokio::select! {
         _ = agent.first_hearing() => {}
@@ -947,14 +948,22 @@ impl Agent {
         }
     }
 
-    async fn resend_loop(self: Arc<Self>, stop: CancellationToken) {
+    /// Every `resend_interval`, the results due ([`Due::Overdue`]); after each reconnect
+    /// (beyond the `seen` ones), all of them. A reconnect that comes during a pass (which
+    /// waits for the broker while it is away) is made up for right after it: missed, the
+    /// receipts lost with the broker would be made up for only after `--receipt-timeout`.
+    async fn resend_loop(self: Arc<Self>, mut seen: u64, stop: CancellationToken) {
         let every = self.cfg.resend_interval;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => self.resend_due(Due::Overdue).await,
-                _ = self.broker.reconnected() => self.resend_due(Due::All).await,
+                _ = tokio::time::sleep(every) => {}
+                _ = self.broker.reconnected_since(seen) => {}
                 _ = stop.cancelled() => return,
             }
+            let now = self.broker.reconnects();
+            let due = if now > seen { Due::All } else { Due::Overdue };
+            seen = now;
+            self.resend_due(due).await;
         }
     }
 

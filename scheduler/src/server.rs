@@ -1963,11 +1963,16 @@ impl Scheduler {
         let mut check = tokio::time::interval(Duration::from_secs(1));
         let mut requeue = tokio::time::interval(Duration::from_secs(30));
         let mut purge = tokio::time::interval(purge_interval.max(Duration::from_millis(100)));
+        // The reconnects acted on: one that comes while another branch runs is seen after it.
+        let mut seen = self.broker.reconnects();
         loop {
             tokio::select! {
                 _ = check.tick() => self.agents.check(),
                 _ = requeue.tick() => self.publish_unpublished(IN_FLIGHT).await,
-                _ = self.broker.reconnected() => self.publish_unpublished(IN_FLIGHT).await,
+                _ = self.broker.reconnected_since(seen) => {
+                    seen = self.broker.reconnects();
+                    self.publish_unpublished(IN_FLIGHT).await
+                }
                 _ = purge.tick(), if !retention.is_zero() && self.is_writable() => {
                     if let Err(e) = self.purge(retention).await {
                         self.store_failed(&e);

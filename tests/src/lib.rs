@@ -546,6 +546,18 @@ impl Proc {
         let _ = self.child.kill().await;
     }
 
+    /// Sends a signal (`STOP`, `CONT`, …) and returns at once.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "kill -{name} {} failed",
+            self.pid()
+        );
+    }
+
     /// SIGTERM, and wait (at most a minute) for it to exit.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.pid().to_string();

@@ -21,11 +21,12 @@ fn rabbitmqctl(args: &[&str]) {
 async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
     let sys = System::new().await;
     let [sched_addr, agent_addr] = free_addrs();
-    let _scheduler = sys.scheduler_with(&["--http-addr", &sched_addr]);
-    // A receipt lost with the broker is made up for by sending the result again once its
-    // receipt is overdue (`--receipt-timeout`, 5 minutes by default): short here, so that
-    // the wait below covers it. On a slower machine (2026-11-30) the default left 5 of 200
-    // results unreceipted past the wait in 3 of 5 runs.
+    let scheduler = sys.scheduler_with(&["--http-addr", &sched_addr]);
+    // Results sent before the broker stops and lost with it (results and receipts are
+    // transient) are sent again after each reconnect; the resend timer's pass, every second
+    // here, waits for the broker while it is away, and the reconnect must not be missed
+    // meanwhile: it was, before, and those results then waited for their receipt timeout
+    // (5 minutes, longer than this test waits).
     let _agent = sys.agent(
         "r1",
         &[
@@ -33,10 +34,8 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
             "8",
             "--http-addr",
             &agent_addr,
-            "--receipt-timeout",
-            "5s",
             "--resend-interval",
-            "5s",
+            "1s",
         ],
     );
     sys.ready(true, &["r1"]).await;
@@ -61,9 +60,19 @@ async fn the_parts_reconnect_after_a_broker_restart_and_nothing_is_lost() {
         sys.heartbeat_where(&mut beats, Role::Agent, "r1", |hb| !hb.running.is_empty()),
     )
     .await;
+    // Results confirmed by RabbitMQ and not yet receipted when it stops: the scheduler is
+    // frozen for a moment, so that they wait in the results queue and are lost with it.
+    scheduler.signal("STOP");
+    within(
+        Duration::from_secs(60),
+        "results waiting for their receipt",
+        sys.heartbeat_where(&mut beats, Role::Agent, "r1", |hb| hb.unreceipted >= 8),
+    )
+    .await;
     drop(beats);
 
     rabbitmqctl(&["stop_app"]);
+    scheduler.signal("CONT");
     // Not ready while the broker is away (so Kubernetes takes them out of service), though
     // alive (so it does not restart them)…
     for addr in [&sched_addr, &agent_addr] {
