@@ -171,6 +171,33 @@ impl Topology {
         t
     }
 
+    /// What the scheduler declares: [`Topology::core`], the default jobs queue, the queue of
+    /// jobs handed to it for admission and its queue of `job.started` events. Everything a
+    /// namespace shares, so also what its clean-up deletes (tests, benchmarks), with each
+    /// agent's queue and any other jobs queue.
+    pub fn scheduler(names: &Names) -> Self {
+        let mut t = Self::core(names);
+        let events = names.scheduler_events();
+        t.jobs_queue(names, crate::names::DEFAULT_QUEUE)
+            .queue(QueueSpec::replicated(names.admit(), names))
+            .queue(QueueSpec {
+                max_length: Some(100_000),
+                ..QueueSpec::replicated(events.clone(), names)
+            })
+            .bind(&events, &names.events(), "job.started.#");
+        t
+    }
+
+    /// The names of its queues.
+    pub fn queue_names(&self) -> impl Iterator<Item = &str> {
+        self.queues.iter().map(|q| q.name.as_str())
+    }
+
+    /// The names of its exchanges.
+    pub fn exchange_names(&self) -> impl Iterator<Item = &str> {
+        self.exchanges.iter().map(|(name, _)| name.as_str())
+    }
+
     /// Adds the durable queue of one named jobs queue, bound to the jobs exchange, with
     /// dead-lettering, and priorities when it is a classic queue.
     pub fn jobs_queue(&mut self, names: &Names, queue: &str) -> &mut Self {

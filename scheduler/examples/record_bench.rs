@@ -20,7 +20,6 @@ use clap::Parser;
 use futures::StreamExt;
 use rota_common::Names;
 use rota_common::amqp::{Broker, ConsumeSpec, Props, QueueSpec, Startup, Topology};
-use rota_common::names::DEFAULT_QUEUE;
 use rota_common::wire::{AgentId, AgentMessage, Job, JobId, JobResult, LogLine, Status};
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -78,25 +77,13 @@ async fn run(args: &Args, scheduler: &Path, i: usize) -> anyhow::Result<()> {
     let broker =
         Broker::connect(&args.amqp_url, "record_bench", topology, Startup::FailFast).await?;
     let outcome = measure(args, scheduler, &names, &broker, &receipts).await;
-    // Every queue the scheduler declares, as the tests' clean-up does.
-    for queue in [
-        names.results(),
-        names.rpc(),
-        names.dead(),
-        names.admit(),
-        names.scheduler_events(),
-        names.jobs_queue(DEFAULT_QUEUE),
-    ] {
-        let _ = broker.delete_queue(&queue).await;
+    // Everything the scheduler declares (the receipts queue is auto-deleted).
+    let shared = Topology::scheduler(&names);
+    for queue in shared.queue_names() {
+        let _ = broker.delete_queue(queue).await;
     }
-    for exchange in [
-        names.jobs_exchange(),
-        names.dead(),
-        names.heartbeats(),
-        names.events(),
-        names.control(),
-    ] {
-        let _ = broker.delete_exchange(&exchange).await;
+    for exchange in shared.exchange_names() {
+        let _ = broker.delete_exchange(exchange).await;
     }
     broker.close().await;
     outcome

@@ -26,7 +26,6 @@ use rota_common::client::short_host;
 use rota_common::config::parse_duration;
 use rota_common::http::{self, Health};
 use rota_common::metrics::{JobCounter, Metrics};
-use rota_common::names::DEFAULT_QUEUE;
 use rota_common::roles::UserRole;
 use rota_common::wire::{
     ADMITTED_HEADER, AgentId, AgentMessage, AttemptLogs, Event, EventKind, Heartbeat, Job, JobId,
@@ -208,15 +207,8 @@ pub async fn run(
         "scheduler.heartbeats",
         &uuid::Uuid::new_v4().simple().to_string(),
     );
-    let mut topology = Topology::core(&names);
+    let mut topology = Topology::scheduler(&names);
     topology
-        .jobs_queue(&names, DEFAULT_QUEUE)
-        .queue(QueueSpec::replicated(names.admit(), &names))
-        .queue(QueueSpec {
-            max_length: Some(100_000),
-            ..QueueSpec::replicated(events_queue.clone(), &names)
-        })
-        .bind(&events_queue, &names.events(), "job.started.#")
         .queue(QueueSpec::private(beats_queue.clone()))
         .bind(&beats_queue, &names.heartbeats(), "");
     let conn_name = format!(

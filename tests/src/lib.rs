@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rota_common::Names;
+use rota_common::amqp::Topology;
 use rota_common::client::{Client, Heartbeats};
-use rota_common::names::{DEFAULT_QUEUE, QueueType};
+use rota_common::names::QueueType;
 use rota_common::roles::UserRole;
 use rota_common::wire::{Heartbeat, JobId, Role, RpcReply, RpcRequest};
 use std::collections::HashSet;
@@ -415,16 +416,11 @@ impl System {
         // topology, which fails where a test made its queues of another type.
         let url = url.split(',').next().unwrap_or_default();
         let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-        let mut queues = vec![
-            names.jobs_queue(DEFAULT_QUEUE),
-            names.jobs_queue("other"),
-            names.jobs_queue("hostnet"),
-            names.dead(),
-            names.results(),
-            names.admit(),
-            names.rpc(),
-            names.scheduler_events(),
-        ];
+        // Everything the scheduler declares, the other jobs queues the tests use, and each
+        // agent's queue.
+        let shared = Topology::scheduler(&names);
+        let mut queues: Vec<String> = shared.queue_names().map(str::to_owned).collect();
+        queues.extend(["other", "hostnet"].map(|q| names.jobs_queue(q)));
         queues.extend(agents.iter().map(|a| names.agent_queue(a)));
         queues.extend(served.iter().map(|q| names.jobs_queue(q)));
         for q in queues {
@@ -434,16 +430,10 @@ impl System {
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for e in [
-            names.jobs_exchange(),
-            names.dead(),
-            names.heartbeats(),
-            names.events(),
-            names.control(),
-        ] {
+        for e in shared.exchange_names() {
             let ch = conn.create_channel().await?;
             let _ = ch
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .exchange_delete(e.into(), ExchangeDeleteOptions::default())
                 .await;
         }
         let _ = conn.close(200, "done".into()).await;
