@@ -15,7 +15,8 @@ The measures:
      result recorded; and right before it, at that rate, the floor (p99 from publish to
      delivery, what the broker alone adds on this machine at that moment) and the chain
      (`broker_floor chain`: a message through the three hops a job takes, between three bare
-     lapin processes: the least Rota's structure can take here);
+     lapin processes: what those hops take on this machine at that moment, with nothing of
+     Rota in them);
   5. memory and disk: RSS of an idle pool agent at its start and once idle for IDLE_AFTER
      seconds after the runs (and of an idle Celery worker), the scheduler's RSS after the
      runs, its store on disk per recorded job;
@@ -459,7 +460,7 @@ class Floor:
 class Chain:
     """`broker_floor chain`: a job's three hops through the broker between three bare
     lapin processes (the client, a relay for the agent, one for the scheduler), nothing of Rota
-    in them. Rota's paced latency can come no lower than this on the same machine."""
+    in them: what Rota's structure takes on this machine at that moment."""
 
     name = "chain"
 
@@ -608,7 +609,7 @@ def table(args, res, idle, sched_rss, sched_peak, disk, recorded):
          "≤ 20 ms", met(med(paced_p99) <= 20)),
         ("the same, through the broker-only chain of three processes, p99 ms", "—", "—",
          f"{spread(chain_p99, ms)} (Rota/chain {spread(ratios(paced_p99, chain_p99), times)})", "—", "—",
-         "the least Rota's three hops can take here", "—"),
+         "what three hops take here, without Rota", "—"),
         (f"idle agent RSS, MiB (at start / {IDLE_AFTER} s after the runs)",
          f"{idle['agent']:.1f} / {idle['agent after']:.1f}", f"{idle['celery']:.1f} (idle worker, prefork ×2: PSS of its 3 processes)",
          "—", "—", "—", "≤ 20 MiB", met(max(idle["agent"], idle["agent after"]) <= 20)),

@@ -21,7 +21,7 @@
 //!   cargo run --release -p rota-worker-runtime --example broker_floor -- chain RATE [MESSAGES]
 //!
 //! A job crosses RabbitMQ three times between three processes: the client publishes it
-//! (persistent, confirmed) to the agent, the agent publishes its result (persistent,
+//! (persistent, confirmed) to the agent, the agent publishes its result (transient,
 //! confirmed) to the scheduler, and the scheduler `job.finished` (transient) to the client.
 //! Here two relay processes (this program, run as `relay HOP`) stand for the agent and the
 //! scheduler: each consumes a message, publishes it on, and acks it; no disk of their own, no
@@ -222,7 +222,7 @@ async fn chain(url: &str, args: &[String]) -> anyhow::Result<()> {
         let _ = publisher
             .queue_delete((*queue).into(), QueueDeleteOptions::default())
             .await?;
-        // Durable where the messages are persistent: the job's and the result's queues.
+        // Durable as Rota's: the jobs queue and the results queue.
         let options = QueueDeclareOptions {
             durable: hop < 2,
             ..Default::default()
@@ -278,15 +278,15 @@ async fn chain(url: &str, args: &[String]) -> anyhow::Result<()> {
 }
 
 /// `relay HOP`: consumes the chain's queue HOP and publishes each message on to the next
-/// (persistent and confirmed from the first relay, as the agent's results; transient from
+/// (transient and confirmed from the first relay, as the agent's results; transient from
 /// the second, as `job.finished`), acking it once published. Each message on its own task,
 /// as the agent runs jobs side by side: a confirm awaited holds up no other message.
 async fn relay(url: &str, args: &[String]) -> anyhow::Result<()> {
     let hop: usize = args.first().context("relay HOP")?.parse()?;
     let conn = connect(url).await?;
     let out = conn.create_channel().await?;
-    let persistent = hop == 0;
-    if persistent {
+    let confirm = hop == 0;
+    if confirm {
         out.confirm_select(ConfirmSelectOptions::default()).await?;
     }
     let mut input = consumer(&conn, CHAIN[hop]).await?;
@@ -294,9 +294,9 @@ async fn relay(url: &str, args: &[String]) -> anyhow::Result<()> {
     while let Some(delivery) = input.next().await {
         let (delivery, out) = (delivery?, out.clone());
         tokio::spawn(async move {
-            let confirm = publish_to(&out, CHAIN[hop + 1], &delivery.data, persistent).await?;
-            if persistent {
-                confirmed(confirm.await)?;
+            let sent = publish_to(&out, CHAIN[hop + 1], &delivery.data, false).await?;
+            if confirm {
+                confirmed(sent.await)?;
             }
             delivery.ack(BasicAckOptions::default()).await?;
             anyhow::Ok(())
