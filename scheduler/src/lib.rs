@@ -10,6 +10,7 @@ pub mod cron;
 pub mod demo;
 mod groups;
 mod intake;
+mod journal;
 mod limits;
 pub mod pages;
 pub mod retries;

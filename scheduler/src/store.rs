@@ -37,6 +37,7 @@ use rota_common::wire::{
 use serde::{Deserialize, Serialize};
 
 use crate::groups;
+use crate::journal::JournalSync;
 use crate::limits::{self, Gate, Spaces};
 use crate::retries::RetryPolicy;
 
@@ -253,13 +254,15 @@ impl Trees {
             limit_windows: open("limit_windows")?,
             durable: {
                 let db = db.clone();
-                let failed = |e: fjall::Error| format!("cannot sync the store's journal: {e}");
+                let journal = JournalSync::new(path);
+                let failed = |e: fjall::Error| format!("cannot write the store's journal: {e}");
                 GroupCommit::start("store", move || {
-                    // Flushes the journal's buffer and syncs its data (`fdatasync`): what a
-                    // transaction committed before survives a power cut. fjall sizes each
-                    // journal file when it makes it (and syncs it whole then), so no later
-                    // write changes the file's size, and `fsync` would only add its times.
-                    db.persist(PersistMode::SyncData).map_err(failed)?;
+                    // Hands the journal's buffer to the kernel (under fjall's lock, one
+                    // write), then syncs its data (`fdatasync`) without the lock, while
+                    // transactions go on: what a transaction committed before survives a
+                    // power cut.
+                    db.persist(PersistMode::Buffer).map_err(failed)?;
+                    journal.sync()?;
                     // fjall writes memtables out on its own threads, and does not hold writers
                     // back until they have: a writer that outpaces them waits here, so that
                     // memory stays bounded. Whenever the memtables hold more than their
