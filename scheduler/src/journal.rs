@@ -122,41 +122,46 @@ impl JournalSync {
 mod tests {
     use super::*;
 
-    #[test]
-    fn follows_the_journal_to_its_next_files() {
-        let dir = tempfile::tempdir().unwrap();
-        for id in [3, 4] {
-            std::fs::write(dir.path().join(format!("{id}.jnl")), b"x").unwrap();
-        }
-        std::fs::write(dir.path().join("lock"), b"").unwrap();
-        let sync = JournalSync::new(dir.path());
-        sync.sync().unwrap();
-        assert_eq!(sync.state.lock().unwrap().active.as_ref().unwrap().0, 4);
-        // fjall moves on to 5, then 6.
-        for id in [5, 6] {
-            std::fs::write(dir.path().join(format!("{id}.jnl")), b"x").unwrap();
-        }
-        sync.sync().unwrap();
-        assert_eq!(sync.state.lock().unwrap().active.as_ref().unwrap().0, 6);
-        // It moves on twice more and deletes the files before: the folder is read again.
-        for id in [7, 8] {
-            std::fs::write(dir.path().join(format!("{id}.jnl")), b"x").unwrap();
-        }
-        for id in [3, 4, 5, 6, 7] {
-            std::fs::remove_file(dir.path().join(format!("{id}.jnl"))).unwrap();
-        }
-        sync.sync().unwrap();
-        assert_eq!(sync.state.lock().unwrap().active.as_ref().unwrap().0, 8);
+    fn active(sync: &JournalSync) -> Option<u64> {
+        sync.state.lock().ok()?.active.as_ref().map(|(id, _)| *id)
+    }
+
+    fn make(dir: &Path, ids: &[u64]) -> std::io::Result<()> {
+        ids.iter()
+            .try_for_each(|id| std::fs::write(dir.join(format!("{id}.jnl")), b"x"))
     }
 
     #[test]
-    fn a_folder_without_a_journal_is_an_error_that_stays() {
-        let dir = tempfile::tempdir().unwrap();
+    fn follows_the_journal_to_its_next_files() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        make(dir.path(), &[3, 4])?;
+        std::fs::write(dir.path().join("lock"), b"")?;
         let sync = JournalSync::new(dir.path());
-        let first = sync.sync().unwrap_err();
+        assert_eq!(sync.sync(), Ok(()));
+        assert_eq!(active(&sync), Some(4));
+        // fjall moves on to 5, then 6.
+        make(dir.path(), &[5, 6])?;
+        assert_eq!(sync.sync(), Ok(()));
+        assert_eq!(active(&sync), Some(6));
+        // It moves on twice more and deletes the files before: the folder is read again.
+        make(dir.path(), &[7, 8])?;
+        for id in [3, 4, 5, 6, 7] {
+            std::fs::remove_file(dir.path().join(format!("{id}.jnl")))?;
+        }
+        assert_eq!(sync.sync(), Ok(()));
+        assert_eq!(active(&sync), Some(8));
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_one() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let sync = JournalSync::new(dir.path());
+        let first = sync.sync().err().unwrap_or_default();
         assert!(first.contains("no journal file"), "{first}");
-        std::fs::write(dir.path().join("0.jnl"), b"x").unwrap();
-        let later = sync.sync().unwrap_err();
+        make(dir.path(), &[0])?;
+        let later = sync.sync().err().unwrap_or_default();
         assert!(later.contains("must be reopened"), "{later}");
+        Ok(())
     }
 }
