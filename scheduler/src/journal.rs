@@ -12,7 +12,9 @@
 //! after the buffer is handed to the kernel, every byte written so far is in a synced file or
 //! in the active one at that moment, and syncing the active one (or a later one: the one
 //! active then was synced when it was left) covers them all. Each journal file is sized when
-//! fjall makes it, so `fdatasync` has no size to record.
+//! fjall makes it, so `fdatasync` has no size to record. This reads fjall 3.1's layout and
+//! order of work (`journal/writer.rs`: `rotate` syncs, then makes the next file): a fjall
+//! upgrade must check both still hold.
 //!
 //! A sync that failed fails every later one too, as fjall's own does (it poisons itself):
 //! after a failed `fdatasync` the kernel may have dropped the pages it could not write, and
