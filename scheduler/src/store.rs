@@ -1875,10 +1875,14 @@ impl Store {
         clear_pending(&mut tx, &t, result.uuid, |attempt| {
             attempt <= result.attempt
         })?;
-        tx.commit()?;
-        self.moved_on(moved);
+        // The commit and the note of the run it recorded first are one step for a flush: had a
+        // flush failed in between and taken the runs to owe, the run would be neither owed
+        // nor fresh, and its next copy, finding it read back from disk, a duplicate that is
+        // never announced nor counted.
         let run = (result.uuid, result.attempt);
         let mut undurable = self.undurable();
+        tx.commit()?;
+        self.moved_on(moved);
         let first = if won {
             undurable.fresh.insert(run);
             true
