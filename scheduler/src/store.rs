@@ -75,6 +75,8 @@ struct Undurable {
     fresh: HashSet<(JobId, u32)>,
     /// Recorded, but the flush that covered them failed.
     owed: HashSet<(JobId, u32)>,
+    /// How many flushes failed: a run committed while one failed is owed, not fresh.
+    failures: u64,
 }
 
 /// A write to make on the writer thread.
@@ -1875,25 +1877,22 @@ impl Store {
         clear_pending(&mut tx, &t, result.uuid, |attempt| {
             attempt <= result.attempt
         })?;
-        // The commit and the note of the run it recorded first are one step for a flush: had a
-        // flush failed in between and taken the runs to owe, the run would be neither owed
-        // nor fresh, and its next copy, finding it read back from disk, a duplicate that is
-        // never announced nor counted.
-        let run = (result.uuid, result.attempt);
-        let mut undurable = self.undurable();
+        // A flush that fails between the commit and the note below takes the fresh runs to
+        // owe without this one: the run is then owed at once. (Noted as fresh, its next copy,
+        // read back from disk, would be a duplicate, never announced nor counted.)
+        let failures = self.undurable().failures;
         tx.commit()?;
         self.moved_on(moved);
-        let first = if won {
+        let run = (result.uuid, result.attempt);
+        let mut undurable = self.undurable();
+        let missed = undurable.failures != failures;
+        // Recorded before a flush that failed: this copy is the first one to count.
+        let first = won || undurable.owed.remove(&run);
+        if first && missed {
+            undurable.owed.insert(run);
+        } else if first {
             undurable.fresh.insert(run);
-            true
-        } else {
-            // Recorded before a flush that failed: this copy is the first one to count.
-            let owed = undurable.owed.remove(&run);
-            if owed {
-                undurable.fresh.insert(run);
-            }
-            owed
-        };
+        }
         Ok(if first {
             Recorded::New(Box::new(record))
         } else {
@@ -2150,6 +2149,7 @@ impl Store {
             Err(e) => {
                 let fresh = std::mem::take(&mut undurable.fresh);
                 undurable.owed.extend(fresh);
+                undurable.failures += 1;
                 Err(StoreError::Unwritable(format!("cannot flush the store: {e}")).into())
             }
         }
