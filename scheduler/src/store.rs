@@ -1877,8 +1877,8 @@ impl Store {
         clear_pending(&mut tx, &t, result.uuid, |attempt| {
             attempt <= result.attempt
         })?;
-        // A flush that fails between the commit and the note below takes the fresh runs to
-        // owe without this one: the run is then owed at once. (Noted as fresh, its next copy,
+        // A flush that fails between this commit and the note below owes the fresh runs, but
+        // not yet this one: such a run is owed here at once. (Noted as fresh, its next copy,
         // read back from disk, would be a duplicate, never announced nor counted.)
         let failures = self.undurable().failures;
         tx.commit()?;
