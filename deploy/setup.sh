@@ -95,14 +95,28 @@ setup_rabbitmq() {
 }
 
 start_rabbitmq() {
+  local local_node=""
+  case "$host" in 127.*|localhost|::1) local_node=1 ;; esac
   if answers "$host" "$port"; then
-    say "RabbitMQ answers on $host:$port: reusing it"
-    return 0
+    # This host's node, set up by an earlier run: it reads rabbitmq.conf only when it starts,
+    # so it restarts when Rota's settings changed since (its durable queues and persistent
+    # messages stay; clients reconnect).
+    if [[ -n "$local_node" && -e /etc/rabbitmq/rabbitmq.conf ]] && command -v rabbitmqctl >/dev/null &&
+      ! cmp -s "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf; then
+      say "Rota's RabbitMQ settings changed: installing them and restarting this host's RabbitMQ"
+      as_root install -m 0644 "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf
+      if command -v systemctl >/dev/null && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
+        as_root systemctl restart rabbitmq-server
+      else
+        as_root rabbitmqctl -q shutdown >/dev/null
+      fi
+    else
+      say "RabbitMQ answers on $host:$port: reusing it"
+      return 0
+    fi
   fi
-  case "$host" in
-    127.*|localhost|::1) ;;
-    *) die "nothing answers on $host:$port (from ROTA_AMQP_URL); start RabbitMQ there, or unset ROTA_AMQP_URL to run one on this host" ;;
-  esac
+  [[ -n "$local_node" ]] ||
+    die "nothing answers on $host:$port (from ROTA_AMQP_URL); start RabbitMQ there, or unset ROTA_AMQP_URL to run one on this host"
   # Rota's settings go in before the package: on a machine with systemd, the package starts
   # the node as soon as it is installed, and a node reads rabbitmq.conf and enabled_plugins
   # only when it starts (neither file is one of the package's conffiles).

@@ -107,6 +107,20 @@ class Management:
         self.call("PUT", f"/vhosts/{vhost}", {})
         self.call("PUT", f"/permissions/{vhost}/{user}", {"configure": ".*", "write": ".*", "read": ".*"})
 
+    def broker(self, queue):
+        """The broker's version, and the kind of Rota's jobs queue `queue` (in vhost /): a
+        quorum queue, or a classic one with the version of its index and message store (the
+        first version's index stalls a durable queue now and then; see the README)."""
+        version = (self.call("GET", "/overview") or {}).get("rabbitmq_version", "?")
+        q = self.call("GET", f"/queues/%2f/{urllib.parse.quote(queue, safe='')}") or {}
+        if q.get("type") != "classic":
+            return f"RabbitMQ {version}, Rota's jobs queue a {q.get('type', '?')} queue"
+        status = q.get("backing_queue_status") or {}
+        # A priority queue adds up the versions of its backing queues, one per priority.
+        per = max(len(status.get("priority_lengths") or {}), 1)
+        index = status["version"] // per if isinstance(status.get("version"), int) else "?"
+        return f"RabbitMQ {version}, Rota's jobs queue a classic queue on index version {index}"
+
     def delete_namespace(self, vhost, prefix):
         """Deletes the queues and exchanges of `vhost` whose names start with `prefix`."""
         v = urllib.parse.quote(vhost, safe="")
@@ -562,7 +576,9 @@ def main():
         idle["agent after"] = rota.idle_agent_mib()
         sched_rss, sched_peak = rota.scheduler_mib()
         disk = rota.disk_bytes()
-        print(table(args, res, idle, sched_rss, sched_peak, disk, rota.recorded))
+        # Asked last: RabbitMQ fills a queue's status in its statistics, every 5 s.
+        broker = mgmt.broker(NAMESPACE + ".jobs.default")
+        print(table(args, res, idle, sched_rss, sched_peak, disk, rota.recorded, broker))
     except KeyboardInterrupt as e:
         say(f"interrupted ({e or 'SIGINT'}); stopping everything")
         return 130
@@ -578,7 +594,7 @@ def main():
     return 0
 
 
-def table(args, res, idle, sched_rss, sched_peak, disk, recorded):
+def table(args, res, idle, sched_rss, sched_peak, disk, recorded, broker):
     get = lambda s, m, k: [x[k] for x in res[s][m]]  # noqa: E731
     rota_e2e, celery_e2e, floor_e2e = (get(s, "at_once", "jobs_per_s") for s in ("Rota", "Celery", "floor"))
     rota_drain, celery_drain = (get(s, "drain", "jobs_per_s") for s in ("Rota", "Celery"))
@@ -624,6 +640,7 @@ def table(args, res, idle, sched_rss, sched_peak, disk, recorded):
         f"{args.rounds} rounds of {args.jobs:,} no-op jobs at once, a drain of {args.jobs:,}, "
         f"{args.lone} one at a time (after {WARM_UP} not counted) and {args.paced:,} paced; "
         "median (range) over the rounds; ratios are the median (range) of each round's own ratio.",
+        f"{broker}.",
         "",
         "| measure | Rota | Celery 5 | floor (lapin) | Rota/Celery | Rota/floor | goal | met |",
         "|---|---|---|---|---|---|---|---|",
