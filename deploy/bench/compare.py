@@ -355,6 +355,10 @@ class Rota:
 
     def paced(self, rate, jobs):
         f, cpu, busy = measured(self.parts(), jobs, lambda: self.bench("--rate", f"{rate:.0f}", "--jobs", str(jobs)))
+        stages = f.get("slowest_1pct_median_ms")
+        if stages:
+            say("  the slowest 1% (medians, ms): submit → start {submit_to_start:.1f}, finish → stored "
+                "{finish_to_stored:.1f}, stored → seen {stored_to_seen:.1f}".format(**stages))
         return {"rate": rate, "p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"], "cpu_ms": cpu, "busy": busy}
 
     def idle_agent_mib(self):
