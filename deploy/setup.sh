@@ -98,10 +98,12 @@ start_rabbitmq() {
   local local_node=""
   case "$host" in 127.*|localhost|::1) local_node=1 ;; esac
   if answers "$host" "$port"; then
-    # This host's node, set up by an earlier run: it reads rabbitmq.conf only when it starts,
-    # so it restarts when Rota's settings changed since (its durable queues and persistent
-    # messages stay; clients reconnect).
-    if [[ -n "$local_node" && -e /etc/rabbitmq/rabbitmq.conf ]] && command -v rabbitmqctl >/dev/null &&
+    # This host's node, set up by an earlier run (its rabbitmq.conf is Rota's): it reads the
+    # file only when it starts, so it restarts when Rota's settings changed since (its durable
+    # queues and persistent messages stay; clients reconnect). A node configured otherwise is
+    # left as it is.
+    if [[ -n "$local_node" ]] && command -v rabbitmqctl >/dev/null &&
+      head -n 1 /etc/rabbitmq/rabbitmq.conf 2>/dev/null | grep -q "^# Rota's RabbitMQ settings" &&
       ! cmp -s "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf; then
       say "Rota's RabbitMQ settings changed: installing them and restarting this host's RabbitMQ"
       as_root install -m 0644 "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf
