@@ -386,12 +386,27 @@ impl System {
 
     /// Waits until every job of `ids` is recorded with a final state and agent `id` holds
     /// nothing (no job, no unreceipted result). Checked at each of the agent's heartbeats.
+    /// What it saw last goes to standard error whenever it changes, which a failed test
+    /// shows: the agent still running jobs, or holding results the scheduler did not
+    /// receipt, or the scheduler missing records.
     pub async fn settled(&self, beats: &mut Heartbeats, id: &str, ids: &HashSet<JobId>) {
+        let mut said = String::new();
+        let mut say = |now: String| {
+            if now != said {
+                eprintln!("{} settled? {now}", chrono::Utc::now().to_rfc3339());
+                said = now;
+            }
+        };
         loop {
-            self.heartbeat_where(beats, Role::Agent, id, |hb| {
-                hb.running.is_empty() && hb.unreceipted == 0
-            })
-            .await;
+            let hb = self.heartbeat_where(beats, Role::Agent, id, |_| true).await;
+            if !hb.running.is_empty() || hb.unreceipted > 0 {
+                say(format!(
+                    "agent {id}: {} running, {} results not receipted",
+                    hb.running.len(),
+                    hb.unreceipted
+                ));
+                continue;
+            }
             let Ok(jobs) = self.list_all(None).await else {
                 continue;
             };
@@ -402,6 +417,10 @@ impl System {
             if done == ids.len() {
                 return;
             }
+            say(format!(
+                "agent {id} idle; {done} of {} jobs recorded final",
+                ids.len()
+            ));
         }
     }
 
