@@ -565,8 +565,17 @@ impl Scheduler {
                     bytes += d.body.len();
                     batch.push(d);
                 }
+                let (messages, took) = (batch.len(), std::time::Instant::now());
                 let (recorded, mut unstored) = self.record_batch(batch).await;
+                let written = took.elapsed();
                 self.announce(&recorded).await;
+                debug!(
+                    messages,
+                    results = recorded.len(),
+                    written_ms = written.as_secs_f64() * 1e3,
+                    announced_ms = took.elapsed().as_secs_f64() * 1e3,
+                    "recorded and announced a batch"
+                );
                 // The batch before is flushed and receipted first: its flush also covers
                 // what was just recorded, and acks keep their order.
                 if let Some(f) = finishing.take() {
