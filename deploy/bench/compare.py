@@ -109,8 +109,8 @@ class Management:
 
     def broker(self, queue):
         """The broker's version, and the kind of Rota's jobs queue `queue` (in vhost /): a
-        quorum queue, or a classic one with the version of its index and message store (the
-        first version's index stalls a durable queue now and then; see the README)."""
+        quorum queue, or a classic one with the version of its index and message store (on
+        the first version jobs waited in the queue now and then: see the README)."""
         version = (self.call("GET", "/overview") or {}).get("rabbitmq_version", "?")
         q = self.call("GET", f"/queues/%2f/{urllib.parse.quote(queue, safe='')}") or {}
         if q.get("type") != "classic":
