@@ -8,7 +8,7 @@
 # Chromium tests read PDFs with); and the tools the tests run (a Python venv in ./.venv with
 # kubernetes-validate, hadolint and pika, and Celery for `deploy/bench.sh compare`; the Node
 # example's amqplib). Safe to run again at any time; it reuses whatever is already running or
-# installed.
+# installed (this host's RabbitMQ is restarted once when Rota's rabbitmq.conf has changed).
 #
 # Each broker it sets up gets an administrator, rota-admin, and loses guest (which RabbitMQ
 # makes an administrator with a known password): the password is generated once and kept in
