@@ -94,6 +94,13 @@ setup_rabbitmq() {
   esac
 }
 
+# Rota's rabbitmq.conf in /etc/rabbitmq, unless it is there already.
+install_rabbitmq_conf() {
+  as_root mkdir -p /etc/rabbitmq
+  cmp -s "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf ||
+    as_root install -m 0644 "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf
+}
+
 start_rabbitmq() {
   local local_node=""
   case "$host" in 127.*|localhost|::1) local_node=1 ;; esac
@@ -106,7 +113,7 @@ start_rabbitmq() {
       head -n 1 /etc/rabbitmq/rabbitmq.conf 2>/dev/null | grep -q "^# Rota's RabbitMQ settings" &&
       ! cmp -s "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf; then
       say "Rota's RabbitMQ settings changed: installing them and restarting this host's RabbitMQ"
-      as_root install -m 0644 "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf
+      install_rabbitmq_conf
       if command -v systemctl >/dev/null && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
         as_root systemctl restart rabbitmq-server
       else
@@ -122,10 +129,7 @@ start_rabbitmq() {
   # Rota's settings go in before the package: on a machine with systemd, the package starts
   # the node as soon as it is installed, and a node reads rabbitmq.conf and enabled_plugins
   # only when it starts (neither file is one of the package's conffiles).
-  as_root mkdir -p /etc/rabbitmq
-  if ! cmp -s "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf; then
-    as_root install -m 0644 "$here/rabbitmq/rabbitmq.conf" /etc/rabbitmq/rabbitmq.conf
-  fi
+  install_rabbitmq_conf
   [[ -e /etc/rabbitmq/enabled_plugins ]] ||
     echo '[rabbitmq_management].' | as_root tee /etc/rabbitmq/enabled_plugins >/dev/null
   apt_install rabbitmq-server
