@@ -20,6 +20,7 @@
 # table of figures, ratios and Rota's goals (progress on stderr, the table on stdout; see
 # deploy/bench/compare.py for the measures):
 #   deploy/bench.sh compare [--rounds 3] [--jobs 10000] [--lone 300] [--paced 10000]
+#   deploy/bench.sh compare --sweep 0.25,0.35,0.5   # only the paced p99, at several rates
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 what=jobs

@@ -33,6 +33,10 @@ on exit, the vhost and Rota's queues and exchanges deleted, the data folder remo
 Run from the repository with the project's venv, after the release build (deploy/bench.sh
 compare does both):
   .venv/bin/python deploy/bench/compare.py [--rounds 3] [--jobs 10000] [--lone 300] [--paced 10000]
+
+With --sweep 0.25,0.35,0.5 it runs only measure 1 and then measure 4's chain and Rota at each
+of those fractions of Rota's rate, and prints their p99s side by side: where the paced tail
+of three hops through the broker, with Rota and without, crosses a goal on this machine.
 """
 
 import argparse
@@ -489,6 +493,51 @@ class Chain:
         return {"rate": rate, "p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"], "cpu_ms": cpu, "busy": busy}
 
 
+def sweep(args, rota, chain):
+    """`--sweep`: the paced p99 of Rota and of the chain at several fractions of Rota's rate
+    at once, each round's fractions taken of that round's rate; a markdown table."""
+    runs = {f: {"Rota": [], "chain": []} for f in args.sweep}
+    for r in range(args.rounds):
+        say(f"round {r + 1}: Rota, {args.jobs:,} at once")
+        burst = rota.at_once(args.jobs)["jobs_per_s"]
+        say(f"  {burst:,.0f}/s")
+        for f in args.sweep:
+            for s in (chain, rota):
+                say(f"round {r + 1}: {s.name}, {args.paced:,} paced at {f:g} of it, {burst * f:,.0f}/s")
+                runs[f][s.name].append(s.paced(burst * f, args.paced))
+                say(f"  p99 {runs[f][s.name][-1]['p99_ms']:.1f} ms")
+    get = lambda f, s, k: [x[k] for x in runs[f][s]]  # noqa: E731
+    out = [
+        f"{args.rounds} rounds, each: Rota's rate with {args.jobs:,} jobs at once, then {args.paced:,} "
+        "paced through the chain and through Rota at each fraction of that rate; median (range) "
+        "over the rounds; Rota/chain is the median (range) of each round's own ratio.",
+        "",
+        "| fraction of Rota's rate at once | jobs/s | Rota p99 ms | chain p99 ms | Rota/chain "
+        "| machine busy %, Rota / chain | RabbitMQ's CPU ms per job, Rota / chain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    pct = lambda v: f"{v:.0f}"  # noqa: E731
+    two = lambda v: f"{v:.2f}"  # noqa: E731
+    mq = lambda f, s: [x["cpu_ms"].get("RabbitMQ") for x in runs[f][s]]  # noqa: E731
+    for f in args.sweep:
+        rota_p99, chain_p99 = get(f, "Rota", "p99_ms"), get(f, "chain", "p99_ms")
+        out.append(f"| {f:g} | {spread(get(f, 'Rota', 'rate'), rate)} | {spread(rota_p99, ms)} | {spread(chain_p99, ms)} "
+                   f"| {spread(ratios(rota_p99, chain_p99), times)} "
+                   f"| {spread(get(f, 'Rota', 'busy'), pct)} / {spread(get(f, 'chain', 'busy'), pct)} "
+                   f"| {spread(mq(f, 'Rota'), two)} / {spread(mq(f, 'chain'), two)} |")
+    return "\n".join(out)
+
+
+def fractions(text):
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected fractions between 0 and 1, comma-separated, e.g. 0.25,0.5")
+    return values
+
+
 # ---- figures ------------------------------------------------------------------------------
 
 
@@ -532,6 +581,9 @@ def main():
     # A p99 over a second or two is the longest stall in it: 10,000 jobs (about 4 s at
     # Rota's half rate here) put a hundred jobs in the last percent.
     ap.add_argument("--paced", type=int, default=10_000, help="jobs of measure 4")
+    ap.add_argument("--sweep", metavar="FRACTIONS", type=fractions,
+                    help="instead of the measures above: in each round Rota's rate at once (measure 1), "
+                    "then the chain and Rota paced at each of these fractions of it, e.g. 0.25,0.35,0.5")
     args = ap.parse_args()
 
     # SIGTERM (and SIGHUP) end the run like Ctrl-C does: through the clean-up below.
@@ -550,6 +602,9 @@ def main():
         mgmt.delete_namespace("/", NAMESPACE + ".")
         rota, celery, floor, chain = Rota(procs, data), Celery(procs, data), Floor(), Chain()
         rota.start()
+        if args.sweep:
+            print(sweep(args, rota, chain))
+            return 0
         celery.start()
         idle = {"agent": rota.idle_agent_mib(), "celery": celery.idle_worker_mib()}
         say(f"all started (logs in {data}); {args.rounds} rounds")
