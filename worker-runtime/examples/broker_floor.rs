@@ -222,9 +222,12 @@ async fn chain(url: &str, args: &[String]) -> anyhow::Result<()> {
         let _ = publisher
             .queue_delete((*queue).into(), QueueDeleteOptions::default())
             .await?;
-        // Durable as Rota's: the jobs queue and the results queue.
+        // Durable as Rota's jobs and results queues; the way back is the client's own, as
+        // the queue a producer binds to `job.finished` (RabbitMQ 4 refuses a transient queue
+        // that is not exclusive).
         let options = QueueDeclareOptions {
             durable: hop < 2,
+            exclusive: hop == 2,
             ..Default::default()
         };
         publisher
