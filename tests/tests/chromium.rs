@@ -233,6 +233,19 @@ async fn nothing_left_under(root: &str) {
     }
 }
 
+/// The folders of the process-singleton sockets of the browsers whose profiles are under
+/// `root`: Chromium makes each under the temporary folder and links it from the profile.
+fn singleton_folders(root: &str) -> Vec<PathBuf> {
+    let Ok(profiles) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    profiles
+        .flatten()
+        .filter_map(|p| std::fs::read_link(p.path().join("SingletonSocket")).ok())
+        .filter_map(|socket| socket.parent().map(Path::to_path_buf))
+        .collect()
+}
+
 /// The width and height of a PNG, from its header.
 fn png_size(bytes: &[u8]) -> (u32, u32) {
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
@@ -295,8 +308,13 @@ async fn a_local_chromium_renders_once_the_page_is_ready_and_leaves_nothing_behi
         1,
         "one browser served the worker's three jobs"
     );
+    let singletons = singleton_folders(&root);
+    assert_eq!(singletons.len(), 1, "the browser's singleton folder");
     stop(&mut agent).await;
     nothing_left_under(&root).await;
+    // Chromium removes it only when it exits by itself; the worker kills it.
+    let left: Vec<_> = singletons.iter().filter(|f| f.exists()).collect();
+    assert!(left.is_empty(), "left in the temporary folder: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -618,6 +636,9 @@ async fn chromium_already_running_is_used_through_its_url_and_left_running() {
             "--remote-debugging-port=0",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
+        // Its singleton socket's folder in the test's folder, which goes with it: killed,
+        // Chromium leaves that folder behind.
+        .env("TMPDIR", sys.dir.path())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -45,6 +45,8 @@ pub(super) const FLAGS: &[&str] = &[
 
 /// Profile folders are named `rota-chromium-<owner pid>-<n>`.
 const PROFILE_PREFIX: &str = "rota-chromium-";
+/// Chromium's folder for a browser's process-singleton socket (see [`remove_singleton_folder`]).
+const SINGLETON_PREFIX: &str = "org.chromium.Chromium.";
 
 /// A running local Chromium.
 pub(super) struct LocalChromium {
@@ -241,12 +243,31 @@ fn has_arg(raw: &[u8], arg: &[u8]) -> bool {
 }
 
 fn remove_profile(profile: &Path) {
+    remove_singleton_folder(profile);
     // A helper may still have created a file while the folder was being removed.
     for _ in 0..3 {
         match std::fs::remove_dir_all(profile) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => continue,
             _ => return,
         }
+    }
+}
+
+/// Removes the folder of the profile's process-singleton socket. Chromium makes it under the
+/// temporary folder (`/tmp/org.chromium.Chromium.XXXXXX`, as a socket's path must be short)
+/// and links it from the profile as `SingletonSocket`; it removes it when it exits, but a
+/// killed browser leaves it, one folder for each browser ever stopped.
+fn remove_singleton_folder(profile: &Path) {
+    let Ok(socket) = std::fs::read_link(profile.join("SingletonSocket")) else {
+        return;
+    };
+    if let Some(folder) = socket.parent()
+        && folder
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(SINGLETON_PREFIX))
+    {
+        let _ = std::fs::remove_dir_all(folder);
     }
 }
 
