@@ -70,7 +70,9 @@ tag="$( (cat "$worker"; echo "$base") | sha256sum | cut -c1-12)"
 image="rota-worker-chromium:$tag"
 if ! docker image inspect "$image" >/dev/null 2>&1; then
   container="$(docker create "$base" /bin/true)"
-  trap 'docker rm -f "$container" >/dev/null 2>&1 || true' EXIT
+  # This trap replaces the base's: it removes the base's root filesystem too, if this run
+  # built one (833 MB left in /tmp otherwise).
+  trap 'docker rm -f "$container" >/dev/null 2>&1 || true; [[ -z "${root:-}" ]] || cleanup' EXIT
   docker cp "$worker" "$container:/usr/local/bin/worker-runtime"
   docker commit \
     --change 'ENTRYPOINT ["/usr/local/bin/worker-runtime"]' \
